@@ -1,0 +1,63 @@
+"""The one geometric transform applied to everything stored for training.
+
+Resize the short side to ``size`` and centre-crop ``size x size``. Images are resampled
+bicubically; masks by nearest-exact sampling (half-pixel centres) so that a stored mask is
+exactly ``full_mask[rows][:, cols]`` for the indices :func:`source_index` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+TRANSFORM = {
+    "transform": "resize_short_side+center_crop",
+    "image_resample": "bicubic",
+    "mask_resample": "nearest-exact",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    nh: int
+    nw: int
+    top: int
+    left: int
+    size: int
+
+
+def plan(h: int, w: int, size: int) -> Plan:
+    """Resized dimensions and crop offsets for an ``h x w`` source."""
+    if h <= 0 or w <= 0:
+        raise ValueError(f"invalid image size {h}x{w}")
+    s = size / min(h, w)
+    nh = max(size, int(round(h * s)))
+    nw = max(size, int(round(w * s)))
+    return Plan(nh, nw, (nh - size) // 2, (nw - size) // 2, size)
+
+
+def source_index(h: int, w: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source row and column of every output pixel (nearest-exact)."""
+    p = plan(h, w, size)
+    y = np.arange(size) + p.top
+    x = np.arange(size) + p.left
+    rows = np.minimum(h - 1, np.floor((y + 0.5) * h / p.nh).astype(np.int64))
+    cols = np.minimum(w - 1, np.floor((x + 0.5) * w / p.nw).astype(np.int64))
+    return rows, cols
+
+
+def crop_box_in_source(h: int, w: int, size: int) -> tuple[float, float, float, float]:
+    """The crop's ``(x0, y0, x1, y1)`` in source pixel coordinates."""
+    p = plan(h, w, size)
+    sy, sx = h / p.nh, w / p.nw
+    return (p.left * sx, p.top * sy, (p.left + size) * sx, (p.top + size) * sy)
+
+
+def resize_image(img: Image.Image, size: int) -> Image.Image:
+    """Resize short side (bicubic, antialiased by PIL on downscale) then centre-crop."""
+    img = img.convert("RGB")
+    p = plan(img.height, img.width, size)
+    img = img.resize((p.nw, p.nh), Image.BICUBIC)
+    return img.crop((p.left, p.top, p.left + size, p.top + size))

@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests build every dataset they need from installed packages."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ACCEPT_CLUSTER_DEFAULTS", "1")
+
+import pytest
+
+
+def pytest_configure(config):
+    try:
+        import torch
+
+        # Two cores shared by pytest and any Ray/DDP workers a test starts.
+        torch.set_num_threads(2)
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory):
+    from loftup.pipeline.sample_data import write_sample_shards
+
+    out = tmp_path_factory.mktemp("sa1b")
+    write_sample_shards(out, tars=2, images_per_tar=4, seed=0)
+    return out
+
+
+@pytest.fixture
+def tmp_store(tmp_path):
+    from loftup.storage import open_store
+
+    return open_store(tmp_path / "store", create=True)
