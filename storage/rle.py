@@ -1,0 +1,165 @@
+"""COCO run-length encoding on top of pycocotools, plus geometry re-encoding without full decode.
+
+An RLE is ``{"size": [h, w], "counts": str}`` with COCO's compressed counts string. Runs are
+column-major (Fortran order) and start with a run of zeros (possibly of length 0).
+
+:func:`resample` re-encodes a mask at a grid of source rows x cols straight from the runs: a
+1500 x 2250 SA-1B mask has a few hundred runs, while decoding it touches 3.4 M pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pycocotools import mask as _coco
+
+from loftup.storage import geometry
+
+__all__ = ["encode", "decode", "decode_many", "area", "runs", "resample", "to_geometry"]
+
+
+def _as_coco(rle: dict) -> dict:
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        h, w = rle["size"]
+        return _coco.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+
+
+def _from_coco(rle: dict) -> dict:
+    counts = rle["counts"]
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts.decode() if isinstance(counts, bytes) else counts}
+
+
+def encode(mask: np.ndarray) -> dict:
+    """COCO RLE (str counts) of a boolean ``h x w`` mask."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"encode expects a 2-D mask, got shape {mask.shape}")
+    return _from_coco(_coco.encode(np.asfortranarray(mask.astype(np.uint8, copy=False))))
+
+
+def decode(rle: dict) -> np.ndarray:
+    """Boolean ``h x w`` mask of one RLE."""
+    return _coco.decode(_as_coco(rle)).astype(bool)
+
+
+def decode_many(rles: Sequence[dict]) -> np.ndarray:
+    """Boolean ``(n, h, w)`` stack; every RLE must have the same size."""
+    rles = list(rles)
+    if not rles:
+        return np.zeros((0, 0, 0), dtype=bool)
+    sizes = {tuple(r["size"]) for r in rles}
+    if len(sizes) > 1:
+        raise ValueError(f"decode_many needs RLEs of one size, got {sorted(sizes)}")
+    stacked = _coco.decode([_as_coco(r) for r in rles])
+    return np.ascontiguousarray(np.moveaxis(stacked, -1, 0)).astype(bool)
+
+
+def area(rle: dict) -> int:
+    """Number of foreground pixels."""
+    return int(_coco.area(_as_coco(rle)))
+
+
+def runs(rle: dict) -> np.ndarray:
+    """Uncompressed run lengths (int64), starting with a run of zeros.
+
+    Parses COCO's counts string directly: each count is a little-endian sequence of 5-bit
+    groups stored as ``chr(48 + group)``; bit 0x20 means "more groups follow" and bit 0x10 of
+    the last group is the sign. From the fourth count on, each value is stored as the
+    difference to the count two places earlier.
+    """
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return np.asarray(counts, dtype=np.int64)
+    raw = counts.encode() if isinstance(counts, str) else bytes(counts)
+    if not raw:
+        return np.zeros(0, dtype=np.int64)
+    c = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+    last = (c & 0x20) == 0
+    ends = np.flatnonzero(last)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    which = np.repeat(np.arange(len(ends)), ends - starts + 1)
+    shift = 5 * (np.arange(len(c)) - starts[which])
+    values = np.add.reduceat((c & 0x1F) << shift, starts)
+    negative = (c[ends] & 0x10) != 0
+    values[negative] -= np.int64(1) << (5 * (ends[negative] - starts[negative] + 1))
+    if len(values) > 3:
+        # counts[m] = stored[m] + counts[m - 2] for m >= 3: two interleaved running sums,
+        # one over odd positions from 1, one over even positions from 2.
+        values[1::2] = np.cumsum(values[1::2])
+        values[2::2] = np.cumsum(values[2::2])
+    return values
+
+
+def _runs_from_bits(bits: np.ndarray) -> list[int]:
+    n = len(bits)
+    if n == 0:
+        return [0]
+    change = np.flatnonzero(bits[1:] != bits[:-1]) + 1
+    bounds = np.concatenate(([0], change, [n]))
+    lengths = np.diff(bounds)
+    return ([0] if bits[0] else []) + lengths.tolist()
+
+
+def _is_sorted(a: np.ndarray, strict: bool = False) -> bool:
+    if len(a) < 2:
+        return True
+    step = a[1:] - a[:-1]
+    return bool(np.all(step > 0)) if strict else bool(np.all(step >= 0))
+
+
+def resample(rle: dict, rows: np.ndarray, cols: np.ndarray) -> dict:
+    """RLE of ``decode(rle)[rows][:, cols]``, computed from the runs without a full decode.
+
+    A source pixel ``(r, c)`` sits at column-major position ``c * H + r``; its value is the
+    parity of the run it falls in, found by ``searchsorted`` on the cumulative run ends.
+    """
+    h, w = (int(v) for v in rle["size"])
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    gh, gw = len(rows), len(cols)
+    if gh and gw and (rows.min() < 0 or rows.max() >= h or cols.min() < 0 or cols.max() >= w):
+        raise IndexError(f"rows/cols outside the {h}x{w} mask")
+    ends = np.cumsum(runs(rle))
+    if _is_sorted(rows) and _is_sorted(cols, strict=True):
+        counts = _sorted_grid_runs(ends, h, rows, cols)
+    else:
+        pos = (cols[:, None] * h + rows[None, :]).ravel()
+        bits = (np.searchsorted(ends, pos, side="right") & 1).astype(bool)
+        counts = _runs_from_bits(bits)
+    return _from_coco(_coco.frPyObjects({"size": [gh, gw], "counts": counts}, gh, gw))
+
+
+def _sorted_grid_runs(ends: np.ndarray, h: int, rows: np.ndarray, cols: np.ndarray) -> list[int]:
+    """Output runs when rows are non-decreasing and cols increasing (the geometry case when
+    the mask is downsampled; an upsampled mask repeats columns and takes the general path).
+
+    Then the sampled positions are sorted in output order, so every run end ``e`` maps to the
+    first output index whose source position is >= e, and the output's value flips there.
+    That index follows from two small searchsorted calls; no per-pixel work is needed.
+    """
+    gh, gw = len(rows), len(cols)
+    n = gh * gw
+    if n == 0:
+        return [0]
+    ends = ends[:-1]  # the last end is h*w: past every sampled position
+    col_of, row_of = np.divmod(ends, h)
+    first_x = np.searchsorted(cols, col_of, side="left")
+    hit = (first_x < gw) & (cols[np.minimum(first_x, gw - 1)] == col_of)
+    first_y = np.where(hit, np.searchsorted(rows, row_of, side="left"), 0)
+    flips = first_x * gh + first_y
+    # Two run ends landing on one output index cancel out (a run that no sample hits).
+    idx, mult = np.unique(flips, return_counts=True)
+    idx = idx[(mult & 1) == 1]
+    idx = idx[idx < n]
+    bounds = np.concatenate(([0], idx, [n]))
+    return np.diff(bounds).tolist()
+
+
+def to_geometry(rle: dict, size: int) -> dict:
+    """The mask in the training geometry ``size`` (resize short side, centre crop, nearest-exact)."""
+    h, w = rle["size"]
+    rows, cols = geometry.source_index(int(h), int(w), size)
+    return resample(rle, rows, cols)
