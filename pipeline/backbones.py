@@ -131,7 +131,7 @@ def create_backbone(
 
     ``weights``: a file, ``None`` (local caches only; a clear ``WeightsError`` when there is
     nothing) or ``"download"`` (let timm fetch the published weights). ``random_init=True``
-    skips weights entirely. ``device="auto"`` takes the GPU assigned to this process if any.
+    skips weights entirely (seeded: the same random model every time). ``device="auto"`` takes the GPU assigned to this process if any.
     ``dtype`` casts the parameters; inputs are normalised in float32 and outputs are float32.
     ``options`` go to the builder: ``pos_interp`` ("dinov2" | "timm") for DINOv2 models,
     ``output_norm`` ("layernorm" | "none") for hed_vgg16.
@@ -143,7 +143,11 @@ def create_backbone(
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise LoftupError(f"{name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(accepted)) or 'none'}")
-    model = spec.builder(spec, weights=None if weights is None else str(weights), random_init=random_init, **options)
+    # Random weights come from a fixed seed: every worker, rerun and test gets the same model,
+    # so stored features stay reproducible, without touching the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = spec.builder(spec, weights=None if weights is None else str(weights), random_init=random_init, **options)
     from loftup.pipeline.devices import pick_device
 
     model.eval().requires_grad_(False)

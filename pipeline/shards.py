@@ -59,7 +59,7 @@ def tar_path(root, shard: int) -> str:
     root = os.fspath(root)
     if _is_url(root):
         return root.rstrip("/") + "/" + tar_name(shard)
-    return os.path.join(root, tar_name(shard))
+    return os.path.join(os.path.abspath(root), tar_name(shard))
 
 
 def _present_names(root: str) -> set[str]:

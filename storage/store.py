@@ -41,6 +41,9 @@ def open_store(path_or_url, create: bool = False, geometries=(224, 896)) -> "Sto
     except (ValueError, ImportError) as exc:
         raise StoreError(f"cannot open store {where}: {exc}") from None
     root = root.rstrip("/")
+    if commit.is_local(fs):
+        # Ray workers and DataLoader processes may run in another working directory.
+        where = root
     mpath = f"{root}/{MANIFEST}"
     try:
         raw = fs.cat_file(mpath)

@@ -1,0 +1,247 @@
+"""``loftup-pipeline``: Ray jobs over SA-1B shards. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from loftup.cli.common import console, run
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ShardsOpt = typer.Option(..., "--shards", help="Shards to process, e.g. '0-99,120,200-210' (shard n is sa_<n:06d>.tar).")
+StoreOpt = typer.Option(..., "--store", help="Store root: a local path or an fsspec URL.")
+RootOpt = typer.Option(..., "--sa1b-root", help="Directory holding the SA-1B tars sa_000000.tar ...")
+RayOpt = typer.Option(None, "--ray-address", help="Ray cluster to use ('auto' or HOST:PORT). Default: start an embedded local instance.")
+ExecOpt = typer.Option("ray", "--executor", help="'ray' (default) or 'inline' (single process, for debugging).")
+CpuOpt = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each shard task.")
+GpuOpt = typer.Option(None, "--gpus-per-task", help="GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0.")
+NumCpuOpt = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray instance (default: all).")
+RetryOpt = typer.Option(3, "--max-retries", help="Retries of a shard task whose worker died (crash, OOM kill, preemption).")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
+
+
+def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None):
+    from loftup.storage import open_store
+
+    kwargs = {"geometries": sizes} if sizes else {}
+    return open_store(store, create=create, **kwargs)
+
+
+def _finish(summary) -> None:
+    from loftup.pipeline.progress import summary_table
+
+    console.print(summary_table(summary))
+    if summary.failed:
+        for shard, msg in sorted(summary.failed.items()):
+            console.print(f"[red]shard {shard:06d}:[/red] {msg}")
+        raise typer.Exit(1)
+
+
+def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite):
+    from loftup.pipeline.runner import run_job
+
+    summary = run_job(
+        job,
+        store,
+        shard_list,
+        executor=executor,
+        ray_address=ray_address,
+        num_cpus=num_cpus,
+        cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task,
+        max_retries=max_retries,
+        overwrite=overwrite,
+        console=console,
+    )
+    _finish(summary)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 14:
+        raise typer.BadParameter(f"invalid sizes {text!r}")
+    return sizes
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Path = typer.Argument(..., help="Directory to write sa_000000.tar ... into."),
+    tars: int = typer.Option(2, help="Number of tars."),
+    images_per_tar: int = typer.Option(8, help="Images per tar (real photos, augmented when more are asked than exist)."),
+    short_side: int = typer.Option(1500, help="Short side of the written images (SA-1B: 1500)."),
+    seed: int = typer.Option(0, help="Seed for augmentation, ids and quirks."),
+    first_shard: int = typer.Option(0, help="Number of the first tar."),
+    fault: list[str] = typer.Option([], help="Inject a fault into the last tar: corrupt_jpeg, missing_json, broken_json, truncated_tar."),
+):
+    """Write small SA-1B-format tars from real photos and masks that ship with installed packages."""
+    from loftup.pipeline.sample_data import write_sample_shards
+
+    paths = write_sample_shards(
+        out, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed, first_shard=first_shard, faults=tuple(fault)
+    )
+    for p in paths:
+        console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+def masks(
+    shards: str = ShardsOpt,
+    sa1b_root: str = RootOpt,
+    store: str = StoreOpt,
+    source: str = typer.Option("sa1b", help="Mask source: sa1b (the tar's annotations), sam (SAM automatic generation), felzenszwalb (CPU demo)."),
+    sizes: str = typer.Option("224,896", help="Training geometries the masks are re-encoded into (short side + centre crop)."),
+    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint file (sam_vit_h_4b8939.pth, ...) for --source sam."),
+    sam_model: str = typer.Option("auto", help="SAM model type: vit_h, vit_l, vit_b, or auto (read from the checkpoint)."),
+    sam_random_init: bool = typer.Option(False, help="SAM with random weights (tests and demos only)."),
+    points_per_side: Optional[int] = typer.Option(None, help="SAM: point grid per side (default 32, as SA-1B)."),
+    crop_n_layers: Optional[int] = typer.Option(None, help="SAM: multi-crop layers (default 2, as SA-1B; 0 is 3x cheaper)."),
+    pred_iou_thresh: Optional[float] = typer.Option(None, help="SAM: predicted-IoU threshold (default 0.88)."),
+    stability_score_thresh: Optional[float] = typer.Option(None, help="SAM: stability-score threshold (default 0.95)."),
+    max_side: Optional[int] = typer.Option(None, help="sam/felzenszwalb: downscale the image to this long side first."),
+    max_masks: Optional[int] = typer.Option(None, help="Keep at most this many masks per image (in order)."),
+    ray_address: Optional[str] = RayOpt,
+    executor: str = ExecOpt,
+    num_cpus: Optional[int] = NumCpuOpt,
+    cpus_per_task: float = CpuOpt,
+    gpus_per_task: Optional[float] = GpuOpt,
+    max_retries: int = RetryOpt,
+    overwrite: bool = OverwriteOpt,
+):
+    """Class-agnostic masks into the Parquet mask store (original RLE + each training geometry)."""
+    from loftup.pipeline.jobs import MasksJob
+    from loftup.pipeline.shards import resolve_shards
+
+    shard_list = resolve_shards(shards, sa1b_root)
+    opts: dict = {}
+    if max_masks is not None:
+        opts["max_masks"] = max_masks
+    if max_side is not None and source != "sa1b":
+        opts["max_side"] = max_side
+    if source == "sam":
+        opts.update(checkpoint=sam_checkpoint, random_init=sam_random_init, model_type=sam_model)
+        for key, value in (("points_per_side", points_per_side), ("crop_n_layers", crop_n_layers),
+                           ("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh)):
+            if value is not None:
+                opts[key] = value
+    size_t = _sizes(sizes)
+    job = MasksJob(source=source, source_options=opts, sizes=size_t)
+    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+
+
+@app.command()
+def images(
+    shards: str = ShardsOpt,
+    sa1b_root: str = RootOpt,
+    store: str = StoreOpt,
+    sizes: str = typer.Option("224,896", help="Training geometries (short side + centre crop), JPEG-encoded."),
+    quality: int = typer.Option(95, help="JPEG quality of the stored images."),
+    ray_address: Optional[str] = RayOpt,
+    executor: str = ExecOpt,
+    num_cpus: Optional[int] = NumCpuOpt,
+    cpus_per_task: float = CpuOpt,
+    max_retries: int = RetryOpt,
+    overwrite: bool = OverwriteOpt,
+):
+    """Training images at each geometry into the Parquet image store."""
+    from loftup.pipeline.jobs import ImagesJob
+    from loftup.pipeline.shards import resolve_shards
+
+    shard_list = resolve_shards(shards, sa1b_root)
+    size_t = _sizes(sizes)
+    job = ImagesJob(sizes=size_t, quality=quality)
+    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, 0.0, max_retries, overwrite)
+
+
+@app.command()
+def features(
+    shards: str = ShardsOpt,
+    store: str = StoreOpt,
+    backbone: str = typer.Option("dinov2_vits14", help="Backbone from the registry (loftup-pipeline backbones lists them)."),
+    res: int = typer.Option(224, help="Input resolution of the backbone (a multiple of its patch size)."),
+    weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
+    random_init: bool = typer.Option(False, help="Random weights (tests and demos only)."),
+    batch_size: int = typer.Option(32, help="Images per forward pass."),
+    device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
+    ray_address: Optional[str] = RayOpt,
+    executor: str = ExecOpt,
+    num_cpus: Optional[int] = NumCpuOpt,
+    cpus_per_task: float = CpuOpt,
+    gpus_per_task: Optional[float] = GpuOpt,
+    max_retries: int = RetryOpt,
+    overwrite: bool = OverwriteOpt,
+):
+    """Low-resolution VFM features of the stored images into the Zarr v3 feature store."""
+    from loftup.pipeline.jobs import FeaturesJob
+    from loftup.pipeline.shards import parse_shards
+
+    st = _open(store, create=False)
+    shard_list = [(s, None) for s in parse_shards(shards)]
+    job = FeaturesJob(backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device)
+    _run(job, st, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+
+
+@app.command()
+def pseudogt(
+    shards: str = ShardsOpt,
+    store: str = StoreOpt,
+    backbone: str = typer.Option("dinov2_vits14", help="Backbone of the stored features."),
+    res: int = typer.Option(224, help="Backbone input size of the stored features."),
+    geometry: int = typer.Option(224, help="Stored mask geometry = pseudo-GT size."),
+    alpha: float = typer.Option(0.8, help="Mask refinement strength (Eq. 1)."),
+    max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
+    limit: Optional[int] = typer.Option(None, help="At most this many images per shard (pseudo-GT is ~38 MB/image at 224x224x384 fp16)."),
+    png_dir: Optional[str] = typer.Option(None, help="Where to write PNGs (default: inside a local store)."),
+    no_png: bool = typer.Option(False, help="Do not write PNGs."),
+    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
+    ray_address: Optional[str] = RayOpt,
+    executor: str = ExecOpt,
+    num_cpus: Optional[int] = NumCpuOpt,
+    cpus_per_task: float = CpuOpt,
+    gpus_per_task: Optional[float] = GpuOpt,
+    max_retries: int = RetryOpt,
+    overwrite: bool = OverwriteOpt,
+):
+    """Materialise mask-refined bicubic pseudo-GT for inspection (Zarr) with PNGs of bicubic vs refined."""
+    from loftup.pipeline.shards import parse_shards
+    from loftup.training.materialise import PseudoGTJob
+
+    st = _open(store, create=False)
+    job = PseudoGTJob(backbone=backbone, res=res, geometry=geometry, alpha=alpha, max_masks=max_masks, limit=limit,
+                      png=not no_png, png_dir=png_dir, device=device)
+    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+
+
+@app.command()
+def status(store: str = StoreOpt):
+    """Per job: shards done, images, failures, bytes, throughput."""
+    from loftup.cli.store import print_status
+
+    print_status(_open(store, create=False))
+
+
+@app.command()
+def backbones():
+    """List the registered backbones."""
+    from rich.table import Table
+
+    from loftup.pipeline.backbones import backbone_info, list_backbones
+
+    t = Table("name", "patch", "dim", "normalisation", "tokens")
+    for name in list_backbones():
+        i = backbone_info(name)
+        t.add_row(name, str(i.get("patch")), str(i.get("dim")), str(i.get("normalisation", "")), str(i.get("tokens", "")))
+    console.print(t)
+
+
+def main() -> None:
+    run(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Pipeline jobs. One job run = one shard = one SA-1B tar (or one shard of the image store).
+
+A job is a small picklable config object. ``run_shard`` does the whole shard in one worker and
+writes every output of that shard in one atomic call per file; the runner writes the marker last.
+Per-sample faults become error rows; a broken tar raises ``ShardError`` and fails only that shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from loftup.storage.errors import LoftupError, StoreError
+
+Progress = Callable[[int, int], None]  # (images done, errors) increments
+
+
+def config_hash(config: dict) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def software_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("loftup", "torch", "timm", "segment-anything", "zarr", "pyarrow", "ray", "pycocotools"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class Job:
+    """Base: ``name`` is the status/marker key; ``config()`` decides whether a done shard is stale."""
+
+    name: str = field(init=False, default="")
+    needs_tar: bool = field(init=False, default=True)
+    num_gpus_wanted: bool = field(init=False, default=False)
+
+    def config(self) -> dict:
+        return {"job": self.name, **asdict(self)}
+
+    def config_hash(self) -> str:
+        return config_hash(self.config())
+
+    def check(self, store) -> None:
+        """Raise a LoftupError before any work starts if the store cannot take this job."""
+
+    def record(self, manifest: dict) -> dict:
+        """Record this job's resolved config in the store manifest (beside the outputs)."""
+        manifest.setdefault("jobs", {})[self.name] = {
+            "config": self.config(),
+            "config_hash": self.config_hash(),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        return manifest
+
+    def run_shard(self, store, shard: int, tar_path: str | None, progress: Progress) -> dict:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MasksJob(Job):
+    source: str = "sa1b"
+    source_options: dict = field(default_factory=dict)
+    sizes: tuple[int, ...] = (224, 896)
+
+    def __post_init__(self):
+        self.name = "masks"
+        self.num_gpus_wanted = self.source == "sam"
+
+    def config(self) -> dict:
+        from loftup.pipeline.mask_sources import mask_source_config
+
+        # The resolved source config (defaults included), so a change of defaults redoes shards.
+        return {"job": self.name, "source": mask_source_config(self.source, **self.source_options), "sizes": list(self.sizes)}
+
+    def check(self, store) -> None:
+        _check_sizes(store, self.sizes)
+        self.config()  # unknown source or option: one clear error before any work
+
+    def run_shard(self, store, shard, tar_path, progress):
+        from loftup.pipeline.mask_sources import add_geometry_rles, create_mask_source, rows_to_table
+        from loftup.pipeline.sa1b import Sample, decode_jpeg, iter_samples
+
+        source = create_mask_source(self.source, **self.source_options)
+        needs_image = self.source != "sa1b"
+        rows, errors, n_images = [], [], 0
+        for item in iter_samples(tar_path):
+            if not isinstance(item, Sample):
+                errors.append(_error_row(item))
+                progress(0, 1)
+                continue
+            try:
+                image = decode_jpeg(item.jpeg) if needs_image else None
+                if item.ann is None and not needs_image:
+                    raise ValueError("no annotation JSON for the sa1b mask source")
+                sample_rows = source.masks_for(image, item.ann, item.image_id)
+                add_geometry_rles(sample_rows, self.sizes)
+            except Exception as exc:  # one bad sample never fails the shard
+                errors.append(
+                    {"image_id": item.image_id, "member": item.file_name, "stage": "masks", "reason": _reason(exc)}
+                )
+                progress(0, 1)
+                continue
+            rows.extend(sample_rows)
+            n_images += 1
+            progress(1, 0)
+        table = rows_to_table(rows, self.sizes)
+        nbytes = store.write_masks(shard, table)
+        store.write_errors(self.name, shard, errors)
+        return {"images": n_images, "masks": table.num_rows, "errors": len(errors), "bytes": nbytes}
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ImagesJob(Job):
+    sizes: tuple[int, ...] = (224, 896)
+    quality: int = 95
+
+    def __post_init__(self):
+        self.name = "images"
+
+    def check(self, store) -> None:
+        _check_sizes(store, self.sizes)
+
+    def run_shard(self, store, shard, tar_path, progress):
+        import pyarrow as pa
+
+        from loftup.pipeline.sa1b import Sample, decode_jpeg, iter_samples
+        from loftup.storage.geometry import resize_image
+
+        cols: dict[str, list] = {f.name: [] for f in store.image_schema}
+        errors = []
+        for item in iter_samples(tar_path):
+            if not isinstance(item, Sample):
+                errors.append(_error_row(item))
+                progress(0, 1)
+                continue
+            try:
+                img = decode_jpeg(item.jpeg)
+                encoded = {}
+                for size in self.sizes:
+                    buf = io.BytesIO()
+                    resize_image(img, size).save(buf, format="JPEG", quality=self.quality)
+                    encoded[size] = buf.getvalue()
+            except Exception as exc:
+                errors.append(
+                    {"image_id": item.image_id, "member": item.file_name, "stage": "decode", "reason": _reason(exc)}
+                )
+                progress(0, 1)
+                continue
+            image_id, file_name = item.image_id, item.file_name
+            cols["image_id"].append(image_id)
+            cols["file_name"].append(file_name)
+            cols["height"].append(img.height)
+            cols["width"].append(img.width)
+            for size in self.sizes:
+                cols[f"jpeg_{size}"].append(encoded[size])
+            progress(1, 0)
+        for name in list(cols):
+            if name.startswith("jpeg_") and int(name[5:]) not in self.sizes:
+                cols[name] = [None] * len(cols["image_id"])
+        table = pa.table(cols, schema=store.image_schema)
+        nbytes = store.write_images(shard, table)
+        store.write_errors(self.name, shard, errors)
+        return {"images": table.num_rows, "errors": len(errors), "bytes": nbytes}
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FeaturesJob(Job):
+    """Low-res VFM features of the stored training images (reads the image store, not the tar)."""
+
+    backbone: str = "dinov2_vits14"
+    res: int = 224
+    weights: str | None = None
+    random_init: bool = False
+    batch_size: int = 32
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.name = f"features/{self.backbone}@{self.res}"
+        self.needs_tar = False
+        self.num_gpus_wanted = True
+
+    def config(self) -> dict:
+        # The device and batch size do not change the stored values beyond fp16 rounding.
+        cfg = super().config()
+        cfg.pop("device")
+        cfg.pop("batch_size")
+        if self.weights:
+            cfg["weights_sha256"] = _file_sha256(self.weights)
+        return cfg
+
+    def source_size(self, store) -> int:
+        sizes = sorted(store.geometries)
+        bigger = [s for s in sizes if s >= self.res]
+        if not bigger:
+            raise StoreError(f"features at {self.res} need stored images of at least that size; store has {sizes}")
+        return bigger[0]
+
+    def check(self, store) -> None:
+        from loftup.pipeline.backbones import backbone_info
+
+        info = backbone_info(self.backbone)
+        if self.res % info["patch"]:
+            raise LoftupError(f"--res {self.res} is not a multiple of {self.backbone}'s patch size {info['patch']}")
+        self.source_size(store)
+        known = store.manifest.get("backbones", {}).get(f"{self.backbone}@{self.res}")
+        if known and known.get("dim") != info["dim"]:
+            raise StoreError(f"store has {self.backbone}@{self.res} with dim {known.get('dim')}, backbone gives {info['dim']}")
+
+    def record(self, manifest: dict) -> dict:
+        from loftup.pipeline.backbones import backbone_info
+
+        info = backbone_info(self.backbone)
+        grid = self.res // info["patch"]
+        manifest.setdefault("backbones", {})[f"{self.backbone}@{self.res}"] = {
+            **info, "res": self.res, "grid": [grid, grid], "random_init": self.random_init, "weights": self.weights,
+        }
+        return super().record(manifest)
+
+    def run_shard(self, store, shard, tar_path, progress):
+        import torch
+
+        from loftup.pipeline.backbones import create_backbone
+        from loftup.pipeline.devices import autocast, pick_device
+
+        if store.marker("images", shard) is None:
+            raise StoreError(f"shard {shard}: no images in the store yet; run `loftup-pipeline images` first")
+        device = pick_device(self.device)
+        model = create_backbone(self.backbone, weights=self.weights, random_init=self.random_init, device=device)
+        src = self.source_size(store)
+        ids, batches = _image_batches(store, shard, src, self.res, self.batch_size)
+        feats = []
+        with torch.inference_mode():
+            for batch in batches:
+                x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+                with autocast(device):
+                    y = model(x)
+                feats.append(y.float().cpu().numpy().astype(np.float16))
+                progress(len(batch), 0)
+        grid = self.res // model.patch
+        arr = np.concatenate(feats) if feats else np.zeros((0, model.dim, grid, grid), np.float16)
+        fstore = store.features(self.backbone, self.res)
+        info = model.info() | {"res": self.res, "grid": [grid, grid], "source_size": src}
+        nbytes = fstore.write_shard(shard, arr, np.asarray(ids, dtype=np.int64), info=info)
+        store.write_errors(self.name, shard, [])
+        return {"images": len(ids), "errors": 0, "bytes": nbytes, "device": str(device)}
+
+
+def _image_batches(store, shard, src_size, res, batch_size):
+    """Image ids of the shard and an iterator of uint8 (B, res, res, 3) batches, decoded ahead
+    in a background thread so JPEG decoding overlaps the backbone forward."""
+    import queue
+    import threading
+
+    from PIL import Image
+
+    table = store.images_table(shard, columns=["image_id", f"jpeg_{src_size}"])
+    ids = table.column("image_id").to_pylist()
+    blobs = table.column(f"jpeg_{src_size}").to_pylist()
+    q: queue.Queue = queue.Queue(maxsize=4)
+
+    def decode():
+        for start in range(0, len(blobs), batch_size):
+            out = []
+            for blob in blobs[start : start + batch_size]:
+                img = Image.open(io.BytesIO(blob)).convert("RGB")
+                if img.size != (res, res):
+                    img = img.resize((res, res), Image.BICUBIC)
+                out.append(np.asarray(img))
+            q.put(np.stack(out))
+        q.put(None)
+
+    threading.Thread(target=decode, daemon=True).start()
+
+    def batches():
+        while (item := q.get()) is not None:
+            yield item
+
+    return ids, batches()
+
+
+# ---------------------------------------------------------------------------------------------
+def _check_sizes(store, sizes) -> None:
+    missing = [s for s in sizes if s not in store.geometries]
+    if missing:
+        raise StoreError(f"store geometries are {list(store.geometries)}; job asks for {missing}")
+
+
+def _error_row(err) -> dict:
+    return {"image_id": err.image_id, "member": err.member, "stage": err.stage, "reason": err.reason}
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def _file_sha256(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    # Hashing multi-GB weights for every config check would be slow; size+mtime stand in.
+    st = p.stat()
+    return hashlib.sha256(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def run_and_time(job: Job, store, shard: int, tar_path: str | None, progress: Progress) -> dict:
+    """Run one shard and return the full marker (counts, bytes, seconds, versions, config)."""
+    t0 = time.time()
+    info = job.run_shard(store, shard, tar_path, progress)
+    return {
+        "job": job.name,
+        "shard": shard,
+        "config_hash": job.config_hash(),
+        "config": job.config(),
+        "tar": None if tar_path is None else str(tar_path),
+        **info,
+        "seconds": round(time.time() - t0, 3),
+        "versions": software_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,251 @@
+"""Run a job over shards: Ray by default (embedded local instance, or a cluster address), with
+exact resume by markers, per-shard failure isolation, one live progress view and a summary.
+
+The task itself writes the marker after all data is in place, so a driver that dies after a
+task finished loses nothing, and a task that dies before its marker leaves a shard that the
+next run redoes from scratch (``reset_shard`` first).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from loftup.pipeline.jobs import Job, run_and_time
+from loftup.storage.errors import LoftupError
+
+
+@dataclass
+class RunSummary:
+    job: str
+    planned: int = 0
+    skipped: list[int] = field(default_factory=list)
+    done: dict[int, dict] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        return sum(m.get("images", 0) for m in self.done.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(m.get("errors", 0) for m in self.done.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(m.get("bytes", 0) for m in self.done.values())
+
+
+class _Throttle:
+    """Accumulates per-image progress and forwards it at most every ``period`` seconds."""
+
+    def __init__(self, send, period: float = 0.5):
+        self.send, self.period = send, period
+        self.ok = self.err = 0
+        self.last = time.monotonic()
+
+    def __call__(self, ok: int, err: int) -> None:
+        self.ok += ok
+        self.err += err
+        _chaos_tick(ok)
+        if time.monotonic() - self.last >= self.period:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ok or self.err:
+            self.send(self.ok, self.err)
+            self.ok = self.err = 0
+        self.last = time.monotonic()
+
+
+_chaos_seen = 0
+
+
+def _chaos_tick(n: int) -> None:
+    """Test hook: ``LOFTUP_CHAOS_KILL=N:FLAGFILE`` SIGKILLs this worker after N images, once
+    (the flag file records that it happened), to prove that a killed worker loses nothing."""
+    global _chaos_seen
+    spec = os.environ.get("LOFTUP_CHAOS_KILL")
+    if not spec:
+        return
+    _chaos_seen += n
+    after, flag = spec.split(":", 1)
+    if _chaos_seen >= int(after) and not os.path.exists(flag):
+        open(flag, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def process_shard(job: Job, store_url: str, shard: int, tar_path: str | None, send) -> dict:
+    """One unit of work, identical under Ray and inline: reset, run, write the marker last."""
+    from loftup.storage import open_store
+
+    store = open_store(store_url)
+    store.reset_shard(job.name, shard)
+    throttle = _Throttle(send)
+    marker = run_and_time(job, store, shard, tar_path, throttle)
+    throttle.flush()
+    store.write_marker(job.name, shard, marker)
+    return marker
+
+
+def plan_shards(job: Job, store, shards: list[tuple[int, str | None]], overwrite: bool):
+    """Split shards into (todo, skipped): a shard is skipped only if its marker matches the config."""
+    want = job.config_hash()
+    done = store.done_shards(job.name)
+    todo, skipped = [], []
+    for shard, path in shards:
+        marker = done.get(shard)
+        if not overwrite and marker is not None and marker.get("config_hash") == want:
+            skipped.append(shard)
+        else:
+            todo.append((shard, path))
+    return todo, skipped
+
+
+def estimate_images(store, shard: int, tar_path: str | None) -> int:
+    for job in ("images", "masks"):
+        marker = store.marker(job, shard)
+        if marker:
+            return int(marker.get("images", 0)) + int(marker.get("errors", 0))
+    if tar_path and os.path.isfile(tar_path):
+        try:
+            # Seeking through headers only: cheap even for a 10 GB tar on local disk.
+            with tarfile.open(tar_path, "r:") as tf:
+                return sum(1 for m in tf if m.name.endswith(".jpg"))
+        except (tarfile.TarError, OSError, EOFError):
+            return 0
+    return 0
+
+
+def run_job(
+    job: Job,
+    store,
+    shards: list[tuple[int, str | None]],
+    *,
+    executor: str = "ray",
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    cpus_per_task: float = 1.0,
+    gpus_per_task: float | None = None,
+    max_retries: int = 3,
+    overwrite: bool = False,
+    console=None,
+) -> RunSummary:
+    """Run ``job`` over ``shards`` [(shard, tar path or None)] and return a summary."""
+    from loftup.pipeline.progress import ShardProgress
+
+    job.check(store)
+    store.update_manifest(job.record)
+    t0 = time.time()
+    todo, skipped = plan_shards(job, store, shards, overwrite)
+    summary = RunSummary(job=job.name, planned=len(shards), skipped=skipped)
+    totals = {s: estimate_images(store, s, p) for s, p in todo}
+    with ShardProgress(job.name, totals, console=console) as view:
+        if not todo:
+            pass
+        elif executor == "inline":
+            for shard, path in todo:
+                view.start(shard)
+                try:
+                    summary.done[shard] = process_shard(job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err))
+                    view.finish(shard, summary.done[shard])
+                except LoftupError as exc:
+                    summary.failed[shard] = str(exc)
+                    view.fail(shard, str(exc))
+        elif executor == "ray":
+            _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries)
+        else:
+            raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to a cluster (``address``: ``auto`` or ``HOST:PORT``) or start an embedded one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    # Workers must import this very checkout/installation; the driver's env vars carry the hook.
+    env = {k: v for k, v in os.environ.items() if k.startswith("LOFTUP_") or k == "HF_HUB_OFFLINE"}
+    kwargs = dict(ignore_reinit_error=True, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise LoftupError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    return ray
+
+
+def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries):
+    ray = init_ray(address, num_cpus)
+    from ray.exceptions import RayError, RayTaskError
+
+    if gpus_per_task is None:
+        gpus_per_task = 1.0 if (job.num_gpus_wanted and ray.cluster_resources().get("GPU", 0) > 0) else 0.0
+
+    @ray.remote
+    class Counter:
+        def __init__(self):
+            self.counts = {}
+
+        def add(self, shard, ok, err):
+            a, b = self.counts.get(shard, (0, 0))
+            self.counts[shard] = (a + ok, b + err)
+
+        def take(self):
+            out, self.counts = self.counts, {}
+            return out
+
+    counter = Counter.remote()
+
+    def task(job, url, shard, path, counter):
+        return process_shard(job, url, shard, path, lambda ok, err: counter.add.remote(shard, ok, err))
+
+    remote = ray.remote(task).options(
+        num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries, retry_exceptions=False
+    )
+    pending = {}
+    for shard, path in todo:
+        pending[remote.remote(job, store.url, shard, path, counter)] = shard
+        view.start(shard)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(0.5):
+            for shard, (ok, err) in ray.get(counter.take.remote()).items():
+                view.advance(shard, ok, err)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                shard = pending.pop(ref)
+                try:
+                    summary.done[shard] = ray.get(ref)
+                    view.finish(shard, summary.done[shard])
+                except RayTaskError as exc:
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    msg = str(cause).splitlines()[0] if isinstance(cause, LoftupError) else _first_line(cause)
+                    summary.failed[shard] = msg
+                    view.fail(shard, msg)
+                except RayError as exc:
+                    summary.failed[shard] = _first_line(exc)
+                    view.fail(shard, summary.failed[shard])
+    finally:
+        stop.set()
+        poller.join(timeout=2)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
