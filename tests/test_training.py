@@ -1,0 +1,228 @@
+"""Trainer mechanics: data, exact resume, DDP on gloo, Stage 2 crop alignment and EMA."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
+from loftup.pipeline.runner import run_job
+from loftup.pipeline.shards import resolve_shards
+from loftup.storage import open_store
+
+
+@pytest.fixture(scope="module")
+def train_store(sample_shards, tmp_path_factory):
+    store = open_store(tmp_path_factory.mktemp("train") / "store", create=True)
+    shards = resolve_shards("0-1", sample_shards)
+    run_job(ImagesJob(), store, shards, executor="inline")
+    run_job(MasksJob(source_options={"max_masks": 20}), store, shards, executor="inline")
+    run_job(FeaturesJob(random_init=True, batch_size=8), store, [(s, None) for s, _ in shards], executor="inline")
+    return store
+
+
+def _stage1_cfg(store, out, **kw):
+    from loftup.training.stage1 import Stage1Config
+
+    base = dict(store=store.url, out=str(out), pca_dim=16, size=56, max_masks=10, batch_size=2, lr=1e-3, workers=0,
+                checkpoint_every=1000, log_every=1, progress=False, device="cpu", model={"heads": 2})
+    return Stage1Config(**{**base, **kw})
+
+
+def _weights(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_shard_aware_sampler_is_seeded_blocked_and_resumable():
+    from loftup.training.data import ShardAwareSampler, StoreIndex
+
+    idx = StoreIndex(np.arange(100, 130), np.repeat([3, 5, 9], 10))
+    a = list(ShardAwareSampler(idx, seed=1, epoch=0))
+    assert sorted(a) == list(range(30)) and a != list(range(30))
+    assert a == list(ShardAwareSampler(idx, seed=1, epoch=0))
+    assert a != list(ShardAwareSampler(idx, seed=1, epoch=1))
+    # each shard's rows are contiguous in the order: a rank reads few shards at a time
+    shards = idx.shards[a]
+    assert sum(shards[i] != shards[i + 1] for i in range(29)) == 2
+    r0 = list(ShardAwareSampler(idx, seed=1, world=2, rank=0))
+    r1 = list(ShardAwareSampler(idx, seed=1, world=2, rank=1))
+    assert len(r0) == len(r1) == 15 and not set(r0) & set(r1)
+    assert list(ShardAwareSampler(idx, seed=1, start=7)) == a[7:]
+
+
+def test_stage1_dataset_rows_match_the_stores(train_store):
+    from loftup.storage import rle
+    from loftup.training.data import Stage1Dataset, build_index, collate
+
+    index = build_index(train_store, ["images", "masks", "features/dinov2_vits14@224"])
+    assert len(index) == 8
+    ds = Stage1Dataset(train_store.url, index, "dinov2_vits14", 224, max_masks=10)
+    item = ds[3]
+    image_id = int(index.image_ids[3])
+    expect = rle.decode_many(train_store.masks_for(image_id, size=224)[:10])
+    np.testing.assert_array_equal(item["masks"].numpy(), expect)
+    np.testing.assert_array_equal(item["feats"].numpy(), train_store.features("dinov2_vits14", 224).get(image_id))
+    batch = collate([ds[0], ds[3]])
+    assert batch["masks"].shape[:2] == batch["valid"].shape
+    assert batch["valid"].sum(1).tolist() == [ds[0]["masks"].shape[0], item["masks"].shape[0]]
+
+
+def test_missing_features_is_a_clear_error(train_store, tmp_path):
+    from loftup.storage.errors import StoreError
+    from loftup.training.stage1 import train
+
+    with pytest.raises(StoreError, match="no features for dinov2_vitb14@224"):
+        train(_stage1_cfg(train_store, tmp_path / "r", backbone="dinov2_vitb14", max_steps=1))
+
+
+def test_stage1_resume_is_exact(train_store, tmp_path):
+    from loftup.training.stage1 import train
+
+    straight = train(_stage1_cfg(train_store, tmp_path / "a", max_steps=6))
+    assert straight["steps"] == 6
+    train(_stage1_cfg(train_store, tmp_path / "b", max_steps=3))
+    resumed = train(_stage1_cfg(train_store, tmp_path / "b", max_steps=6, resume=True))
+    assert resumed["steps"] == 6
+    wa, wb = _weights(tmp_path / "a" / "stage1.safetensors"), _weights(tmp_path / "b" / "stage1.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # and the run actually trained: weights moved from a fresh init
+    train(_stage1_cfg(train_store, tmp_path / "c", max_steps=1))
+    assert not all(torch.equal(wa[k], _weights(tmp_path / "c" / "stage1.safetensors")[k]) for k in wa)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"mse"' in lines[0]
+
+
+def _torchrun(args, tmp_path, nproc=2):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533",
+           "-m", "loftup.cli.train", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _rank_digests(run: Path) -> list[str]:
+    return [(run / f"weights_rank{r}.sha256").read_text().strip() for r in range(2)]
+
+
+def test_stage1_ddp_gloo_two_ranks_identical(train_store, tmp_path):
+    run = tmp_path / "ddp"
+    _torchrun(["stage1", "--store", train_store.url, "--out", str(run), "--pca-dim", "16", "--size", "56", "--max-masks", "10",
+               "--batch-size", "4", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "1"], tmp_path)
+    d = _rank_digests(run)
+    assert d[0] == d[1]
+    cfg = (run / "config.json").read_text()
+    assert '"world_size": 2' in cfg
+
+
+# --------------------------------------------------------------------------------- stage 2
+def test_crop_plan_covers_region_inside_crop():
+    from loftup.training.data import plan_crop
+
+    rng = np.random.default_rng(0)
+    for s in (224, 336, 448, 518):
+        for _ in range(50):
+            c = plan_crop(896, s, rng)
+            t = 896 / s
+            assert 0 <= c.top <= 896 - s and 0 <= c.left <= 896 - s
+            assert c.n >= int(s / t) - 1
+            # student pixels [r0, r0+n) map inside the crop
+            assert c.r0 * t >= c.top - 1e-9 and (c.r0 + c.n) * t <= c.top + s + 1e-9
+            assert c.c0 * t >= c.left - 1e-9 and (c.c0 + c.n) * t <= c.left + s + 1e-9
+
+
+def test_teacher_equal_to_student_gives_zero_loss_and_shift_does_not():
+    import torch.nn.functional as F
+
+    from loftup.training.data import plan_crop
+    from loftup.training.losses import affinity_loss
+    from loftup.training.stage2 import student_regions, teacher_targets
+
+    torch.manual_seed(0)
+    hr, s = 448, 112  # t = 4: the teacher sees each student pixel as a 4x4 block
+    student = torch.randn(1, 8, s, s)
+    crops = [plan_crop(hr, s, np.random.default_rng(i)) for i in range(2)]
+    n = min(c.n for c in crops)
+    # What a perfect teacher would output on each crop: the student's field, seen at HR.
+    field_hr = F.interpolate(student, scale_factor=4, mode="nearest")
+    teacher = torch.cat([field_hr[:, :, c.top : c.top + s, c.left : c.left + s] for c in crops])
+    target = teacher_targets(teacher, crops, n)
+    pred = student_regions(student, crops, per_image=2, n=n)
+    assert torch.allclose(target, pred, atol=1e-6)
+    assert affinity_loss(pred, target).item() < 1e-10
+    shifted = [replace(c, c0=c.c0 + 1) for c in crops]
+    assert affinity_loss(student_regions(student, shifted, 2, n), target).item() > 1e-3
+
+
+def test_ema_update_and_schedule():
+    from loftup.training.stage2 import ema_update
+
+    s, t = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    t0 = t.weight.detach().clone()
+    ema_update(t, s, 0.99)
+    assert torch.allclose(t.weight, 0.99 * t0 + 0.01 * s.weight)
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(train_store, tmp_path_factory):
+    from loftup.training.stage1 import train
+
+    out = tmp_path_factory.mktemp("s1")
+    train(_stage1_cfg(train_store, out, max_steps=2))
+    return out / "stage1.safetensors"
+
+
+def _stage2_cfg(store, init, out, **kw):
+    from loftup.training.stage2 import Stage2Config
+
+    base = dict(init=str(init), store=store.url, out=str(out), random_init=True, hr=224, sizes=[56, 84], max_masks=10,
+                batch_size=2, lr=1e-3, ema_every=2, workers=0, checkpoint_every=1000, log_every=1, progress=False, device="cpu")
+    return Stage2Config(**{**base, **kw})
+
+
+def test_stage2_resume_is_exact_teacher_included(train_store, stage1_ckpt, tmp_path):
+    from loftup.training.stage2 import train
+
+    train(_stage2_cfg(train_store, stage1_ckpt, tmp_path / "a", max_steps=5))
+    train(_stage2_cfg(train_store, stage1_ckpt, tmp_path / "b", max_steps=3))
+    train(_stage2_cfg(train_store, stage1_ckpt, tmp_path / "b", max_steps=5, resume=True))
+    for name in ("stage2.safetensors", "stage2_teacher.safetensors"):
+        wa, wb = _weights(tmp_path / "a" / name), _weights(tmp_path / "b" / name)
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (name, k)
+    # EMA every 2 steps from step 2: the teacher moved, but less than the student
+    w1 = _weights(stage1_ckpt)
+    ws, wt = _weights(tmp_path / "a" / "stage2.safetensors"), _weights(tmp_path / "a" / "stage2_teacher.safetensors")
+    k = next(k for k in ws if k.endswith("final_conv.0.weight"))
+    d_student = (ws[k] - w1[k]).norm()
+    d_teacher = (wt[k] - w1[k]).norm()
+    assert 0 < d_teacher < d_student
+
+
+def test_stage2_rejects_init_of_another_backbone(train_store, stage1_ckpt, tmp_path):
+    from loftup.storage.errors import LoftupError
+    from loftup.training.stage2 import train
+
+    with pytest.raises(LoftupError, match="trained on backbone 'dinov2_vits14'"):
+        train(_stage2_cfg(train_store, stage1_ckpt, tmp_path / "x", backbone="dinov2_vitb14", max_steps=1))
+
+
+def test_stage2_ddp_gloo_two_ranks_identical(train_store, stage1_ckpt, tmp_path):
+    run = tmp_path / "ddp2"
+    _torchrun(["stage2", "--init", str(stage1_ckpt), "--store", train_store.url, "--out", str(run), "--random-init",
+               "--hr", "224", "--sizes", "56,84", "--max-masks", "10", "--batch-size", "2", "--max-steps", "2",
+               "--workers", "0", "--device", "cpu", "--ema-every", "1"], tmp_path)
+    d = _rank_digests(run)
+    assert d[0] == d[1]

@@ -1,0 +1,275 @@
+"""Training data straight from the stores: images, stored low-res features and stored masks.
+
+Nothing is materialised: pseudo-GT is built on the training device from these factors.
+Sampling is shard-aware (each rank walks whole shards in a seeded order, so reads stay
+within a few Zarr shards and Parquet files) and exactly reproducible from (seed, epoch, offset).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from loftup.storage.errors import StoreError
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) uint8 -> ImageNet-normalised float, on the tensor's device."""
+    x = images_uint8.float().div_(255)
+    return (x - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
+
+
+@dataclass
+class StoreIndex:
+    """Rows usable for training: images present in every store the stage needs."""
+
+    image_ids: np.ndarray
+    shards: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def build_index(store, jobs: list[str], shards: list[int] | None = None) -> StoreIndex:
+    """Image ids of the shards that every job in ``jobs`` has finished, in (shard, id) order.
+
+    A job that has no finished shard at all is a clear error naming the command to run.
+    """
+    done = None
+    for job in jobs:
+        d = set(store.done_shards(job))
+        if not d:
+            hint = "loftup-pipeline " + job.split("/")[0]
+            raise StoreError(f"store {store.url} has no finished shard of job {job!r}; run `{hint}` first")
+        done = d if done is None else done & d
+    chosen = sorted(done if shards is None else done & set(shards))
+    if not chosen:
+        raise StoreError(f"no shard is finished for all of {jobs} in {store.url}" + (f" among {shards}" if shards else ""))
+    ids, shard_of = [], []
+    for s in chosen:
+        sid = np.asarray(store.image_ids(s), dtype=np.int64)
+        ids.append(sid)
+        shard_of.append(np.full(len(sid), s, dtype=np.int64))
+    return StoreIndex(np.concatenate(ids), np.concatenate(shard_of))
+
+
+def check_features(store, backbone: str, res: int):
+    key = f"{backbone}@{res}"
+    known = store.manifest.get("backbones", {})
+    if key not in known and not store.done_shards(f"features/{key}"):
+        have = ", ".join(sorted(known)) or "none"
+        raise StoreError(f"store {store.url} has no features for {key} (has: {have}); run `loftup-pipeline features --backbone {backbone} --res {res}`")
+
+
+class ShardAwareSampler(Sampler[int]):
+    """Seeded shard order, shuffled within shards, split into equal contiguous blocks per rank.
+
+    ``start`` skips that many of this rank's samples (exact resume mid-epoch).
+    """
+
+    def __init__(self, index: StoreIndex, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1, start: int = 0, shuffle: bool = True):
+        self.index, self.seed, self.epoch, self.rank, self.world, self.start, self.shuffle = index, seed, epoch, rank, world, start, shuffle
+
+    def order(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shards = np.unique(self.index.shards)
+        if self.shuffle:
+            shards = rng.permutation(shards)
+        parts = []
+        for s in shards:
+            rows = np.flatnonzero(self.index.shards == s)
+            parts.append(rng.permutation(rows) if self.shuffle else rows)
+        order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        per_rank = len(order) // self.world
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return max(0, len(self.index) // self.world - self.start)
+
+    def __iter__(self):
+        return iter(self.order()[self.start :].tolist())
+
+
+class Stage1Dataset(Dataset):
+    """Per image: the training image, its stored low-res features and its stored masks.
+
+    Masks come out in annotation order, at most ``max_masks``, at ``size`` (the stored
+    geometry, or a smaller size by nearest-exact subsampling for cheap CPU runs).
+    """
+
+    def __init__(self, store_url: str, index: StoreIndex, backbone: str, res: int, geometry: int = 224, size: int | None = None, max_masks: int = 150):
+        self.store_url, self.index, self.backbone, self.res = store_url, index, backbone, res
+        self.geometry, self.size, self.max_masks = geometry, size or geometry, max_masks
+        self._store = None
+        self._features = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _open(self):
+        if self._store is None:
+            from loftup.storage import open_store
+
+            self._store = open_store(self.store_url)
+            self._features = self._store.features(self.backbone, self.res)
+        return self._store
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        from loftup.storage import rle
+
+        store = self._open()
+        image_id = int(self.index.image_ids[i])
+        img = Image.open(io.BytesIO(store.image_bytes(image_id, self.geometry))).convert("RGB")
+        rles = store.masks_for(image_id, size=self.geometry)[: self.max_masks]
+        if self.size != self.geometry:
+            img = img.resize((self.size, self.size), Image.BICUBIC)
+            idx = _subsample_index(self.geometry, self.size)
+            rles = [rle.resample(r, idx, idx) for r in rles]
+        masks = rle.decode_many(rles) if rles else np.zeros((0, self.size, self.size), bool)
+        return {
+            "image_id": image_id,
+            "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
+            "feats": torch.from_numpy(np.asarray(self._features.get(image_id))),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks)),
+        }
+
+
+def _subsample_index(src: int, dst: int) -> np.ndarray:
+    return np.minimum(src - 1, np.floor((np.arange(dst) + 0.5) * src / dst).astype(np.int64))
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack, padding masks to the largest count in the batch with a validity mask."""
+    m = max((s["masks"].shape[0] for s in samples), default=0)
+    b = len(samples)
+    h, w = samples[0]["image"].shape[-2:]
+    masks = torch.zeros((b, m, h, w), dtype=torch.bool)
+    valid = torch.zeros((b, m), dtype=torch.bool)
+    for j, s in enumerate(samples):
+        k = s["masks"].shape[0]
+        masks[j, :k] = s["masks"]
+        valid[j, :k] = True
+    return {
+        "image_id": torch.tensor([s["image_id"] for s in samples]),
+        "image": torch.stack([s["image"] for s in samples]),
+        "feats": torch.stack([s["feats"] for s in samples]),
+        "masks": masks,
+        "valid": valid,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: high-resolution images with crops chosen per sample, crop masks decoded in workers.
+@dataclass(frozen=True)
+class Crop:
+    """An s x s crop of the HR image at (top, left), and the student-output pixels it covers:
+    rows/cols [r0, r0 + n) of the s x s student output, which span crop pixels
+    [off, off + n * t) with t = hr / s (``off`` in [0, 1) so the region lies inside the crop)."""
+
+    top: int
+    left: int
+    r0: int
+    c0: int
+    n: int
+    off_y: float
+    off_x: float
+    t: float
+
+
+def plan_crop(hr: int, s: int, rng: np.random.Generator) -> Crop:
+    t = hr / s
+    n_max = int(np.floor(s / t))
+    # Pick the region on the student grid first, then the crop that starts at or just before it,
+    # so both sides agree to sub-pixel precision for every s (518 does not divide 896).
+    r0 = int(rng.integers(0, s - n_max + 1))
+    c0 = int(rng.integers(0, s - n_max + 1))
+    top = min(int(np.floor(r0 * t)), hr - s)
+    left = min(int(np.floor(c0 * t)), hr - s)
+    n = min(int(np.floor((top + s) / t)) - r0, int(np.floor((left + s) / t)) - c0)
+    return Crop(top, left, r0, c0, n, r0 * t - top, c0 * t - left, t)
+
+
+class Stage2BatchSampler(Sampler[list]):
+    """Batches of (row, s, seed): one student size s per step, drawn from a seeded stream, so a
+    resumed run draws the same sizes and crops as an uninterrupted one."""
+
+    def __init__(self, sampler: ShardAwareSampler, batch_size: int, sizes: list[int], seed: int, first_step: int = 0):
+        self.sampler, self.batch_size, self.sizes, self.seed, self.first_step = sampler, batch_size, sizes, seed, first_step
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        rows = list(self.sampler)
+        step = self.first_step
+        for b in range(len(self)):
+            rng = np.random.default_rng([self.seed, 7, step])
+            s = int(self.sizes[rng.integers(len(self.sizes))])
+            yield [(r, s, int(rng.integers(2**31))) for r in rows[b * self.batch_size : (b + 1) * self.batch_size]]
+            step += 1
+
+
+class Stage2Dataset(Dataset):
+    """Per (row, s, seed): the HR image and, for each crop, its position and its masks at s x s."""
+
+    def __init__(self, store_url: str, index: StoreIndex, geometry: int = 896, hr: int | None = None, crops: int = 2, max_masks: int = 150):
+        self.store_url, self.index, self.geometry, self.hr = store_url, index, geometry, hr or geometry
+        self.crops, self.max_masks = crops, max_masks
+        self._store = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item) -> dict:
+        from PIL import Image
+
+        from loftup.storage import open_store, rle
+
+        row, s, seed = item
+        if self._store is None:
+            self._store = open_store(self.store_url)
+        image_id = int(self.index.image_ids[row])
+        img = Image.open(io.BytesIO(self._store.image_bytes(image_id, self.geometry))).convert("RGB")
+        if self.hr != self.geometry:
+            img = img.resize((self.hr, self.hr), Image.BICUBIC)
+        rles = self._store.masks_for(image_id, size=self.geometry)[: self.max_masks]
+        base = _subsample_index(self.geometry, self.hr)
+        rng = np.random.default_rng(seed)
+        crops, masks = [], []
+        for _ in range(self.crops):
+            c = plan_crop(self.hr, s, rng)
+            rows, cols = base[c.top : c.top + s], base[c.left : c.left + s]
+            m = rle.decode_many([rle.resample(r, rows, cols) for r in rles]) if rles else np.zeros((0, s, s), bool)
+            crops.append(c)
+            masks.append(torch.from_numpy(np.ascontiguousarray(m)))
+        return {"image_id": image_id, "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), "s": s, "crops": crops, "masks": masks}
+
+
+def collate_stage2(samples: list[dict]) -> dict:
+    """Images (B,3,HR,HR); crops flattened to (B*crops) with masks padded (B*crops, M, s, s)."""
+    crops = [c for smp in samples for c in smp["crops"]]
+    mlist = [m for smp in samples for m in smp["masks"]]
+    s = samples[0]["s"]
+    m = max((x.shape[0] for x in mlist), default=0)
+    masks = torch.zeros((len(mlist), m, s, s), dtype=torch.bool)
+    valid = torch.zeros((len(mlist), m), dtype=torch.bool)
+    for j, x in enumerate(mlist):
+        masks[j, : x.shape[0]] = x
+        valid[j, : x.shape[0]] = True
+    return {
+        "image_id": torch.tensor([smp["image_id"] for smp in samples]),
+        "image": torch.stack([smp["image"] for smp in samples]),
+        "s": s,
+        "crops": crops,
+        "masks": masks,
+        "valid": valid,
+    }

@@ -1,0 +1,81 @@
+"""torchrun/DDP set-up shared by both stages: the same code path runs 1 CPU process or N GPUs.
+
+Launch with ``torchrun --nproc_per_node N -m loftup.cli.train stage1 ...`` (or the
+``loftup-train`` script path); torchrun sets RANK / WORLD_SIZE / LOCAL_RANK.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from loftup.pipeline.devices import pick_device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Dist(device=pick_device(device))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+
+
+def cleanup(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_mean(value: float, d: Dist) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """BatchNorm running stats are per rank under DDP; rank 0's become everyone's."""
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
+def write_weights_digest(model: torch.nn.Module, run_path, d: Dist) -> str:
+    """Every rank writes a digest of its final weights: equal files prove the ranks agree."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()
+    Path(run_path).mkdir(parents=True, exist_ok=True)
+    (Path(run_path) / f"weights_rank{d.rank}.sha256").write_text(digest + "\n")
+    return digest

@@ -1,0 +1,232 @@
+"""Stage 1: train LoftUp on mask-refined bicubic pseudo-GT built on the fly from the stores.
+
+Read top to bottom: config -> data -> model -> optimizer -> loop -> checkpoint. Runs as one
+process (CPU or one GPU) or under torchrun (DDP; each rank walks its own block of shards).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from loftup.training import distributed
+from loftup.training.run_dir import RunDir, seed_all, set_rng_state
+
+
+@dataclass
+class Stage1Config:
+    store: str
+    out: str
+    backbone: str = "dinov2_vits14"
+    res: int = 224  # backbone input size of the stored features
+    geometry: int = 224  # stored image/mask geometry to read
+    size: int = 224  # prediction and pseudo-GT size (smaller = cheaper CPU runs)
+    alpha: float = 0.8
+    max_masks: int = 150
+    pca_dim: int | None = None  # upsample a PCA of the features (CPU runs); None = all channels
+    batch_size: int = 8  # global, across ranks
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    proj_dim: int = 64  # dims of the fresh random projection of the MSE
+    tv_weight: float = 0.001
+    recon_weight: float = 0.0  # FeatUp multi-view reconstruction (needs the backbone live)
+    recon_jitters: int = 4
+    weights: str | None = None  # backbone weights, only for the reconstruction term
+    random_init: bool = False
+    shards: list[int] | None = None
+    seed: int = 0
+    workers: int = 2
+    checkpoint_every: int = 200
+    log_every: int = 10
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+    model: dict = field(default_factory=dict)  # extra LoftUp constructor arguments
+
+
+def layer_norm_target(lr_feats: torch.Tensor) -> torch.Tensor:
+    """The target space: LoftUp's output ends with a channel LayerNorm, so pseudo-GT is built
+    from per-pixel normalised features. A fixed (non-learnable) norm keeps the target from
+    collapsing with the student's own input norm."""
+    return F.layer_norm(lr_feats.permute(0, 2, 3, 1), lr_feats.shape[1:2]).permute(0, 3, 1, 2)
+
+
+def build_loader(cfg, dataset, index, d, epoch: int, offset: int):
+    from torch.utils.data import DataLoader
+
+    from loftup.training.data import ShardAwareSampler, collate
+
+    per_rank = cfg.batch_size // d.world
+    sampler = ShardAwareSampler(index, seed=cfg.seed, epoch=epoch, rank=d.rank, world=d.world, start=offset)
+    return DataLoader(
+        dataset,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=d.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.workers else None,
+    )
+
+
+def fit_projection(cfg, store, index, n: int = 256):
+    from loftup.training.projection import FeatureProjection
+
+    fs = store.features(cfg.backbone, cfg.res)
+    ids = index.image_ids[:n]
+    feats = torch.from_numpy(fs.get_many(ids)).float()
+    return FeatureProjection.fit(feats, cfg.pca_dim)
+
+
+def train(cfg: Stage1Config) -> dict:
+    from loftup.pipeline.devices import autocast
+    from loftup.storage import open_store
+    from loftup.training.checkpoint import save_model
+    from loftup.training.data import Stage1Dataset, build_index, check_features, normalise
+    from loftup.training.losses import projected_mse, total_variation
+    from loftup.training.model import LoftUp
+    from loftup.training.pseudo_gt import pseudo_gt
+    from loftup.training.progress import TrainProgress
+
+    d = distributed.setup(cfg.device)
+    run = RunDir(cfg.out, master=d.master)
+    if cfg.batch_size % d.world:
+        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {d.world} ranks")
+    seed_all(cfg.seed)
+
+    # -- data ------------------------------------------------------------------------------
+    store = open_store(cfg.store)
+    check_features(store, cfg.backbone, cfg.res)
+    index = build_index(store, ["images", "masks", f"features/{cfg.backbone}@{cfg.res}"], cfg.shards)
+    dataset = Stage1Dataset(store.url, index, cfg.backbone, cfg.res, geometry=cfg.geometry, size=cfg.size, max_masks=cfg.max_masks)
+    per_rank = cfg.batch_size // d.world
+    steps_per_epoch = (len(index) // d.world) // per_rank
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(index)} images are fewer than one global batch of {cfg.batch_size}")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    # -- model -----------------------------------------------------------------------------
+    projection = fit_projection(cfg, store, index).to(d.device) if cfg.pca_dim else None
+    dim = projection.out_dim if projection is not None else store.features(cfg.backbone, cfg.res).dim
+    model = LoftUp(dim, **cfg.model).to(d.device)
+    recon = None
+    if cfg.recon_weight > 0:
+        recon = _build_reconstruction(cfg, dim, d.device, projection)
+    params = list(model.parameters()) + (list(recon.parameters()) if recon is not None else [])
+    optimizer = torch.optim.NAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    step, epoch, offset = 0, 0, 0
+    if cfg.resume:
+        state = run.load_state()  # every rank reads the same file; the data order is derived, not stored
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if recon is not None and "recon" in state:
+            recon.load_state_dict(state["recon"])
+        if projection is not None:
+            projection.load_state_dict(state["projection"])
+        step, epoch, offset = state["step"], state["epoch"], state["offset"]
+        set_rng_state(state["rng"])
+    run.save_config({"stage": 1, **asdict(cfg), "world_size": d.world, "dim": dim, "images": len(index), "total_steps": total_steps})
+
+    ddp_model = model
+    if d.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    # -- loop ------------------------------------------------------------------------------
+    loader = iter(build_loader(cfg, dataset, index, d, epoch, offset))
+    progress = TrainProgress("stage 1", total_steps, start=step, enabled=cfg.progress and d.master)
+    t_last, seen_last = time.time(), 0
+    last = {}
+    model.train()
+    while step < total_steps:
+        try:
+            batch = next(loader)
+        except StopIteration:
+            epoch, offset = epoch + 1, 0
+            loader = iter(build_loader(cfg, dataset, index, d, epoch, offset))
+            batch = next(loader)
+        offset += per_rank
+        image = normalise(batch["image"].to(d.device, non_blocking=True))
+        feats = batch["feats"].to(d.device, non_blocking=True).float()
+        masks, valid = batch["masks"].to(d.device, non_blocking=True), batch["valid"].to(d.device)
+        if projection is not None:
+            feats = projection(feats)
+        with torch.no_grad():
+            target = pseudo_gt(layer_norm_target(feats), masks, valid, cfg.size, alpha=cfg.alpha)
+        with autocast(d.device):
+            pred = ddp_model(feats, image, output_size=(cfg.size, cfg.size))
+        pred = pred.float()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        terms = {"mse": projected_mse(pred, target, dim=min(cfg.proj_dim, dim), generator=gen)}
+        if cfg.tv_weight:
+            terms["tv"] = cfg.tv_weight * total_variation(pred)
+        if recon is not None:
+            terms["recon"] = cfg.recon_weight * recon(model, feats, image, pred, step=step)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+        optimizer.step()
+        step += 1
+
+        seen_last += cfg.batch_size
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.time()
+            last = {k: distributed.all_mean(v.item(), d) for k, v in terms.items()}
+            last |= {"step": step, "epoch": epoch, "loss": sum(last.values()), "lr": optimizer.param_groups[0]["lr"],
+                     "grad_norm": float(grad_norm), "samples_per_s": seen_last / max(now - t_last, 1e-9)}
+            run.log(last)
+            t_last, seen_last = now, 0
+        progress.update(step, loss=float(loss))
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            _checkpoint(run, model, optimizer, recon, projection, step, epoch, offset)
+    progress.close()
+
+    if d.enabled:
+        distributed.broadcast_buffers(model)
+        distributed.write_weights_digest(model, run.path, d)
+    if d.master:
+        final = run.path / "stage1.safetensors"
+        save_model(model, final, extra={"stage": 1, "backbone": cfg.backbone, "res": cfg.res, "size": cfg.size,
+                                        "alpha": cfg.alpha, "steps": step}, projection=projection)
+        _checkpoint(run, model, optimizer, recon, projection, step, epoch, offset)
+    run.close()
+    distributed.cleanup(d)
+    return {"steps": step, "epochs": epoch, "images": len(index), "last": last, "checkpoint": str(run.path / "stage1.safetensors")}
+
+
+def _checkpoint(run, model, optimizer, recon, projection, step, epoch, offset):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "offset": offset}
+    if recon is not None:
+        state["recon"] = recon.state_dict()
+    if projection is not None:
+        state["projection"] = projection.state_dict()
+    run.save_state(state)
+
+
+def _build_reconstruction(cfg, dim, device, projection):
+    from loftup.pipeline.backbones import create_backbone
+    from loftup.training.losses import MultiViewReconstruction
+
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=device)
+    backbone.requires_grad_(False)
+
+    def backbone_fn(img_normalised):
+        from loftup.training.data import IMAGENET_MEAN, IMAGENET_STD
+
+        x = img_normalised * IMAGENET_STD.to(img_normalised.device) + IMAGENET_MEAN.to(img_normalised.device)
+        with torch.no_grad():
+            f = backbone(x.clamp(0, 1))
+        f = projection(f) if projection is not None else f
+        return layer_norm_target(f)
+
+    return MultiViewReconstruction(dim, n_jitters=cfg.recon_jitters, kernel_size=backbone.patch, backbone_fn=backbone_fn,
+                                   seed=cfg.seed).to(device)
