@@ -49,6 +49,10 @@ class Job:
     def config(self) -> dict:
         return {"job": self.name, **asdict(self)}
 
+    def upstream(self) -> tuple[str, ...]:
+        """Jobs whose outputs this job reads: a shard is stale when any of them was redone."""
+        return ()
+
     def config_hash(self) -> str:
         return config_hash(self.config())
 
@@ -194,6 +198,9 @@ class FeaturesJob(Job):
         self.needs_tar = False
         self.num_gpus_wanted = True
 
+    def upstream(self) -> tuple[str, ...]:
+        return ("images",)
+
     def config(self) -> dict:
         # The device and batch size do not change the stored values beyond fp16 rounding.
         cfg = super().config()
@@ -319,14 +326,25 @@ def _file_sha256(path: str) -> str:
     return hashlib.sha256(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
 
 
+def upstream_state(job: Job, store, shard: int) -> dict:
+    """Identity of the upstream runs of ``shard`` (their markers' config hash and finish time)."""
+    out = {}
+    for name in job.upstream():
+        m = store.marker(name, shard)
+        out[name] = None if m is None else f"{m.get('config_hash')}@{m.get('finished_at')}"
+    return out
+
+
 def run_and_time(job: Job, store, shard: int, tar_path: str | None, progress: Progress) -> dict:
     """Run one shard and return the full marker (counts, bytes, seconds, versions, config)."""
     t0 = time.time()
+    upstream = upstream_state(job, store, shard)
     info = job.run_shard(store, shard, tar_path, progress)
     return {
         "job": job.name,
         "shard": shard,
         "config_hash": job.config_hash(),
+        "upstream": upstream,
         "config": job.config(),
         "tar": None if tar_path is None else str(tar_path),
         **info,

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from loftup.pipeline.jobs import Job, run_and_time
+from loftup.pipeline.jobs import Job, run_and_time, upstream_state
 from loftup.storage.errors import LoftupError
 
 
@@ -94,13 +94,19 @@ def process_shard(job: Job, store_url: str, shard: int, tar_path: str | None, se
 
 
 def plan_shards(job: Job, store, shards: list[tuple[int, str | None]], overwrite: bool):
-    """Split shards into (todo, skipped): a shard is skipped only if its marker matches the config."""
+    """Split shards into (todo, skipped): a shard is skipped only if its marker matches the
+    config and the upstream runs it was built from (a rebuilt input makes it stale)."""
     want = job.config_hash()
     done = store.done_shards(job.name)
     todo, skipped = [], []
     for shard, path in shards:
         marker = done.get(shard)
-        if not overwrite and marker is not None and marker.get("config_hash") == want:
+        fresh = (
+            marker is not None
+            and marker.get("config_hash") == want
+            and marker.get("upstream", {}) == upstream_state(job, store, shard)
+        )
+        if not overwrite and fresh:
             skipped.append(shard)
         else:
             todo.append((shard, path))
@@ -157,6 +163,9 @@ def run_job(
                 except LoftupError as exc:
                     summary.failed[shard] = str(exc)
                     view.fail(shard, str(exc))
+                except Exception as exc:  # as under Ray: one shard's failure never stops the others
+                    summary.failed[shard] = _first_line(exc)
+                    view.fail(shard, summary.failed[shard])
         elif executor == "ray":
             _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries)
         else:

@@ -110,6 +110,20 @@ def test_second_run_is_noop_and_config_change_redoes(built_store, sample_shards)
     assert max(v["counts"].as_py() for v in per_image) <= 5
 
 
+def test_redone_upstream_makes_features_stale(built_store, sample_shards):
+    from loftup.pipeline.runner import plan_shards
+
+    job = FeaturesJob(random_init=True, batch_size=4)
+    shards = [(0, None), (1, None)]
+    todo, skipped = plan_shards(job, built_store, shards, overwrite=False)
+    assert todo == [] and sorted(skipped) == [0, 1]
+    run_job(ImagesJob(), built_store, resolve_shards("1", sample_shards), executor="inline", overwrite=True)
+    todo, skipped = plan_shards(job, built_store, shards, overwrite=False)
+    assert todo == [(1, None)] and skipped == [0]
+    run_job(job, built_store, shards, executor="inline")
+    assert plan_shards(job, built_store, shards, overwrite=False)[0] == []
+
+
 def test_corrupt_jpeg_and_missing_json_become_error_rows(tmp_path):
     from loftup.pipeline.sample_data import write_sample_shards
 
