@@ -54,7 +54,8 @@ def decode_many(rles: Sequence[dict]) -> np.ndarray:
     if len(sizes) > 1:
         raise ValueError(f"decode_many needs RLEs of one size, got {sorted(sizes)}")
     stacked = _coco.decode([_as_coco(r) for r in rles])
-    return np.ascontiguousarray(np.moveaxis(stacked, -1, 0)).astype(bool)
+    # pycocotools gives uint8 0/1: a bool view avoids a second full copy (this is the loader's hot path).
+    return np.ascontiguousarray(np.moveaxis(stacked, -1, 0)).view(bool)
 
 
 def area(rle: dict) -> int:

@@ -97,6 +97,7 @@ def train(cfg: Stage1Config) -> dict:
     from loftup.training.progress import TrainProgress
 
     d = distributed.setup(cfg.device)
+    distributed.cpu_threads(d, cfg.workers)
     run = RunDir(cfg.out, master=d.master)
     if cfg.batch_size % d.world:
         raise ValueError(f"global batch {cfg.batch_size} is not divisible by {d.world} ranks")

@@ -111,6 +111,7 @@ def train(cfg: Stage2Config) -> dict:
     from torch.utils.data import DataLoader
 
     d = distributed.setup(cfg.device)
+    distributed.cpu_threads(d, cfg.workers)
     run = RunDir(cfg.out, master=d.master)
     if cfg.batch_size % d.world:
         raise LoftupError(f"global batch {cfg.batch_size} is not divisible by {d.world} ranks")

@@ -1,0 +1,435 @@
+"""Stage 1 throughput: the training loader beside what a training step consumes.
+
+One table, measured in one run on this machine:
+
+- loader: DataLoader over Stage1Dataset with the shard-aware sampler, batch 8, full 224 masks
+  (at most 150 per image), 0 / 1 / 2 workers; the first batches are a warm-up (worker start,
+  first file opens) and excluded. Under it, what one sample costs in one process, piece by piece.
+- training step (forward + loss + backward + clip + NAdam) at global batch 8: LoftUp dim 384 at
+  224 (the released setting) and a CPU setting (a PCA-64 of the features, at 112).
+- pseudo-GT per image (bicubic + Eq. 1 mask refinement, alpha 0.8, C = 384, 224, ~100 masks)
+  next to the upsampler's eval forward per image (dim 384, 224).
+
+The store (2 tars x 16 images at 1500 px: images, masks, features of a random-init
+dinov2_vits14) is built under --workdir, or reused when it is already there.
+
+    python bench/train_bench.py [--workdir DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BACKBONE = "dinov2_vits14"
+RES = 224
+BATCH = 8
+LOADER_GOAL = 100.0  # samples/s on 2 cores (issue 5)
+
+
+# --------------------------------------------------------------------------- store
+def build_store(work: Path, tars: int = 2, per_tar: int = 16, features: bool = True, log=print) -> str:
+    """URL of a store with images, masks (and features) of ``tars`` sample shards under ``work``.
+
+    Every job skips the shards it has already finished, so a second call costs only the checks.
+    """
+    from rich.console import Console
+
+    from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
+    from loftup.pipeline.runner import run_job
+    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.pipeline.shards import resolve_shards
+    from loftup.storage import open_store
+
+    work = Path(work)
+    tar_dir = work / "sa1b"
+    if not all((tar_dir / f"sa_{s:06d}.tar").exists() for s in range(tars)):
+        t0 = time.perf_counter()
+        write_sample_shards(tar_dir, tars=tars, images_per_tar=per_tar, short_side=1500)
+        log(f"sample shards: {tars} x {per_tar} images at 1500 px in {time.perf_counter() - t0:.1f} s")
+    shards = resolve_shards(f"0-{tars - 1}", tar_dir)
+    store = open_store(work / "store", create=not (work / "store" / "manifest.json").exists())
+    jobs = [ImagesJob(), MasksJob()]
+    if features:
+        # Random weights: the bench measures cost, which does not depend on the values.
+        jobs.append(FeaturesJob(backbone=BACKBONE, res=RES, random_init=True, device="cpu"))
+    quiet = Console(quiet=True)
+    for job in jobs:
+        summary = run_job(job, store, shards, executor="inline", console=quiet)
+        if summary.failed:
+            raise SystemExit(f"{job.name} failed on shards {summary.failed}")
+        if summary.done:
+            log(f"{job.name}: {len(summary.done)} shard(s) in {summary.seconds:.1f} s")
+    return store.url
+
+
+# --------------------------------------------------------------------------- loader
+def epoch_chain(index, epochs: int, seed: int = 0):
+    """A sampler walking ``epochs`` consecutive epochs of the shard-aware order.
+
+    The trainer rebuilds its loader once per epoch; with 32 images that restart would dominate,
+    while on SA-1B an epoch is millions of samples, so the bench streams epochs back to back.
+    """
+    from torch.utils.data import Sampler
+
+    from loftup.training.data import ShardAwareSampler
+
+    class EpochChain(Sampler):
+        def __len__(self):
+            return epochs * len(index)
+
+        def __iter__(self):
+            for e in range(epochs):
+                yield from ShardAwareSampler(index, seed=seed, epoch=e)
+
+    return EpochChain()
+
+
+def bench_loader(dataset, index, workers: int, samples: int, warmup_batches: int) -> dict:
+    """Steady-state samples/s of the Stage 1 DataLoader, after ``warmup_batches`` batches."""
+    from torch.utils.data import DataLoader
+
+    from loftup.training.data import collate
+
+    n_batches = warmup_batches + math.ceil(samples / BATCH)
+    epochs = math.ceil(n_batches * BATCH / len(index)) + 1
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=epoch_chain(index, epochs), num_workers=workers,
+                        collate_fn=collate, drop_last=True, prefetch_factor=4 if workers else None)
+    t_start = time.perf_counter()
+    it = iter(loader)
+    timed, masks, mask_bytes, t0 = 0, 0, 0, None
+    for b in range(n_batches):
+        batch = next(it)
+        if b == warmup_batches - 1:
+            t0 = time.perf_counter()
+            first = t0 - t_start
+        elif b >= warmup_batches:
+            timed += batch["image"].shape[0]
+            masks += int(batch["valid"].sum())
+            mask_bytes += batch["masks"].numel()
+    elapsed = time.perf_counter() - t0
+    del it
+    return {"workers": workers, "samples": timed, "seconds": elapsed, "rate": timed / elapsed, "warmup_s": first,
+            "masks_per_sample": masks / timed, "mask_mb_per_batch": mask_bytes / (timed / BATCH) / 1e6}
+
+
+def bench_sample_parts(store_url: str, index, repeats: int = 2) -> tuple[list[tuple[str, float]], float]:
+    """Milliseconds per sample of each piece of Stage1Dataset.__getitem__ and collate, warm, with
+    one torch thread as in a DataLoader worker; plus what the mask decode costs without its
+    final C-order transpose and bool copy (pycocotools' own Fortran-order output)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    from loftup.storage import open_store, rle
+    from loftup.training.data import collate
+
+    store = open_store(store_url)
+    fs = store.features(BACKBONE, RES)
+    ids = [int(i) for i in index.image_ids]
+    rles = {i: store.masks_for(i, size=224)[:150] for i in ids}
+    decoded = {i: torch.from_numpy(rle.decode_many(rles[i])) for i in ids}
+
+    def image(i):
+        return np.asarray(Image.open(io.BytesIO(store.image_bytes(i, 224))).convert("RGB"))
+
+    def raw_decode(i):
+        stacked = coco_mask.decode([{"size": r["size"], "counts": r["counts"].encode()} for r in rles[i]])
+        return stacked.view(bool)  # (h, w, n) Fortran order: each mask column-major, no copy
+
+    samples = [{"image_id": i, "image": torch.zeros(3, 224, 224, dtype=torch.uint8),
+                "feats": torch.zeros(384, 16, 16, dtype=torch.float16), "masks": decoded[i]} for i in ids]
+    n_collated = (len(samples) // BATCH) * BATCH
+    parts = [
+        ("image read + JPEG decode", lambda: [image(i) for i in ids], len(ids)),
+        ("masks_for (Parquet row lookup)", lambda: [store.masks_for(i, size=224) for i in ids], len(ids)),
+        ("rle.decode_many (224, <=150 masks)", lambda: [rle.decode_many(rles[i]) for i in ids], len(ids)),
+        ("features get (Zarr, fp16)", lambda: [fs.get(i) for i in ids], len(ids)),
+        ("collate (pad masks to batch max)",
+         lambda: [collate(samples[k:k + BATCH]) for k in range(0, n_collated, BATCH)], n_collated),
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for name, fn, n in parts:
+            fn()  # warm: file handles, row-group index caches
+            out.append((name, min(_timed(fn) for _ in range(repeats)) / n * 1e3))
+        [raw_decode(i) for i in ids]
+        alt = min(_timed(lambda: [raw_decode(i) for i in ids]) for _ in range(repeats)) / len(ids) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+    return out, alt
+
+
+def bench_loader_ceiling(dataset, index, workers: int, samples: int) -> dict:
+    """The same DataLoader over samples decoded once and kept in memory: what batching,
+    padding and the worker -> main process transfer alone allow."""
+    from torch.utils.data import Dataset
+
+    class Cached(Dataset):
+        def __init__(self):
+            self.items = [dataset[i] for i in range(len(dataset))]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    return bench_loader(Cached(), index, workers, samples, warmup_batches=2)
+
+
+def bench_fork_join(threads: int) -> tuple[float, float]:
+    """Milliseconds of one 7.5 MB tensor copy with 1 thread and with ``threads``: on a shared,
+    oversubscribed machine every parallel torch op waits for a descheduled pool thread."""
+    import torch
+
+    x = torch.ones(150, 224, 224, dtype=torch.bool)
+    y = torch.empty_like(x)
+    out = []
+    for n in (1, threads):
+        torch.set_num_threads(n)
+        y.copy_(x)
+        out.append(min(_timed(lambda: y.copy_(x)) for _ in range(20)) * 1e3)
+    torch.set_num_threads(threads)
+    return out[0], out[1]
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- model step
+def real_batch(store_url: str, index, size: int, count: int = BATCH):
+    """One batch of real inputs (images, stored features, masks) at ``size``; images with the
+    most masks first, so the pseudo-GT rows see ~100-150 masks each."""
+    from loftup.training.data import Stage1Dataset, collate
+
+    ds = Stage1Dataset(store_url, index, BACKBONE, RES, geometry=224, size=size, max_masks=150)
+    samples = sorted((ds[i] for i in range(len(ds))), key=lambda s: -s["masks"].shape[0])
+    return collate(samples[:count])
+
+
+def bench_train_step(batch, dim: int, size: int, micro: int, timed_micro: int, warmup_micro: int,
+                     projection=None) -> dict:
+    """Seconds of one optimizer step at global batch 8 (forward + loss + backward + clip + NAdam).
+
+    The batch is processed as micro-batches of ``micro`` with gradient accumulation (a batch-8
+    step of the 384-d model at 224 needs ~20 GB here); ``timed_micro`` micro-batches are timed
+    after ``warmup_micro`` untimed ones, and the step is their mean x (8 / micro) plus the
+    optimizer step itself; when timed_micro * micro >= 8 nothing is extrapolated.
+    """
+    import torch
+
+    from loftup.training.data import normalise
+    from loftup.training.losses import projected_mse, total_variation
+    from loftup.training.model import LoftUp
+    from loftup.training.pseudo_gt import pseudo_gt
+    from loftup.training.stage1 import layer_norm_target
+
+    torch.manual_seed(0)
+    feats = batch["feats"].float()
+    if projection is not None:
+        feats = projection(feats)
+    image = normalise(batch["image"])
+    target = pseudo_gt(layer_norm_target(feats), batch["masks"], batch["valid"], size, alpha=0.8)
+    model = LoftUp(dim).train()
+    params = list(model.parameters())
+    opt = torch.optim.NAdam(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+
+    def micro_step(k):
+        sl = slice((k * micro) % BATCH, (k * micro) % BATCH + micro)
+        pred = model(feats[sl], image[sl], output_size=(size, size))
+        loss = projected_mse(pred, target[sl], dim=min(64, dim), generator=gen) + 1e-3 * total_variation(pred)
+        (loss * micro / BATCH).backward()
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for k in range(warmup_micro):
+        micro_step(k)
+    if warmup_micro:
+        optimizer_step()
+    times = []
+    for k in range(timed_micro):
+        times.append(_timed(lambda: micro_step(k)))
+    t_opt = _timed(optimizer_step)
+    per_micro = sum(times) / len(times)
+    step = per_micro * (BATCH / micro) + t_opt
+    return {"dim": dim, "size": size, "micro": micro, "timed": timed_micro * micro, "step_s": step,
+            "steps_per_s": 1.0 / step, "samples_per_s": BATCH / step, "opt_s": t_opt,
+            "real": timed_micro * micro >= BATCH}
+
+
+# --------------------------------------------------------------------------- pseudo-GT vs forward
+def bench_pseudo_gt(batch, masks_per_image: int, repeats: int) -> dict:
+    """Per-image seconds of pseudo-GT (bicubic 16 -> 224 + Eq. 1, alpha 0.8, C = 384), batched
+    over 8 images and for one image; and of the independent per-mask gather implementation."""
+    import torch
+
+    from loftup.training.pseudo_gt import bicubic_upsample, mask_refine
+    from loftup.training.stage1 import layer_norm_target
+
+    feats = layer_norm_target(batch["feats"].float())
+    masks = batch["masks"][:, :masks_per_image]
+    valid = batch["valid"][:, :masks_per_image]
+    out = {"masks_per_image": float(valid.sum(1).float().mean()), "channels": feats.shape[1]}
+
+    def run(sl, impl):
+        return mask_refine(bicubic_upsample(feats[sl], 224), masks[sl], valid[sl], 0.8, impl=impl)
+
+    with torch.no_grad():
+        for key, sl, n, impl in (("batch8", slice(0, BATCH), BATCH, "regions"), ("single", slice(0, 1), 1, "regions"),
+                                 ("gather8", slice(0, BATCH), BATCH, "gather")):
+            run(sl, impl)
+            out[key] = min(_timed(lambda: run(sl, impl)) for _ in range(repeats)) / n
+        out["bicubic"] = min(_timed(lambda: bicubic_upsample(feats, 224)) for _ in range(repeats)) / BATCH
+        # The per-mask loop is many small ops; where the cores are shared each one waits for
+        # the pool's other thread, so one thread is the fair reference.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            out["batch8_1t"] = min(_timed(lambda: run(slice(0, BATCH), "regions")) for _ in range(repeats)) / BATCH
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def bench_forward(batch, repeats: int) -> dict:
+    """Per-image seconds of the 384-d upsampler's eval forward at 224, batch 1 (a batch of 8 is
+    ~8x one image on a CPU and would cost minutes here)."""
+    import torch
+
+    from loftup.training.data import normalise
+    from loftup.training.model import LoftUp
+
+    torch.manual_seed(0)
+    model = LoftUp(384).eval()
+    feats, image = batch["feats"].float(), normalise(batch["image"])
+    with torch.no_grad():
+        model(feats[:1], image[:1])
+        return {"single": min(_timed(lambda: model(feats[:1], image[:1])) for _ in range(repeats))}
+
+
+# --------------------------------------------------------------------------- report
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=None, help="build the store here, or reuse the one already there")
+    ap.add_argument("--tars", type=int, default=2)
+    ap.add_argument("--images-per-tar", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=None, help="timed loader samples per setting (default 240, quick 96)")
+    ap.add_argument("--workers", default=None, help="comma list (default 0,1,2; quick 0,2)")
+    ap.add_argument("--micro-batch", type=int, default=1,
+                    help="micro-batch of the 384-d step (batch 8 in one go needs ~20 GB)")
+    ap.add_argument("--timed-micro", type=int, default=None,
+                    help="timed micro-batches of the 384-d step (default 2, quick 1); 8/micro = one real step")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="fewer samples, settings and repeats")
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from rich.console import Console
+    from rich.table import Table
+
+    from loftup.storage import open_store
+    from loftup.training.data import Stage1Dataset, build_index
+    from loftup.training.projection import FeatureProjection
+
+    console = Console(width=200)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-train-bench-"))
+    t_run = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads (main process), "
+                  f"{os.cpu_count()} cores, load average {load0:.1f} at start; workdir {work}")
+    url = build_store(work, args.tars, args.images_per_tar, log=console.print)
+    store = open_store(url)
+    index = build_index(store, ["images", "masks", f"features/{BACKBONE}@{RES}"])
+    samples = args.samples or (96 if args.quick else 240)
+    workers = [int(w) for w in (args.workers or ("0,2" if args.quick else "0,1,2")).split(",")]
+    repeats = 1 if args.quick else 3
+    timed_micro = args.timed_micro or (1 if args.quick else 2)
+
+    rows: list[tuple[str, str, str, str]] = []
+    dataset = Stage1Dataset(url, index, BACKBONE, RES, geometry=224, size=224, max_masks=150)
+    loader_rates = {}
+    for w in workers:
+        r = bench_loader(dataset, index, w, samples, warmup_batches=2)
+        loader_rates[w] = r["rate"]
+        verdict = "ok" if r["rate"] >= LOADER_GOAL else "below"
+        rows.append(("loader, batch 8, 224 masks <=150", f"{w} worker(s)", f"{r['rate']:.1f} samples/s",
+                     f"{verdict} vs goal {LOADER_GOAL:.0f}; {r['samples']} timed samples, warm-up {r['warmup_s']:.1f} s, "
+                     f"{r['masks_per_sample']:.0f} masks/sample, {r['mask_mb_per_batch']:.0f} MB masks/batch"))
+    ceiling = bench_loader_ceiling(dataset, index, max(workers), samples)
+    rows.append(("loader ceiling: samples cached in RAM", f"{max(workers)} worker(s)", f"{ceiling['rate']:.1f} samples/s",
+                 "collate + padding + worker->main transfer only (no decode)"))
+    parts, alt_decode = bench_sample_parts(url, index, repeats=repeats)
+    total_ms = sum(ms for name, ms in parts)
+    for name, ms in parts:
+        rows.append(("  per sample, 1 thread (as a worker)", name, f"{ms:.2f} ms",
+                     f"{100 * ms / total_ms:.0f}% of {total_ms:.1f} ms (1 core: {1e3 / total_ms:.0f} samples/s)"))
+    rows.append(("  per sample, 1 thread (as a worker)", "pycocotools decode alone, Fortran order", f"{alt_decode:.2f} ms",
+                 "what decode_many costs without its transpose + astype(bool) copies"))
+    one, many = bench_fork_join(torch.get_num_threads())
+    rows.append(("fork-join cost of one torch op", f"7.5 MB copy, 1 vs {torch.get_num_threads()} threads",
+                 f"{one:.2f} ms vs {many:.2f} ms", "a large gap means the cores are shared: small-op code suffers at >1 thread"))
+
+    batch224 = real_batch(url, index, 224)
+    feats_all = torch.from_numpy(store.features(BACKBONE, RES).get_many(index.image_ids)).float()
+    projection = FeatureProjection.fit(feats_all, 64)
+    batch112 = real_batch(url, index, 112)
+    steps = [bench_train_step(batch112, 64, 112, micro=BATCH, timed_micro=1 if args.quick else 2,
+                              warmup_micro=1, projection=projection)]
+    console.print(f"[dim]step dim 64 @112 done ({time.perf_counter() - t_run:.0f} s); dim 384 @224 next[/]")
+    steps.append(bench_train_step(batch224, 384, 224, micro=args.micro_batch, timed_micro=timed_micro,
+                                  warmup_micro=1))
+    best_loader = max(loader_rates.values())
+    for s in steps:
+        how = (f"{s['timed']} timed samples as micro-batches of {s['micro']}; no extrapolation" if s["real"] else
+               f"{s['timed']} of 8 samples timed as micro-batches of {s['micro']} (grad accumulation), x{BATCH // s['micro']}")
+        rows.append((f"train step, batch 8, dim {s['dim']} @{s['size']}", "fwd+loss+bwd+clip+NAdam",
+                     f"{s['steps_per_s']:.4f} steps/s ({s['step_s']:.1f} s/step)",
+                     f"consumes {s['samples_per_s']:.2f} samples/s: loader is {best_loader / s['samples_per_s']:.0f}x that; {how}"))
+
+    pg = bench_pseudo_gt(batch224, masks_per_image=100, repeats=repeats)
+    fw = bench_forward(batch224, repeats=1 if args.quick else 2)
+    pg_note = f"C={pg['channels']}, {pg['masks_per_image']:.0f} masks/image, alpha 0.8"
+    rows.append(("pseudo-GT per image (bicubic + Eq. 1)", "batch 8, regions impl", f"{pg['batch8'] * 1e3:.0f} ms",
+                 f"{pg_note}; bicubic alone {pg['bicubic'] * 1e3:.0f} ms"))
+    rows.append(("pseudo-GT per image (bicubic + Eq. 1)", "batch 8, regions impl, 1 thread", f"{pg['batch8_1t'] * 1e3:.0f} ms",
+                 "reference where the cores are shared (see the fork-join row)"))
+    rows.append(("pseudo-GT per image (bicubic + Eq. 1)", "batch 1, regions impl", f"{pg['single'] * 1e3:.0f} ms", pg_note))
+    rows.append(("pseudo-GT per image (bicubic + Eq. 1)", "batch 8, gather impl", f"{pg['gather8'] * 1e3:.0f} ms",
+                 "independent per-mask implementation, for comparison"))
+    rows.append(("upsampler forward per image, eval", "dim 384 @224, batch 1", f"{fw['single'] * 1e3:.0f} ms",
+                 f"pseudo-GT (batch 8) is {fw['single'] / pg['batch8']:.0f}x cheaper than this forward"))
+
+    table = Table(title=f"Stage 1 training throughput ({torch.get_num_threads()} torch threads; "
+                        f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; {len(index)} images)")
+    for col in ("what", "setting", "measured", "notes"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"total {time.perf_counter() - t_run:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
