@@ -128,10 +128,13 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_
     _write_features(hr_cpu, feat_path, fmt, {"image": image_path.name, "backbone": backbone_name,
                                              "backbone_res": res, "size": size})
 
-    # LoftUp's outputs are layer-normalised, so they get their own PCA; the low-res map and
-    # its bilinear upsampling share one space and one PCA.
-    lr_rgb, bil_rgb = pca_rgb([feats[0].cpu(), bilinear[0].cpu()], fit_on=1)
-    (hr_rgb,) = pca_rgb([hr_cpu])
+    # LoftUp's outputs are per-pixel layer-normalised; normalising the low-res map the same way
+    # puts all three panels in one space, so one PCA gives comparable colours.
+    from loftup.training.stage1 import layer_norm_target
+
+    lr_n = layer_norm_target(feats)[0].cpu()
+    bil_n = layer_norm_target(bilinear)[0].cpu()
+    lr_rgb, hr_rgb, bil_rgb = pca_rgb([lr_n, hr_cpu, bil_n], fit_on=2)
     h, w = feats.shape[-2:]
     png = save_panels([hr_img, lr_rgb, hr_rgb, bil_rgb],
                       ["input", f"low-res {h}x{w}", f"LoftUp {size}", f"bilinear {size}"],

@@ -30,8 +30,10 @@ def _fit(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (C,) and top-3 principal axes (3, C) of ``sample`` (N, C), signs fixed."""
     mean = sample.mean(0)
     centred = sample - mean
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    axes = vt[:3]
+    # Eigenvectors of the C x C covariance: the same axes as an SVD of the N x C sample,
+    # ~15x cheaper for N = 20k pixels.
+    _, vecs = np.linalg.eigh(centred.T @ centred)
+    axes = vecs[:, ::-1].T[:3]
     if axes.shape[0] < 3:
         axes = np.concatenate([axes, np.zeros((3 - axes.shape[0], sample.shape[1]))], 0)
     # SVD signs are arbitrary; pinning them keeps colours stable between runs.
