@@ -247,7 +247,12 @@ class FeaturesJob(Job):
         if store.marker("images", shard) is None:
             raise StoreError(f"shard {shard}: no images in the store yet; run `loftup-pipeline images` first")
         device = pick_device(self.device)
-        model = create_backbone(self.backbone, weights=self.weights, random_init=self.random_init, device=device)
+        key = (self.backbone, self.weights, self.random_init, str(device))
+        if key not in _BACKBONES:
+            # A Ray worker runs many shards: build (and read the weights of) a backbone once per process.
+            _BACKBONES.clear()
+            _BACKBONES[key] = create_backbone(self.backbone, weights=self.weights, random_init=self.random_init, device=device)
+        model = _BACKBONES[key]
         src = self.source_size(store)
         ids, batches = _image_batches(store, shard, src, self.res, self.batch_size)
         feats = []
@@ -265,6 +270,9 @@ class FeaturesJob(Job):
         nbytes = fstore.write_shard(shard, arr, np.asarray(ids, dtype=np.int64), info=info)
         store.write_errors(self.name, shard, [])
         return {"images": len(ids), "errors": 0, "bytes": nbytes, "device": str(device)}
+
+
+_BACKBONES: dict = {}
 
 
 def _image_batches(store, shard, src_size, res, batch_size):

@@ -74,7 +74,7 @@ def evaluate_store(store, image_ids, backbone: str, res: int, upsamplers: dict, 
             idx = _subsample_index(geometry, size)
             rles = [rle.resample(r, idx, idx) for r in rles]
         labels = label_map(rle.decode_many(rles))
-        image = normalise(torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].to(device))
+        image = normalise(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(device))
         feats = torch.from_numpy(np.asarray(fs.get(int(image_id)))).float()[None].to(device)
         if projection is not None:
             feats = projection(feats)

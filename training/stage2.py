@@ -232,7 +232,7 @@ def train(cfg: Stage2Config) -> dict:
                      "grad_norm": float(grad_norm), "samples_per_s": seen_last / max(now - t_last, 1e-9)}
             run.log(last)
             t_last, seen_last = now, 0
-        progress.update(step, loss=float(loss))
+        progress.update(step, loss=loss.item())
         if step % cfg.checkpoint_every == 0 or step == total_steps:
             _checkpoint(run, student, teacher, optimizer, step, epoch, offset)
     progress.close()
