@@ -94,7 +94,6 @@ def smooth_features(batch: int, chans: int, size: int, seed: int):
 
 def explicit_blocked(student, teacher, border: float, rows: int = 1024) -> float:
     """The explicit N x N loss, built row block by row block (float32 entries, float64 sum)."""
-    import torch
     import torch.nn.functional as F
 
     h, w = student.shape[-2:]

@@ -96,7 +96,6 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     md = pq.ParquetFile(next((dst_path / "masks").rglob("*.parquet"))).metadata
-    names = md.schema.names
     for rg in range(md.num_row_groups):
         for c in range(md.num_columns):
             col = md.row_group(rg).column(c)

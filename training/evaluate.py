@@ -60,7 +60,6 @@ def evaluate_store(store, image_ids, backbone: str, res: int, upsamplers: dict, 
 
     from loftup.storage import rle
     from loftup.training.data import _subsample_index, normalise
-    from loftup.training.stage1 import layer_norm_target
 
     fs = store.features(backbone, res)
     scores: dict[str, list[float]] = {name: [] for name in upsamplers}

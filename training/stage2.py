@@ -104,7 +104,7 @@ def train(cfg: Stage2Config) -> dict:
     from loftup.pipeline.devices import autocast
     from loftup.storage import open_store
     from loftup.training.checkpoint import save_model
-    from loftup.training.data import ShardAwareSampler, Stage2BatchSampler, Stage2Dataset, build_index, collate_stage2, normalise
+    from loftup.training.data import ShardAwareSampler, Stage2BatchSampler, Stage2Dataset, build_index, collate_stage2
     from loftup.training.losses import affinity_loss, total_variation
     from loftup.training.progress import TrainProgress
     from loftup.training.pseudo_gt import mask_refine
