@@ -55,10 +55,16 @@ def main() -> None:
     n_images = args.tars * args.images_per_tar
     rows = []
 
+    def run(*a, **kw):
+        summary = run_job(*a, **kw)
+        if summary.failed:
+            raise SystemExit(f"bench run failed: {summary.failed}")
+        return summary
+
     # masks (sa1b source), one process = one core
-    s = run_job(MasksJob(), store, shards, executor="inline")
+    s = run(MasksJob(), store, shards, executor="inline")
     rows.append(("masks job (sa1b), inline, 1 core", n_images / s.seconds, f"{n_images / s.seconds:.2f} img/s/core", "goal >= 2 img/s/core"))
-    s = run_job(ImagesJob(), store, shards, executor="inline")
+    s = run(ImagesJob(), store, shards, executor="inline")
     rows.append(("images job (224+896 JPEG), inline, 1 core", n_images / s.seconds, f"{n_images / s.seconds:.2f} img/s/core", ""))
 
     # features: the job versus the bare forward over the same stored images
@@ -75,14 +81,14 @@ def main() -> None:
     bare_rate = len(x) / bare
     job = FeaturesJob(backbone=args.backbone, random_init=True, batch_size=args.batch_size)
     fshards = [(i, None) for i, _ in shards]
-    s = run_job(job, store, fshards, executor="inline", overwrite=True)
+    s = run(job, store, fshards, executor="inline", overwrite=True)
     inline_rate = n_images / s.seconds
-    s = run_job(job, store, fshards, executor="ray", num_cpus=os.cpu_count(), cpus_per_task=os.cpu_count(), overwrite=True)
+    s = run(job, store, fshards, executor="ray", num_cpus=os.cpu_count(), cpus_per_task=os.cpu_count(), overwrite=True)
     ray_rate = n_images / s.seconds
     import ray
 
     # The first Ray run pays for starting the local instance; a second run shows the steady state.
-    s = run_job(job, store, fshards, executor="ray", cpus_per_task=os.cpu_count(), overwrite=True)
+    s = run(job, store, fshards, executor="ray", cpus_per_task=os.cpu_count(), overwrite=True)
     ray_warm = n_images / s.seconds
     ray.shutdown()
     rows.append((f"bare {args.backbone} forward (baseline)", bare_rate, f"{bare_rate:.2f} img/s", ""))
