@@ -45,22 +45,8 @@ PHASE_NOTES = {
 
 
 # --------------------------------------------------------------------------- memory probes
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+from memprobe import reset_peak as _reset_peak  # noqa: E402
+from memprobe import status_kb as _status_kb  # noqa: E402
 
 
 def _peak_over(fn) -> tuple[float, int, object, bool]:

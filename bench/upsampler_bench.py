@@ -30,21 +30,8 @@ REPEAT_MAX_FIRST_S = 90.0
 GOAL_BYTES = 1.5e9
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+from memprobe import reset_peak as _reset_peak  # noqa: E402
+from memprobe import status_kb as _status_kb  # noqa: E402
 
 
 class AnonPeak:
