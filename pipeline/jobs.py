@@ -102,7 +102,7 @@ class MasksJob(Job):
         rows, errors, n_images = [], [], 0
         for item in iter_samples(tar_path):
             if not isinstance(item, Sample):
-                errors.append(_error_row(item))
+                errors.append(item.as_row())
                 progress(0, 1)
                 continue
             try:
@@ -148,7 +148,7 @@ class ImagesJob(Job):
         errors = []
         for item in iter_samples(tar_path):
             if not isinstance(item, Sample):
-                errors.append(_error_row(item))
+                errors.append(item.as_row())
                 progress(0, 1)
                 continue
             try:
@@ -313,10 +313,6 @@ def _check_sizes(store, sizes) -> None:
     missing = [s for s in sizes if s not in store.geometries]
     if missing:
         raise StoreError(f"store geometries are {list(store.geometries)}; job asks for {missing}")
-
-
-def _error_row(err) -> dict:
-    return {"image_id": err.image_id, "member": err.member, "stage": err.stage, "reason": err.reason}
 
 
 def _reason(exc: BaseException) -> str:
