@@ -46,6 +46,22 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, device=dev)
 
 
+def per_rank_batch(global_batch: int, d: Dist) -> int:
+    """This rank's share of the global batch; the split must be exact so every step sees it."""
+    if global_batch % d.world:
+        from loftup.storage.errors import LoftupError
+
+        raise LoftupError(f"global batch {global_batch} is not divisible by {d.world} ranks")
+    return global_batch // d.world
+
+
+def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """DDP around ``model`` when there is more than one rank, the model itself otherwise."""
+    if not d.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
 def cpu_threads(d: Dist, workers: int) -> None:
     """On CPU, leave one core per DataLoader worker (and per rank): oversubscribed cores make
     PyTorch's many small ops wait for a busy second thread (mask refinement ran 16x slower)."""

@@ -99,8 +99,7 @@ def train(cfg: Stage1Config) -> dict:
     d = distributed.setup(cfg.device)
     distributed.cpu_threads(d, cfg.workers)
     run = RunDir(cfg.out, master=d.master)
-    if cfg.batch_size % d.world:
-        raise ValueError(f"global batch {cfg.batch_size} is not divisible by {d.world} ranks")
+    per_rank = distributed.per_rank_batch(cfg.batch_size, d)
     seed_all(cfg.seed)
 
     # -- data ------------------------------------------------------------------------------
@@ -108,7 +107,6 @@ def train(cfg: Stage1Config) -> dict:
     check_features(store, cfg.backbone, cfg.res)
     index = build_index(store, ["images", "masks", f"features/{cfg.backbone}@{cfg.res}"], cfg.shards)
     dataset = Stage1Dataset(store.url, index, cfg.backbone, cfg.res, geometry=cfg.geometry, size=cfg.size, max_masks=cfg.max_masks)
-    per_rank = cfg.batch_size // d.world
     steps_per_epoch = (len(index) // d.world) // per_rank
     if steps_per_epoch == 0:
         raise ValueError(f"{len(index)} images are fewer than one global batch of {cfg.batch_size}")
@@ -137,9 +135,7 @@ def train(cfg: Stage1Config) -> dict:
         set_rng_state(state["rng"])
     run.save_config({"stage": 1, **asdict(cfg), "world_size": d.world, "dim": dim, "images": len(index), "total_steps": total_steps})
 
-    ddp_model = model
-    if d.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    ddp_model = distributed.wrap(model, d)
 
     # -- loop ------------------------------------------------------------------------------
     loader = iter(build_loader(cfg, dataset, index, d, epoch, offset))

@@ -113,8 +113,7 @@ def train(cfg: Stage2Config) -> dict:
     d = distributed.setup(cfg.device)
     distributed.cpu_threads(d, cfg.workers)
     run = RunDir(cfg.out, master=d.master)
-    if cfg.batch_size % d.world:
-        raise LoftupError(f"global batch {cfg.batch_size} is not divisible by {d.world} ranks")
+    per_rank = distributed.per_rank_batch(cfg.batch_size, d)
     seed_all(cfg.seed)
 
     # -- models ----------------------------------------------------------------------------
@@ -137,7 +136,6 @@ def train(cfg: Stage2Config) -> dict:
     if min(cfg.sizes) > hr or max(cfg.sizes) > hr:
         raise LoftupError(f"student sizes {cfg.sizes} must not exceed the HR size {hr}")
     dataset = Stage2Dataset(store.url, index, geometry=cfg.geometry, hr=hr, crops=cfg.crops, max_masks=cfg.max_masks)
-    per_rank = cfg.batch_size // d.world
     steps_per_epoch = (len(index) // d.world) // per_rank
     if steps_per_epoch == 0:
         raise LoftupError(f"{len(index)} images are fewer than one global batch of {cfg.batch_size}")
@@ -159,9 +157,7 @@ def train(cfg: Stage2Config) -> dict:
         return iter(DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_stage2,
                                pin_memory=d.device.type == "cuda", prefetch_factor=4 if cfg.workers else None))
 
-    ddp = student
-    if d.enabled:
-        ddp = torch.nn.parallel.DistributedDataParallel(student, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    ddp = distributed.wrap(student, d)
 
     def lowres(images_uint8_or_float, size=None):
         """VFM features (projected when Stage 1 used a projection) of [0,1] images."""
