@@ -179,7 +179,7 @@ def teacher_split(url: str, init: str, repeats: int) -> dict:
 
     from loftup.pipeline.backbones import create_backbone
     from loftup.storage import open_store
-    from loftup.training.data import Stage2Dataset, build_index, collate_stage2
+    from loftup.training.data import Stage2Dataset, batch_masks, build_index, collate_stage2
     from loftup.training.pseudo_gt import mask_refine
     from loftup.training.stage2 import load_init, normalise_float, teacher_targets
 
@@ -188,6 +188,7 @@ def teacher_split(url: str, init: str, repeats: int) -> dict:
     index = build_index(store, ["images", "masks"])
     ds = Stage2Dataset(url, index, geometry=896, crops=2)
     batch = collate_stage2([ds[(0, 224, 1)], ds[(1, 224, 2)]])
+    batch["masks"], batch["valid"] = batch_masks(batch, "cpu")
     teacher, projection = load_init(init, BACKBONE)
     teacher.eval()
     vfm = create_backbone(BACKBONE, random_init=True)

@@ -112,7 +112,7 @@ def bench_loader(dataset, index, workers: int, samples: int, warmup_batches: int
         elif b >= warmup_batches:
             timed += batch["image"].shape[0]
             masks += int(batch["valid"].sum())
-            mask_bytes += batch["masks"].numel()
+            mask_bytes += batch["mask_bits"].numel()
     elapsed = time.perf_counter() - t0
     del it
     return {"workers": workers, "samples": timed, "seconds": elapsed, "rate": timed / elapsed, "warmup_s": first,
@@ -121,14 +121,13 @@ def bench_loader(dataset, index, workers: int, samples: int, warmup_batches: int
 
 def bench_sample_parts(store_url: str, index, repeats: int = 2) -> tuple[list[tuple[str, float]], float]:
     """Milliseconds per sample of each piece of Stage1Dataset.__getitem__ and collate, warm, with
-    one torch thread as in a DataLoader worker; plus what the mask decode costs without its
-    final C-order transpose and bool copy (pycocotools' own Fortran-order output)."""
+    one torch thread as in a DataLoader worker; plus, for comparison, the earlier path that
+    decoded to row-major bool masks (a transposing copy larger than the decode itself)."""
     import io
 
     import numpy as np
     import torch
     from PIL import Image
-    from pycocotools import mask as coco_mask
 
     from loftup.storage import open_store, rle
     from loftup.training.data import collate
@@ -137,24 +136,23 @@ def bench_sample_parts(store_url: str, index, repeats: int = 2) -> tuple[list[tu
     fs = store.features(BACKBONE, RES)
     ids = [int(i) for i in index.image_ids]
     rles = {i: store.masks_for(i, size=224)[:150] for i in ids}
-    decoded = {i: torch.from_numpy(rle.decode_many(rles[i])) for i in ids}
+    packed = {i: torch.from_numpy(rle.decode_packed(rles[i])[0]) for i in ids}
 
     def image(i):
         return np.asarray(Image.open(io.BytesIO(store.image_bytes(i, 224))).convert("RGB"))
 
-    def raw_decode(i):
-        stacked = coco_mask.decode([{"size": r["size"], "counts": r["counts"].encode()} for r in rles[i]])
-        return stacked.view(bool)  # (h, w, n) Fortran order: each mask column-major, no copy
+    def row_major_decode(i):
+        return rle.decode_many(rles[i])
 
     samples = [{"image_id": i, "image": torch.zeros(3, 224, 224, dtype=torch.uint8),
-                "feats": torch.zeros(384, 16, 16, dtype=torch.float16), "masks": decoded[i]} for i in ids]
+                "feats": torch.zeros(384, 16, 16, dtype=torch.float16), "mask_bits": packed[i]} for i in ids]
     n_collated = (len(samples) // BATCH) * BATCH
     parts = [
         ("image read + JPEG decode", lambda: [image(i) for i in ids], len(ids)),
         ("masks_for (Parquet row lookup)", lambda: [store.masks_for(i, size=224) for i in ids], len(ids)),
-        ("rle.decode_many (224, <=150 masks)", lambda: [rle.decode_many(rles[i]) for i in ids], len(ids)),
+        ("rle.decode_packed (224, <=150 masks)", lambda: [rle.decode_packed(rles[i]) for i in ids], len(ids)),
         ("features get (Zarr, fp16)", lambda: [fs.get(i) for i in ids], len(ids)),
-        ("collate (pad masks to batch max)",
+        ("collate (pad packed masks to batch max)",
          lambda: [collate(samples[k:k + BATCH]) for k in range(0, n_collated, BATCH)], n_collated),
     ]
     threads = torch.get_num_threads()
@@ -164,8 +162,8 @@ def bench_sample_parts(store_url: str, index, repeats: int = 2) -> tuple[list[tu
         for name, fn, n in parts:
             fn()  # warm: file handles, row-group index caches
             out.append((name, min(_timed(fn) for _ in range(repeats)) / n * 1e3))
-        [raw_decode(i) for i in ids]
-        alt = min(_timed(lambda: [raw_decode(i) for i in ids]) for _ in range(repeats)) / len(ids) * 1e3
+        [row_major_decode(i) for i in ids]
+        alt = min(_timed(lambda: [row_major_decode(i) for i in ids]) for _ in range(repeats)) / len(ids) * 1e3
     finally:
         torch.set_num_threads(threads)
     return out, alt
@@ -215,11 +213,13 @@ def _timed(fn) -> float:
 def real_batch(store_url: str, index, size: int, count: int = BATCH):
     """One batch of real inputs (images, stored features, masks) at ``size``; images with the
     most masks first, so the pseudo-GT rows see ~100-150 masks each."""
-    from loftup.training.data import Stage1Dataset, collate
+    from loftup.training.data import Stage1Dataset, batch_masks, collate
 
     ds = Stage1Dataset(store_url, index, BACKBONE, RES, geometry=224, size=size, max_masks=150)
-    samples = sorted((ds[i] for i in range(len(ds))), key=lambda s: -s["masks"].shape[0])
-    return collate(samples[:count])
+    samples = sorted((ds[i] for i in range(len(ds))), key=lambda s: -s["mask_bits"].shape[0])
+    batch = collate(samples[:count])
+    batch["masks"], batch["valid"] = batch_masks(batch, "cpu")
+    return batch
 
 
 def bench_train_step(batch, dim: int, size: int, micro: int, timed_micro: int, warmup_micro: int,
@@ -385,8 +385,8 @@ def main() -> None:
     for name, ms in parts:
         rows.append(("  per sample, 1 thread (as a worker)", name, f"{ms:.2f} ms",
                      f"{100 * ms / total_ms:.0f}% of {total_ms:.1f} ms (1 core: {1e3 / total_ms:.0f} samples/s)"))
-    rows.append(("  per sample, 1 thread (as a worker)", "pycocotools decode alone, Fortran order", f"{alt_decode:.2f} ms",
-                 "what decode_many costs without its transpose + astype(bool) copies"))
+    rows.append(("  per sample, 1 thread (as a worker)", "baseline: rle.decode_many, row-major bool", f"{alt_decode:.2f} ms",
+                 "the previous loader's decode: pycocotools + a transposing copy, 8x the bytes to move"))
     one, many = bench_fork_join(torch.get_num_threads())
     rows.append(("fork-join cost of one torch op", f"7.5 MB copy, 1 vs {torch.get_num_threads()} threads",
                  f"{one:.2f} ms vs {many:.2f} ms", "a large gap means the cores are shared: small-op code suffers at >1 thread"))

@@ -60,20 +60,44 @@ def test_shard_aware_sampler_is_seeded_blocked_and_resumable():
 
 
 def test_stage1_dataset_rows_match_the_stores(train_store):
-    from loftup.storage import rle
-    from loftup.training.data import Stage1Dataset, build_index, collate
+    from pycocotools import mask as coco
+
+    from loftup.training.data import Stage1Dataset, batch_masks, build_index, collate, unpack_masks
 
     index = build_index(train_store, ["images", "masks", "features/dinov2_vits14@224"])
     assert len(index) == 8
     ds = Stage1Dataset(train_store.url, index, "dinov2_vits14", 224, max_masks=10)
     item = ds[3]
     image_id = int(index.image_ids[3])
-    expect = rle.decode_many(train_store.masks_for(image_id, size=224)[:10])
-    np.testing.assert_array_equal(item["masks"].numpy(), expect)
+    rles = train_store.masks_for(image_id, size=224)[:10]
+    expect = np.stack([coco.decode({"size": r["size"], "counts": r["counts"].encode()}) for r in rles]).astype(bool)
+    np.testing.assert_array_equal(unpack_masks(item["mask_bits"], (224, 224)).numpy(), expect)
     np.testing.assert_array_equal(item["feats"].numpy(), train_store.features("dinov2_vits14", 224).get(image_id))
+    first = unpack_masks(ds[0]["mask_bits"], (224, 224))
     batch = collate([ds[0], ds[3]])
-    assert batch["masks"].shape[:2] == batch["valid"].shape
-    assert batch["valid"].sum(1).tolist() == [ds[0]["masks"].shape[0], item["masks"].shape[0]]
+    masks, valid = batch_masks(batch, "cpu")
+    assert masks.shape == (2, max(len(first), len(expect)), 224, 224) and masks.shape[:2] == valid.shape
+    assert valid.sum(1).tolist() == [len(first), len(expect)]
+    np.testing.assert_array_equal(masks[1, : len(expect)].numpy(), expect)
+    np.testing.assert_array_equal(masks[0, : len(first)].numpy(), first.numpy())
+    assert not masks[~valid].any()  # padding decodes to empty masks
+
+
+@pytest.mark.parametrize("size", [(224, 224), (7, 5), (13, 9), (1, 1)])
+def test_packed_masks_round_trip_to_pycocotools_decode(size):
+    from pycocotools import mask as coco
+
+    from loftup.storage import rle
+    from loftup.training.data import unpack_masks
+
+    rng = np.random.default_rng(sum(size))
+    masks = rng.random((6, *size)) < np.linspace(0, 1, 6)[:, None, None]  # empty ... full
+    rles = [rle.encode(m) for m in masks]
+    bits, hw = rle.decode_packed(rles)
+    assert hw == size and bits.shape == (6, (size[0] * size[1] + 7) // 8)
+    expect = np.stack([coco.decode({"size": r["size"], "counts": r["counts"].encode()}) for r in rles]).astype(bool)
+    np.testing.assert_array_equal(expect, masks)
+    np.testing.assert_array_equal(unpack_masks(torch.from_numpy(bits), size).numpy(), expect)
 
 
 def test_missing_features_is_a_clear_error(train_store, tmp_path):
@@ -140,6 +164,26 @@ def test_crop_plan_covers_region_inside_crop():
             # student pixels [r0, r0+n) map inside the crop
             assert c.r0 * t >= c.top - 1e-9 and (c.r0 + c.n) * t <= c.top + s + 1e-9
             assert c.c0 * t >= c.left - 1e-9 and (c.c0 + c.n) * t <= c.left + s + 1e-9
+
+
+def test_stage2_crop_masks_are_the_crops_of_the_stored_masks(train_store):
+    from pycocotools import mask as coco
+
+    from loftup.training.data import Stage2Dataset, batch_masks, build_index, collate_stage2
+
+    index = build_index(train_store, ["images", "masks"])
+    ds = Stage2Dataset(train_store.url, index, geometry=896, crops=2, max_masks=7)
+    batch = collate_stage2([ds[(1, 224, 5)], ds[(2, 224, 6)]])
+    masks, valid = batch_masks(batch, "cpu")
+    assert masks.shape[0] == 4 and masks.shape[-2:] == (224, 224)
+    for k, c in enumerate(batch["crops"]):
+        row = (1, 2)[k // 2]
+        rles = train_store.masks_for(int(index.image_ids[row]), size=896)[:7]
+        full = np.stack([coco.decode({"size": r["size"], "counts": r["counts"].encode()}) for r in rles]).astype(bool)
+        expect = full[:, c.top : c.top + 224, c.left : c.left + 224]
+        assert int(valid[k].sum()) == len(rles)
+        np.testing.assert_array_equal(masks[k, : len(rles)].numpy(), expect)
+        assert not masks[k, len(rles):].any()
 
 
 def test_teacher_equal_to_student_gives_zero_loss_and_shift_does_not():

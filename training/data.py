@@ -134,12 +134,12 @@ class Stage1Dataset(Dataset):
             img = img.resize((self.size, self.size), Image.BICUBIC)
             idx = _subsample_index(self.geometry, self.size)
             rles = [rle.resample(r, idx, idx) for r in rles]
-        masks = rle.decode_many(rles) if rles else np.zeros((0, self.size, self.size), bool)
+        bits = rle.decode_packed(rles)[0] if rles else np.zeros((0, _packed_len(self.size, self.size)), np.uint8)
         return {
             "image_id": image_id,
             "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
             "feats": torch.from_numpy(np.asarray(self._features.get(image_id))),
-            "masks": torch.from_numpy(np.ascontiguousarray(masks)),
+            "mask_bits": torch.from_numpy(bits),
         }
 
 
@@ -147,24 +147,51 @@ def _subsample_index(src: int, dst: int) -> np.ndarray:
     return np.minimum(src - 1, np.floor((np.arange(dst) + 0.5) * src / dst).astype(np.int64))
 
 
+def _packed_len(h: int, w: int) -> int:
+    return (h * w + 7) // 8
+
+
 def collate(samples: list[dict]) -> dict:
-    """Stack, padding masks to the largest count in the batch with a validity mask."""
-    m = max((s["masks"].shape[0] for s in samples), default=0)
-    b = len(samples)
+    """Stack, padding the packed masks to the largest count in the batch with a validity mask.
+
+    Masks stay bit-packed (``mask_bits``: (B, M, ceil(H*W/8)) uint8, column-major, see
+    ``rle.decode_packed``) until :func:`unpack_masks` on the training device: at 224 with
+    150 masks that is 0.94 MB per image instead of 7.5 MB through the worker queues.
+    """
     h, w = samples[0]["image"].shape[-2:]
-    masks = torch.zeros((b, m, h, w), dtype=torch.bool)
-    valid = torch.zeros((b, m), dtype=torch.bool)
-    for j, s in enumerate(samples):
-        k = s["masks"].shape[0]
-        masks[j, :k] = s["masks"]
-        valid[j, :k] = True
+    bits, valid = _pad_bits([s["mask_bits"] for s in samples], _packed_len(h, w))
     return {
         "image_id": torch.tensor([s["image_id"] for s in samples]),
         "image": torch.stack([s["image"] for s in samples]),
         "feats": torch.stack([s["feats"] for s in samples]),
-        "masks": masks,
+        "mask_bits": bits,
+        "mask_size": (int(h), int(w)),
         "valid": valid,
     }
+
+
+def _pad_bits(per_image: list[torch.Tensor], nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m = max((x.shape[0] for x in per_image), default=0)
+    bits = torch.zeros((len(per_image), m, nbytes), dtype=torch.uint8)
+    valid = torch.zeros((len(per_image), m), dtype=torch.bool)
+    for j, x in enumerate(per_image):
+        bits[j, : x.shape[0]] = x
+        valid[j, : x.shape[0]] = True
+    return bits, valid
+
+
+def unpack_masks(bits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., ceil(H*W/8)) uint8 packed column-major masks -> (..., H, W) bool, on bits' device."""
+    h, w = size
+    shifts = torch.arange(7, -1, -1, device=bits.device, dtype=torch.uint8)
+    flat = (bits.unsqueeze(-1) >> shifts).bitwise_and_(1).flatten(-2)[..., : h * w].bool()
+    return flat.unflatten(-1, (w, h)).transpose(-1, -2).contiguous()
+
+
+def batch_masks(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks (B,M,H,W) bool, valid (B,M)) of a collated batch, unpacked on ``device``."""
+    bits = batch["mask_bits"].to(device, non_blocking=True)
+    return unpack_masks(bits, batch["mask_size"]), batch["valid"].to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,28 +275,25 @@ class Stage2Dataset(Dataset):
         for _ in range(self.crops):
             c = plan_crop(self.hr, s, rng)
             rows, cols = base[c.top : c.top + s], base[c.left : c.left + s]
-            m = rle.decode_many([rle.resample(r, rows, cols) for r in rles]) if rles else np.zeros((0, s, s), bool)
+            bits = (rle.decode_packed([rle.resample(r, rows, cols) for r in rles])[0] if rles
+                    else np.zeros((0, _packed_len(s, s)), np.uint8))
             crops.append(c)
-            masks.append(torch.from_numpy(np.ascontiguousarray(m)))
-        return {"image_id": image_id, "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), "s": s, "crops": crops, "masks": masks}
+            masks.append(torch.from_numpy(bits))
+        return {"image_id": image_id, "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), "s": s,
+                "crops": crops, "mask_bits": masks}
 
 
 def collate_stage2(samples: list[dict]) -> dict:
-    """Images (B,3,HR,HR); crops flattened to (B*crops) with masks padded (B*crops, M, s, s)."""
-    crops = [c for smp in samples for c in smp["crops"]]
-    mlist = [m for smp in samples for m in smp["masks"]]
+    """Images (B,3,HR,HR); crops flattened to (B*crops) with packed masks padded to
+    (B*crops, M, ceil(s*s/8)) (unpack with :func:`batch_masks`)."""
     s = samples[0]["s"]
-    m = max((x.shape[0] for x in mlist), default=0)
-    masks = torch.zeros((len(mlist), m, s, s), dtype=torch.bool)
-    valid = torch.zeros((len(mlist), m), dtype=torch.bool)
-    for j, x in enumerate(mlist):
-        masks[j, : x.shape[0]] = x
-        valid[j, : x.shape[0]] = True
+    bits, valid = _pad_bits([m for smp in samples for m in smp["mask_bits"]], _packed_len(s, s))
     return {
         "image_id": torch.tensor([smp["image_id"] for smp in samples]),
         "image": torch.stack([smp["image"] for smp in samples]),
         "s": s,
-        "crops": crops,
-        "masks": masks,
+        "crops": [c for smp in samples for c in smp["crops"]],
+        "mask_bits": bits,
+        "mask_size": (s, s),
         "valid": valid,
     }

@@ -90,7 +90,7 @@ def train(cfg: Stage1Config) -> dict:
     from loftup.pipeline.devices import autocast
     from loftup.storage import open_store
     from loftup.training.checkpoint import save_model
-    from loftup.training.data import Stage1Dataset, build_index, check_features, normalise
+    from loftup.training.data import Stage1Dataset, batch_masks, build_index, check_features, normalise
     from loftup.training.losses import projected_mse, total_variation
     from loftup.training.model import LoftUp
     from loftup.training.pseudo_gt import pseudo_gt
@@ -153,7 +153,7 @@ def train(cfg: Stage1Config) -> dict:
         offset += per_rank
         image = normalise(batch["image"].to(d.device, non_blocking=True))
         feats = batch["feats"].to(d.device, non_blocking=True).float()
-        masks, valid = batch["masks"].to(d.device, non_blocking=True), batch["valid"].to(d.device)
+        masks, valid = batch_masks(batch, d.device)
         if projection is not None:
             feats = projection(feats)
         with torch.no_grad():

@@ -104,7 +104,8 @@ def train(cfg: Stage2Config) -> dict:
     from loftup.pipeline.devices import autocast
     from loftup.storage import open_store
     from loftup.training.checkpoint import save_model
-    from loftup.training.data import ShardAwareSampler, Stage2BatchSampler, Stage2Dataset, build_index, collate_stage2
+    from loftup.training.data import (ShardAwareSampler, Stage2BatchSampler, Stage2Dataset, batch_masks, build_index,
+                                      collate_stage2)
     from loftup.training.losses import affinity_loss, total_variation
     from loftup.training.progress import TrainProgress
     from loftup.training.pseudo_gt import mask_refine
@@ -195,7 +196,7 @@ def train(cfg: Stage2Config) -> dict:
         t3 = time.perf_counter()
         with torch.no_grad(), autocast(d.device):
             t_out = teacher(lr_crops, normalise_float(crop_imgs)).float()
-            t_out = mask_refine(t_out, batch["masks"].to(d.device), batch["valid"].to(d.device), cfg.alpha)
+            t_out = mask_refine(t_out, *batch_masks(batch, d.device), cfg.alpha)
         n = min(c.n for c in crops)
         target = teacher_targets(t_out, crops, n)
         t4 = time.perf_counter()
