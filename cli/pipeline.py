@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from loftup.cli.common import console, run
+from loftup.storage.errors import LoftupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -71,19 +72,27 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 @app.command("sample-data")
 def sample_data(
-    out: Path = typer.Argument(..., help="Directory to write sa_000000.tar ... into."),
+    out: Optional[Path] = typer.Argument(None, help="Directory to write sa_000000.tar ... into."),
     tars: int = typer.Option(2, help="Number of tars."),
     images_per_tar: int = typer.Option(8, help="Images per tar (real photos, augmented when more are asked than exist)."),
     short_side: int = typer.Option(1500, help="Short side of the written images (SA-1B: 1500)."),
     seed: int = typer.Option(0, help="Seed for augmentation, ids and quirks."),
     first_shard: int = typer.Option(0, help="Number of the first tar."),
     fault: list[str] = typer.Option([], help="Inject a fault into the last tar: corrupt_jpeg, missing_json, broken_json, truncated_tar."),
+    photos: Optional[str] = typer.Option(None, help="Comma list of photos to use (default all; see `loftup-pipeline sample-data --list-photos`)."),
+    list_photos: bool = typer.Option(False, "--list-photos", help="Print the photos that load on this machine and exit."),
 ):
     """Write small SA-1B-format tars from real photos and masks that ship with installed packages."""
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.pipeline.sample_data import photo_names, write_sample_shards
 
+    if list_photos:
+        console.print(" ".join(photo_names()))
+        return
+    if out is None:
+        raise LoftupError("sample-data: give the output directory (OUT)")
     paths = write_sample_shards(
-        out, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed, first_shard=first_shard, faults=tuple(fault)
+        out, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed, first_shard=first_shard,
+        faults=tuple(fault), photos=photos.split(",") if photos else None,
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")

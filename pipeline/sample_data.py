@@ -21,6 +21,7 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -453,11 +454,11 @@ def _annotations(rles, H: int, W: int, rng: np.random.Generator, next_ann_id) ->
     return anns
 
 
-def _render(photo_index: int, augment_rng, short_side: int) -> tuple[bytes, int, int, list[dict]]:
+def _render(name: str, augment_rng, short_side: int) -> tuple[bytes, int, int, list[dict]]:
     """JPEG bytes, size and RLEs (counts str) of one image; augmented when a rng is given."""
     from PIL import Image
 
-    photo = load_photo(photo_names()[photo_index])
+    photo = load_photo(name)
     if augment_rng is None:
         rgb, labels = photo.rgb, photo.labels
     else:
@@ -541,6 +542,18 @@ def _check_args(tars, images_per_tar, short_side, first_shard, faults) -> tuple[
     return faults
 
 
+def _check_photos(photos) -> tuple[str, ...]:
+    available = photo_names()
+    if photos is None:
+        return available
+    names = tuple(photos)
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        raise LoftupError(f"unknown or unavailable photo(s) {', '.join(unknown) or '(none given)'}; "
+                          f"available: {', '.join(available)}")
+    return names
+
+
 def write_sample_shards(
     out_dir,
     tars: int = 2,
@@ -549,12 +562,14 @@ def write_sample_shards(
     seed: int = 0,
     first_shard: int = 0,
     faults=(),
+    photos: Sequence[str] | None = None,
 ) -> list[Path]:
     """Write ``sa_<first_shard:06d>.tar`` ... in SA-1B format and return their paths.
 
     Photos are used in a fixed order (see :func:`photo_names`); image ``i`` of shard ``s`` is
     photo ``(s * images_per_tar + i) % n_photos``, augmented (crop, flip, colour jitter) from
-    the seed once every photo has been used. Quirks of real SA-1B files: ``./`` member prefixes
+    the seed once every photo has been used. ``photos`` restricts the photos to those names
+    (in that order), so two calls with disjoint lists give photo-disjoint train/held-out tars. Quirks of real SA-1B files: ``./`` member prefixes
     on even shards, global non-contiguous image and annotation ids, bbox values mixing ints and
     floats, predicted_iou above 1, multi-crop crop boxes, and in the first tar of the call some
     JSON members before their JPEG. ``faults`` (see :data:`FAULTS`) hit the last tar. Output is
@@ -563,7 +578,8 @@ def write_sample_shards(
     faults = _check_args(tars, images_per_tar, short_side, first_shard, faults)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_photos = len(photo_names())
+    names = _check_photos(photos)
+    n_photos = len(names)
     paths = []
     for t in range(tars):
         shard = first_shard + t
@@ -589,7 +605,7 @@ def write_sample_shards(
             for i in range(images_per_tar):
                 k = shard * images_per_tar + i
                 aug = np.random.default_rng([seed, shard, i, 1]) if k >= n_photos else None
-                jpeg, H, W, rles = _render(k % n_photos, aug, short_side)
+                jpeg, H, W, rles = _render(names[k % n_photos], aug, short_side)
                 image_id = ids[i]
                 anns = _annotations(rles, H, W, np.random.default_rng([seed, shard, i, 2]), next_ann_id)
                 stem = f"sa_{image_id}"

@@ -111,10 +111,12 @@ def test_missing_features_is_a_clear_error(train_store, tmp_path):
 def test_stage1_resume_is_exact(train_store, tmp_path):
     from loftup.training.stage1 import train
 
-    straight = train(_stage1_cfg(train_store, tmp_path / "a", max_steps=6))
+    # warm-up + cosine over 6 steps: the rate is a function of the step, so it resumes too
+    sched = dict(lr_schedule="cosine", warmup_steps=2, decay_steps=6)
+    straight = train(_stage1_cfg(train_store, tmp_path / "a", max_steps=6, **sched))
     assert straight["steps"] == 6
-    train(_stage1_cfg(train_store, tmp_path / "b", max_steps=3))
-    resumed = train(_stage1_cfg(train_store, tmp_path / "b", max_steps=6, resume=True))
+    train(_stage1_cfg(train_store, tmp_path / "b", max_steps=3, **sched))
+    resumed = train(_stage1_cfg(train_store, tmp_path / "b", max_steps=6, resume=True, **sched))
     assert resumed["steps"] == 6
     wa, wb = _weights(tmp_path / "a" / "stage1.safetensors"), _weights(tmp_path / "b" / "stage1.safetensors")
     assert wa.keys() == wb.keys()
@@ -125,6 +127,20 @@ def test_stage1_resume_is_exact(train_store, tmp_path):
     assert not all(torch.equal(wa[k], _weights(tmp_path / "c" / "stage1.safetensors")[k]) for k in wa)
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6 and '"mse"' in lines[0]
+    import json
+    import math
+
+    lrs = [json.loads(line)["lr"] for line in lines]
+    expect = [5e-4, 1e-3] + [5e-4 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    np.testing.assert_allclose(lrs, expect, rtol=1e-9)
+
+
+def test_bad_lr_schedule_is_a_clear_error(train_store, tmp_path):
+    from loftup.storage.errors import LoftupError
+    from loftup.training.stage1 import train
+
+    with pytest.raises(LoftupError, match="lr_schedule must be"):
+        train(_stage1_cfg(train_store, tmp_path / "r", lr_schedule="linear", max_steps=1))
 
 
 def _torchrun(args, tmp_path, nproc=2):

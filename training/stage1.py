@@ -6,12 +6,14 @@ process (CPU or one GPU) or under torchrun (DDP; each rank walks its own block o
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from loftup.storage.errors import LoftupError
 from loftup.training import distributed
 from loftup.training.run_dir import RunDir, seed_all, set_rng_state
 
@@ -31,6 +33,9 @@ class Stage1Config:
     epochs: int = 1
     max_steps: int | None = None
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # released recipe; "cosine" decays to 0 (short runs end on settled weights)
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # cosine horizon; None = this run's total steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     proj_dim: int = 64  # dims of the fresh random projection of the MSE
@@ -55,6 +60,19 @@ def layer_norm_target(lr_feats: torch.Tensor) -> torch.Tensor:
     from per-pixel normalised features. A fixed (non-learnable) norm keeps the target from
     collapsing with the student's own input norm."""
     return F.layer_norm(lr_feats.permute(0, 2, 3, 1), lr_feats.shape[1:2]).permute(0, 3, 1, 2)
+
+
+def learning_rate(cfg: Stage1Config, step: int, total_steps: int) -> float:
+    """The rate for optimizer step ``step`` (0-based): a pure function of the step, so a resumed
+    run continues the schedule exactly."""
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise LoftupError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, (cfg.decay_steps or total_steps) - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
 
 
 def build_loader(cfg, dataset, index, d, epoch: int, offset: int):
@@ -111,6 +129,7 @@ def train(cfg: Stage1Config) -> dict:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(index)} images are fewer than one global batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    learning_rate(cfg, 0, total_steps)  # a bad schedule fails before any work
 
     # -- model -----------------------------------------------------------------------------
     projection = fit_projection(cfg, store, index).to(d.device) if cfg.pca_dim else None
@@ -168,6 +187,8 @@ def train(cfg: Stage1Config) -> dict:
         if recon is not None:
             terms["recon"] = cfg.recon_weight * recon(model, feats, image, pred, step=step)
         loss = sum(terms.values())
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step, total_steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
