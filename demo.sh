@@ -8,19 +8,25 @@ BACKBONE=${BACKBONE:-hed_vgg16}   # real pretrained weights that install from Py
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 
-loftup-pipeline sample-data "$OUT/sa1b" --tars 3 --images-per-tar 16
-loftup-pipeline images   --shards 0-2 --sa1b-root "$OUT/sa1b" --store "$OUT/store"
-loftup-pipeline masks    --shards 0-2 --sa1b-root "$OUT/sa1b" --store "$OUT/store"
-loftup-pipeline features --shards 0-2 --store "$OUT/store" --backbone "$BACKBONE" --res 224
+# Photo-disjoint split: 8 training tars from 14 photos, 1 held-out tar (shard 8) of the two
+# photos with real instance annotations (Pascal VOC, ARC2017), never seen in training.
+loftup-pipeline sample-data "$OUT/sa1b" --tars 8 --images-per-tar 16 --exclude-photos voc,arc2017
+loftup-pipeline sample-data "$OUT/sa1b" --tars 1 --images-per-tar 16 --first-shard 8 --photos voc,arc2017
+loftup-pipeline images   --shards 0-8 --sa1b-root "$OUT/sa1b" --store "$OUT/store"
+loftup-pipeline masks    --shards 0-8 --sa1b-root "$OUT/sa1b" --store "$OUT/store"
+loftup-pipeline features --shards 0-8 --store "$OUT/store" --backbone "$BACKBONE" --res 224
 loftup-pipeline status   --store "$OUT/store"
 
-loftup-train stage1 --store "$OUT/store" --backbone "$BACKBONE" --out "$OUT/run1" --shards 0-1 \
-    --pca-dim 64 --size 112 --max-masks 60 --batch-size 4 --max-steps 60 --lr 1e-3 --workers 1
+loftup-train stage1 --store "$OUT/store" --backbone "$BACKBONE" --out "$OUT/run1" --shards 0-7 \
+    --pca-dim 64 --size 56 --max-masks 60 --batch-size 4 --max-steps 600 --lr 2e-3 --lr-schedule cosine \
+    --warmup-steps 50 --bn-recalibrate 32 --workers 0
 loftup-train stage2 --init "$OUT/run1/stage1.safetensors" --store "$OUT/store" --backbone "$BACKBONE" \
-    --out "$OUT/run2" --shards 0-1 --hr 448 --sizes 112,160 --max-masks 60 --batch-size 2 --max-steps 30 \
-    --lr 1e-4 --ema-every 5 --workers 1
-loftup-train evaluate --store "$OUT/store" --shards 2 --backbone "$BACKBONE" --size 112 \
-    --checkpoint "$OUT/run1/stage1.safetensors" --checkpoint "$OUT/run2/stage2.safetensors"
+    --out "$OUT/run2" --shards 0-7 --hr 448 --sizes 112,160 --max-masks 60 --batch-size 2 --max-steps 30 \
+    --lr 1e-4 --ema-every 5 --workers 0
+for SIZE in 56 112; do
+  loftup-train evaluate --store "$OUT/store" --shards 8 --backbone "$BACKBONE" --size "$SIZE" \
+      --checkpoint "$OUT/run1/stage1.safetensors" --checkpoint "$OUT/run2/stage2.safetensors"
+done
 loftup-train upsample "$(python -c 'import skimage, os; print(os.path.join(os.path.dirname(skimage.__file__), "data", "astronaut.png"))')" \
     --checkpoint "$OUT/run2/stage2.safetensors" --backbone "$BACKBONE" --size 448 --out "$OUT/upsampled"
 echo "done: pictures in $OUT/upsampled, runs in $OUT/run1 and $OUT/run2, store in $OUT/store"

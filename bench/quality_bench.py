@@ -1,13 +1,15 @@
-"""Held-out quality on real data: Stage 1, Stage 2 and bilinear/bicubic, side by side.
+"""Held-out quality on real data: Stage 1 (along its run), Stage 2 and bilinear/bicubic, side by side.
 
-Real photos and masks (sample shards: VOC/ARC2017 instance masks, scikit-image segments for
-the other photos), a real pretrained backbone (hed_vgg16), train on shards 0-1, evaluate on
-shard 2 by nearest-prototype mIoU against the held-out images' masks (training/evaluate.py).
+Photo-disjoint split of the sample shards: 8 training tars of augmented crops of 14 photos, and
+a held-out tar of 16 crops of the Pascal VOC and ARC2017 photos, scored against their real
+instance masks by nearest-prototype mIoU (training/evaluate.py). A real pretrained backbone
+(hed_vgg16), features in a 64-channel PCA. Stage 1 is scored at its training size and at 112,
+at every --eval-every steps of one run (resumed exactly between scores).
 
-    python bench/quality_bench.py [--stage1-steps 200 --stage2-steps 50 --pca-dim 32 --size 112]
+    python bench/quality_bench.py [--stage1-steps 600 --eval-every 100 --stage2-steps 30 --size 56]
 
-On this 2-core CPU a step costs seconds, so a few hundred steps are all a run can afford;
-the paper trains 125k steps at batch 8 on GPUs. See the README's results for what it shows.
+On this 2-core CPU a step costs about a third of a second at 56 px, so a few hundred steps are
+all a test can afford; the paper trains 125k steps at batch 8 on GPUs.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--images-per-tar", type=int, default=16)
     ap.add_argument("--backbone", default="hed_vgg16")
-    ap.add_argument("--pca-dim", type=int, default=32)
-    ap.add_argument("--size", type=int, default=112)
-    ap.add_argument("--stage1-steps", type=int, default=200)
-    ap.add_argument("--stage2-steps", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--pca-dim", type=int, default=64)
+    ap.add_argument("--size", type=int, default=56, help="Stage 1 training size")
+    ap.add_argument("--stage1-steps", type=int, default=600)
+    ap.add_argument("--stage2-steps", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr-schedule", default="cosine")
+    ap.add_argument("--warmup-steps", type=int, default=50)
+    ap.add_argument("--bn-recalibrate", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     from rich.console import Console
@@ -40,7 +46,7 @@ def main() -> None:
 
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.pipeline.sample_data import photo_names, write_sample_shards
     from loftup.pipeline.shards import resolve_shards
     from loftup.storage import open_store
     from loftup.training.checkpoint import load_model
@@ -53,48 +59,59 @@ def main() -> None:
     console = Console()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-quality-"))
     store_path = work / "store"
+    held_photos, train_tars = ("voc", "arc2017"), 8
     if not store_path.exists():
-        write_sample_shards(work / "sa1b", tars=3, images_per_tar=args.images_per_tar, short_side=1500, seed=0)
+        write_sample_shards(work / "sa1b", tars=train_tars, images_per_tar=args.images_per_tar, seed=0,
+                            photos=[p for p in photo_names() if p not in held_photos])
+        write_sample_shards(work / "sa1b", tars=1, images_per_tar=16, seed=0, first_shard=train_tars, photos=held_photos)
         store = open_store(store_path, create=True)
-        shards = resolve_shards("0-2", work / "sa1b")
+        shards = resolve_shards(f"0-{train_tars}", work / "sa1b")
         for job in (ImagesJob(), MasksJob()):
             run_job(job, store, shards, executor="inline")
         run_job(FeaturesJob(backbone=args.backbone, batch_size=16), store, [(s, None) for s, _ in shards], executor="inline")
     store = open_store(store_path)
-    held_out = store.image_ids(2)
+    held_out = store.image_ids(train_tars)
+    train_shards = list(range(train_tars))
 
-    def score(path):
+    def score(path, size):
         model, meta = load_model(path, with_meta=True)
         ups = standard_upsamplers()
-        ups["loftup"] = lambda f, img, size: model(f, img, output_size=size)
-        return evaluate_store(store, held_out, args.backbone, 224, ups, size=args.size, projection=meta["projection_module"])
+        ups["loftup"] = lambda f, img, sz: model(f, img, output_size=sz)
+        return evaluate_store(store, held_out, args.backbone, 224, ups, size=size, projection=meta["projection_module"])
 
     rows = []
     run1 = work / "run1"
     steps = list(range(args.eval_every, args.stage1_steps + 1, args.eval_every)) or [args.stage1_steps]
     for i, n in enumerate(steps):
         t = time.time()
-        train1(Stage1Config(store=str(store_path), out=str(run1), backbone=args.backbone, shards=[0, 1], pca_dim=args.pca_dim,
-                            size=args.size, max_masks=60, batch_size=4, max_steps=n, lr=args.lr, workers=1, progress=False,
-                            log_every=10, device="cpu", resume=i > 0))
-        s = score(run1 / "stage1.safetensors")
-        rows.append((f"stage 1, {n} steps", s, time.time() - t))
-        console.print(rows[-1])
+        train1(Stage1Config(store=str(store_path), out=str(run1), backbone=args.backbone, shards=train_shards,
+                            pca_dim=args.pca_dim, size=args.size, max_masks=60, batch_size=4, max_steps=n, lr=args.lr,
+                            lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, decay_steps=args.stage1_steps,
+                            bn_recalibrate=args.bn_recalibrate, seed=args.seed, workers=0, progress=False, log_every=10,
+                            device="cpu", resume=i > 0))
+        seconds = time.time() - t
+        for size in (args.size, 112):
+            rows.append((f"stage 1, {n} steps", size, score(run1 / "stage1.safetensors", size), seconds))
+            console.print(rows[-1])
     if args.stage2_steps:
         t = time.time()
         train2(Stage2Config(init=str(run1 / "stage1.safetensors"), store=str(store_path), out=str(work / "run2"),
-                            backbone=args.backbone, shards=[0, 1], hr=448, sizes=[args.size, args.size + 48], max_masks=60,
-                            batch_size=2, max_steps=args.stage2_steps, lr=1e-4, ema_every=5, workers=1, progress=False,
+                            backbone=args.backbone, shards=train_shards, hr=448, sizes=[112, 160], max_masks=60,
+                            batch_size=2, max_steps=args.stage2_steps, lr=1e-4, ema_every=5, workers=0, progress=False,
                             log_every=5, device="cpu"))
-        rows.append((f"stage 2, {args.stage2_steps} steps", score(work / "run2" / "stage2.safetensors"), time.time() - t))
+        seconds = time.time() - t
+        for size in (args.size, 112):
+            rows.append((f"stage 2, +{args.stage2_steps} steps", size, score(work / "run2" / "stage2.safetensors", size), seconds))
 
-    table = Table(title=f"held-out prototype mIoU ({len(held_out)} images, {args.size}px, {args.backbone}, PCA {args.pca_dim})")
-    for col in ("run", "loftup", "bilinear", "bicubic", "loftup - bilinear", "seconds"):
+    table = Table(title=f"held-out prototype mIoU ({len(held_out)} crops of unseen photos {', '.join(held_photos)}; "
+                        f"{args.backbone}, PCA {args.pca_dim}, seed {args.seed})")
+    for col in ("run", "scored at", "loftup", "bilinear", "bicubic", "loftup - bilinear", "train seconds"):
         table.add_column(col, justify="right")
-    for name, s, sec in rows:
-        table.add_row(name, f"{s['loftup']:.4f}", f"{s['bilinear']:.4f}", f"{s['bicubic']:.4f}", f"{s['loftup'] - s['bilinear']:+.4f}", f"{sec:.0f}")
+    for name, size, s, sec in rows:
+        table.add_row(name, f"{size} px", f"{s['loftup']:.4f}", f"{s['bilinear']:.4f}", f"{s['bicubic']:.4f}",
+                      f"{s['loftup'] - s['bilinear']:+.4f}", f"{sec:.0f}")
     console.print(table)
-    (work / "quality.json").write_text(json.dumps([(n, s) for n, s, _ in rows], indent=1))
+    (work / "quality.json").write_text(json.dumps([(n, z, s) for n, z, s, _ in rows], indent=1))
 
 
 if __name__ == "__main__":

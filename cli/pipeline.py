@@ -70,6 +70,15 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _photo_list(photos: str | None, exclude: str | None) -> list[str] | None:
+    from loftup.pipeline.sample_data import photo_names
+
+    if not exclude:
+        return photos.split(",") if photos else None
+    chosen = photos.split(",") if photos else list(photo_names())
+    return [p for p in chosen if p not in set(exclude.split(","))]
+
+
 @app.command("sample-data")
 def sample_data(
     out: Optional[Path] = typer.Argument(None, help="Directory to write sa_000000.tar ... into."),
@@ -80,6 +89,7 @@ def sample_data(
     first_shard: int = typer.Option(0, help="Number of the first tar."),
     fault: list[str] = typer.Option([], help="Inject a fault into the last tar: corrupt_jpeg, missing_json, broken_json, truncated_tar."),
     photos: Optional[str] = typer.Option(None, help="Comma list of photos to use (default all; see `loftup-pipeline sample-data --list-photos`)."),
+    exclude_photos: Optional[str] = typer.Option(None, help="Comma list of photos to leave out (e.g. the ones held out for evaluation)."),
     list_photos: bool = typer.Option(False, "--list-photos", help="Print the photos that load on this machine and exit."),
 ):
     """Write small SA-1B-format tars from real photos and masks that ship with installed packages."""
@@ -92,7 +102,7 @@ def sample_data(
         raise LoftupError("sample-data: give the output directory (OUT)")
     paths = write_sample_shards(
         out, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed, first_shard=first_shard,
-        faults=tuple(fault), photos=photos.split(",") if photos else None,
+        faults=tuple(fault), photos=_photo_list(photos, exclude_photos),
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")

@@ -54,6 +54,7 @@ def stage1(
     lr_schedule: str = typer.Option("constant", help="constant (released recipe) or cosine (decay to 0 over the run)."),
     warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the schedule."),
     decay_steps: Optional[int] = typer.Option(None, help="Cosine horizon in steps (default: this run's steps; set it when a run will be resumed longer)."),
+    bn_recalibrate: int = typer.Option(0, help="Recompute BatchNorm statistics of the exported weights over N batches (precise BN; 0 = off)."),
     weight_decay: float = typer.Option(0.0, help="Weight decay."),
     grad_clip: float = typer.Option(1.0, help="Gradient norm clip (0 = off)."),
     proj_dim: int = typer.Option(64, help="Dims of the fresh random projection in the MSE."),
@@ -75,7 +76,7 @@ def stage1(
     cfg = Stage1Config(
         store=store, out=str(out), backbone=backbone, res=res, geometry=geometry, size=size, alpha=alpha, max_masks=max_masks,
         pca_dim=pca_dim, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps, decay_steps=decay_steps, weight_decay=weight_decay, grad_clip=grad_clip, proj_dim=proj_dim, tv_weight=tv_weight, recon_weight=recon_weight, weights=weights,
+        warmup_steps=warmup_steps, decay_steps=decay_steps, bn_recalibrate=bn_recalibrate, weight_decay=weight_decay, grad_clip=grad_clip, proj_dim=proj_dim, tv_weight=tv_weight, recon_weight=recon_weight, weights=weights,
         random_init=random_init, shards=_ints(shards), seed=seed, workers=workers, checkpoint_every=checkpoint_every,
         log_every=log_every, device=device, resume=resume,
     )

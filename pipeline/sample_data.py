@@ -547,10 +547,11 @@ def _check_photos(photos) -> tuple[str, ...]:
     if photos is None:
         return available
     names = tuple(photos)
+    if not names:
+        raise LoftupError("no photos chosen: every photo was excluded")
     unknown = [n for n in names if n not in available]
-    if unknown or not names:
-        raise LoftupError(f"unknown or unavailable photo(s) {', '.join(unknown) or '(none given)'}; "
-                          f"available: {', '.join(available)}")
+    if unknown:
+        raise LoftupError(f"unknown or unavailable photo(s) {', '.join(unknown)}; available: {', '.join(available)}")
     return names
 
 

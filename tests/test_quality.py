@@ -1,12 +1,14 @@
 """Quality on real data: real photos, real masks, a real pretrained backbone (hed_vgg16).
 
-Stage 2 after Stage 1 must keep or improve the held-out metric over Stage 1 and bilinear
-upsampling, measured by nearest-prototype mIoU against the held-out images' masks (real
-instance masks for the VOC/ARC2017 photos, scikit-image segments for the others). The run is
-the README demo's: a 64-channel PCA of the features, 112 px outputs, 60 + 30 steps.
+The split is photo-disjoint. Training tars hold augmented crops of 14 photos (instance masks
+where the photo has them, scikit-image segments otherwise, like SA-1B's class-agnostic masks);
+the held-out tar holds 16 augmented crops of the two photos the training never shows, the
+Pascal VOC and ARC2017 photos, whose masks are real instance annotations. The score is
+nearest-prototype mIoU against those instance masks (training/evaluate.py).
 
-Stage 1 alone does not yet beat bilinear in a CPU-sized run (240 image-steps; the paper uses
-1M): its score is printed, not asserted (see the README results and issue notes).
+Stage 1 runs a CPU-sized version of the recipe: a 64-channel PCA of the features, 56 px
+outputs (4x the 14 x 14 grid), 600 steps of 4 images at a raised rate with warm-up and cosine
+decay, BatchNorm statistics recomputed over 32 batches at the end. Stage 2 continues from it at 112/160 px and is scored at 112. Numbers: README results.
 """
 
 from __future__ import annotations
@@ -23,23 +25,38 @@ from loftup.storage import open_store
 
 pytestmark = pytest.mark.slow
 BACKBONE = "hed_vgg16"
+HELD_OUT_PHOTOS = ("voc", "arc2017")
+TRAIN_TARS = 8
+HELD_OUT = TRAIN_TARS  # the shard number of the held-out tar
 
 
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory):
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.pipeline.sample_data import photo_names, write_sample_shards
 
     root = tmp_path_factory.mktemp("real")
-    write_sample_shards(root / "sa1b", tars=3, images_per_tar=16, short_side=1500, seed=0)
+    train_photos = [p for p in photo_names() if p not in HELD_OUT_PHOTOS]
+    write_sample_shards(root / "sa1b", tars=TRAIN_TARS, images_per_tar=16, seed=0, photos=train_photos)
+    write_sample_shards(root / "sa1b", tars=1, images_per_tar=16, seed=0, first_shard=HELD_OUT, photos=HELD_OUT_PHOTOS)
     store = open_store(root / "store", create=True)
-    shards = resolve_shards("0-2", root / "sa1b")
+    shards = resolve_shards(f"0-{HELD_OUT}", root / "sa1b")
     for job in (ImagesJob(), MasksJob()):
         assert not run_job(job, store, shards, executor="inline").failed
     assert not run_job(FeaturesJob(backbone=BACKBONE, batch_size=16), store, [(s, None) for s, _ in shards], executor="inline").failed
     return store
 
 
-def _evaluate(store, checkpoints: dict) -> dict:
+@pytest.fixture(scope="module")
+def stage1_run(real_store, tmp_path_factory):
+    from loftup.training.stage1 import Stage1Config, train
+
+    out = tmp_path_factory.mktemp("stage1")
+    return train(Stage1Config(store=real_store.url, out=str(out), backbone=BACKBONE, shards=list(range(TRAIN_TARS)), pca_dim=64,
+                              size=56, max_masks=60, batch_size=4, max_steps=600, lr=2e-3, lr_schedule="cosine",
+                              warmup_steps=50, bn_recalibrate=32, workers=0, progress=False, log_every=50, device="cpu"))
+
+
+def _evaluate(store, checkpoints: dict, size: int) -> dict:
     from loftup.training.checkpoint import load_model
     from loftup.training.evaluate import evaluate_store, standard_upsamplers
 
@@ -48,29 +65,30 @@ def _evaluate(store, checkpoints: dict) -> dict:
     for name, path in checkpoints.items():
         model, meta = load_model(path, with_meta=True)
         projection = meta["projection_module"]
-        ups[name] = (lambda m: (lambda f, img, size: m(f, img, output_size=size)))(model)
-    ids = store.image_ids(2)
-    return evaluate_store(store, ids, BACKBONE, 224, ups, size=112, projection=projection)
+        ups[name] = (lambda m: (lambda f, img, sz: m(f, img, output_size=sz)))(model)
+    return evaluate_store(store, store.image_ids(HELD_OUT), BACKBONE, 224, ups, size=size, projection=projection)
+
+
+def test_stage1_beats_bilinear_on_held_out_images(real_store, stage1_run):
+    scores = _evaluate(real_store, {"stage1": stage1_run["checkpoint"]}, size=56)
+    print(json.dumps(scores, indent=2))
+    assert np.isfinite(list(scores.values())).all()
+    assert scores["stage1"] > scores["bilinear"] + 0.01, scores
+    assert scores["stage1"] > scores["bicubic"] + 0.01, scores
 
 
 @pytest.mark.timeout(2400)
-def test_stage2_after_stage1_beats_bilinear_on_held_out_images(real_store, tmp_path_factory):
-    from loftup.training.stage1 import Stage1Config
-    from loftup.training.stage1 import train as train1
+def test_stage2_after_stage1_beats_bilinear_on_held_out_images(real_store, stage1_run, tmp_path_factory):
     from loftup.training.stage2 import Stage2Config
     from loftup.training.stage2 import train as train2
 
-    out = tmp_path_factory.mktemp("runs")
-    s1 = train1(Stage1Config(store=real_store.url, out=str(out / "run1"), backbone=BACKBONE, shards=[0, 1], pca_dim=64,
-                             size=112, max_masks=60, batch_size=4, max_steps=60, lr=1e-3, workers=1, progress=False,
-                             log_every=10, device="cpu"))
-    s2 = train2(Stage2Config(init=s1["checkpoint"], store=real_store.url, out=str(out / "run2"), backbone=BACKBONE,
-                             shards=[0, 1], hr=448, sizes=[112, 160], max_masks=60, batch_size=2, max_steps=30, lr=1e-4,
-                             ema_every=5, workers=1, progress=False, log_every=5, device="cpu"))
-    scores = _evaluate(real_store, {"stage1": s1["checkpoint"], "stage2": s2["checkpoint"]})
+    out = tmp_path_factory.mktemp("stage2")
+    s2 = train2(Stage2Config(init=stage1_run["checkpoint"], store=real_store.url, out=str(out), backbone=BACKBONE,
+                             shards=list(range(TRAIN_TARS)), hr=448, sizes=[112, 160], max_masks=60, batch_size=2,
+                             max_steps=30, lr=1e-4, ema_every=5, workers=0, progress=False, log_every=5, device="cpu"))
+    scores = _evaluate(real_store, {"stage1": stage1_run["checkpoint"], "stage2": s2["checkpoint"]}, size=112)
     print(json.dumps(scores, indent=2))
-    (out / "scores.json").write_text(json.dumps(scores))
+    assert np.isfinite(list(scores.values())).all()
     assert scores["stage2"] >= scores["stage1"], scores
     assert scores["stage2"] > scores["bilinear"] + 0.01, scores
     assert scores["stage2"] > scores["bicubic"] + 0.01, scores
-    assert np.isfinite(list(scores.values())).all()

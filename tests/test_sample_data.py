@@ -63,6 +63,20 @@ def test_voc_and_arc_masks_are_the_real_instances_upscaled(tmp_path):
         assert np.array_equal(_decode(ann["segmentation"]), (mask == 1)[rows][:, cols])
 
 
+def test_photos_option_makes_photo_disjoint_tars(tmp_path):
+    """A held-out tar of chosen photos: only those photos (the first of each unaugmented, then
+    augmented crops), with their own instance masks; an unknown name is a clear error."""
+    (path,) = sd.write_sample_shards(tmp_path, tars=1, images_per_tar=4, short_side=375, photos=["arc2017", "voc"])
+    samples = _samples(path)
+    assert [len(s.ann["annotations"]) for s in samples[:2]] == [8, 19]
+    for sample in samples[2:]:  # augmented crops keep a subset of the same instances
+        assert 0 < len(sample.ann["annotations"]) <= 19
+    (alone,) = sd.write_sample_shards(tmp_path / "v", tars=1, images_per_tar=1, short_side=375, photos=["voc"])
+    assert _samples(alone)[0].jpeg == samples[1].jpeg
+    with pytest.raises(LoftupError, match="unknown or unavailable photo"):
+        sd.write_sample_shards(tmp_path / "x", tars=1, images_per_tar=1, photos=["voc", "no_such_photo"])
+
+
 def test_sa1b_quirks(sample_shards):
     tars = sorted(sample_shards.glob("sa_*.tar"))
     assert [t.name for t in tars] == ["sa_000000.tar", "sa_000001.tar"]

@@ -112,7 +112,8 @@ def test_stage1_resume_is_exact(train_store, tmp_path):
     from loftup.training.stage1 import train
 
     # warm-up + cosine over 6 steps: the rate is a function of the step, so it resumes too
-    sched = dict(lr_schedule="cosine", warmup_steps=2, decay_steps=6)
+    # (and precise BN on the exported copy must not leak into last.pt)
+    sched = dict(lr_schedule="cosine", warmup_steps=2, decay_steps=6, bn_recalibrate=2)
     straight = train(_stage1_cfg(train_store, tmp_path / "a", max_steps=6, **sched))
     assert straight["steps"] == 6
     train(_stage1_cfg(train_store, tmp_path / "b", max_steps=3, **sched))
@@ -126,13 +127,37 @@ def test_stage1_resume_is_exact(train_store, tmp_path):
     train(_stage1_cfg(train_store, tmp_path / "c", max_steps=1))
     assert not all(torch.equal(wa[k], _weights(tmp_path / "c" / "stage1.safetensors")[k]) for k in wa)
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and '"mse"' in lines[0]
+    assert '"bn_recalibrated_batches": 2' in lines[-1]
+    lines = lines[:-1]
+    assert len(lines) == 6 and all('"mse"' in line for line in lines)
     import json
     import math
 
     lrs = [json.loads(line)["lr"] for line in lines]
     expect = [5e-4, 1e-3] + [5e-4 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     np.testing.assert_allclose(lrs, expect, rtol=1e-9)
+
+
+def test_precise_batchnorm_is_the_plain_average_over_batches():
+    from loftup.training.stage1 import recalibrate_batchnorm
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, feats, image, output_size=None):
+            return self.bn(feats)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    batches = [(torch.randn(4, 3, 5, 5) * (k + 1) + k, None) for k in range(5)]
+    assert recalibrate_batchnorm(net, iter(batches), limit=3, output_size=None) == 3
+    used = torch.stack([b for b, _ in batches[:3]])  # (3, 4, 3, 5, 5)
+    per_batch = used.transpose(1, 2).reshape(3, 3, -1)
+    torch.testing.assert_close(net.bn.running_mean, per_batch.mean(2).mean(0))
+    torch.testing.assert_close(net.bn.running_var, per_batch.var(2, unbiased=True).mean(0))
+    assert net.bn.momentum == 0.1 and not net.training
 
 
 def test_bad_lr_schedule_is_a_clear_error(train_store, tmp_path):

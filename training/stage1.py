@@ -6,6 +6,7 @@ process (CPU or one GPU) or under torchrun (DDP; each rank walks its own block o
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ class Stage1Config:
     lr_schedule: str = "constant"  # released recipe; "cosine" decays to 0 (short runs end on settled weights)
     warmup_steps: int = 0
     decay_steps: int | None = None  # cosine horizon; None = this run's total steps
+    bn_recalibrate: int = 0  # batches for precise BatchNorm statistics of the exported weights (0 = off)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     proj_dim: int = 64  # dims of the fresh random projection of the MSE
@@ -210,15 +212,68 @@ def train(cfg: Stage1Config) -> dict:
 
     if d.enabled:
         distributed.broadcast_buffers(model)
-        distributed.write_weights_digest(model, run.path, d)
+    if d.master:
+        _checkpoint(run, model, optimizer, recon, projection, step, epoch, offset)
+    export = model
+    if cfg.bn_recalibrate:
+        # On a copy: last.pt keeps the training state, so a resumed run stays exact.
+        export = copy.deepcopy(model)
+        batches = build_loader(cfg, dataset, index, d, epoch=0, offset=0)
+        n = recalibrate_batchnorm(export, (_inputs(b, d.device, projection) for b in batches), cfg.bn_recalibrate,
+                                  (cfg.size, cfg.size))
+        run.log({"step": step, "bn_recalibrated_batches": n})
+        if d.enabled:
+            distributed.broadcast_buffers(export)
+    if d.enabled:
+        distributed.write_weights_digest(export, run.path, d)
     if d.master:
         final = run.path / "stage1.safetensors"
-        save_model(model, final, extra={"stage": 1, "backbone": cfg.backbone, "res": cfg.res, "size": cfg.size,
-                                        "alpha": cfg.alpha, "steps": step}, projection=projection)
-        _checkpoint(run, model, optimizer, recon, projection, step, epoch, offset)
+        save_model(export, final, extra={"stage": 1, "backbone": cfg.backbone, "res": cfg.res, "size": cfg.size,
+                                         "alpha": cfg.alpha, "steps": step, "bn_recalibrate": cfg.bn_recalibrate},
+                   projection=projection)
     run.close()
     distributed.cleanup(d)
     return {"steps": step, "epochs": epoch, "images": len(index), "last": last, "checkpoint": str(run.path / "stage1.safetensors")}
+
+
+def _inputs(batch, device, projection):
+    from loftup.training.data import normalise
+
+    feats = batch["feats"].to(device, non_blocking=True).float()
+    image = normalise(batch["image"].to(device, non_blocking=True))
+    return (projection(feats) if projection is not None else feats), image
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, batches, limit: int, output_size) -> int:
+    """Precise BatchNorm: set every BN layer's running statistics to their plain average over
+    up to ``limit`` training batches ((feats, image) pairs), computed with the final weights.
+
+    The running statistics a run ends with are an exponential average (momentum 0.1) over
+    its last ~10 small batches, taken while the weights were still moving; at batch 4 they
+    swing enough to move held-out scores between neighbouring checkpoints. Returns the
+    number of batches used."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    n = 0
+    try:
+        for feats, image in batches:
+            if n >= limit:
+                break
+            model(feats, image, output_size=output_size)
+            n += 1
+    finally:
+        for m, (momentum, _) in zip(norms, saved):
+            m.momentum = momentum
+        model.train(was_training)
+    return n
 
 
 def _checkpoint(run, model, optimizer, recon, projection, step, epoch, offset):
