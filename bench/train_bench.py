@@ -91,11 +91,12 @@ def epoch_chain(index, epochs: int, seed: int = 0):
     return EpochChain()
 
 
-def bench_loader(dataset, index, workers: int, samples: int, warmup_batches: int) -> dict:
+def bench_loader(dataset, index, workers: int, samples: int, warmup_batches: int, collate=None) -> dict:
     """Steady-state samples/s of the Stage 1 DataLoader, after ``warmup_batches`` batches."""
     from torch.utils.data import DataLoader
 
-    from loftup.training.data import collate
+    if collate is None:
+        from loftup.training.data import collate
 
     n_batches = warmup_batches + math.ceil(samples / BATCH)
     epochs = math.ceil(n_batches * BATCH / len(index)) + 1
@@ -112,7 +113,7 @@ def bench_loader(dataset, index, workers: int, samples: int, warmup_batches: int
         elif b >= warmup_batches:
             timed += batch["image"].shape[0]
             masks += int(batch["valid"].sum())
-            mask_bytes += batch["mask_bits"].numel()
+            mask_bytes += batch["mask_bits" if "mask_bits" in batch else "masks"].numel()
     elapsed = time.perf_counter() - t0
     del it
     return {"workers": workers, "samples": timed, "seconds": elapsed, "rate": timed / elapsed, "warmup_s": first,
@@ -167,6 +168,42 @@ def bench_sample_parts(store_url: str, index, repeats: int = 2) -> tuple[list[tu
     finally:
         torch.set_num_threads(threads)
     return out, alt
+
+
+def row_major_baseline(url: str, index):
+    """The previous loader, for a side-by-side row: masks decoded to row-major bool in the worker
+    (pycocotools + a transposing copy) and padded as (B, M, H, W) bool, 8x the bytes to move."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from loftup.storage import rle
+    from loftup.training.data import Stage1Dataset
+
+    class RowMajor(Stage1Dataset):
+        def __getitem__(self, i):
+            store = self._open()
+            image_id = int(self.index.image_ids[i])
+            img = Image.open(io.BytesIO(store.image_bytes(image_id, self.geometry))).convert("RGB")
+            rles = store.masks_for(image_id, size=self.geometry)[: self.max_masks]
+            masks = rle.decode_many(rles) if rles else np.zeros((0, 224, 224), bool)
+            return {"image_id": image_id, "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
+                    "feats": torch.from_numpy(np.asarray(self._features.get(image_id))), "masks": torch.from_numpy(masks)}
+
+    def collate_bool(samples):
+        m = max(x["masks"].shape[0] for x in samples)
+        masks = torch.zeros((len(samples), m, 224, 224), dtype=torch.bool)
+        valid = torch.zeros((len(samples), m), dtype=torch.bool)
+        for j, x in enumerate(samples):
+            masks[j, : x["masks"].shape[0]] = x["masks"]
+            valid[j, : x["masks"].shape[0]] = True
+        return {"image_id": torch.tensor([x["image_id"] for x in samples]),
+                "image": torch.stack([x["image"] for x in samples]),
+                "feats": torch.stack([x["feats"] for x in samples]), "masks": masks, "valid": valid}
+
+    return RowMajor(url, index, BACKBONE, RES, geometry=224, size=224, max_masks=150), collate_bool
 
 
 def bench_loader_ceiling(dataset, index, workers: int, samples: int) -> dict:
@@ -377,6 +414,10 @@ def main() -> None:
         rows.append(("loader, batch 8, 224 masks <=150", f"{w} worker(s)", f"{r['rate']:.1f} samples/s",
                      f"{verdict} vs goal {LOADER_GOAL:.0f}; {r['samples']} timed samples, warm-up {r['warmup_s']:.1f} s, "
                      f"{r['masks_per_sample']:.0f} masks/sample, {r['mask_mb_per_batch']:.0f} MB masks/batch"))
+    base_ds, base_collate = row_major_baseline(url, index)
+    base = bench_loader(base_ds, index, max(workers), samples, warmup_batches=2, collate=base_collate)
+    rows.append(("baseline: previous loader (row-major bool masks)", f"{max(workers)} worker(s)", f"{base['rate']:.1f} samples/s",
+                 f"packed masks are {loader_rates[max(workers)] / base['rate']:.2f}x this; {base['mask_mb_per_batch']:.0f} MB masks/batch"))
     ceiling = bench_loader_ceiling(dataset, index, max(workers), samples)
     rows.append(("loader ceiling: samples cached in RAM", f"{max(workers)} worker(s)", f"{ceiling['rate']:.1f} samples/s",
                  "collate + padding + worker->main transfer only (no decode)"))
