@@ -76,7 +76,8 @@ def stage1(
     cfg = Stage1Config(
         store=store, out=str(out), backbone=backbone, res=res, geometry=geometry, size=size, alpha=alpha, max_masks=max_masks,
         pca_dim=pca_dim, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps, decay_steps=decay_steps, bn_recalibrate=bn_recalibrate, weight_decay=weight_decay, grad_clip=grad_clip, proj_dim=proj_dim, tv_weight=tv_weight, recon_weight=recon_weight, weights=weights,
+        warmup_steps=warmup_steps, decay_steps=decay_steps, bn_recalibrate=bn_recalibrate, weight_decay=weight_decay,
+        grad_clip=grad_clip, proj_dim=proj_dim, tv_weight=tv_weight, recon_weight=recon_weight, weights=weights,
         random_init=random_init, shards=_ints(shards), seed=seed, workers=workers, checkpoint_every=checkpoint_every,
         log_every=log_every, device=device, resume=resume,
     )

@@ -570,8 +570,8 @@ def write_sample_shards(
     Photos are used in a fixed order (see :func:`photo_names`); image ``i`` of shard ``s`` is
     photo ``(s * images_per_tar + i) % n_photos``, augmented (crop, flip, colour jitter) from
     the seed once every photo has been used. ``photos`` restricts the photos to those names
-    (in that order), so two calls with disjoint lists give photo-disjoint train/held-out tars. Quirks of real SA-1B files: ``./`` member prefixes
-    on even shards, global non-contiguous image and annotation ids, bbox values mixing ints and
+    (in that order), so two calls with disjoint lists give photo-disjoint train/held-out tars.
+    Quirks of real SA-1B files: ``./`` member prefixes on even shards, global non-contiguous image and annotation ids, bbox values mixing ints and
     floats, predicted_iou above 1, multi-crop crop boxes, and in the first tar of the call some
     JSON members before their JPEG. ``faults`` (see :data:`FAULTS`) hit the last tar. Output is
     byte-identical for the same arguments.

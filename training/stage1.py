@@ -110,7 +110,7 @@ def train(cfg: Stage1Config) -> dict:
     from loftup.pipeline.devices import autocast
     from loftup.storage import open_store
     from loftup.training.checkpoint import save_model
-    from loftup.training.data import Stage1Dataset, batch_masks, build_index, check_features, normalise
+    from loftup.training.data import Stage1Dataset, batch_masks, build_index, check_features
     from loftup.training.losses import projected_mse, total_variation
     from loftup.training.model import LoftUp
     from loftup.training.pseudo_gt import pseudo_gt
@@ -172,11 +172,8 @@ def train(cfg: Stage1Config) -> dict:
             loader = iter(build_loader(cfg, dataset, index, d, epoch, offset))
             batch = next(loader)
         offset += per_rank
-        image = normalise(batch["image"].to(d.device, non_blocking=True))
-        feats = batch["feats"].to(d.device, non_blocking=True).float()
+        feats, image = _inputs(batch, d.device, projection)
         masks, valid = batch_masks(batch, d.device)
-        if projection is not None:
-            feats = projection(feats)
         with torch.no_grad():
             target = pseudo_gt(layer_norm_target(feats), masks, valid, cfg.size, alpha=cfg.alpha)
         with autocast(d.device):
