@@ -76,7 +76,8 @@ def _photo_list(photos: str | None, exclude: str | None) -> list[str] | None:
     if not exclude:
         return photos.split(",") if photos else None
     chosen = photos.split(",") if photos else list(photo_names())
-    return [p for p in chosen if p not in set(exclude.split(","))]
+    excluded = set(exclude.split(","))
+    return [p for p in chosen if p not in excluded]
 
 
 @app.command("sample-data")

@@ -134,7 +134,7 @@ class Stage1Dataset(Dataset):
             img = img.resize((self.size, self.size), Image.BICUBIC)
             idx = _subsample_index(self.geometry, self.size)
             rles = [rle.resample(r, idx, idx) for r in rles]
-        bits = rle.decode_packed(rles)[0] if rles else np.zeros((0, _packed_len(self.size, self.size)), np.uint8)
+        bits = _packed_masks(rles, self.size, self.size)
         return {
             "image_id": image_id,
             "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
@@ -149,6 +149,13 @@ def _subsample_index(src: int, dst: int) -> np.ndarray:
 
 def _packed_len(h: int, w: int) -> int:
     return (h * w + 7) // 8
+
+
+def _packed_masks(rles: list[dict], h: int, w: int) -> np.ndarray:
+    """``rle.decode_packed`` of an image's masks, or an empty (0, bytes) array when it has none."""
+    from loftup.storage import rle
+
+    return rle.decode_packed(rles)[0] if rles else np.zeros((0, _packed_len(h, w)), np.uint8)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -275,8 +282,7 @@ class Stage2Dataset(Dataset):
         for _ in range(self.crops):
             c = plan_crop(self.hr, s, rng)
             rows, cols = base[c.top : c.top + s], base[c.left : c.left + s]
-            bits = (rle.decode_packed([rle.resample(r, rows, cols) for r in rles])[0] if rles
-                    else np.zeros((0, _packed_len(s, s)), np.uint8))
+            bits = _packed_masks([rle.resample(r, rows, cols) for r in rles], s, s)
             crops.append(c)
             masks.append(torch.from_numpy(bits))
         return {"image_id": image_id, "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), "s": s,

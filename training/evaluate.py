@@ -85,10 +85,12 @@ def evaluate_store(store, image_ids, backbone: str, res: int, upsamplers: dict, 
 
 def standard_upsamplers(model=None) -> dict:
     """bilinear and bicubic baselines in LoftUp's target space, plus the model when given."""
+    from loftup.training.baselines import create_upsampler
     from loftup.training.stage1 import layer_norm_target
 
     def interp(mode):
-        return lambda f, img, size: F.interpolate(layer_norm_target(f), size=size, mode=mode, align_corners=False)
+        up = create_upsampler(mode)
+        return lambda f, img, size: up(layer_norm_target(f), img, output_size=size)
 
     ups = {"bilinear": interp("bilinear"), "bicubic": interp("bicubic")}
     if model is not None:

@@ -253,7 +253,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches, limit: int, output_si
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
-    saved = [(m.momentum, m.training) for m in norms]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
@@ -267,7 +267,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches, limit: int, output_si
             model(feats, image, output_size=output_size)
             n += 1
     finally:
-        for m, (momentum, _) in zip(norms, saved):
+        for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.train(was_training)
     return n
