@@ -9,7 +9,8 @@ from PIL import Image
 
 from loftup.storage.errors import LoftupError
 from loftup.training.checkpoint import save_model
-from loftup.training.inference import IMAGENET_MEAN, IMAGENET_STD, upsample_image
+from loftup.training.data import IMAGENET_MEAN, IMAGENET_STD
+from loftup.training.inference import upsample_image
 from loftup.training.model import LoftUp
 from loftup.training.visualize import overlay_masks, pca_rgb, save_panels
 
@@ -63,8 +64,7 @@ def test_upsample_with_our_checkpoint(photo, tmp_path, fmt):
     to_t = lambda im: torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)[None]  # noqa: E731
     with torch.no_grad():
         lr = net(to_t(resize_image(src, 32)))
-        guide = (to_t(resize_image(src, 48)) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-            IMAGENET_STD).view(1, 3, 1, 1)
+        guide = (to_t(resize_image(src, 48)) - IMAGENET_MEAN) / IMAGENET_STD
         expect = model(lr, guide)[0]
     assert torch.allclose(feats, expect, atol=1e-5)
     png = Image.open(res["picture"])

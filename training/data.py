@@ -22,8 +22,12 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) uint8 -> ImageNet-normalised float, on the tensor's device."""
-    x = images_uint8.float().div_(255)
-    return (x - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
+    return normalise_float(images_uint8.float().div_(255))
+
+
+def normalise_float(x01: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) float in [0, 1] -> ImageNet-normalised, on the tensor's device."""
+    return (x01 - IMAGENET_MEAN.to(x01.device)) / IMAGENET_STD.to(x01.device)
 
 
 @dataclass

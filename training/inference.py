@@ -12,10 +12,8 @@ from PIL import Image
 
 from loftup.storage.errors import LoftupError
 
-__all__ = ["upsample_image", "load_upsampler", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["upsample_image", "load_upsampler"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMATS = ("safetensors", "npy")
 
 
@@ -92,6 +90,7 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_
         raise LoftupError(f"--backbone-res {backbone_res} is smaller than the patch size {patch}")
 
     from loftup.storage.geometry import resize_image
+    from loftup.training.data import normalise_float
     from loftup.training.visualize import pca_rgb, save_panels
 
     try:
@@ -112,9 +111,7 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_
         if feats.shape[1] != model.dim:
             raise LoftupError(f"the upsampler takes {model.dim}-d features but {backbone_name} gives "
                               f"{feats.shape[1]}: use the backbone it was trained for")
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        guide = (_to_tensor(hr_img).to(device) - mean) / std
+        guide = normalise_float(_to_tensor(hr_img).to(device))
         t0 = time.perf_counter()
         hr = model(feats, guide)
         timings["loftup_s"] = time.perf_counter() - t0

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from loftup.training import distributed
+from loftup.training.data import normalise_float
 from loftup.training.run_dir import RunDir, seed_all, set_rng_state
 from loftup.storage.errors import LoftupError
 
@@ -247,12 +248,6 @@ def train(cfg: Stage2Config) -> dict:
     distributed.cleanup(d)
     return {"steps": step, "images": len(index), "last": last, "timings": timings,
             "checkpoint": str(run.path / "stage2.safetensors")}
-
-
-def normalise_float(x01: torch.Tensor) -> torch.Tensor:
-    from loftup.training.data import IMAGENET_MEAN, IMAGENET_STD
-
-    return (x01 - IMAGENET_MEAN.to(x01.device)) / IMAGENET_STD.to(x01.device)
 
 
 def _checkpoint(run, student, teacher, optimizer, step, epoch, offset):
