@@ -32,7 +32,8 @@ def _stage1_cfg(store, out, **kw):
     from loftup.training.stage1 import Stage1Config
 
     base = dict(store=store.url, out=str(out), pca_dim=16, size=56, max_masks=10, batch_size=2, lr=1e-3, workers=0,
-                checkpoint_every=1000, log_every=1, progress=False, device="cpu", model={"heads": 2})
+                checkpoint_every=1000, log_every=1, progress=False, device="cpu", model={"heads": 2}, random_init=True,
+                recon_jitters=2)
     return Stage1Config(**{**base, **kw})
 
 
@@ -184,7 +185,8 @@ def _rank_digests(run: Path) -> list[str]:
 def test_stage1_ddp_gloo_two_ranks_identical(train_store, tmp_path):
     run = tmp_path / "ddp"
     _torchrun(["stage1", "--store", train_store.url, "--out", str(run), "--pca-dim", "16", "--size", "56", "--max-masks", "10",
-               "--batch-size", "4", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "1"], tmp_path)
+               "--batch-size", "4", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "1",
+               "--random-init", "--recon-jitters", "1"], tmp_path)
     d = _rank_digests(run)
     assert d[0] == d[1]
     cfg = (run / "config.json").read_text()
