@@ -183,12 +183,7 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
 
         terms = recipe.step(batch, step)
         loss = sum(terms.values())
-        recipe.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if d.enabled:
-            _average_gradients(recipe.synced_params, d)
-        grad_norm = torch.nn.utils.clip_grad_norm_(recipe.params, cfg.grad_clip) if clips_at(cfg, step) else None
-        recipe.optimizer.step()
+        grad_norm = optimize(recipe, cfg, loss, step, d)
         step += 1
         recipe.after_step(step)
 
@@ -213,6 +208,18 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     run.close()
     distributed.cleanup(d)
     return {"steps": step, "epochs": epoch, "last": last, "checkpoint": path, **recipe.info}
+
+
+def optimize(recipe: Recipe, cfg: TrainConfig, loss: torch.Tensor, step: int, d) -> torch.Tensor | None:
+    """Backward, gradient sync of the parameters DDP does not wrap, clip (when due), optimizer
+    step. Returns the gradient norm when it was clipped. The benches time this same function."""
+    recipe.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if d.enabled:
+        _average_gradients(recipe.synced_params, d)
+    grad_norm = torch.nn.utils.clip_grad_norm_(recipe.params, cfg.grad_clip) if clips_at(cfg, step) else None
+    recipe.optimizer.step()
+    return grad_norm
 
 
 def _average_gradients(params: list, d) -> None:

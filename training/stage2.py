@@ -168,9 +168,9 @@ class Stage2:
         batches = Stage2BatchSampler(sampler, self.per_rank, cfg.sizes, seed=cfg.seed * 1009 + d.rank, first_step=step)
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_stage2,
                             pin_memory=d.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
-                          # its own seed stream: starting a loader must not draw from the global RNG,
-                          # or a resumed run's dropout draws would shift
-                          generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+                            # its own seed stream: starting a loader must not draw from the global RNG,
+                            # or a resumed run's dropout draws would shift
+                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         return self._timed(iter(loader))
 
     def _timed(self, it):
@@ -282,6 +282,7 @@ class Stage2:
             distributed.broadcast_buffers(self.student)
             distributed.broadcast_buffers(self.teacher)
             distributed.write_weights_digest(self.student, run.path, d)
+        self.info["timings"] = dict(self.timings)
         path = run.path / "stage2.safetensors"
         if d.master:
             extra = {"stage": 2, "backbone": cfg.backbone, "steps": step, "sizes": cfg.sizes, "alpha": cfg.alpha,
