@@ -86,7 +86,7 @@ def evaluate_store(store, image_ids, backbone: str, res: int, upsamplers: dict, 
 def standard_upsamplers(model=None) -> dict:
     """bilinear and bicubic baselines in LoftUp's target space, plus the model when given."""
     from loftup.training.baselines import create_upsampler
-    from loftup.training.stage1 import layer_norm_target
+    from loftup.training.target_space import layer_norm_target
 
     def interp(mode):
         up = create_upsampler(mode)
