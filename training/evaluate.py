@@ -1,4 +1,6 @@
-"""Held-out quality of upsampled features against instance masks.
+"""Compatibility shim (to be removed): the evaluation now lives in ``loftup.training.evaluation``.
+
+Held-out quality of upsampled features against instance masks.
 
 Nearest-prototype segmentation: for each held-out image, the mean (L2-normalised) feature of
 every ground-truth region is its prototype; each pixel takes the label of the most similar
@@ -11,39 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-
-def label_map(masks: np.ndarray) -> np.ndarray:
-    """Disjoint labels from possibly overlapping masks: larger masks first, smaller on top,
-    so nested parts keep their own region. Unlabelled pixels are -1 (ignored)."""
-    labels = np.full(masks.shape[1:], -1, dtype=np.int64)
-    areas = masks.reshape(len(masks), -1).sum(1)
-    for k in np.argsort(-areas, kind="stable"):
-        labels[masks[k]] = k
-    return labels
-
-
-def prototype_miou(feats: torch.Tensor, labels: np.ndarray, min_pixels: int = 16) -> float:
-    """mIoU of nearest-prototype segmentation of ``feats`` (C,H,W) against ``labels`` (H,W)."""
-    c = feats.shape[0]
-    f = F.normalize(feats.float().reshape(c, -1), dim=0)
-    lab = torch.from_numpy(labels.reshape(-1))
-    keep = lab >= 0
-    ids = [int(i) for i in torch.unique(lab[keep]) if int((lab == i).sum()) >= min_pixels]
-    if len(ids) < 2:
-        return float("nan")
-    protos = torch.stack([f[:, lab == i].mean(1) for i in ids])
-    protos = F.normalize(protos, dim=1)
-    pred_idx = (protos @ f).argmax(0)
-    pred = torch.tensor(ids)[pred_idx]
-    region = torch.isin(lab, torch.tensor(ids))
-    ious = []
-    for i in ids:
-        p, g = (pred == i) & region, lab == i
-        union = (p | g).sum().item()
-        ious.append((p & g).sum().item() / union if union else 0.0)
-    return float(np.mean(ious))
+from loftup.training.evaluation.masks import label_map, prototype_miou
 
 
 @torch.no_grad()
