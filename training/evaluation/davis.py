@@ -46,7 +46,7 @@ class DavisProtocol:
 
 
 def propagate(target: torch.Tensor, sources: list[torch.Tensor], segs: list[torch.Tensor], temperature: float = 0.1,
-              radius: int = 12, topk: int = 5, tile: int = 8) -> torch.Tensor:
+              radius: int = 12, topk: int = 5, tile: int = 16) -> torch.Tensor:
     """Soft labels (K, h, w) of ``target`` features (C, h, w) from ``sources`` (each (C, h, w))
     and their soft labels ``segs`` (each (K, h, w)). Features are L2-normalised here.
 
@@ -122,6 +122,7 @@ def run_davis(sequences, backbone, upsamplers, protocol: DavisProtocol, device="
     """
     from loftup.training.data import normalise_float
     from loftup.training.evaluation.datasets import read_davis_annotation
+    from loftup.training.evaluation.probe import resize_square
     from loftup.training.evaluation.progress import EvalProgress
 
     device = torch.device(device)
@@ -145,11 +146,11 @@ def run_davis(sequences, backbone, upsamplers, protocol: DavisProtocol, device="
         scores = {u.name: {o: ([], []) for o in range(1, n_obj + 1)} for u in upsamplers}
         shown = []
         for t, frame in enumerate(seq.frames):
-            x, hw = _read_frame(frame, size)
+            x, hw = _read_frame(frame, max(size, res))
             x = x.to(device)
-            lr_feats = backbone(x if res == size else F.interpolate(x, size=(res, res), mode="bicubic",
-                                                                     align_corners=False).clamp(0, 1))
-            guide = normalise_float(F.interpolate(x, size=(half, half), mode="bilinear", align_corners=False))
+            lr_feats = backbone(resize_square(x, res))
+            guide = normalise_float(F.interpolate(resize_square(x, size), size=(half, half), mode="bilinear",
+                                                  align_corners=False))
             gt = read_davis_annotation(seq.annotations[t]) if 0 < t < last or t in show else None
             preds = {}
             for u in upsamplers:

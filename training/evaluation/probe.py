@@ -53,27 +53,29 @@ def _resize_crop(img: Image.Image, size: int, resample) -> Image.Image:
 
 
 class SegTorchDataset(Dataset):
-    """(image (3, size, size) float in [0, 1], label (size, size) int64, -1 = ignore)."""
+    """(image (3, S, S) float in [0, 1] with S = ``image_size`` or ``size``, label (size, size)
+    int64 with -1 = ignore, index)."""
 
-    def __init__(self, seg, size: int):
-        self.seg, self.size = seg, size
+    def __init__(self, seg, size: int, image_size: int | None = None):
+        self.seg, self.size, self.image_size = seg, size, image_size or size
 
     def __len__(self) -> int:
         return len(self.seg)
 
     def __getitem__(self, i: int):
         image, label = self.seg.read(i)
-        image = _resize_crop(image, self.size, Image.BILINEAR)
+        image = _resize_crop(image, self.image_size, Image.BILINEAR)
         # Labels go through PIL as int32 so nearest sampling never invents ids.
         label = np.asarray(_resize_crop(Image.fromarray(label.astype(np.int32)), self.size, Image.NEAREST))
         x = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1).contiguous()
         return x, torch.from_numpy(label.astype(np.int64)), i
 
 
-def _backbone_input(x: torch.Tensor, res: int) -> torch.Tensor:
+def resize_square(x: torch.Tensor, res: int) -> torch.Tensor:
+    """(B, 3, S, S) images in [0, 1] resized to ``res`` (bicubic, antialiased when shrinking)."""
     if x.shape[-1] == res:
         return x
-    return F.interpolate(x, size=(res, res), mode="bicubic", align_corners=False).clamp(0, 1)
+    return F.interpolate(x, size=(res, res), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
 
 
 def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="cpu", workers: int = 0,
@@ -107,8 +109,8 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
         optims[u.name] = torch.optim.NAdam(probes[u.name].parameters(), lr=protocol.lr)
 
     def features(x):
-        lr_feats = backbone(_backbone_input(x, res))
-        guide = normalise_float(x)
+        lr_feats = backbone(resize_square(x, res))
+        guide = normalise_float(resize_square(x, size))
         return {u.name: u.features(lr_feats, guide, (size, size)).float() for u in upsamplers}
 
     grid = res // backbone.patch
@@ -124,7 +126,8 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
                 cache[int(i)] = {name: f[b] for name, f in feats.items()}
         return feats
 
-    loader = DataLoader(SegTorchDataset(train, size), batch_size=protocol.batch_size, shuffle=True, num_workers=workers,
+    load = max(size, res)  # images are read once at the larger of the two sizes
+    loader = DataLoader(SegTorchDataset(train, size, load), batch_size=protocol.batch_size, shuffle=True, num_workers=workers,
                         generator=torch.Generator().manual_seed(protocol.seed), drop_last=False)
     bar = EvalProgress(f"probe training ({len(upsamplers)} upsamplers)", protocol.epochs * len(train), enabled=progress)
     last_loss = {}
@@ -149,7 +152,7 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
 
     cms = {u.name: torch.zeros(n_classes, n_classes, dtype=torch.int64) for u in upsamplers}
     examples = []
-    val_loader = DataLoader(SegTorchDataset(val, size), batch_size=protocol.batch_size, shuffle=False, num_workers=workers)
+    val_loader = DataLoader(SegTorchDataset(val, size, load), batch_size=protocol.batch_size, shuffle=False, num_workers=workers)
     bar = EvalProgress("probe scoring", len(val), enabled=progress)
     with torch.no_grad():
         for x, label, _idx in val_loader:
@@ -164,7 +167,8 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
                 preds[name] = pred.cpu()
             for b in range(len(x)):
                 if len(examples) < keep_predictions:
-                    examples.append(((x[b].cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+                    examples.append(((resize_square(x[b:b + 1], size)[0].cpu().permute(1, 2, 0).numpy() * 255).round()
+                                     .astype(np.uint8),
                                      label[b].cpu().numpy(), {k: v[b].numpy() for k, v in preds.items()}))
             bar.advance(len(x))
     bar.close()
