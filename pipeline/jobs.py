@@ -75,6 +75,13 @@ class Job:
         }
         return manifest
 
+    def memory_bytes(self) -> int:
+        """Peak host memory one shard task of this job needs, from its settings (Ray's ``memory=``).
+
+        Streaming makes it independent of the tar's size; see the README's per-job figures.
+        """
+        return 2 * GiB
+
     def run_shard(self, store, shard: int, tar_path: str | None, progress: Progress) -> dict:
         raise NotImplementedError
 
@@ -99,6 +106,18 @@ class MasksJob(Job):
     def check(self, store) -> None:
         _check_sizes(store, self.sizes)
         self.config()  # unknown source or option: one clear error before any work
+
+    def memory_bytes(self) -> int:
+        from loftup.storage.masks import MASK_LIMIT_ROWS
+
+        # Interpreter + pyarrow + pycocotools, the writer's row limit (~3 KB a mask row with the
+        # original RLE and two geometries) and a decoded 1500 px image with its masks in flight.
+        need = 0.6 * GiB + MASK_LIMIT_ROWS * 3 * 1024 * (1 + len(self.sizes)) / 3 + 0.25 * GiB
+        if self.source == "sam":
+            need += 6 * GiB  # checkpoint load + SamAutomaticMaskGenerator's full-size masks
+        elif self.source != "sa1b":
+            need += 0.5 * GiB
+        return int(need)
 
     def run_shard(self, store, shard, tar_path, progress):
         from loftup.pipeline.mask_sources import add_geometry_rles, create_mask_source, rows_to_table
@@ -149,6 +168,14 @@ class ImagesJob(Job):
 
     def check(self, store) -> None:
         _check_sizes(store, self.sizes)
+
+    def memory_bytes(self) -> int:
+        from loftup.storage.images import IMAGE_LIMIT_ROWS
+
+        # Interpreter + pyarrow + PIL, a 1500 px image decoded and resized (a few float copies),
+        # and the writer's row limit of JPEGs at quality <= 95 (~0.5 byte a pixel).
+        jpeg_row = sum(0.5 * s * s for s in self.sizes)
+        return int(0.5 * GiB + 0.25 * GiB + IMAGE_LIMIT_ROWS * jpeg_row)
 
     def run_shard(self, store, shard, tar_path, progress):
         import pyarrow as pa
@@ -247,6 +274,19 @@ class FeaturesJob(Job):
         known = store.manifest.get("backbones", {}).get(f"{self.backbone}@{self.res}")
         if known and known.get("dim") != info["dim"]:
             raise StoreError(f"store has {self.backbone}@{self.res} with dim {known.get('dim')}, backbone gives {info['dim']}")
+
+    def memory_bytes(self) -> int:
+        from loftup.pipeline.backbones import backbone_info
+        from loftup.storage.features import ZARR_SHARD_IMAGES
+
+        info = backbone_info(self.backbone)
+        dim, tokens = info["dim"], (self.res // info["patch"]) ** 2
+        params = 0.3 * dim**3 * 4  # ViT-S/B/L/g: 22M/86M/304M/1.1B parameters ~ 0.3 dim^3
+        zarr_shard = ZARR_SHARD_IMAGES * dim * tokens * 2  # one Zarr shard of fp16 maps
+        # A CPU forward holds ~12 token-sized tensors per block plus one attention matrix per head.
+        forward = self.batch_size * (12 * (tokens + 1) * dim + 6 * (tokens + 1) ** 2) * 4
+        decoded = 6 * self.batch_size * self.res**2 * 3 * 4  # the decode queue and its float copies
+        return int(1.25 * GiB + params + zarr_shard + forward + decoded)
 
     def record(self, manifest: dict) -> dict:
         from loftup.pipeline.backbones import backbone_info

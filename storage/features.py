@@ -1,7 +1,9 @@
 """Zarr v3 feature store: ``features/<backbone>@<res>/shard=000123/{features,image_ids}``.
 
-Each shard is its own subgroup, written complete under a hidden temp name and renamed into
-place, so no two writers ever touch one Zarr shard (zarr-python has no locking).
+Each tar shard is its own subgroup: one ``(n, C, h, w)`` float16 array, chunk = one image, in
+Zarr shards of at most :data:`ZARR_SHARD_IMAGES` images, streamed in as batches arrive under a
+hidden temp name and renamed into place, so no two writers ever touch one Zarr shard
+(zarr-python has no locking). Stores written with one Zarr shard per tar read the same way.
 """
 
 from __future__ import annotations
@@ -179,12 +181,12 @@ class FeatureStore:
 
     # -- writing ---------------------------------------------------------------------------------
     def writer(self, shard: int, n: int, dim: int, grid, info: dict | None = None,
-               shard_images: int = ZARR_SHARD_IMAGES) -> "FeatureShardWriter":
+               shard_images: int | None = None) -> "FeatureShardWriter":
         """A streaming writer of one shard's ``n`` feature maps (see :class:`FeatureShardWriter`)."""
-        return FeatureShardWriter(self, shard, n, dim, grid, info, shard_images)
+        return FeatureShardWriter(self, shard, n, dim, grid, info, shard_images or ZARR_SHARD_IMAGES)
 
     def write_shard(self, shard: int, feats: np.ndarray, image_ids: np.ndarray, info: dict | None = None,
-                    shard_images: int = ZARR_SHARD_IMAGES) -> int:
+                    shard_images: int | None = None) -> int:
         """Write one shard's ``(n, C, h, w)`` features and their image ids in one call; returns bytes on disk."""
         feats = np.asarray(feats)
         if feats.ndim != 4 or not np.issubdtype(feats.dtype, np.floating):
@@ -299,8 +301,8 @@ class FeatureStore:
     def dask(self, chunks: str | int = "shard"):
         """dask array ``(N, C, h, w)`` over all shards, rows in :meth:`image_ids` order.
 
-        ``chunks``: ``"shard"`` (one dask chunk per Zarr shard, i.e. per tar: ~2 GB for a full
-        SA-1B tar at 16x16x384), ``"image"``, or an int number of images per chunk.
+        ``chunks``: ``"shard"`` (one dask chunk per Zarr shard: 1,024 images, 192 MiB at
+        16x16x384), ``"image"``, or an int number of images per chunk.
         """
         import dask.array as da
 

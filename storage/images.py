@@ -36,16 +36,16 @@ IMAGE_SCHEMA = image_schema((224, 896))
 IMAGE_LIMIT_ROWS = 512
 
 
-def image_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int = IMAGE_ROW_GROUP,
-                 limit_rows: int = IMAGE_LIMIT_ROWS) -> ShardTableWriter:
+def image_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None,
+                 limit_rows: int | None = None) -> ShardTableWriter:
     """Streaming writer of one shard's image file, rows sorted by image_id (repeats refused)."""
     codecs = {n: ("none" if n.startswith("jpeg_") else "zstd") for n in schema.names}
     return files.writer(
         shard,
         schema,
         ("image_id",),
-        row_group,
-        limit_rows,
+        row_group or IMAGE_ROW_GROUP,
+        limit_rows or max(IMAGE_LIMIT_ROWS, row_group or IMAGE_ROW_GROUP),
         what="image",
         unique="image_id",
         compression=codecs,

@@ -221,15 +221,15 @@ class ShardFiles:
         return self.parquet_file(path).read(columns=columns)
 
 
-def mask_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int = MASK_ROW_GROUP,
-                limit_rows: int = MASK_LIMIT_ROWS) -> "ShardTableWriter":
+def mask_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None,
+                limit_rows: int | None = None) -> "ShardTableWriter":
     """Streaming writer of one shard's mask file, rows sorted by (image_id, order)."""
     return files.writer(
         shard,
         schema,
         ("image_id", "order"),
-        row_group,
-        limit_rows,
+        row_group or MASK_ROW_GROUP,
+        limit_rows or max(MASK_LIMIT_ROWS, row_group or MASK_ROW_GROUP),
         what="mask",
         compression="zstd",
         use_dictionary=["source"],
@@ -281,6 +281,7 @@ class ShardTableWriter:
         self.rows = 0
         self.row_groups = 0
         self.peak_rows = 0  # most rows ever held in memory between calls
+        self.spilled_runs = 0
         self.nbytes = 0
 
     # -- context ---------------------------------------------------------------------------------
@@ -349,6 +350,7 @@ class ShardTableWriter:
         self._pending, self._pending_rows = [], 0
         path = temp_path(self.path)
         self._runs.append(path)
+        self.spilled_runs += 1
         pq.write_table(run, path, filesystem=self.files._afs, compression="zstd", row_group_size=self.row_group)
 
     def _merge(self) -> None:
