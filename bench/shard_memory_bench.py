@@ -217,7 +217,7 @@ def main() -> None:
     from rich.table import Table
 
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.sample_data import write_sample_shards
     from loftup.storage import open_store
 
     console = Console(width=220)

@@ -8,7 +8,6 @@ import threading
 import numpy as np
 import pyarrow as pa
 
-from loftup.storage.errors import StoreError
 from loftup.storage.masks import ShardFiles, ShardTableWriter
 
 # JPEGs do not compress further, and small row groups keep a random read to a few MB
