@@ -116,7 +116,7 @@ def fit(ns, peaks_mb):
     return slope, icpt
 
 
-def build_real_store(src_store, dst: Path, n: int, shard_images: int) -> tuple:
+def build_real_store(mask_store, feat_store, dst: Path, n: int, shard_images: int) -> tuple:
     """One shard of ``n`` images: the source shard's masks and features replicated under new ids."""
     import numpy as np
     import pyarrow as pa
@@ -124,15 +124,16 @@ def build_real_store(src_store, dst: Path, n: int, shard_images: int) -> tuple:
     from loftup.storage import open_store
 
     st = open_store(dst, create=True)
-    masks = src_store.masks_table(0)
+    masks = mask_store.masks_table(0)
     src_ids = np.unique(masks.column("image_id").to_numpy())
     by_src = {}
     ids_col = masks.column("image_id").to_numpy()
     for i in src_ids:
         lo, hi = np.searchsorted(ids_col, i, "left"), np.searchsorted(ids_col, i, "right")
         by_src[int(i)] = masks.slice(lo, hi - lo)
-    src_f = src_store.features("dinov2_vits14", 224)
-    feats = src_f.get_many(src_ids)
+    src_f = feat_store.features("dinov2_vits14", 224)
+    fids = src_f.image_ids()
+    feats = src_f.get_many(fids)
     new_ids = 50_000_000 + np.arange(n, dtype=np.int64) * 3
     t0 = time.perf_counter()
     with st.mask_writer(0) as w:
@@ -148,7 +149,7 @@ def build_real_store(src_store, dst: Path, n: int, shard_images: int) -> tuple:
     with fs.writer(0, n, feats.shape[1], feats.shape[2:], info=src_f.info, shard_images=shard_images) as fw:
         for start in range(0, n, 256):
             idx = np.arange(start, min(start + 256, n))
-            fw.add(feats[idx % len(src_ids)], new_ids[idx])
+            fw.add(feats[idx % len(fids)], new_ids[idx])
     t_feats = time.perf_counter() - t0
     return st, new_ids, w.rows, t_masks, t_feats
 
@@ -199,8 +200,8 @@ def raw_zarr_p50(path: Path, ids, count: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128,512,2048", help="images per tar for the job runs")
-    ap.add_argument("--feature-sizes", default=None,
-                    help="sizes for the features job (default: --sizes; a CPU forward of DINOv2-S is ~0.1-1 s/image)")
+    for job in ("images", "masks", "features"):
+        ap.add_argument(f"--{job}-sizes", default=None, help=f"sizes for the {job} job (default: --sizes)")
     ap.add_argument("--real", type=int, default=11186, help="images in a real SA-1B tar")
     ap.add_argument("--distinct", type=int, default=64, help="distinct 1500 px sample images the tars cycle over")
     ap.add_argument("--lookups", type=int, default=300)
@@ -222,7 +223,12 @@ def main() -> None:
 
     console = Console(width=220)
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    fsizes = sorted(int(s) for s in (args.feature_sizes or args.sizes).split(","))
+    per_job = {j: sorted(int(s) for s in (getattr(args, f"{j}_sizes") or args.sizes).split(",")) for j in ("images", "masks", "features")}
+    sizes = sorted(set(sizes) | {k for v in per_job.values() for k in v})
+    fsizes = per_job["features"]
+    # Finished runs are kept in the workdir, so an interrupted bench resumes where it stopped.
+    done_path = Path(args.workdir or ".") / "results.json"
+    done = json.loads(done_path.read_text()) if args.workdir and done_path.exists() else {}
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-shard-mem-"))
     big = work / "src" / "sa_000000.tar"
     if not big.exists():
@@ -236,13 +242,21 @@ def main() -> None:
             grow_tar(big, tar, k)
         store = work / f"store{k}"
         for kind, label in (("images", "images"), ("masks", "masks"), ("features", "features")):
-            if kind == "features" and k not in fsizes:
+            if k not in per_job[kind]:
                 continue
-            r = run_child(kind, store, tar.parent, k)
+            key = f"{kind}:{k}"
+            if key not in done:
+                done[key] = run_child(kind, store, tar.parent, k)
+                done_path.write_text(json.dumps(done))
+            r = done[key]
             peaks[label].append((k, r["peak_mb"], r["seconds"]))
             console.print(f"{label:9s} {k:6d} images: peak {r['peak_mb']:8.0f} MB, {r['seconds']:6.1f} s")
     for k in [*sizes, args.real]:
-        r = run_child("synthetic", work / f"synth{k}", None, k)
+        key = f"synthetic:{k}"
+        if key not in done:
+            done[key] = run_child("synthetic", work / f"synth{k}", None, k)
+            done_path.write_text(json.dumps(done))
+        r = done[key]
         peaks["features (writer, synthetic)"].append((k, r["peak_mb"], r["seconds"]))
         console.print(f"synthetic {k:6d} images: peak {r['peak_mb']:8.0f} MB, {r['seconds']:6.1f} s")
 
@@ -271,7 +285,8 @@ def main() -> None:
     console.print(t)
 
     # Random access at real size: one shard of args.real images, 1,024-image Zarr shards vs. one.
-    src_store = open_store(work / f"store{fsizes[-1]}")
+    mask_store = open_store(work / f"store{per_job['masks'][-1]}")
+    feat_store = open_store(work / f"store{fsizes[-1]}")
     out = {}
     for name, shard_images in (("new", 1024), ("one Zarr shard per tar", args.real)):
         path = work / f"real-{shard_images}"
@@ -279,7 +294,7 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(path)
-        _, ids, n_masks, t_m, t_f = build_real_store(src_store, path, args.real, shard_images)
+        _, ids, n_masks, t_m, t_f = build_real_store(mask_store, feat_store, path, args.real, shard_images)
         out[name] = (lookups(path, ids, args.lookups), raw_zarr_p50(path, ids, args.lookups), n_masks, t_m, t_f)
     lt = Table(title=f"random access, one shard of {args.real:,} images ({out['new'][2]:,} masks), fresh store, "
                      f"{args.lookups} lookups; baseline p50 = 20 ms (issue 16, features + masks)")

@@ -169,3 +169,34 @@ def test_jobs_stream_into_multi_part_shards(tmp_path, sample_shards, monkeypatch
     np.testing.assert_array_equal(f1.array(0)[...].view(np.uint16), f2.array(0)[...].view(np.uint16))
     np.testing.assert_array_equal(f1.image_ids(), f2.image_ids())
     assert many.marker("features/dinov2_vits14@224", 0)["images"] == 4
+
+
+@pytest.mark.timeout(60)
+def test_task_memory_sized_from_the_job_and_overridable(tmp_path, sample_shards):
+    import subprocess
+    import sys
+
+    from loftup.pipeline.jobs import FeaturesJob, GiB, ImagesJob, MasksJob
+    from loftup.pipeline.runner import task_memory
+    from loftup.storage import LoftupError
+    from loftup.storage.features import ZARR_SHARD_IMAGES
+
+    f224, f448 = FeaturesJob(), FeaturesJob(res=448)
+    # The Zarr shard buffer alone grows 4x with the grid: 1,024 maps of 16x16 vs 32x32 x 384 fp16.
+    assert f448.memory_bytes() - f224.memory_bytes() > ZARR_SHARD_IMAGES * 384 * (32**2 - 16**2) * 2
+    assert FeaturesJob(batch_size=64).memory_bytes() > f224.memory_bytes()
+    assert MasksJob(source="sam").memory_bytes() > MasksJob().memory_bytes() + 4 * GiB
+    assert ImagesJob(sizes=(224,)).memory_bytes() < ImagesJob().memory_bytes()
+    nodes = [8.0 * GiB, 16.0 * GiB]
+    assert task_memory(f224, None, nodes, embedded=False) == f224.memory_bytes()
+    assert task_memory(f224, 0.5, nodes, embedded=False) == GiB // 2
+    assert task_memory(f224, 0, nodes, embedded=False) == 0
+    assert task_memory(MasksJob(source="sam"), None, [GiB], embedded=True) == GiB  # capped on a laptop
+    with pytest.raises(LoftupError, match="largest Ray node offers 1.0 GiB"):
+        task_memory(MasksJob(source="sam"), None, [GiB], embedded=False)
+    with pytest.raises(LoftupError, match="no Ray node offers that much"):
+        task_memory(f224, 32, nodes, embedded=False)
+    p = subprocess.run([sys.executable, "-m", "loftup.cli.pipeline", "images", "--shards", "0", "--sa1b-root",
+                        str(sample_shards), "--store", str(tmp_path / "s"), "--memory-per-task", "-1"],
+                       capture_output=True, text=True, timeout=50)
+    assert p.returncode == 2 and "--memory-per-task must be >= 0 GiB" in p.stderr and "Traceback" not in p.stderr
