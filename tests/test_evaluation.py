@@ -25,6 +25,13 @@ VOC = {name: i for i, name in enumerate(VOC_CLASSES)}
 
 
 @pytest.fixture(scope="module")
+def hed():
+    from loftup.pipeline.backbones import create_backbone
+
+    return create_backbone(BACKBONE)
+
+
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return {layout: make_tiny_dataset(layout, root / layout, n_train=8, n_val=4, seed=0)
@@ -63,10 +70,11 @@ def test_readers_map_each_layout_to_its_classes(tiny):
         assert set(np.unique(s)) <= {-1, CITYSCAPES_CLASSES.index("person")}
 
 
-def test_seg_probe_end_to_end_on_a_voc_layout(tiny, tmp_path):
+@pytest.mark.timeout(600)
+def test_seg_probe_end_to_end_on_a_voc_layout(tiny, hed, tmp_path):
     protocol = SegProtocol(size=56, backbone_res=112, epochs=10, lr=1e-2, batch_size=4)  # tiny-data schedule
     res = evaluate("seg", [baseline("bilinear"), baseline("lowres")], protocol=protocol, dataset="voc", root=tiny["voc"],
-                   backbone=BACKBONE, out=tmp_path, progress=False)
+                   backbone=hed, out=tmp_path, progress=False)
     # Independent majority-class baseline on the same val pixels (labels resized as the probe sees them).
     from loftup.training.evaluation.probe import SegTorchDataset
 
@@ -88,9 +96,10 @@ def test_seg_probe_end_to_end_on_a_voc_layout(tiny, tmp_path):
     assert len(list(tmp_path.glob("seg_*.png"))) == 4
 
 
-def test_label_propagation_on_a_still_video_reproduces_the_first_mask(tmp_path):
+@pytest.mark.timeout(600)
+def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_path):
     root = make_tiny_davis(tmp_path / "davis", frames=3, still=True)
-    res = evaluate("davis", [baseline("bilinear")], protocol=DavisProtocol(size=112), root=root, backbone=BACKBONE,
+    res = evaluate("davis", [baseline("bilinear")], protocol=DavisProtocol(size=112), root=root, backbone=hed,
                    out=tmp_path / "out", progress=False)
     r = res["bilinear"]
     assert r["objects"] == 6 and set(r["per_sequence"]) == {"voc-room", "arc-shelf"}
@@ -99,10 +108,11 @@ def test_label_propagation_on_a_still_video_reproduces_the_first_mask(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["_protocol"]["radius"] == 12
 
 
-def test_moving_video_scores_and_context_matters(tmp_path):
+@pytest.mark.timeout(600)
+def test_moving_video_scores_and_bilinear_beats_the_feature_grid(hed, tmp_path):
     root = make_tiny_davis(tmp_path / "davis", frames=4)
     res = evaluate("davis", [baseline("bilinear"), baseline("lowres")], protocol=DavisProtocol(size=112, context=1),
-                   root=root, backbone=BACKBONE, progress=False)
+                   root=root, backbone=hed, progress=False)
     for name in ("bilinear", "lowres"):
         assert 0.0 < res[name]["J_mean"] < 1.0 and res[name]["JF_mean"] == pytest.approx(
             (res[name]["J_mean"] + res[name]["F_mean"]) / 2)

@@ -45,7 +45,7 @@ def _check_upsamplers(upsamplers: list[EvalUpsampler], backbone_name: str, in_di
     return ups
 
 
-def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backbone: str = "dinov2_vits14",
+def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backbone="dinov2_vits14",
              weights: str | None = None, random_init: bool = False, dataset: str | None = None, root=None,
              train_split: str = "train", split: str = "val", store=None, image_ids=None, out=None, device="cpu",
              workers: int = 0, progress: bool = True, save_masks: bool = False) -> dict:
@@ -55,6 +55,8 @@ def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backb
     seg: ``dataset`` layout (cocostuff27, cityscapes, voc, folder) under ``root``; probes train on
     ``train_split`` and are scored on ``split``. davis: DAVIS 2017 under ``root``, ``split``.
     masks: ``store`` (an open store or its URL) and its ``image_ids``; stored features, no backbone.
+    ``backbone`` is a registered name (built with ``weights``/``random_init``) or a ready
+    ``Backbone`` module (reused across calls).
     With ``out``, writes results.json, results.md and pictures there.
     """
     if task not in TASKS:
@@ -66,6 +68,9 @@ def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backb
 
     device = pick_device(device)
     t0 = time.time()
+    net = None
+    if not isinstance(backbone, str):
+        net, backbone = backbone.to(device).eval(), backbone.name
     run: dict = {"backbone": backbone, "device": str(device)}
     n_classes = None
     if task == "masks":
@@ -91,7 +96,7 @@ def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backb
                 raise LoftupError("the seg evaluation needs --dataset (cocostuff27, cityscapes, voc or folder)")
             train = open_seg_dataset(dataset, root, train_split)
             val = open_seg_dataset(dataset, root, split)
-            net = create_backbone(backbone, weights=weights, random_init=random_init, device=device)
+            net = net or create_backbone(backbone, weights=weights, random_init=random_init, device=device)
             ups = _check_upsamplers(upsamplers, backbone, net.dim)
             run |= {"dataset": dataset, "root": str(root), "train_images": len(train), "val_images": len(val),
                     "train_split": train_split, "split": split, "classes": len(train.classes)}
@@ -105,7 +110,7 @@ def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backb
             from loftup.training.evaluation.davis import run_davis
 
             sequences = open_davis(root, split)
-            net = create_backbone(backbone, weights=weights, random_init=random_init, device=device)
+            net = net or create_backbone(backbone, weights=weights, random_init=random_init, device=device)
             ups = _check_upsamplers(upsamplers, backbone, net.dim)
             run |= {"dataset": "davis2017", "root": str(root), "split": split, "sequences": len(sequences),
                     "frames": sum(len(s.frames) for s in sequences)}
