@@ -3,7 +3,7 @@
 Photo-disjoint split of the sample shards: 8 training tars of augmented crops of 14 photos, and a
 held-out tar of 16 crops of the Pascal VOC and ARC2017 photos (real instance masks), never seen
 in training. A real pretrained backbone (hed_vgg16), features in a 64-channel PCA. Per held-out
-image and upsampler (training/evaluate.py's prototype mIoU; training/inference.py's retention):
+image and upsampler (training/evaluation/masks.py's prototype mIoU; training/inference.py's retention):
 
   mIoU@S, mIoU@2S   nearest-prototype mIoU against the instance masks, at the training size S and 2S
   MSE               mean squared error to the image's pseudo-GT (Eq. 1, alpha 0.8) at S
@@ -35,7 +35,7 @@ HELD_PHOTOS, TRAIN_TARS = ("voc", "arc2017"), 8
 def build_store(work: Path, backbone: str, images_per_tar: int):
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.pipeline.sample_data import photo_names, write_sample_shards
+    from loftup.sample_data import photo_names, write_sample_shards
     from loftup.pipeline.shards import resolve_shards
     from loftup.storage import open_store
 
@@ -62,7 +62,7 @@ def held_out_set(store, backbone: str, size: int, max_masks: int = 60):
 
     from loftup.storage import rle
     from loftup.training.data import _subsample_index, normalise
-    from loftup.training.evaluate import label_map
+    from loftup.training.evaluation.masks import label_map
 
     fs = store.features(backbone, 224)
     items = []
@@ -87,10 +87,10 @@ def score(items, upsample, projection, size: int, alpha: float = 0.8) -> dict:
     import numpy as np
     import torch
 
-    from loftup.training.evaluate import prototype_miou
+    from loftup.training.evaluation.masks import prototype_miou
     from loftup.training.inference import retention
     from loftup.training.pseudo_gt import pseudo_gt
-    from loftup.training.stage1 import layer_norm_target
+    from loftup.training.target_space import layer_norm_target
 
     rows = []
     with torch.no_grad():
@@ -109,6 +109,15 @@ def score(items, upsample, projection, size: int, alpha: float = 0.8) -> dict:
                          "MSE": float(torch.nn.functional.mse_loss(out_s, target)),
                          f"ret@{size}": retention(out_s, low), f"ret@{4 * size}": retention(out_4s, low)})
     return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+
+
+def bilinear_upsampler():
+    """The baseline, in LoftUp's output space (as ``loftup-train upsample`` writes it)."""
+    import torch.nn.functional as F
+
+    from loftup.training.target_space import layer_norm_target
+
+    return lambda f, img, size: F.interpolate(layer_norm_target(f), size=size, mode="bilinear", align_corners=False)
 
 
 def main() -> None:
@@ -130,7 +139,6 @@ def main() -> None:
     from rich.table import Table
 
     from loftup.training.checkpoint import load_model
-    from loftup.training.evaluate import standard_upsamplers
     from loftup.training.stage1 import Stage1Config
     from loftup.training.stage1 import train as train1
     from loftup.training.stage2 import Stage2Config
@@ -177,7 +185,7 @@ def main() -> None:
                 up, proj2 = model_upsampler(run2 / "stage2.safetensors")
                 results.setdefault((recipe, "stage 1 + 2"), []).append(score(items, up, proj2, args.size))
                 console.print(f"{recipe} seed {seed} stage 1 + 2: {results[(recipe, 'stage 1 + 2')][-1]}")
-    bil = standard_upsamplers()["bilinear"]
+    bil = bilinear_upsampler()
     baseline = score(items, bil, projection, args.size)
 
     def fmt(vals, key):

@@ -137,7 +137,7 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_
         # LoftUp's outputs are per-pixel layer-normalised; the low-res map and the bilinear
         # baseline go into that space too, so one PCA gives comparable colours and retention
         # compares like with like.
-        from loftup.training.stage1 import layer_norm_target
+        from loftup.training.target_space import layer_norm_target
 
         lowres = layer_norm_target(feats)
         bilinear = F.interpolate(lowres, size=(size, size), mode="bilinear", align_corners=False)

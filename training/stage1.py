@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed, loop
 from loftup.training.loop import option
+from loftup.training.target_space import layer_norm_target
 
 RECIPES = {
     "released": dict(tv_weight=0.001, recon_weight=1.0, recon_jitters=4, recon_uncertainty=True, proj_unit=True,
@@ -48,13 +49,6 @@ class Stage1Config(loop.TrainConfig):
     weight_decay: float = option(0.0, help="NAdam weight decay (released: 0).")
     bn_recalibrate: int = option(0, help="Recompute BatchNorm statistics of the exported weights over N batches (0 = off).")
     model: dict = option(factory=dict, help="Extra LoftUp constructor arguments.", cli=False)
-
-
-def layer_norm_target(lr_feats: torch.Tensor) -> torch.Tensor:
-    """The target space: LoftUp's output ends with a channel LayerNorm, so pseudo-GT is built
-    from per-pixel normalised features. A fixed (non-learnable) norm keeps the target from
-    collapsing with the student's own input norm."""
-    return F.layer_norm(lr_feats.permute(0, 2, 3, 1), lr_feats.shape[1:2]).permute(0, 3, 1, 2)
 
 
 def stage1_target(kind: str, lr_feats: torch.Tensor, masks, valid, size: int, alpha: float) -> torch.Tensor:
