@@ -137,7 +137,7 @@ def stage2(
 def evaluate(
     store: str = typer.Option(..., help="Store with images, masks and features."),
     shards: str = typer.Option(..., help="Held-out shards to evaluate on."),
-    checkpoint: list[Path] = typer.Option([], help="Checkpoints to compare (repeatable)."),
+    checkpoint: list[str] = typer.Option([], help="Checkpoints to compare (repeatable): a file of ours or official:NAME (a release in the local HF cache)."),
     backbone: str = typer.Option("dinov2_vits14", help="Backbone of the stored features."),
     res: int = typer.Option(224, help="Backbone input size of the stored features."),
     size: int = typer.Option(224, help="Evaluation resolution."),
@@ -147,7 +147,7 @@ def evaluate(
     import numpy as np
 
     from loftup.storage import open_store
-    from loftup.training.checkpoint import load_model
+    from loftup.training.checkpoint import resolve_upsampler
     from loftup.training.evaluate import evaluate_store, standard_upsamplers
 
     st = open_store(store)
@@ -156,9 +156,8 @@ def evaluate(
     projection = None
     ups = standard_upsamplers()
     for ck in checkpoint:
-        model, meta = load_model(ck, with_meta=True)
-        projection = meta.get("projection_module")
-        ups[ck.stem] = (lambda m: (lambda f, img, sz: m.eval()(f, img, output_size=sz)))(model)
+        model, projection, _ = resolve_upsampler(ck)
+        ups[Path(ck).stem] = (lambda m: (lambda f, img, sz: m.eval()(f, img, output_size=sz)))(model)
     rows = evaluate_store(st, ids, backbone, res, ups, size=size, projection=projection)
     _summary(f"prototype mIoU on {len(ids)} held-out images", rows)
 
@@ -167,8 +166,8 @@ def evaluate(
 def upsample(
     image: Path = typer.Argument(..., help="Image file to upsample the features of."),
     checkpoint: Optional[Path] = typer.Option(None, help="Our checkpoint (stage1/stage2 .safetensors)."),
-    official: Optional[Path] = typer.Option(None, help="An officially released LoftUp checkpoint (.pth)."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone to compute the low-res features."),
+    official: Optional[str] = typer.Option(None, help="A released LoftUp: dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2 (local HF cache) or its .bin path."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone for the low-res features (default: the one the upsampler was trained for, else dinov2_vits14)."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
     random_init: bool = typer.Option(False, help="Random backbone weights (demos)."),
     backbone_res: int = typer.Option(224, help="Backbone input size."),
