@@ -70,12 +70,12 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _photo_list(photos: str | None, exclude: str | None) -> list[str] | None:
-    from loftup.pipeline.sample_data import photo_names
+def _photo_list(photos: str | None, exclude: str | None, photos_dir: str | None) -> list[str] | None:
+    from loftup.sample_data import photo_names
 
     if not exclude:
         return photos.split(",") if photos else None
-    chosen = photos.split(",") if photos else list(photo_names())
+    chosen = photos.split(",") if photos else list(photo_names(photos_dir))
     excluded = set(exclude.split(","))
     return [p for p in chosen if p not in excluded]
 
@@ -92,18 +92,20 @@ def sample_data(
     photos: Optional[str] = typer.Option(None, help="Comma list of photos to use (default all; see `loftup-pipeline sample-data --list-photos`)."),
     exclude_photos: Optional[str] = typer.Option(None, help="Comma list of photos to leave out (e.g. the ones held out for evaluation)."),
     list_photos: bool = typer.Option(False, "--list-photos", help="Print the photos that load on this machine and exit."),
+    photos_dir: Optional[Path] = typer.Option(None, "--photos-dir", help="Use the JPEG/PNG photos of this folder (Felzenszwalb segments as masks) instead of the package photos."),
 ):
-    """Write small SA-1B-format tars from real photos and masks that ship with installed packages."""
-    from loftup.pipeline.sample_data import photo_names, write_sample_shards
+    """Write small SA-1B-format tars from real photos (package photos, or a folder of your own)."""
+    from loftup.sample_data import photo_names, write_sample_shards
 
+    pdir = str(photos_dir.resolve()) if photos_dir is not None else None
     if list_photos:
-        console.print(" ".join(photo_names()))
+        console.print(" ".join(photo_names(pdir)))
         return
     if out is None:
         raise LoftupError("sample-data: give the output directory (OUT)")
     paths = write_sample_shards(
         out, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed, first_shard=first_shard,
-        faults=tuple(fault), photos=_photo_list(photos, exclude_photos),
+        faults=tuple(fault), photos=_photo_list(photos, exclude_photos, pdir), photos_dir=pdir,
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")

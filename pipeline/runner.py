@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from loftup.pipeline.jobs import Job, run_and_time, upstream_state
-from loftup.storage.errors import LoftupError
+from loftup.storage.errors import LoftupError, error_line
 
 
 @dataclass
@@ -156,20 +156,19 @@ def run_job(
             pass
         elif executor == "inline":
             for shard, path in todo:
-                view.start(shard)
                 try:
                     summary.done[shard] = process_shard(job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err))
                     view.finish(shard, summary.done[shard])
-                except LoftupError as exc:
-                    summary.failed[shard] = str(exc)
-                    view.fail(shard, str(exc))
                 except Exception as exc:  # as under Ray: one shard's failure never stops the others
-                    summary.failed[shard] = _first_line(exc)
+                    summary.failed[shard] = error_line(exc)
                     view.fail(shard, summary.failed[shard])
         elif executor == "ray":
             _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries)
         else:
             raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
+    for shard, reason in summary.failed.items():
+        # After the view closed, so that a store that cannot take the record fails loudly but late.
+        store.record_failed_shard(job.name, shard, reason)
     summary.seconds = time.time() - t0
     return summary
 
@@ -187,7 +186,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise LoftupError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+            raise LoftupError(f"cannot connect to Ray at {address}: {error_line(exc)}") from None
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     return ray
@@ -224,7 +223,6 @@ def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, 
     pending = {}
     for shard, path in todo:
         pending[remote.remote(job, store.url, shard, path, counter)] = shard
-        view.start(shard)
     stop = threading.Event()
 
     def poll():
@@ -244,17 +242,12 @@ def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, 
                     view.finish(shard, summary.done[shard])
                 except RayTaskError as exc:
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    msg = str(cause).splitlines()[0] if isinstance(cause, LoftupError) else _first_line(cause)
-                    summary.failed[shard] = msg
-                    view.fail(shard, msg)
+                    summary.failed[shard] = error_line(cause)
+                    view.fail(shard, summary.failed[shard])
                 except RayError as exc:
-                    summary.failed[shard] = _first_line(exc)
+                    summary.failed[shard] = error_line(exc)
                     view.fail(shard, summary.failed[shard])
     finally:
         stop.set()
         poller.join(timeout=2)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]

@@ -181,20 +181,33 @@ class Store:
         """All error rows (of one job or every job) with ``job`` and ``shard`` columns."""
         return commit.read_errors(self.fs, self.root, job)
 
+    def record_failed_shard(self, job: str, shard: int, reason: str) -> None:
+        """Record a shard that failed as a whole, so ``status`` and ``errors`` show it."""
+        commit.record_failed_shard(self.fs, self.root, job, shard, reason)
+
+    def failed_shards(self, job: str) -> list[int]:
+        """Shards of ``job`` that failed as a whole in the last run that tried them (no marker)."""
+        done = self.done_shards(job)
+        return [s for s in commit.error_shards(self.fs, self.root).get(job, []) if s not in done]
+
     def summary(self) -> dict[str, dict]:
-        """Per job: shards done, images, failures, bytes, seconds (and masks when recorded)."""
+        """Per job: shards done, failed shards, images, per-image failures, bytes, seconds (and masks)."""
         out = {}
-        for key in commit.status_jobs(self.fs, self.root):
+        failed_by_job = commit.error_shards(self.fs, self.root)
+        keys = set(commit.status_jobs(self.fs, self.root)) | {commit.job_key(j) for j in failed_by_job}
+        for key in sorted(keys):
+            job = commit.key_to_job(key)
             try:
-                markers = self.done_shards(commit.key_to_job(key))
+                markers = self.done_shards(job)
             except StoreError:
                 continue
-            if not markers:
+            failed = [s for s in failed_by_job.get(job, []) if s not in markers]
+            if not markers and not failed:
                 continue
             values = list(markers.values())
-            job = values[0].get("job", commit.key_to_job(key))
             row = {
                 "shards": len(values),
+                "failed_shards": len(failed),
                 "images": int(sum(m.get("images", 0) or 0 for m in values)),
                 "failures": int(sum(m.get("errors", 0) or 0 for m in values)),
                 "bytes": int(sum(m.get("bytes", 0) or 0 for m in values)),
