@@ -140,8 +140,8 @@ def _infer_config(state: Mapping[str, torch.Tensor]) -> dict:
             "extra": 4 * int(lr_biases.shape[-1]), "blocks": blocks}
 
 
-def _load_strict(model: LoftUp, state: Mapping[str, torch.Tensor], source: str) -> None:
-    load_state_dict_strict(model, state, source, f"LoftUp(dim={model.dim})")
+def _load_strict(model: LoftUp, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    load_state_dict_strict(model, state, source, f"LoftUp(dim={model.dim})", assign=assign)
 
 
 def from_official(state_dict: Mapping[str, torch.Tensor], image_scaling: str = "image", heads: int = 4) -> LoftUp:
@@ -151,8 +151,10 @@ def from_official(state_dict: Mapping[str, torch.Tensor], image_scaling: str = "
     batch); the default scales each image on its own. Mismatching keys raise ``WeightsError``.
     """
     state = _normalise_keys(state_dict)
-    model = LoftUp(**_infer_config(state), heads=heads, image_scaling=image_scaling)
-    _load_strict(model, state, "the official state dict")
+    # Built on the meta device: every tensor comes from the file, so initialising is wasted work.
+    with torch.device("meta"):
+        model = LoftUp(**_infer_config(state), heads=heads, image_scaling=image_scaling)
+    _load_strict(model, state, "the official state dict", assign=True)
     return model.eval()
 
 

@@ -101,7 +101,9 @@ def _clip_builder(spec, weights=None, random_init=False, pos_interp="official", 
             raise WeightsError(f"cannot fetch weights for {spec.name} through timm: {first_line(exc)}") from None
         return MaskClip(spec, vit, weights_record("timm-download", None), pos_interp, input_norm)
     source, path = resolve_weights(spec.name, weights, random_init)
-    vit = timm.create_model(_TIMM, pretrained=False, **kwargs)
+    # With a file, timm's init (trunc_normal_ over 86M weights) is wasted work: skip it. Never
+    # without one: "skip" leaves pos_embed and cls_token as uninitialised memory.
+    vit = timm.create_model(_TIMM, pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"}))
     if path is not None:
         _load_clip_file(vit, path, spec.name)
     return MaskClip(spec, vit, weights_record(source, path), pos_interp, input_norm)

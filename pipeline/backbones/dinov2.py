@@ -124,7 +124,9 @@ def _dinov2_builder(spec, weights=None, random_init=False, pos_interp="dinov2"):
             raise WeightsError(f"cannot fetch weights for {spec.name} through timm: {first_line(exc)}") from None
         return DinoV2(spec, vit, weights_record("timm-download", None), pos_interp)
     source, path = resolve_weights(spec.name, weights, random_init)
-    vit = timm.create_model(_TIMM[spec.name], pretrained=False, **kwargs)
+    # With a file, timm's init (trunc_normal_ over every weight) is wasted work: skip it. Random
+    # init keeps it, so random-init DINOv2 features stay what existing stores hold.
+    vit = timm.create_model(_TIMM[spec.name], pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"}))
     if path is not None:
         _load_dinov2_file(vit, path, spec)
     return DinoV2(spec, vit, weights_record(source, path), pos_interp)

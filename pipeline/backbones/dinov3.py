@@ -41,7 +41,9 @@ class DinoV3(Backbone):
 def _read_dinov3_file(path: Path, name: str) -> tuple[dict, bool]:
     """The file's tensors and whether its attention carries non-zero q/v biases."""
     state = unwrap_state_dict(read_state_dict(path))
-    biases = [v for k, v in state.items() if k.endswith(("attn.qkv.bias", "attn.q_bias", "attn.v_bias"))]
+    # Meta's qkv bias carries a k part that its bias_mask zeroes: only q and v count.
+    biases = [b for k, v in state.items() if k.endswith("attn.qkv.bias") for b in v.chunk(3)[::2]]
+    biases += [v for k, v in state.items() if k.endswith(("attn.q_bias", "attn.v_bias"))]
     proj = state.get("patch_embed.proj.weight")
     if proj is not None and tuple(proj.shape[-2:]) != (16, 16):
         raise WeightsError(f"{path} does not fit {name}: patch embedding {tuple(proj.shape)} is not 16x16")

@@ -64,7 +64,8 @@ def _siglip_builder(spec, weights=None, random_init=False):
             raise WeightsError(f"cannot fetch weights for {spec.name} through timm: {first_line(exc)}") from None
         return SigLip(spec, vit, weights_record("timm-download", None))
     source, path = resolve_weights(spec.name, weights, random_init)
-    vit = timm.create_model(_TIMM, pretrained=False, **kwargs)
+    # timm's init is skipped only when a file replaces every tensor (see clip.py).
+    vit = timm.create_model(_TIMM, pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"}))
     if path is not None:
         _load_siglip_file(vit, path, spec.name)
     return SigLip(spec, vit, weights_record(source, path))

@@ -215,9 +215,11 @@ def _few(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source, target: str) -> None:
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source, target: str,
+                           assign: bool = False) -> None:
     """Load every tensor of ``state`` into ``module``, or raise one WeightsError line naming
-    the missing, unexpected and wrongly shaped keys."""
+    the missing, unexpected and wrongly shaped keys. ``assign=True`` makes (copies of) the
+    file's tensors the module's own, for a module built on the meta device."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -233,4 +235,7 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
                         + (f" ({len(wrong)} in all)" if len(wrong) > 1 else ""))
     if problems:
         raise WeightsError(f"{source} does not fit {target}: {'; '.join(problems)}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    if assign:
+        module.load_state_dict({k: v.to(own[k].dtype, copy=True) for k, v in state.items()}, strict=True, assign=True)
+    else:
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
