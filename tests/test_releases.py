@@ -196,3 +196,13 @@ def test_public_imports_are_lazy():
             "assert L2 is LoftUp and callable(create_backbone); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_evaluate_checkpoint_official_name_goes_through_the_resolver(offline_cache):
+    from loftup.training.evaluation.upsamplers import resolve_checkpoint
+
+    up = resolve_checkpoint("official:siglip2")
+    assert (up.name, up.trained_on, up.projection) == ("loftup_siglip2", "siglip2_vitb16", None)
+    ref = LoftUp(768)
+    ref.load_state_dict(offline_cache[1]["siglip2"], strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), up.module.state_dict().values()))
