@@ -46,7 +46,7 @@ def main() -> None:
 
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.pipeline.sample_data import photo_names, write_sample_shards
+    from loftup.sample_data import photo_names, write_sample_shards
     from loftup.pipeline.shards import resolve_shards
     from loftup.storage import open_store
     from loftup.training.checkpoint import load_model

@@ -43,7 +43,7 @@ def build_store(work: Path, tars: int = 2, per_tar: int = 16, features: bool = T
 
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.sample_data import write_sample_shards
     from loftup.pipeline.shards import resolve_shards
     from loftup.storage import open_store
 

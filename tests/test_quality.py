@@ -33,7 +33,7 @@ HELD_OUT = TRAIN_TARS  # the shard number of the held-out tar
 
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory):
-    from loftup.pipeline.sample_data import photo_names, write_sample_shards
+    from loftup.sample_data import photo_names, write_sample_shards
 
     root = tmp_path_factory.mktemp("real")
     train_photos = [p for p in photo_names() if p not in HELD_OUT_PHOTOS]
