@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from loftup.pipeline.backbones import create_backbone
 from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
 from loftup.pipeline.runner import run_job
-from loftup.pipeline.sample_data import write_sample_shards
+from loftup.sample_data import write_sample_shards
 from loftup.storage import StoreError, open_store
 from loftup.storage.implicit import implicit_store
 from loftup.training import implicit as im
@@ -184,7 +184,9 @@ def test_report_sums_markers_and_files(store, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["loftup-store", "report", store.url, "--json", str(out_json), "--png", str(out_png)])
     from loftup.cli.common import run
 
-    run(store_cli.app)  # returns on success (a failure exits)
+    with pytest.raises(SystemExit) as exit_info:
+        run(store_cli.app)
+    assert exit_info.value.code == 0
     rep = json.loads(out_json.read_text())
     assert out_png.stat().st_size > 1000 and "50K images" in capsys.readouterr().err
 

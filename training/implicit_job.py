@@ -79,7 +79,23 @@ class ImplicitJob(Job):
             raise LoftupError(f"implicit recipe: kernel_size {recipe['kernel_size']} exceeds the input size {self.res}")
         if self.images_per_shard is not None and int(self.images_per_shard) < 0:
             raise LoftupError(f"--images-per-shard must be >= 0, got {self.images_per_shard}")
+        if self.dense and self.images_per_shard is None:
+            raise LoftupError("--dense keeps ~37 MB per image in memory until the shard is written: give --images-per-shard")
         self.source_size(store)
+
+    def memory_bytes(self) -> int:
+        """Backbone and views, plus FeatUp's downsampler, which unfolds every view's HR map into
+        kernel x kernel windows (about 1 GB per step at 224 with 10 views), and the dense maps."""
+        from loftup.pipeline.backbones import backbone_info
+
+        GiB = 1 << 30
+        r = self.resolved_recipe()
+        info = backbone_info(self.backbone)
+        grid = self.res // info["patch"]
+        views = r["views"] * r["proj_dim"] * grid * grid * 4
+        unfold = r["views_per_step"] * (r["proj_dim"] + 1) * r["kernel_size"] ** 2 * grid * grid * 4
+        dense = (self.images_per_shard or 0) * info["dim"] * self.res**2 * 2 if self.dense else 0
+        return int(2 * GiB + views + 4 * unfold + dense)
 
     def run_shard(self, store, shard, tar_path, progress):
         import torch
@@ -95,8 +111,8 @@ class ImplicitJob(Job):
         device = pick_device(self.device)
         cfg = ImplicitConfig(**self.resolved_recipe())
         backbone = create_backbone(self.backbone, weights=self.weights, random_init=self.random_init, device=device)
-        ids, batches = _image_batches(store, shard, self.source_size(store), self.res, 1)
-        limit = len(ids) if self.images_per_shard is None else min(len(ids), int(self.images_per_shard))
+        n_stored = store.image_count(shard)
+        limit = n_stored if self.images_per_shard is None else min(n_stored, int(self.images_per_shard))
         grid = self.res // backbone.patch
         need = limit * backbone.dim * self.res * self.res * 2
         if self.dense and need > MAX_DENSE_BYTES:
@@ -105,10 +121,10 @@ class ImplicitJob(Job):
             )
         rows, dense, errors = [], [], []
         totals = {"featurize": 0.0, "optimise": 0.0, "render": 0.0, "views": 0, "steps": 0}
-        for k, batch in enumerate(batches):
+        for k, (ids, batch) in enumerate(_image_batches(store, shard, self.source_size(store), self.res, 1)):
             if k >= limit:
                 break
-            image_id = int(ids[k])
+            image_id = int(ids[0])
             try:
                 image01 = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255)
                 t0 = time.perf_counter()
