@@ -227,3 +227,15 @@ def test_report_cli_names_the_missing_job(tmp_store, capsys, monkeypatch):
         run(store_cli.app)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err == [f"error: no per-image optimisation in {tmp_store.url}: run `loftup-pipeline implicit` first"]
+
+
+def test_verify_checks_implicit_shards(store):
+    from loftup.storage.verify import verify_store
+
+    assert not run_job(_job(dense=True), store, [(0, None)], executor="inline").failed
+    assert [p for p in verify_store(store) if "implicit" in p] == []
+    marker = store.marker("implicit/dinov2_vits14@56", 0)
+    store.write_marker("implicit/dinov2_vits14@56", 0, {**marker, "images": 3})
+    problems = [p for p in verify_store(store) if "implicit" in p]
+    assert problems and "2 compact rows, marker says 3" in problems[0]
+    store.write_marker("implicit/dinov2_vits14@56", 0, marker)
