@@ -84,6 +84,29 @@ def test_jitter_matches_featup_formulation():
         torch.testing.assert_close(im.apply_jitter(maps, 5, *args), ref, atol=1e-4, rtol=0)
 
 
+def test_downsampler_matches_featup_unfold_formulation():
+    # Eval mode (no dropout, no logit mask): the row-wise windowed pooling equals FeatUp's unfold.
+    torch.manual_seed(0)
+    down = im.AttentionDownsampler(9, 17, (4, 4), im.ImplicitConfig()).eval()
+    x = torch.randn(2, 9, 56, 56, requires_grad=True)
+
+    def featup(x):
+        x = im.gaussian_blur(x, 5, 1.0)
+        p = F.unfold(x, 17, stride=(56 - 17) // 3).view(2, 9, 289, 16).permute(0, 3, 2, 1)
+        logits = down.logit(p).squeeze(-1) * down.w.flatten() + down.b.flatten()
+        return torch.einsum("blpc,blp->bcl", p, logits.softmax(-1)).view(2, 9, 4, 4)
+
+    ref = featup(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    down.train()  # the recomputing path; dropout off so the values are comparable
+    down.logit[0].p = 0.0
+    down.cfg = replace(down.cfg, attn_keep=1.0)
+    out = down(x)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_optimiser_lowers_loss_and_explains_the_views(store, backbone):
     image_id = int(store.image_ids(0)[0])
     x = _image(store, image_id)
@@ -148,24 +171,6 @@ def test_job_compact_equals_dense_resumes_and_records(store):
     # Resume: a done shard with the same config is skipped; another recipe redoes it.
     assert run_job(_job(dense=True), store, [(0, None)], executor="inline").skipped == [0]
     assert _job(dense=True).config_hash() != _job(dense=True, steps=11).config_hash()
-
-
-def test_one_bad_image_is_an_error_row(store, monkeypatch):
-    real = im.fit_image
-    bad = int(store.image_ids(0)[1])
-
-    def flaky(image01, backbone, cfg, image_id=0, **kw):
-        if image_id == bad:
-            raise RuntimeError("simulated failure")
-        return real(image01, backbone, cfg, image_id=image_id, **kw)
-
-    monkeypatch.setattr(im, "fit_image", flaky)
-    job = ImplicitJob(random_init=True, res=RES, recipe=dict(TINY, steps=2))
-    s = run_job(job, store, [(0, None)], executor="inline", overwrite=True)
-    assert not s.failed and s.done[0]["images"] == 1 and s.done[0]["errors"] == 1
-    errs = store.errors(job.name).to_pylist()
-    assert [(e["image_id"], e["stage"]) for e in errs] == [(bad, "implicit")] and "simulated failure" in errs[0]["reason"]
-    assert s.done[0]["dense_bytes"] == 0 and not implicit_store(store, "dinov2_vits14", RES).has_dense(0)
 
 
 def _du(path):
@@ -239,3 +244,21 @@ def test_verify_checks_implicit_shards(store):
     problems = [p for p in verify_store(store) if "implicit" in p]
     assert problems and "2 compact rows, marker says 3" in problems[0]
     store.write_marker("implicit/dinov2_vits14@56", 0, marker)
+
+
+def test_one_bad_image_is_an_error_row(store, monkeypatch):
+    real = im.fit_image
+    bad = int(store.image_ids(0)[1])
+
+    def flaky(image01, backbone, cfg, image_id=0, **kw):
+        if image_id == bad:
+            raise RuntimeError("simulated failure")
+        return real(image01, backbone, cfg, image_id=image_id, **kw)
+
+    monkeypatch.setattr(im, "fit_image", flaky)
+    job = ImplicitJob(random_init=True, res=RES, recipe=dict(TINY, steps=2))
+    s = run_job(job, store, [(0, None)], executor="inline", overwrite=True)
+    assert not s.failed and s.done[0]["images"] == 1 and s.done[0]["errors"] == 1
+    errs = store.errors(job.name).to_pylist()
+    assert [(e["image_id"], e["stage"]) for e in errs] == [(bad, "implicit")] and "simulated failure" in errs[0]["reason"]
+    assert s.done[0]["dense_bytes"] == 0 and not implicit_store(store, "dinov2_vits14", RES).has_dense(0)

@@ -15,6 +15,10 @@ test shrinks views and steps while a GPU runs the real recipe. No device is hard
 Where this differs from FeatUp's code (documented in the README, "Scalability"):
 - the attention downsampler's Bernoulli(0.8) mask on the logits is drawn only in training
   mode (FeatUp draws it in eval mode too; it only matters when scoring the downsampler);
+- its logit Linear runs once per pixel and is then windowed, so its input dropout is drawn
+  per pixel rather than per overlapping window copy, and the weighted window sums are
+  computed row by row with recomputation: FeatUp's unfold of the 129-channel map holds ~1 GB
+  per step at 224 (several GB with autograd), this holds one row of windows;
 - the zoomed jitter is computed by sampling exactly the cropped window (``grid_sample`` at the
   coordinates ``F.interpolate(scale_factor=zoom, mode="bilinear")`` uses) instead of zooming
   the whole padded map and cropping it: the same values up to float rounding (~2e-5), less memory;
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 FORMAT = "loftup-implicit/1"
 
@@ -235,20 +240,31 @@ class AttentionDownsampler(nn.Module):
         x = gaussian_blur(hr, self.cfg.blur_kernel, self.cfg.blur_sigma) if self.cfg.blur_attn else hr
         gh, gw = self.grid
         sh, sw = self.stride(h, w)
-        k2 = self.kernel_size**2
-        patches = F.unfold(x, self.kernel_size, stride=(sh, sw)).view(b, c, k2, -1)
-        n = patches.shape[-1]
-        if n != gh * gw:
-            raise ValueError(f"kernel {self.kernel_size} at {h}x{w} gives {n} windows, not the {gh}x{gw} grid")
-        # Kept in the unfold layout (b, c, k2, L): no transposed copy of the largest tensor.
+        k = self.kernel_size
+        if k + (gh - 1) * sh > h or k + (gw - 1) * sw > w or (gh > 1 and sh < 1) or (gw > 1 and sw < 1):
+            raise ValueError(f"kernel {k} at {h}x{w} cannot tile the {gh}x{gw} grid")
+        # The logit Linear is per pixel, so it runs once per pixel and its result is windowed,
+        # instead of on every window's copy of the pixels (FeatUp unfolds the 129-channel map:
+        # ~1 GB per step at 224). Dropout is therefore drawn per pixel, not per window copy.
         drop, lin = self.logit
-        logits = torch.einsum("bcpl,c->blp", drop(patches), lin.weight[0]) + lin.bias  # (b, L, k2)
+        pix = torch.einsum("bchw,c->bhw", drop(x), lin.weight[0]) + lin.bias
+        logits = pix.unfold(1, k, sh).unfold(2, k, sw)[:, :gh, :gw].reshape(b, gh, gw, k * k)
         if self.training:
-            logits = logits * (torch.rand(b, n, 1, device=hr.device) < self.cfg.attn_keep)
-        logits = logits * self.w.flatten() + self.b.flatten()
-        attn = logits.softmax(-1)
-        out = torch.einsum("bcpl,blp->bcl", patches, attn)
-        return out.reshape(b, c, gh, gw)
+            logits = logits * (torch.rand(b, gh, gw, 1, device=hr.device) < self.cfg.attn_keep)
+        attn = (logits * self.w.flatten() + self.b.flatten()).softmax(-1).view(b, gh, gw, k, k)
+        # Weighted window sums one grid row at a time, recomputed in the backward pass: peak
+        # memory is one row of windows instead of all of them.
+        rows = []
+        for i in range(gh):
+            args = (x, attn, i, sh, sw, gw, k)
+            rows.append(checkpoint(_pool_row, *args, use_reentrant=False) if x.requires_grad else _pool_row(*args))
+        return torch.stack(rows, 2)
+
+
+def _pool_row(x, attn, i, sh, sw, gw, k):
+    band = x[:, :, i * sh : i * sh + k]  # (b, c, k, W)
+    windows = band.unfold(3, k, sw)[:, :, :, :gw]  # (b, c, k, gw, k): a view
+    return torch.einsum("bcujv,bjuv->bcj", windows, attn[:, i])
 
 
 class Unprojector(nn.Module):
