@@ -262,3 +262,41 @@ def test_one_bad_image_is_an_error_row(store, monkeypatch):
     errs = store.errors(job.name).to_pylist()
     assert [(e["image_id"], e["stage"]) for e in errs] == [(bad, "implicit")] and "simulated failure" in errs[0]["reason"]
     assert s.done[0]["dense_bytes"] == 0 and not implicit_store(store, "dinov2_vits14", RES).has_dense(0)
+
+
+def test_stage1_trains_on_stored_implicit_features(store, tmp_path, monkeypatch):
+    from loftup.training.stage1 import Stage1Config, train
+
+    assert not run_job(_job(dense=True), store, [(0, None)], executor="inline").failed
+    seen = []
+    real_call = im.ImplicitTargets.__call__
+
+    def spy(self, image_ids, size, projection=None):
+        out = real_call(self, image_ids, size, projection)
+        seen.append((list(image_ids), out, projection))
+        return out
+
+    monkeypatch.setattr(im.ImplicitTargets, "__call__", spy)
+    cfg = Stage1Config(store=store.url, out=str(tmp_path / "run"), res=RES, size=RES, target="implicit", pca_dim=8,
+                       batch_size=2, max_steps=2, workers=0, progress=False, device="cpu", recipe="paper", log_every=1)
+    result = train(cfg)
+    assert result["steps"] == 2 and len(seen) == 2
+    ids = store.image_ids(0).tolist()
+    dense = implicit_store(store, "dinov2_vits14", RES).dense
+    for batch_ids, target, projection in seen:
+        assert sorted(batch_ids) == ids and projection is not None
+        # Independently: the stored dense maps, PCA-projected as the run's inputs, channel-normalised.
+        hr = torch.from_numpy(dense.get_many(batch_ids).astype(np.float32))
+        expect = F.layer_norm(projection(hr).permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(target, expect, atol=1e-5, rtol=1e-5)
+    with pytest.raises(StoreError, match="run `loftup-pipeline implicit"):
+        train(replace(cfg, out=str(tmp_path / "run2"), backbone="dinov2_vits14", res=RES, shards=[0], target="implicit",
+                      store=str(_store_without_implicit(tmp_path, store))))
+
+
+def _store_without_implicit(tmp_path, store):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(store.root, root, ignore=shutil.ignore_patterns("implicit", "implicit__*"))
+    return root

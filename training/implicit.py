@@ -585,3 +585,15 @@ class ImplicitTargets:
         if projection is not None:
             hr = projection(hr)
         return F.layer_norm(hr.permute(0, 2, 3, 1), hr.shape[1:2]).permute(0, 3, 1, 2)
+
+
+def restrict_index(index, targets: ImplicitTargets):
+    """Stage 1's index limited to the images that have a stored per-image-optimised map."""
+    from loftup.storage.errors import StoreError
+    from loftup.training.data import StoreIndex
+
+    keep = np.isin(index.image_ids, targets.image_ids())
+    if not keep.any():
+        raise StoreError(f"no per-image-optimised features of {targets.backbone}@{targets.res} for the chosen images; "
+                         f"run `loftup-pipeline implicit --backbone {targets.backbone} --res {targets.res}` first")
+    return StoreIndex(index.image_ids[keep], index.shards[keep])
