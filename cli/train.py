@@ -95,7 +95,8 @@ evaluate_app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(evaluate_app, name="evaluate")
 
 _UPSAMPLER_HELP = "Baselines to run (repeatable): bilinear, bicubic, nearest, lowres."
-_CHECKPOINT_HELP = "A LoftUp checkpoint (ours .safetensors, or a released .pth), named after its file (repeatable)."
+_CHECKPOINT_HELP = ("A LoftUp checkpoint (repeatable): ours (.safetensors), a released .pth/.bin, or official:NAME "
+                    "(dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2; from the local HF cache).")
 _MATCH_HELP = "Also run each baseline in every checkpoint's own PCA projection (named BASELINE@CHECKPOINT)."
 
 
@@ -225,8 +226,8 @@ def evaluate_make_tiny_data(
 def upsample(
     image: Path = typer.Argument(..., help="Image file to upsample the features of."),
     checkpoint: Optional[Path] = typer.Option(None, help="Our checkpoint (stage1/stage2 .safetensors)."),
-    official: Optional[Path] = typer.Option(None, help="An officially released LoftUp checkpoint (.pth)."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone to compute the low-res features."),
+    official: Optional[str] = typer.Option(None, help="A released LoftUp: dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2 (local HF cache) or its .bin path."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone for the low-res features (default: the one the upsampler was trained for, else dinov2_vits14)."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
     random_init: bool = typer.Option(False, help="Random backbone weights (demos)."),
     backbone_res: int = typer.Option(224, help="Backbone input size."),

@@ -18,20 +18,21 @@ FORMATS = ("safetensors", "npy")
 
 
 def load_upsampler(checkpoint=None, official=None, device="cpu"):
-    """(model, projection or None, trained-on backbone or None) from exactly one source."""
+    """(model, projection or None, trained-on backbone or None) from exactly one source.
+
+    ``official`` is a release name (``dinov2s``, ``haiwen/loftup-dinov2s``, found in the local
+    HF cache) or a released-layout file; ``checkpoint`` any spec ``resolve_upsampler`` takes."""
     if checkpoint is None and official is None:
         raise LoftupError("no upsampler weights: pass a checkpoint of ours (--checkpoint stage1.safetensors / "
-                          "stage2.safetensors from `loftup-train`) or a released LoftUp file (--official X.pth)")
+                          "stage2.safetensors from `loftup-train`) or a released LoftUp (--official dinov2s or X.pth)")
     if checkpoint is not None and official is not None:
         raise LoftupError("pass either a checkpoint of ours or an official one, not both")
-    if official is not None:
-        from loftup.training.checkpoint import load_official
+    from loftup.training.checkpoint import load_official, resolve_upsampler
+    from loftup.training.releases import find_release
 
+    if official is not None and find_release(str(official)) is None and Path(str(official)).exists():
         return load_official(official, device=device), None, None
-    from loftup.training.checkpoint import load_model
-
-    model, meta = load_model(checkpoint, device=device, with_meta=True)
-    return model, meta.get("projection_module"), (meta.get("extra") or {}).get("backbone")
+    return resolve_upsampler(official if official is not None else checkpoint, device=device)
 
 
 def retention(upsampled: torch.Tensor, lowres: torch.Tensor) -> float:
@@ -67,7 +68,7 @@ def _write_features(tensors: dict, path: Path, fmt: str, meta: dict) -> None:
     tmp.replace(path)
 
 
-def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_vits14", weights=None,
+def upsample_image(image_path, checkpoint=None, official=None, backbone=None, weights=None,
                    random_init: bool = False, size: int = 448, backbone_res: int = 224,
                    out_dir="upsampled", fmt: str = "safetensors", device="cpu") -> dict:
     """Upsample the features of one image and write them plus a PCA picture.
@@ -77,7 +78,8 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_
     (rounded down to its patch size) and LoftUp upsamples its features to ``size``.
     ``checkpoint`` is one of our safetensors checkpoints, ``official`` a released LoftUp file
     (exactly one). ``backbone`` is a registered name or a ready ``Backbone`` module (with
-    ``patch``); ``weights``/``random_init`` go to ``create_backbone``.
+    ``patch``; default: the one the checkpoint or release was trained for, else dinov2_vits14);
+    ``weights``/``random_init`` go to ``create_backbone``.
 
     Writes ``<stem>_loftup<size>.<fmt>`` holding the (C, size, size) float32 features (key
     ``features``), the backbone's features projected as the checkpoint projects them and
@@ -93,9 +95,11 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_
         raise LoftupError(f"image {image_path} not found")
     model, projection, trained_on = load_upsampler(checkpoint, official, device)
 
+    if backbone is None:
+        backbone = trained_on or "dinov2_vits14"
     if isinstance(backbone, str):
         if trained_on and trained_on != backbone:
-            raise LoftupError(f"checkpoint {checkpoint} was trained on backbone {trained_on!r}, not {backbone!r}")
+            raise LoftupError(f"{checkpoint or official} was trained on backbone {trained_on!r}, not {backbone!r}")
         from loftup.pipeline.backbones import create_backbone
 
         net = create_backbone(backbone, weights=weights, random_init=random_init, device=device)
