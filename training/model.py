@@ -124,12 +124,13 @@ def bounded_bytes(tile: int, chunk: int, *, batch: int = 1, channels: int = 404,
 
 def plan_execution(device: DeviceSpec, height: int, width: int, *, batch: int = 1, channels: int = 404,
                    fourier: int = 203, hidden: int = 384, keys: int = 1024, heads: int = 4,
-                   bytes_per_value: int = 4) -> tuple[int, int] | None:
+                   bytes_per_value: int = 4, allow_dense: bool = True) -> tuple[int, int] | None:
     """(conv_tile, query_chunk) for an eval forward of this size on ``device``, None = dense.
 
     ``channels`` is the model's width (dim + 20), ``fourier`` its Fourier feature count,
     ``hidden`` its dim, ``keys`` the number of low-res tokens; ``bytes_per_value`` 2 under
     bf16 autocast. The output tensor itself is not counted: every path must hold it.
+    ``allow_dense=False`` gives the bounded plan even where the dense path would fit.
     """
     sizes = {"batch": batch, "channels": channels, "fourier": fourier, "hidden": hidden, "bytes_per_value": bytes_per_value}
     budget = MEMORY_FRACTION * device.free_bytes - batch * hidden * height * width * 4
@@ -140,7 +141,7 @@ def plan_execution(device: DeviceSpec, height: int, width: int, *, batch: int = 
         while tile > 16 and bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) > budget:
             tile, chunk = tile // 2, max(256, chunk // 2)
         return tile, chunk
-    if dense_bytes(height, width, **sizes) <= budget:
+    if allow_dense and dense_bytes(height, width, **sizes) <= budget:
         return None
     for tile in GPU_TILES:
         tile = min(tile, side)
