@@ -43,7 +43,7 @@ def build_store(work: Path, tars: int = 2, per_tar: int = 16, features: bool = T
 
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.sample_data import write_sample_shards
     from loftup.pipeline.shards import resolve_shards
     from loftup.storage import open_store
 
@@ -274,7 +274,7 @@ def bench_train_step(batch, dim: int, size: int, micro: int, timed_micro: int, w
     from loftup.training.losses import projected_mse, total_variation
     from loftup.training.model import LoftUp
     from loftup.training.pseudo_gt import pseudo_gt
-    from loftup.training.stage1 import layer_norm_target
+    from loftup.training.target_space import layer_norm_target
 
     torch.manual_seed(0)
     feats = batch["feats"].float()
@@ -320,7 +320,7 @@ def bench_pseudo_gt(batch, masks_per_image: int, repeats: int) -> dict:
     import torch
 
     from loftup.training.pseudo_gt import bicubic_upsample, mask_refine
-    from loftup.training.stage1 import layer_norm_target
+    from loftup.training.target_space import layer_norm_target
 
     feats = layer_norm_target(batch["feats"].float())
     masks = batch["masks"][:, :masks_per_image]

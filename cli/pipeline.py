@@ -21,6 +21,10 @@ CpuOpt = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each s
 GpuOpt = typer.Option(None, "--gpus-per-task", help="GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0.")
 NumCpuOpt = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray instance (default: all).")
 RetryOpt = typer.Option(3, "--max-retries", help="Retries of a shard task whose worker died (crash, OOM kill, preemption).")
+MemOpt = typer.Option(
+    None, "--memory-per-task",
+    help="GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none).",
+)
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
 
 
@@ -41,7 +45,8 @@ def _finish(summary) -> None:
         raise typer.Exit(1)
 
 
-def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite):
+def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite,
+         memory_per_task=None):
     from loftup.pipeline.runner import run_job
 
     summary = run_job(
@@ -55,6 +60,7 @@ def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task,
         gpus_per_task=gpus_per_task,
         max_retries=max_retries,
         overwrite=overwrite,
+        memory_per_task=memory_per_task,
         console=console,
     )
     _finish(summary)
@@ -70,12 +76,12 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _photo_list(photos: str | None, exclude: str | None) -> list[str] | None:
-    from loftup.pipeline.sample_data import photo_names
+def _photo_list(photos: str | None, exclude: str | None, photos_dir: str | None) -> list[str] | None:
+    from loftup.sample_data import photo_names
 
     if not exclude:
         return photos.split(",") if photos else None
-    chosen = photos.split(",") if photos else list(photo_names())
+    chosen = photos.split(",") if photos else list(photo_names(photos_dir))
     excluded = set(exclude.split(","))
     return [p for p in chosen if p not in excluded]
 
@@ -92,18 +98,20 @@ def sample_data(
     photos: Optional[str] = typer.Option(None, help="Comma list of photos to use (default all; see `loftup-pipeline sample-data --list-photos`)."),
     exclude_photos: Optional[str] = typer.Option(None, help="Comma list of photos to leave out (e.g. the ones held out for evaluation)."),
     list_photos: bool = typer.Option(False, "--list-photos", help="Print the photos that load on this machine and exit."),
+    photos_dir: Optional[Path] = typer.Option(None, "--photos-dir", help="Use the JPEG/PNG photos of this folder (Felzenszwalb segments as masks) instead of the package photos."),
 ):
-    """Write small SA-1B-format tars from real photos and masks that ship with installed packages."""
-    from loftup.pipeline.sample_data import photo_names, write_sample_shards
+    """Write small SA-1B-format tars from real photos (package photos, or a folder of your own)."""
+    from loftup.sample_data import photo_names, write_sample_shards
 
+    pdir = str(photos_dir.resolve()) if photos_dir is not None else None
     if list_photos:
-        console.print(" ".join(photo_names()))
+        console.print(" ".join(photo_names(pdir)))
         return
     if out is None:
         raise LoftupError("sample-data: give the output directory (OUT)")
     paths = write_sample_shards(
         out, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed, first_shard=first_shard,
-        faults=tuple(fault), photos=_photo_list(photos, exclude_photos),
+        faults=tuple(fault), photos=_photo_list(photos, exclude_photos, pdir), photos_dir=pdir,
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
@@ -132,6 +140,7 @@ def masks(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Class-agnostic masks into the Parquet mask store (original RLE + each training geometry)."""
     from loftup.pipeline.jobs import MasksJob
@@ -151,7 +160,7 @@ def masks(
                 opts[key] = value
     size_t = _sizes(sizes)
     job = MasksJob(source=source, source_options=opts, sizes=size_t)
-    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
 
 
 @app.command()
@@ -167,6 +176,7 @@ def images(
     cpus_per_task: float = CpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Training images at each geometry into the Parquet image store."""
     from loftup.pipeline.jobs import ImagesJob
@@ -175,7 +185,7 @@ def images(
     shard_list = resolve_shards(shards, sa1b_root)
     size_t = _sizes(sizes)
     job = ImagesJob(sizes=size_t, quality=quality)
-    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, 0.0, max_retries, overwrite)
+    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, 0.0, max_retries, overwrite, memory_per_task)
 
 
 @app.command()
@@ -195,6 +205,7 @@ def features(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Low-resolution VFM features of the stored images into the Zarr v3 feature store."""
     from loftup.pipeline.jobs import FeaturesJob
@@ -203,7 +214,7 @@ def features(
     st = _open(store, create=False)
     shard_list = [(s, None) for s in parse_shards(shards)]
     job = FeaturesJob(backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device)
-    _run(job, st, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+    _run(job, st, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
 
 
 @app.command()
@@ -226,6 +237,7 @@ def pseudogt(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Materialise mask-refined bicubic pseudo-GT for inspection (Zarr) with PNGs of bicubic vs refined."""
     from loftup.pipeline.shards import parse_shards
@@ -234,7 +246,7 @@ def pseudogt(
     st = _open(store, create=False)
     job = PseudoGTJob(backbone=backbone, res=res, geometry=geometry, alpha=alpha, max_masks=max_masks, limit=limit,
                       png=not no_png, png_dir=png_dir, device=device)
-    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
 
 
 @app.command()

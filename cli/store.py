@@ -29,13 +29,13 @@ def print_status(st) -> None:
     from loftup.pipeline.progress import _human
 
     t = Table(title=f"jobs in {st.url}")
-    for col in ("job", "shards done", "images", "masks", "failures", "bytes", "seconds", "images/s"):
+    for col in ("job", "shards done", "failed shards", "images", "masks", "failures", "bytes", "seconds", "images/s"):
         t.add_column(col, justify="right" if col != "job" else "left")
     for job, s in sorted(st.summary().items()):
         secs = s.get("seconds", 0.0)
         rate = s.get("images", 0) / secs if secs else 0.0
-        t.add_row(job, str(s.get("shards", 0)), str(s.get("images", 0)), str(s.get("masks", "") or ""),
-                  str(s.get("errors", 0)), _human(s.get("bytes", 0)), f"{secs:.1f}", f"{rate:.2f}")
+        t.add_row(job, str(s.get("shards", 0)), str(s.get("failed_shards", 0)), str(s.get("images", 0)),
+                  str(s.get("masks", "") or ""), str(s.get("failures", 0)), _human(s.get("bytes", 0)), f"{secs:.1f}", f"{rate:.2f}")
     console.print(t)
 
 
@@ -47,14 +47,14 @@ def info(store: str = StoreArg):
 
 @app.command()
 def status(store: str = StoreArg):
-    """Per job: shards done, images, failures, bytes, throughput."""
+    """Per job: shards done, failed shards, images, per-image failures, bytes, throughput."""
     print_status(_open(store))
 
 
 @app.command()
 def errors(store: str = StoreArg, job: Optional[str] = typer.Option(None, help="Only this job."),
            limit: int = typer.Option(50, help="Rows to print.")):
-    """Per-sample failures recorded by the jobs."""
+    """Per-image failures, and shards that failed as a whole (stage 'shard'), recorded by the jobs."""
     table = _open(store).errors(job)
     t = Table(title=f"{table.num_rows} errors")
     for name in table.column_names:

@@ -53,9 +53,6 @@ class ShardProgress:
             errors=self.errors,
         )
 
-    def start(self, shard: int) -> None:
-        pass
-
     def advance(self, shard: int, ok: int, err: int) -> None:
         with self.lock:
             self.errors += err

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from loftup.pipeline.jobs import Job, run_and_time, upstream_state
-from loftup.storage.errors import LoftupError
+from loftup.storage.errors import LoftupError, error_line
 
 
 @dataclass
@@ -140,9 +140,17 @@ def run_job(
     gpus_per_task: float | None = None,
     max_retries: int = 3,
     overwrite: bool = False,
+    memory_per_task: float | None = None,
     console=None,
 ) -> RunSummary:
-    """Run ``job`` over ``shards`` [(shard, tar path or None)] and return a summary."""
+    """Run ``job`` over ``shards`` [(shard, tar path or None)] and return a summary.
+
+    ``memory_per_task``: GiB of host memory Ray reserves per shard task (default: the job's own
+    estimate, :meth:`Job.memory_bytes`; 0: reserve none), so a node is packed without
+    oversubscribing it.
+    """
+    if memory_per_task is not None and memory_per_task < 0:
+        raise LoftupError(f"--memory-per-task must be >= 0 GiB, got {memory_per_task}")
     from loftup.pipeline.progress import ShardProgress
 
     job.check(store)
@@ -156,20 +164,20 @@ def run_job(
             pass
         elif executor == "inline":
             for shard, path in todo:
-                view.start(shard)
                 try:
                     summary.done[shard] = process_shard(job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err))
                     view.finish(shard, summary.done[shard])
-                except LoftupError as exc:
-                    summary.failed[shard] = str(exc)
-                    view.fail(shard, str(exc))
                 except Exception as exc:  # as under Ray: one shard's failure never stops the others
-                    summary.failed[shard] = _first_line(exc)
+                    summary.failed[shard] = error_line(exc)
                     view.fail(shard, summary.failed[shard])
         elif executor == "ray":
-            _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries)
+            _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
+                     memory_per_task)
         else:
             raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
+    for shard, reason in summary.failed.items():
+        # After the view closed, so that a store that cannot take the record fails loudly but late.
+        store.record_failed_shard(job.name, shard, reason)
     summary.seconds = time.time() - t0
     return summary
 
@@ -187,18 +195,50 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise LoftupError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}") from None
+            raise LoftupError(f"cannot connect to Ray at {address}: {error_line(exc)}") from None
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     return ray
 
 
-def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries):
+def task_memory(job: Job, memory_per_task: float | None, node_memory: list[float], embedded: bool) -> int:
+    """Bytes of Ray ``memory`` to reserve per task of ``job``.
+
+    The job's estimate is capped at the largest node's memory resource on an embedded instance
+    (it is only a fraction of this machine's RAM, and a request above it would never schedule);
+    an explicit request that no node can hold is a clear error.
+    """
+    if memory_per_task is not None:
+        want = int(memory_per_task * (1 << 30))
+        if want and node_memory and want > max(node_memory):
+            raise LoftupError(
+                f"--memory-per-task {memory_per_task:g} GiB: no Ray node offers that much "
+                f"(largest: {max(node_memory) / 2**30:.1f} GiB)"
+            )
+        return want
+    want = job.memory_bytes()
+    if node_memory and want > max(node_memory):
+        if not embedded:
+            raise LoftupError(
+                f"{job.name} tasks need ~{want / 2**30:.1f} GiB of memory but the largest Ray node offers "
+                f"{max(node_memory) / 2**30:.1f} GiB; pass --memory-per-task to override"
+            )
+        want = int(max(node_memory))
+    return want
+
+
+def _node_memory(ray) -> list[float]:
+    return [float(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
+             memory_per_task=None):
     ray = init_ray(address, num_cpus)
     from ray.exceptions import RayError, RayTaskError
 
     if gpus_per_task is None:
         gpus_per_task = 1.0 if (job.num_gpus_wanted and ray.cluster_resources().get("GPU", 0) > 0) else 0.0
+    memory = task_memory(job, memory_per_task, _node_memory(ray), embedded=not address)
 
     @ray.remote
     class Counter:
@@ -219,12 +259,12 @@ def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, 
         return process_shard(job, url, shard, path, lambda ok, err: counter.add.remote(shard, ok, err))
 
     remote = ray.remote(task).options(
-        num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries, retry_exceptions=False
+        num_cpus=cpus_per_task, num_gpus=gpus_per_task, memory=memory or None, max_retries=max_retries,
+        retry_exceptions=False,
     )
     pending = {}
     for shard, path in todo:
         pending[remote.remote(job, store.url, shard, path, counter)] = shard
-        view.start(shard)
     stop = threading.Event()
 
     def poll():
@@ -244,17 +284,12 @@ def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, 
                     view.finish(shard, summary.done[shard])
                 except RayTaskError as exc:
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    msg = str(cause).splitlines()[0] if isinstance(cause, LoftupError) else _first_line(cause)
-                    summary.failed[shard] = msg
-                    view.fail(shard, msg)
+                    summary.failed[shard] = error_line(cause)
+                    view.fail(shard, summary.failed[shard])
                 except RayError as exc:
-                    summary.failed[shard] = _first_line(exc)
+                    summary.failed[shard] = error_line(exc)
                     view.fail(shard, summary.failed[shard])
     finally:
         stop.set()
         poller.join(timeout=2)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]

@@ -301,6 +301,25 @@ def write_errors(fs, root: str, job: str, shard: int, rows) -> int:
     return atomic_write(fs, path, buf.getvalue())
 
 
+SHARD_FAILED = "shard"  # the ``stage`` of the one error row recording a shard that failed as a whole
+
+
+def record_failed_shard(fs, root: str, job: str, shard: int, reason: str) -> int:
+    """Record that ``shard`` failed as a whole (no marker): one error row, replaced on redo."""
+    return write_errors(fs, root, job, shard, [{"image_id": None, "member": None, "stage": SHARD_FAILED, "reason": reason}])
+
+
+def error_shards(fs, root: str) -> dict[str, list[int]]:
+    """Job -> shards that have an error table (committed or failed)."""
+    out = {}
+    for key in _list_names(fs, f"{root}/{ERRORS}"):
+        if key.startswith("."):
+            continue
+        shards = [parse_shard_name(n) for n in _list_names(fs, f"{root}/{ERRORS}/{key}") if n.endswith(".parquet")]
+        out[key_to_job(key)] = sorted(s for s in shards if s is not None)
+    return out
+
+
 def read_errors(fs, root: str, job: str | None = None) -> pa.Table:
     """Every error row (of one job, or all), with ``job`` and ``shard`` columns added."""
     keys = [job_key(job)] if job is not None else [

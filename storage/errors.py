@@ -19,3 +19,19 @@ class ShardError(LoftupError):
 
 class WeightsError(LoftupError):
     """Model weights are missing or do not match the architecture."""
+
+
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """One line for an exception: a LoftupError's own message, else ``Type: first line``.
+
+    The single home for turning exceptions into the one-line messages that the CLI prints,
+    failed shards record and ``verify`` reports.
+    """
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if isinstance(exc, LoftupError):
+        return first[:limit]
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"[:limit]
+    return f"{type(exc).__name__}: {first}".rstrip(": ")[:limit]

@@ -14,7 +14,7 @@ import pyarrow as pa
 from loftup.storage import commit
 from loftup.storage.errors import StoreError
 from loftup.storage.features import FeatureStore
-from loftup.storage.images import ImageIndex, image_schema, open_jpeg, write_images
+from loftup.storage.images import ImageIndex, image_schema, image_writer, open_jpeg, write_images
 from loftup.storage.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -23,7 +23,7 @@ from loftup.storage.manifest import (
     parse_manifest,
     write_manifest,
 )
-from loftup.storage.masks import MaskIndex, ShardFiles, mask_schema, rle_columns, to_rles, write_masks
+from loftup.storage.masks import MaskIndex, ShardFiles, mask_schema, mask_writer, rle_columns, to_rles, write_masks
 
 LOCK_FILE = ".manifest.lock"
 
@@ -181,20 +181,33 @@ class Store:
         """All error rows (of one job or every job) with ``job`` and ``shard`` columns."""
         return commit.read_errors(self.fs, self.root, job)
 
+    def record_failed_shard(self, job: str, shard: int, reason: str) -> None:
+        """Record a shard that failed as a whole, so ``status`` and ``errors`` show it."""
+        commit.record_failed_shard(self.fs, self.root, job, shard, reason)
+
+    def failed_shards(self, job: str) -> list[int]:
+        """Shards of ``job`` that failed as a whole in the last run that tried them (no marker)."""
+        done = self.done_shards(job)
+        return [s for s in commit.error_shards(self.fs, self.root).get(job, []) if s not in done]
+
     def summary(self) -> dict[str, dict]:
-        """Per job: shards done, images, failures, bytes, seconds (and masks when recorded)."""
+        """Per job: shards done, failed shards, images, per-image failures, bytes, seconds (and masks)."""
         out = {}
-        for key in commit.status_jobs(self.fs, self.root):
+        failed_by_job = commit.error_shards(self.fs, self.root)
+        keys = set(commit.status_jobs(self.fs, self.root)) | {commit.job_key(j) for j in failed_by_job}
+        for key in sorted(keys):
+            job = commit.key_to_job(key)
             try:
-                markers = self.done_shards(commit.key_to_job(key))
+                markers = self.done_shards(job)
             except StoreError:
                 continue
-            if not markers:
+            failed = [s for s in failed_by_job.get(job, []) if s not in markers]
+            if not markers and not failed:
                 continue
             values = list(markers.values())
-            job = values[0].get("job", commit.key_to_job(key))
             row = {
                 "shards": len(values),
+                "failed_shards": len(failed),
                 "images": int(sum(m.get("images", 0) or 0 for m in values)),
                 "failures": int(sum(m.get("errors", 0) or 0 for m in values)),
                 "bytes": int(sum(m.get("bytes", 0) or 0 for m in values)),
@@ -210,6 +223,18 @@ class Store:
         """Write the shard's mask table (sorted by image_id, order; zstd; 20k-row groups)."""
         try:
             return write_masks(self._mask_files, shard, table, self.mask_schema)
+        finally:
+            self._mask_index.invalidate()
+
+    @contextlib.contextmanager
+    def mask_writer(self, shard: int, **limits):
+        """Stream the shard's mask table: ``with store.mask_writer(s) as w: w.add(table)``.
+
+        One row group at a time, sorted by (image_id, order); in place on clean exit only.
+        """
+        try:
+            with mask_writer(self._mask_files, shard, self.mask_schema, **limits) as w:
+                yield w
         finally:
             self._mask_index.invalidate()
 
@@ -242,6 +267,23 @@ class Store:
             return write_images(self._image_files, shard, table, self.image_schema)
         finally:
             self._image_index.invalidate()
+
+    @contextlib.contextmanager
+    def image_writer(self, shard: int, **limits):
+        """Stream the shard's image table (sorted by image_id); in place on clean exit only."""
+        try:
+            with image_writer(self._image_files, shard, self.image_schema, **limits) as w:
+                yield w
+        finally:
+            self._image_index.invalidate()
+
+    def image_count(self, shard: int) -> int:
+        """Images stored for one shard (from the file footer)."""
+        return self._image_files.num_rows(shard)
+
+    def image_batches(self, shard: int, columns=None, batch_rows: int = 64):
+        """One shard's image table as record batches of ``batch_rows`` rows (bounded memory)."""
+        return self._image_files.iter_batches(shard, columns, batch_rows)
 
     def images_dataset(self):
         """pyarrow dataset of the image tables, ``shard`` (int32) as partition column."""

@@ -22,7 +22,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def sample_shards(tmp_path_factory):
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.sample_data import write_sample_shards
 
     out = tmp_path_factory.mktemp("sa1b")
     write_sample_shards(out, tars=2, images_per_tar=4, seed=0)

@@ -124,7 +124,7 @@ def test_redone_upstream_makes_features_stale(built_store, sample_shards):
 
 
 def test_corrupt_jpeg_and_missing_json_become_error_rows(tmp_path):
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.sample_data import write_sample_shards
 
     root = tmp_path / "sa1b"
     write_sample_shards(root, tars=1, images_per_tar=4, short_side=600, faults=("corrupt_jpeg", "missing_json"))
@@ -142,7 +142,7 @@ def test_corrupt_jpeg_and_missing_json_become_error_rows(tmp_path):
 
 
 def test_truncated_tar_fails_only_its_shard(tmp_path):
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.sample_data import write_sample_shards
 
     root = tmp_path / "sa1b"
     write_sample_shards(root, tars=2, images_per_tar=2, short_side=400, faults=("truncated_tar",))

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from loftup.pipeline import sample_data as sd
+from loftup import sample_data as sd
 from loftup.pipeline.sa1b import Sample, SampleError, decode_jpeg, iter_samples
 from loftup.storage.errors import LoftupError, ShardError
 
@@ -288,6 +288,44 @@ def test_bad_arguments(tmp_path):
 
 
 def test_cli_entry(tmp_path, capsys):
-    assert sd.main([str(tmp_path), "--tars", "1", "--images-per-tar", "1", "--short-side", "32", "--first-shard", "3"]) == 0
-    assert capsys.readouterr().out.strip().endswith("sa_000003.tar")
+    from loftup.cli.common import run
+    from loftup.cli.pipeline import app
+
+    args = ["sample-data", str(tmp_path), "--tars", "1", "--images-per-tar", "1", "--short-side", "32", "--first-shard", "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(app, args)
+    assert exit_info.value.code == 0
     assert len(_samples(tmp_path / "sa_000003.tar")) == 1
+
+
+def test_photos_dir_becomes_sa1b_tars(tmp_path):
+    """Any folder of JPEG/PNG photos: image k is photo k (sorted by file name), resized so its
+    short side is exact, with Felzenszwalb segments as valid full-size RLE masks."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    a = np.kron(rng.integers(0, 255, (6, 8, 3)), np.ones((10, 10, 1))).astype(np.uint8)  # 60x80 blocks
+    b = sd.load_photo("astronaut").rgb[::8, ::8]  # 64x64
+    Image.fromarray(a).save(photos / "a.png")
+    Image.fromarray(b).save(photos / "b.jpg", quality=95)
+    (photos / "notes.txt").write_text("not a photo")
+    paths = sd.write_sample_shards(tmp_path / "out", tars=1, images_per_tar=2, short_side=48, photos_dir=photos)
+    got = _samples(paths[0])
+    assert len(got) == 2
+    for sample, src in zip(got, (a, b)):
+        img = np.asarray(decode_jpeg(sample.jpeg))
+        H, W = sd.target_size(*src.shape[:2], 48)
+        assert img.shape == (H, W, 3) and min(H, W) == 48
+        want = np.asarray(Image.fromarray(src).resize((W, H), Image.BICUBIC)).astype(float)
+        err = np.abs(img.astype(float) - want).mean()
+        # JPEG loss only: this photo, not the other one, nor this one mirrored
+        assert err < 10 and err < np.abs(img.astype(float) - want[:, ::-1]).mean() / 3
+        anns = sample.ann["annotations"]
+        assert len(anns) >= 3
+        for ann in anns:
+            m = _decode(ann["segmentation"])
+            assert m.shape == (H, W) and m.sum() == ann["area"] > 0
+    with pytest.raises(LoftupError, match="no JPEG or PNG"):
+        sd.write_sample_shards(tmp_path / "x", photos_dir=tmp_path / "out")
+    with pytest.raises(LoftupError, match="does not exist"):
+        sd.write_sample_shards(tmp_path / "x", photos_dir=tmp_path / "nope")

