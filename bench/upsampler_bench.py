@@ -297,6 +297,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the raw rows to this file")
     parser.add_argument("--efficiency-only", action="store_true", help="only the compute-efficiency table")
+    parser.add_argument("--efficiency-sizes", default="224,448", help="outputs of the efficiency table")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "OUT", "GRID"), help=argparse.SUPPRESS)
     parser.add_argument("--efficiency-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -305,13 +306,13 @@ def main(argv=None) -> int:
         print(json.dumps(worker(method, int(out), int(grid), args.threads)))
         return 0
     if args.efficiency_worker:
-        print(json.dumps(efficiency_worker([224, 448], args.threads)))
+        print(json.dumps(efficiency_worker([int(x) for x in args.efficiency_sizes.split(",")], args.threads)))
         return 0
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
-    print("measuring compute efficiency (matmul, dense, bounded at 224 and 448) ...", file=sys.stderr, flush=True)
+    print(f"measuring compute efficiency (matmul, dense, bounded at {args.efficiency_sizes}) ...", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--efficiency-worker", "--threads",
-                           str(args.threads)], capture_output=True, text=True)
+                           str(args.threads), "--efficiency-sizes", args.efficiency_sizes], capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"error: efficiency run failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
         return 1

@@ -48,7 +48,7 @@ def test_cpu_small_run(tmp_path, capsys):
                 for path in ("dense", "bounded"):
                     r = up[(path, grid, out_px, precision)]
                     assert r["ms"] > 0 and "error" not in r
-                assert up[("bounded", grid, out_px, precision)]["plan"] == [out_px, 1024]
+                assert up[("bounded", grid, out_px, precision)]["plan"] == [out_px, 4096]
     largest = [r for r in rows if r.get("largest")]
     assert [(r["out"], r["precision"]) for r in largest] == [(cfg["largest"][-1], "fp32"), (cfg["largest"][-1], "bf16")]
     assert {r["grid"] for r in rows if r["what"] == "dinov2_s"} == set(cfg["grids"])

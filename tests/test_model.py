@@ -238,8 +238,8 @@ GB = 2**30
 
 @pytest.mark.parametrize("device,size,bpv,expect", [
     # CPU: cache-sized tiles whatever the memory; a starved machine halves them.
-    (DeviceSpec("cpu", 16 * GB), 224, 4, (128, 1024)),
-    (DeviceSpec("cpu", 16 * GB), 2048, 4, (128, 1024)),
+    (DeviceSpec("cpu", 16 * GB), 224, 4, (128, 4096)),
+    (DeviceSpec("cpu", 16 * GB), 2048, 4, (128, 4096)),
     (DeviceSpec("cpu", 200 * 2**20), 224, 4, (32, 256)),
     # GPU: dense whenever it fits...
     (DeviceSpec("cuda", 22 * GB), 448, 4, None),

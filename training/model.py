@@ -15,7 +15,7 @@ Two execution paths compute the same function:
 
 :func:`plan_execution` picks between them from a :class:`DeviceSpec` (kind and free
 memory): on a GPU the dense path whenever it fits, else the largest tiles and chunks
-that fit; on a CPU small tiles and chunks, where they run faster than the dense path.
+that fit; on a CPU cache-sized tiles at every size (no dense-sized intermediates).
 
 Attention always goes through ``F.scaled_dot_product_attention`` with the packed
 ``in_proj`` weights of ``nn.MultiheadAttention`` (kept as the parameter holder, so
@@ -52,10 +52,11 @@ __all__ = [
 IMAGE_SCALINGS = ("image", "batch")
 HALO = 2
 
-# Plans on a CPU: tiles and chunks sized for the caches (measured by bench/upsampler_bench.py);
-# the fused tiled path beats the dense modules there at every size.
+# Plans on a CPU: tiles of this side keep the 3x3 convolutions near the matmul rate (whole
+# 224 maps run slower); chunks this long keep the number of parallel regions (each one a
+# barrier for the OpenMP threads, costly on a loaded machine) low.
 CPU_CONV_TILE = 128
-CPU_QUERY_CHUNK = 1024
+CPU_QUERY_CHUNK = 4096
 # Plans on an accelerator: the dense path when it fits, else the largest of these that fit
 # (few, large launches: per-tile overhead dominates there).
 GPU_TILES = (4096, 2048, 1024, 512, 256, 128, 64)
@@ -139,7 +140,7 @@ def plan_execution(device: DeviceSpec, height: int, width: int, *, batch: int = 
         tile, chunk = min(CPU_CONV_TILE, side), CPU_QUERY_CHUNK
         # Only a machine short of memory shrinks them further.
         while tile > 16 and bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) > budget:
-            tile, chunk = tile // 2, max(256, chunk // 2)
+            tile, chunk = tile // 2, max(256, chunk // 4)
         return tile, chunk
     if allow_dense and dense_bytes(height, width, **sizes) <= budget:
         return None
