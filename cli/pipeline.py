@@ -259,15 +259,15 @@ def status(store: str = StoreOpt):
 
 @app.command()
 def backbones():
-    """List the registered backbones."""
+    """List the registered backbones: patch, dim, input normalisation and where their weights go."""
     from rich.table import Table
 
     from loftup.pipeline.backbones import backbone_info, list_backbones
 
-    t = Table("name", "patch", "dim", "normalisation", "tokens")
+    t = Table("name", "patch", "dim", "normalisation", "weights (--weights FILE, or found offline at)")
     for name in list_backbones():
         i = backbone_info(name)
-        t.add_row(name, str(i.get("patch")), str(i.get("dim")), str(i.get("normalisation", "")), str(i.get("tokens", "")))
+        t.add_row(name, str(i["patch"]), str(i["dim"]), i["normalisation"], i["weights_hint"])
     console.print(t)
 
 

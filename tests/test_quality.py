@@ -54,7 +54,8 @@ def stage1_run(real_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
     return train(Stage1Config(store=real_store.url, out=str(out), backbone=BACKBONE, shards=list(range(TRAIN_TARS)), pca_dim=64,
                               size=56, max_masks=60, batch_size=4, max_steps=600, lr=2e-3, lr_schedule="cosine",
-                              warmup_steps=50, bn_recalibrate=32, workers=0, progress=False, log_every=50, device="cpu"))
+                              warmup_steps=50, bn_recalibrate=32, workers=0, progress=False, log_every=50, device="cpu",
+                              recipe="paper", grad_clip=1.0))
 
 
 def _evaluate(store, checkpoints: dict, size: int) -> dict:
@@ -88,7 +89,8 @@ def test_stage2_after_stage1_beats_bilinear_on_held_out_images(real_store, stage
     out = tmp_path_factory.mktemp("stage2")
     s2 = train2(Stage2Config(init=stage1_run["checkpoint"], store=real_store.url, out=str(out), backbone=BACKBONE,
                              shards=list(range(TRAIN_TARS)), hr=448, sizes=[112, 160], max_masks=60, batch_size=2,
-                             max_steps=30, lr=1e-4, ema_every=5, workers=0, progress=False, log_every=5, device="cpu"))
+                             max_steps=30, lr=1e-4, ema_every=5, workers=0, progress=False, log_every=5, device="cpu",
+                             recipe="paper", grad_clip=1.0))
     ckpts = {"stage1": stage1_run["checkpoint"], "stage2": s2["checkpoint"]}
     at56, at112 = _evaluate(real_store, ckpts, size=56), _evaluate(real_store, ckpts, size=112)
     print(json.dumps({"56": at56, "112": at112}, indent=2))

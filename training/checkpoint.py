@@ -15,17 +15,19 @@ from typing import Mapping
 
 import torch
 
-from loftup.storage.errors import WeightsError
+from loftup.pipeline.backbones.weights import load_state_dict_strict, read_state_dict, unwrap_state_dict
+from loftup.storage.errors import LoftupError, WeightsError
 from loftup.training.model import LoftUp
 
 __all__ = ["save_model", "load_model", "read_config", "from_official", "to_official_state_dict", "load_official",
-           "OFFICIAL_SOURCE"]
+           "resolve_upsampler", "OFFICIAL_SOURCE"]
 
 FORMAT = "loftup-model"
 FORMAT_VERSION = 1
 PROJECTION_PREFIX = "projection."
-OFFICIAL_SOURCE = ("the authors' releases linked from the README of https://github.com/andrehuang/loftup "
-                   "(e.g. the DINOv2-S/14 upsampler .pth)")
+OFFICIAL_SOURCE = ("the authors' releases (https://github.com/andrehuang/loftup: haiwen/loftup-* on the HF hub, "
+                   "e.g. haiwen/loftup-dinov2s/pytorch_model.bin; `loftup-train upsample --official NAME` finds "
+                   "them in the HF cache)")
 
 
 def _paths(path) -> tuple[Path, Path]:
@@ -82,8 +84,6 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
     returns ``(model, meta)``: the JSON config plus ``meta["projection_module"]`` (the saved
     ``FeatureProjection`` or None).
     """
-    from safetensors.torch import load_file
-
     weights, _ = _paths(path)
     if not weights.exists():
         raise WeightsError(f"checkpoint {weights} not found")
@@ -91,7 +91,7 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
     config = dict(meta["config"])
     config.update(overrides)
     model = LoftUp(**config)
-    state = load_file(str(weights))
+    state = read_state_dict(weights)
     proj_state = {k[len(PROJECTION_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PROJECTION_PREFIX)}
     _load_strict(model, state, str(weights))
     model = model.to(device).eval()
@@ -140,19 +140,8 @@ def _infer_config(state: Mapping[str, torch.Tensor]) -> dict:
             "extra": 4 * int(lr_biases.shape[-1]), "blocks": blocks}
 
 
-def _load_strict(model: LoftUp, state: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                parts.append(f"{label}: {shown}")
-        raise WeightsError(f"weights from {source} do not match LoftUp(dim={model.dim}): " + "; ".join(parts))
-    model.load_state_dict(dict(state), strict=True)
+def _load_strict(model: LoftUp, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    load_state_dict_strict(model, state, source, f"LoftUp(dim={model.dim})", assign=assign)
 
 
 def from_official(state_dict: Mapping[str, torch.Tensor], image_scaling: str = "image", heads: int = 4) -> LoftUp:
@@ -162,22 +151,16 @@ def from_official(state_dict: Mapping[str, torch.Tensor], image_scaling: str = "
     batch); the default scales each image on its own. Mismatching keys raise ``WeightsError``.
     """
     state = _normalise_keys(state_dict)
-    model = LoftUp(**_infer_config(state), heads=heads, image_scaling=image_scaling)
-    _load_strict(model, state, "the official state dict")
+    # Built on the meta device: every tensor comes from the file, so initialising is wasted work.
+    with torch.device("meta"):
+        model = LoftUp(**_infer_config(state), heads=heads, image_scaling=image_scaling)
+    _load_strict(model, state, "the official state dict", assign=True)
     return model.eval()
 
 
 def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     # Released files are either a bare state dict or a training checkpoint holding one.
-    for _ in range(3):
-        if not isinstance(obj, Mapping):
-            break
-        inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict", "weights")
-                      if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+    tensors = unwrap_state_dict(obj) if isinstance(obj, Mapping) else {}
     if not tensors:
         raise WeightsError(f"{source} holds no state dict of tensors")
     state = _normalise_keys(tensors)
@@ -193,14 +176,41 @@ def load_official(path, image_scaling: str = "image", heads: int = 4, device: st
     if not path.exists():
         raise WeightsError(f"official LoftUp checkpoint {path} not found: download it from {OFFICIAL_SOURCE} "
                            f"and pass its path")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path))
-    else:
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors come in many types
-            raise WeightsError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+    raw = read_state_dict(path)
     model = from_official(_unwrap(raw, str(path)), image_scaling=image_scaling, heads=heads)
     return model.to(device)
+
+
+def resolve_upsampler(spec, device: str | torch.device = "cpu", image_scaling: str = "image"):
+    """``(model, projection or None, backbone name or None)`` for any checkpoint spec:
+
+    - ``official:NAME`` / ``NAME`` / ``haiwen/loftup-NAME``: a released upsampler from the local
+      HF cache (``NAME`` in ``training.releases.RELEASES``; its backbone is known);
+    - a ``.safetensors``/``.json`` checkpoint of ours (``save_model``), with its projection and
+      the backbone it was trained for;
+    - any other file: a released-layout state dict (.pth/.bin/.pt/.ckpt).
+    """
+    from loftup.training.releases import find_release, load_release
+
+    text = str(spec)
+    release = find_release(text)
+    if release is not None:
+        return load_release(release.name, device=device, image_scaling=image_scaling), None, release.backbone
+    if text.startswith("official:"):
+        path = Path(text[len("official:"):])
+        if not path.exists():
+            from loftup.training.releases import RELEASES
+
+            raise LoftupError(f"unknown LoftUp release {text!r}; known: {', '.join('official:' + n for n in RELEASES)}")
+        return load_official(path, image_scaling=image_scaling, device=device), None, None
+    path = Path(text)
+    if path.suffix in (".safetensors", ".json") and _paths(path)[1].exists():
+        model, meta = load_model(path, device=device, with_meta=True)
+        return model, meta.get("projection_module"), (meta.get("extra") or {}).get("backbone")
+    if not path.exists():
+        from loftup.training.releases import RELEASES
+
+        if path.suffix == "" and (len(path.parts) == 1 or (len(path.parts) == 2 and not text.startswith((".", "/")))):
+            raise LoftupError(f"unknown LoftUp release or missing checkpoint {text!r}; releases: {', '.join(RELEASES)}")
+        raise WeightsError(f"checkpoint {path} not found")
+    return load_official(path, image_scaling=image_scaling, device=device), None, None

@@ -34,6 +34,12 @@ class RunDir:
         if self.master:
             _atomic_write(self.path / name, json.dumps(config, indent=2, sort_keys=True, default=str).encode())
 
+    def load_config(self, name: str = "config.json") -> dict:
+        path = self.path / name
+        if not path.is_file():
+            raise LoftupError(f"--resume: no run at {self.path} (no {name})")
+        return json.loads(path.read_text())
+
     # -- metrics ---------------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if not self.master:
