@@ -195,7 +195,7 @@ def build_store(work: Path, tars: int, per_tar: int, short_side: int, log) -> tu
 
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.pipeline.sample_data import write_sample_shards
+    from loftup.sample_data import write_sample_shards
     from loftup.pipeline.shards import resolve_shards
     from loftup.storage import open_store
 
@@ -234,7 +234,9 @@ def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, st
 
     c = cfg["stage1"]
     out = work / "stage1"
-    run_cfg = Stage1Config(store=url, out=str(out), pca_dim=c["pca_dim"], size=c["size"], batch_size=c["batch_size"],
+    # The released recipe (the default) runs the backbone live for its reconstruction term: random weights.
+    run_cfg = Stage1Config(store=url, out=str(out), random_init=True, pca_dim=c["pca_dim"], size=c["size"],
+                           batch_size=c["batch_size"],
                            max_steps=c["steps"], log_every=1, checkpoint_every=10**9, workers=0 if device.type == "cpu" else 4,
                            progress=False, device=str(device))
     _, peak = _run_peak(lambda: train(run_cfg), device)
