@@ -398,3 +398,42 @@ def test_stage2_ddp_gloo_two_ranks_identical(train_store, stage1_ckpt, tmp_path)
                "--workers", "0", "--device", "cpu", "--ema-every", "1"], tmp_path)
     d = _rank_digests(run)
     assert d[0] == d[1]
+
+
+def test_retention_by_hand_and_upsample_writes_lowres_and_bilinear(stage1_ckpt, tmp_path):
+    import torch.nn.functional as F
+    from PIL import Image
+    from safetensors.torch import load_file
+    from skimage import data
+
+    from loftup.pipeline.backbones import create_backbone
+    from loftup.training.checkpoint import load_model
+    from loftup.training.inference import retention, upsample_image
+    from loftup.training.target_space import layer_norm_target
+
+    g = torch.Generator().manual_seed(0)
+    up, low = torch.randn(1, 5, 8, 8, generator=g), torch.randn(1, 5, 2, 2, generator=g)
+    cells = [F.cosine_similarity(up[0, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].mean((1, 2)), low[0, :, i, j], dim=0)
+             for i in range(2) for j in range(2)]
+    assert retention(up, low) == pytest.approx(torch.stack(cells).mean().item(), rel=1e-6)
+    assert retention(F.interpolate(low, size=(8, 8), mode="nearest"), low) == pytest.approx(1.0, abs=1e-6)
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    net = create_backbone("dinov2_vits14", random_init=True)
+    res = upsample_image(tmp_path / "astronaut.png", checkpoint=stage1_ckpt, backbone=net, size=56, out_dir=tmp_path / "up")
+    saved = load_file(str(res["features"]))
+    assert saved["features"].shape == (16, 56, 56) and saved["bilinear"].shape == (16, 56, 56)
+    # lowres: the backbone's features, projected as the checkpoint projects them, layer-normalised
+    _, meta = load_model(stage1_ckpt, with_meta=True)
+    from loftup.storage.geometry import resize_image
+
+    img = torch.from_numpy(np.asarray(resize_image(Image.open(tmp_path / "astronaut.png").convert("RGB"), 224),
+                                      dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expect = layer_norm_target(meta["projection_module"](net(img)))[0]
+    torch.testing.assert_close(saved["lowres"], expect, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved["bilinear"], F.interpolate(expect[None], size=(56, 56), mode="bilinear",
+                                                                align_corners=False)[0], rtol=1e-4, atol=1e-4)
+    assert res["retention_loftup"] == pytest.approx(retention(saved["features"], saved["lowres"]), abs=1e-4)
+    assert res["retention_bilinear"] == pytest.approx(retention(saved["bilinear"], saved["lowres"]), abs=1e-4)
+    assert res["retention_bilinear"] > 0.9

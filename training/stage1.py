@@ -34,7 +34,7 @@ RECIPES = {
     "paper": dict(tv_weight=0.0, recon_weight=0.0, recon_jitters=4, recon_uncertainty=False, proj_unit=False,
                   grad_clip=0.0, clip_steps=0),
 }
-TARGETS = ("mask-bicubic", "bicubic")
+TARGETS = ("mask-bicubic", "bicubic", "implicit")
 
 
 @dataclass(kw_only=True)
@@ -42,7 +42,8 @@ class Stage1Config(loop.TrainConfig):
     res: int = option(224, help="Backbone input size of the stored features.")
     geometry: int = option(224, help="Stored image/mask geometry to read.")
     size: int = option(224, help="Prediction and pseudo-GT size (56 or 112 for cheap CPU runs).")
-    target: str = option("mask-bicubic", help="Pseudo-GT: mask-bicubic (Eq. 1) or bicubic (no masks).")
+    target: str = option("mask-bicubic", help="Pseudo-GT: mask-bicubic (Eq. 1), bicubic (no masks) or implicit (the stored "
+                                            "per-image-optimised maps of `loftup-pipeline implicit`).")
     alpha: float = option(0.8, help="Mask refinement strength (Eq. 1).")
     pca_dim: int | None = option(None, help="Upsample a PCA of the features with this many channels (CPU runs).")
     lr: float = option(1e-4, help="NAdam learning rate.")
@@ -85,6 +86,12 @@ class Stage1:
         check_features(store, cfg.backbone, cfg.res)
         fs = store.features(cfg.backbone, cfg.res)
         self.index = build_index(store, ["images", "masks", f"features/{cfg.backbone}@{cfg.res}"], cfg.shards)
+        self.implicit = None
+        if cfg.target == "implicit":
+            from loftup.training.implicit import ImplicitTargets, restrict_index
+
+            self.implicit = ImplicitTargets(store, cfg.backbone, cfg.res, d.device)
+            self.index = restrict_index(self.index, self.implicit)
         self.dataset = Stage1Dataset(store.url, self.index, cfg.backbone, cfg.res, geometry=cfg.geometry, size=cfg.size,
                                      max_masks=cfg.max_masks, full_image=cfg.recon_weight > 0)
         self.steps_per_epoch = (len(self.index) // d.world) // self.per_rank
@@ -158,7 +165,10 @@ class Stage1:
         feats, image = self.inputs(batch)
         masks, valid = batch_masks(batch, self.d.device)
         with torch.no_grad():
-            target = stage1_target(cfg.target, layer_norm_target(feats), masks, valid, cfg.size, cfg.alpha)
+            if self.implicit is not None:
+                target = self.implicit(batch["image_id"].tolist(), cfg.size, self.projection)
+            else:
+                target = stage1_target(cfg.target, layer_norm_target(feats), masks, valid, cfg.size, cfg.alpha)
         with autocast(self.d.device):
             pred = self.ddp(feats, image, output_size=(cfg.size, cfg.size))
         pred = pred.float()
