@@ -37,16 +37,17 @@ SECTIONS = ("upsampler", "stage1", "stage2", "features", "sam")
 FULL = {
     "dim": 384, "sizes": [224, 448, 896, 2048], "grids": [16, 32], "largest": [2896, 4096, 5792, 8192],
     "dense_max": 2048, "repeats": 5, "budget_s": 10.0,
-    "stage1": {"pca_dim": None, "size": 224, "batch_size": 8, "steps": 6},
-    "stage2": {"sizes": [518], "hr": None, "batch_size": 2, "crops": 2, "steps": 5},
+    "stage1": {"pca_dim": None, "size": 224, "batch_size": 8, "steps": 6, "recipe": "released"},
+    "stage2": {"sizes": [518], "hr": None, "batch_size": 2, "crops": 2, "steps": 5, "recipe": "released"},
     "shards": {"tars": 2, "per_tar": 64, "short_side": 1500}, "features_batch": 64,
     "sam": {"model": "vit_h", "images": 2, "settings": {}},
 }
 SMALL = {
-    "dim": 384, "sizes": [28], "grids": [2, 4], "largest": [42], "dense_max": 28, "repeats": 1,
+    "dim": 384, "sizes": [28], "grids": [2], "largest": [42], "dense_max": 28, "repeats": 1,
     "budget_s": 1.0,
-    "stage1": {"pca_dim": 16, "size": 28, "batch_size": 2, "steps": 3},
-    "stage2": {"sizes": [28], "hr": 56, "batch_size": 2, "crops": 2, "steps": 2},
+    # The paper recipe: the released one's live-backbone terms would dominate a 28 px test step.
+    "stage1": {"pca_dim": 16, "size": 28, "batch_size": 2, "steps": 2, "recipe": "paper"},
+    "stage2": {"sizes": [28], "hr": 56, "batch_size": 2, "crops": 2, "steps": 2, "recipe": "paper"},
     "shards": {"tars": 1, "per_tar": 4, "short_side": 96}, "features_batch": 2,
     "sam": {"model": "tiny", "images": 1,
             "settings": {"points_per_side": 2, "points_per_batch": 4, "crop_n_layers": 0,
@@ -235,13 +236,13 @@ def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, st
     c = cfg["stage1"]
     out = work / "stage1"
     # The released recipe (the default) runs the backbone live for its reconstruction term: random weights.
-    run_cfg = Stage1Config(store=url, out=str(out), random_init=True, pca_dim=c["pca_dim"], size=c["size"],
+    run_cfg = Stage1Config(store=url, out=str(out), recipe=c["recipe"], random_init=True, pca_dim=c["pca_dim"], size=c["size"],
                            batch_size=c["batch_size"],
                            max_steps=c["steps"], log_every=1, checkpoint_every=10**9, workers=0 if device.type == "cpu" else 4,
                            progress=False, device=str(device))
     _, peak = _run_peak(lambda: train(run_cfg), device)
     steps = _step_seconds(out, c["batch_size"])
-    row = {"what": "stage1_step", "size": c["size"], "batch": c["batch_size"], "pca_dim": c["pca_dim"],
+    row = {"what": "stage1_step", "recipe": c["recipe"], "size": c["size"], "batch": c["batch_size"], "pca_dim": c["pca_dim"],
            "s_per_step": min(steps), "s_per_step_median": sorted(steps)[len(steps) // 2], "steps_timed": len(steps),
            "peak_bytes": peak}
     log(f"  stage 1 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
@@ -253,13 +254,14 @@ def bench_stage2(cfg: dict, url: str, init: str, work: Path, device, log) -> dic
 
     c = cfg["stage2"]
     out = work / "stage2"
-    run_cfg = Stage2Config(init=init, store=url, out=str(out), random_init=True, sizes=c["sizes"], hr=c["hr"],
+    run_cfg = Stage2Config(init=init, store=url, out=str(out), recipe=c["recipe"], random_init=True, sizes=c["sizes"],
+                           hr=c["hr"],
                            batch_size=c["batch_size"], crops=c["crops"], max_steps=c["steps"], log_every=1,
                            checkpoint_every=10**9, workers=0 if device.type == "cpu" else 4, progress=False,
                            device=str(device))
     _, peak = _run_peak(lambda: train(run_cfg), device)
     steps = _step_seconds(out, c["batch_size"])
-    row = {"what": "stage2_step", "student": c["sizes"], "hr": c["hr"] or 896, "batch": c["batch_size"],
+    row = {"what": "stage2_step", "recipe": c["recipe"], "student": c["sizes"], "hr": c["hr"] or 896, "batch": c["batch_size"],
            "crops": c["crops"], "s_per_step": min(steps), "s_per_step_median": sorted(steps)[len(steps) // 2],
            "steps_timed": len(steps), "peak_bytes": peak}
     log(f"  stage 2 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
@@ -396,7 +398,7 @@ def render(result: dict) -> None:
                            if r["what"] == "stage1_step" else
                            f"student {r['student']}, HR {r['hr']}, {r['crops']} crops, batch {r['batch']}")
                 value = f"{r['s_per_step']:.3f} s/step (median {r['s_per_step_median']:.3f}, {r['steps_timed']} steps)"
-                table.add_row(r["what"], setting, value, _mib(r["peak_bytes"]))
+                table.add_row(r["what"], f"{setting}, {r['recipe']} recipe", value, _mib(r["peak_bytes"]))
             elif r["what"] == "features_job":
                 table.add_row("features job", f"{r['images']} images, batch {r['batch']}",
                               f"{r['images_per_s']:.1f} img/s, overhead {r['overhead_pct']:+.1f}%", "")
