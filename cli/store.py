@@ -87,7 +87,12 @@ def masks(
         if cond is not None:
             expr = cond if expr is None else expr & cond
     cols = [c.strip() for c in columns.split(",") if c.strip()]
-    table = _open(store).masks_dataset().to_table(columns=cols, filter=expr)
+    st = _open(store)
+    unknown = [c for c in cols if c not in st.mask_schema.names and c != "shard"]
+    if unknown:
+        raise typer.BadParameter(f"unknown column(s) {', '.join(unknown)}; the mask table has {', '.join(st.mask_schema.names)}, shard",
+                                 param_hint="--columns")
+    table = st.masks_dataset().to_table(columns=cols, filter=expr)
     if out:
         pq.write_table(table, out)
         console.print(f"wrote {table.num_rows} rows to {out}")

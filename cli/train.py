@@ -23,6 +23,18 @@ def _ints(text: Optional[str]) -> Optional[list[int]]:
     return parse_shards(text)
 
 
+def _train_shards(text: Optional[str], allow_missing: bool, store: str, jobs: list[str]) -> Optional[list[int]]:
+    shards = _ints(text)
+    if shards is None or not allow_missing:
+        return shards
+    from loftup.training.data import present_shards
+
+    present, missing = present_shards(store, shards, jobs)
+    if missing:
+        console.print(f"[yellow]--allow-missing: training without {len(missing)} unfinished shard(s): {missing[:20]}")
+    return present
+
+
 def _summary(title: str, result: dict) -> None:
     from rich.table import Table
 
@@ -63,6 +75,7 @@ def stage1(
     weights: Optional[str] = typer.Option(None, help="Backbone weights (only for the reconstruction term)."),
     random_init: bool = typer.Option(False, help="Random backbone for the reconstruction term (tests)."),
     shards: Optional[str] = typer.Option(None, help="Train on these shards only, e.g. '0-89'."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Train on the --shards that are finished; skip the others instead of stopping."),
     seed: int = typer.Option(0, help="Seed for init, data order and projections."),
     workers: int = typer.Option(2, help="DataLoader workers per rank."),
     checkpoint_every: int = typer.Option(200, help="Write last.pt every N steps."),
@@ -78,7 +91,7 @@ def stage1(
         pca_dim=pca_dim, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule,
         warmup_steps=warmup_steps, decay_steps=decay_steps, bn_recalibrate=bn_recalibrate, weight_decay=weight_decay,
         grad_clip=grad_clip, proj_dim=proj_dim, tv_weight=tv_weight, recon_weight=recon_weight, weights=weights,
-        random_init=random_init, shards=_ints(shards), seed=seed, workers=workers, checkpoint_every=checkpoint_every,
+        random_init=random_init, shards=_train_shards(shards, allow_missing, store, ["images", "masks", f"features/{backbone}@{res}"]), seed=seed, workers=workers, checkpoint_every=checkpoint_every,
         log_every=log_every, device=device, resume=resume,
     )
     _summary("stage 1", train(cfg))
@@ -110,6 +123,7 @@ def stage2(
     weight_decay: float = typer.Option(0.0, help="Weight decay."),
     grad_clip: float = typer.Option(1.0, help="Gradient norm clip (0 = off)."),
     shards: Optional[str] = typer.Option(None, help="Train on these shards only."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Train on the --shards that are finished; skip the others instead of stopping."),
     seed: int = typer.Option(0, help="Seed."),
     workers: int = typer.Option(2, help="DataLoader workers per rank."),
     checkpoint_every: int = typer.Option(200, help="Write last.pt every N steps."),
@@ -125,8 +139,8 @@ def stage2(
         geometry=geometry, hr=hr, sizes=[int(x) for x in sizes.split(",")], crops=crops, alpha=alpha, max_masks=max_masks,
         ema_decay=ema_decay, ema_every=ema_every, border=border, affinity_weight=affinity_weight, tv_weight=tv_weight,
         batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-        shards=_ints(shards), seed=seed, workers=workers, checkpoint_every=checkpoint_every, log_every=log_every,
-        device=device, resume=resume,
+        shards=_train_shards(shards, allow_missing, store, ["images", "masks"]), seed=seed, workers=workers,
+        checkpoint_every=checkpoint_every, log_every=log_every, device=device, resume=resume,
     )
     result = train(cfg)
     result["timings"] = {k: round(v, 2) for k, v in result["timings"].items()}

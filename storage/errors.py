@@ -35,3 +35,10 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.strerror}: {exc.filename}"[:limit]
     return f"{type(exc).__name__}: {first}".rstrip(": ")[:limit]
+
+
+class NotInStore(StoreError, KeyError):
+    """An image, shard or feature set the store does not hold (also a KeyError for lookups)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -21,7 +21,7 @@ from loftup.storage.commit import (
     shard_name,
     temp_path,
 )
-from loftup.storage.errors import StoreError
+from loftup.storage.errors import NotInStore, StoreError
 
 # Measured on fp16 maps (zstd level 3, bytes / raw): dense DINOv2-like tokens shuffle 0.919 vs
 # bitshuffle 0.939; sparse ReLU conv5 maps (HED VGG16, real weights) shuffle 0.373 vs 0.488.
@@ -224,7 +224,7 @@ class FeatureStore:
                 try:
                     group = zarr.open_group(store=zarr_store(self.fs, path, read_only=True), mode="r", zarr_format=3)
                 except FileNotFoundError:
-                    raise StoreError(f"no shard {shard} in {self.job}") from None
+                    raise NotInStore(f"no shard {shard} in {self.job}") from None
                 hit = (group["features"], group["image_ids"][...])
                 self._arrays[int(shard)] = hit
             return hit
@@ -260,7 +260,9 @@ class FeatureStore:
             k = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
             bad = sorted_ids[k] != ids
         if np.any(bad):
-            raise KeyError(f"image {int(np.asarray(ids)[bad][0])} has no features in {self.job}")
+            if len(sorted_ids) == 0:
+                raise NotInStore(f"the store has no {self.kind} of {self.name} (run the {self.kind} job for this backbone and resolution)")
+            raise NotInStore(f"image {int(np.asarray(ids)[bad][0])} has no features in {self.job}")
         return shard_of[k], row_of[k]
 
     def get(self, image_id: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from loftup.storage import commit
-from loftup.storage.errors import StoreError
+from loftup.storage.errors import NotInStore, StoreError
 from loftup.storage.features import FeatureStore
 from loftup.storage.images import ImageIndex, image_schema, open_jpeg, write_images
 from loftup.storage.manifest import (
@@ -274,7 +274,7 @@ class Store:
             raise StoreError(f"no images at size {size} in this store; its geometries are {list(self.geometries)}")
         data = self._image_index.value(int(image_id), f"jpeg_{int(size)}")
         if data is None:
-            raise KeyError(f"image {image_id} was stored without a {size} px JPEG")
+            raise NotInStore(f"image {image_id} was stored without a {size} px JPEG")
         return data
 
     def image(self, image_id: int, size: int = 224):

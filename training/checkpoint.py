@@ -2,9 +2,8 @@
 
 Our checkpoint is two files side by side: ``NAME.safetensors`` (weights) and
 ``NAME.json`` (the constructor config), so ``load_model(path)`` needs nothing else.
-The released checkpoints use the key names of ``reference/loftup_official_state_dict_*``:
-``upsampler.*`` plus ``channelnorm.norm.*`` (hub models) or ``model.1.norm.*``
-(the authors' Lightning training checkpoints).
+The released checkpoints use the key names ``upsampler.*`` plus ``channelnorm.norm.*`` (hub
+models) or ``model.1.norm.*`` (the authors' Lightning training checkpoints).
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from loftup.storage.errors import WeightsError
+from loftup.storage.commit import atomic_write
+from loftup.storage.errors import WeightsError, error_line
 from loftup.training.model import LoftUp
 
 __all__ = ["save_model", "load_model", "read_config", "from_official", "to_official_state_dict", "load_official",
@@ -24,6 +25,7 @@ __all__ = ["save_model", "load_model", "read_config", "from_official", "to_offic
 FORMAT = "loftup-model"
 FORMAT_VERSION = 1
 PROJECTION_PREFIX = "projection."
+_LOCAL = LocalFileSystem()
 OFFICIAL_SOURCE = ("the authors' releases linked from the README of https://github.com/andrehuang/loftup "
                    "(e.g. the DINOv2-S/14 upsampler .pth)")
 
@@ -43,7 +45,7 @@ def save_model(model: LoftUp, path, extra: Mapping | None = None, projection=Non
     features before the model) is saved with the weights under ``projection.*``, since
     inference must apply the same one. Returns the weights path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights, config_path = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -54,13 +56,10 @@ def save_model(model: LoftUp, path, extra: Mapping | None = None, projection=Non
         for key, value in projection.state_dict().items():
             state[f"{PROJECTION_PREFIX}{key}"] = value.detach().to("cpu").contiguous()
         meta["projection"] = {"in_dim": int(projection.mean.shape[0]), "out_dim": int(projection.out_dim)}
-    # Both files go under temporary names first so a crash never leaves half a checkpoint.
-    tmp_w = weights.with_name(weights.name + ".tmp")
-    tmp_c = config_path.with_name(config_path.name + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT})
-    tmp_c.write_text(json.dumps(meta, indent=2))
-    tmp_w.replace(weights)
-    tmp_c.replace(config_path)
+    # Each file is replaced whole (never half-written). A crash between the two leaves new weights
+    # beside the previous config; load_model's strict load refuses them when they do not fit.
+    atomic_write(_LOCAL, str(weights), save(state, metadata={"format": FORMAT}))
+    atomic_write(_LOCAL, str(config_path), json.dumps(meta, indent=2).encode())
     return weights
 
 
@@ -69,8 +68,11 @@ def read_config(path) -> dict:
     weights, config_path = _paths(path)
     if not config_path.exists():
         raise WeightsError(f"no config {config_path} beside {weights}: not a checkpoint written by save_model")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"cannot read checkpoint config {config_path} ({error_line(exc, 120)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise WeightsError(f"{config_path} is not a LoftUp model config (format={meta.get('format')!r})")
     return meta
 
@@ -90,8 +92,14 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
     meta = read_config(weights)
     config = dict(meta["config"])
     config.update(overrides)
-    model = LoftUp(**config)
-    state = load_file(str(weights))
+    try:
+        model = LoftUp(**config)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"checkpoint config {weights.with_suffix('.json')} does not build a LoftUp ({error_line(exc, 120)})") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error type for truncated/garbage files
+        raise WeightsError(f"cannot read checkpoint {weights} ({error_line(exc, 120)})") from None
     proj_state = {k[len(PROJECTION_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PROJECTION_PREFIX)}
     _load_strict(model, state, str(weights))
     model = model.to(device).eval()
@@ -196,11 +204,14 @@ def load_official(path, image_scaling: str = "image", heads: int = 4, device: st
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        raw = load_file(str(path))
+        try:
+            raw = load_file(str(path))
+        except Exception as exc:
+            raise WeightsError(f"cannot read {path} as safetensors ({error_line(exc, 120)})") from None
     else:
         try:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle errors come in many types
-            raise WeightsError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+            raise WeightsError(f"cannot read {path} as a PyTorch checkpoint ({error_line(exc, 120)})") from None
     model = from_official(_unwrap(raw, str(path)), image_scaling=image_scaling, heads=heads)
     return model.to(device)

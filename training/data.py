@@ -53,6 +53,12 @@ def build_index(store, jobs: list[str], shards: list[int] | None = None) -> Stor
             hint = "loftup-pipeline " + job.split("/")[0]
             raise StoreError(f"store {store.url} has no finished shard of job {job!r}; run `{hint}` first")
         done = d if done is None else done & d
+    if shards is not None:
+        missing = sorted(set(shards) - done)
+        if missing:
+            shown = ", ".join(str(m) for m in missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise StoreError(f"--shards names shards that {store.url} has not finished for {', '.join(jobs)}: {shown} "
+                             f"(finish them, or pass --allow-missing to train without them)")
     chosen = sorted(done if shards is None else done & set(shards))
     if not chosen:
         raise StoreError(f"no shard is finished for all of {jobs} in {store.url}" + (f" among {shards}" if shards else ""))
@@ -62,6 +68,18 @@ def build_index(store, jobs: list[str], shards: list[int] | None = None) -> Stor
         ids.append(sid)
         shard_of.append(np.full(len(sid), s, dtype=np.int64))
     return StoreIndex(np.concatenate(ids), np.concatenate(shard_of))
+
+
+def present_shards(store_url: str, shards: list[int], jobs: list[str]) -> tuple[list[int], list[int]]:
+    """(shards every job in ``jobs`` has finished, the others): for ``--allow-missing``."""
+    from loftup.storage import open_store
+
+    store = open_store(store_url)
+    done = None
+    for job in jobs:
+        d = set(store.done_shards(job))
+        done = d if done is None else done & d
+    return [s for s in shards if s in done], [s for s in shards if s not in done]
 
 
 def check_features(store, backbone: str, res: int):

@@ -129,7 +129,7 @@ def train(cfg: Stage1Config) -> dict:
     dataset = Stage1Dataset(store.url, index, cfg.backbone, cfg.res, geometry=cfg.geometry, size=cfg.size, max_masks=cfg.max_masks)
     steps_per_epoch = (len(index) // d.world) // per_rank
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(index)} images are fewer than one global batch of {cfg.batch_size}")
+        raise LoftupError(f"{len(index)} images are fewer than one global batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     learning_rate(cfg, 0, total_steps)  # a bad schedule fails before any work
 
