@@ -1,0 +1,210 @@
+"""Fault injection: every console script's failure paths (exit codes, one line, no traceback),
+failed shards recorded, Ctrl-C, and damage that the store detects and repairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loftup.pipeline.jobs import ImagesJob, MasksJob
+from loftup.pipeline.runner import run_job
+from loftup.pipeline.shards import resolve_shards
+from loftup.sample_data import write_sample_shards
+from loftup.storage import open_store
+
+DRIVER = Path(__file__).with_name("cli_driver.py")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+# Dims of dinov2_vits14 at 224: what stage1 expects of stored features.
+DIM, GRID = 384, 16
+
+
+def run_cases(cases: list[tuple[str, list[str]]]) -> list[dict]:
+    """Run (script, args) cases, each in its own process (see cli_driver.py)."""
+    payload = json.dumps([{"script": s, "args": [str(a) for a in args]} for s, args in cases])
+    proc = subprocess.run([sys.executable, str(DRIVER)], input=payload, capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _commit_features(store, shard: int, seed: int) -> None:
+    ids = store.image_ids(shard)
+    feats = np.random.default_rng(seed).standard_normal((len(ids), DIM, GRID, GRID)).astype(np.float16)
+    fstore = store.features("dinov2_vits14", 224)
+    fstore.write_shard(shard, feats, ids, info={"patch": 14})
+    store.write_marker(fstore.job, shard, {"images": len(ids), "errors": 0, "config_hash": "test"})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny tars (2 good, 1 truncated, 1 garbage), a store with masks, images and features of
+    shards 0-1, and broken checkpoint files."""
+    root = tmp_path_factory.mktemp("faults")
+    tars = root / "tars"
+    write_sample_shards(tars, tars=2, images_per_tar=2, short_side=64, seed=1)
+    write_sample_shards(tars, tars=1, images_per_tar=2, short_side=64, seed=1, first_shard=2, faults=("truncated_tar",))
+    (tars / "sa_000003.tar").write_bytes(np.random.default_rng(0).bytes(3000))
+    store = open_store(root / "store", create=True, geometries=(224,))
+    shards = resolve_shards("0-1", tars)
+    for job in (MasksJob(sizes=(224,)), ImagesJob(sizes=(224,))):
+        assert not run_job(job, store, shards, executor="inline").failed
+    for s in (0, 1):
+        _commit_features(store, s, s)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "zero.safetensors").write_bytes(b"")
+    (bad / "zero.json").write_text(json.dumps({"format": "loftup-model", "config": {"dim": 384}}))
+    (bad / "garbage.safetensors").write_bytes(np.random.default_rng(1).bytes(500))
+    (bad / "garbage.json").write_text("{not json")
+    (root / "run_zero").mkdir()
+    (root / "run_zero" / "last.pt").write_bytes(b"")
+    (root / "photo.png").write_bytes(b"")
+    return {"root": root, "tars": tars, "store": root / "store"}
+
+
+def _cases(w):
+    r, t, s = w["root"], w["tars"], w["store"]
+    tiny = ["--size", "112", "--pca-dim", "8", "--workers", "0", "--device", "cpu", "--max-steps", "1"]
+    return [
+        # (script, args, exit code, text that must be on stderr)
+        ("loftup-pipeline", ["masks", "--shards", "0", "--sa1b-root", t], 2, "Missing option '--store'"),
+        ("loftup-pipeline", ["features", "--shards", "0", "--store", s, "--res", "abc"], 2, "Invalid value for '--res'"),
+        ("loftup-pipeline", ["nosuchcmd"], 2, "No such command"),
+        ("loftup-store", ["nosuchcmd"], 2, "No such command"),
+        ("loftup-train", ["stage1", "--out", r / "o"], 2, "Missing option '--store'"),
+        ("loftup-pipeline", ["masks", "--shards", "0-3", "--sa1b-root", t, "--store", r / "s_fail", "--executor", "inline",
+                             "--sizes", "224"], 1, "truncated"),
+        ("loftup-pipeline", ["masks", "--shards", "9", "--sa1b-root", t, "--store", s], 2, "sa_000009.tar"),
+        ("loftup-pipeline", ["features", "--shards", "0", "--store", s, "--backbone", "dinov2_vits14", "--res", "56",
+                             "--weights", r / "nope.pth", "--executor", "inline"], 1, "nope.pth"),
+        ("loftup-pipeline", ["status", "--store", r / "nostore"], 2, "no store at"),
+        ("loftup-pipeline", ["sample-data", r / "sd", "--fault", "exploding"], 2, "unknown fault"),
+        ("loftup-store", ["info", r / "nostore"], 2, "no store at"),
+        ("loftup-store", ["show", s, "--image-id", "999", "--out", r / "x.png"], 2, "image 999 is not in the image store"),
+        ("loftup-store", ["show", s, "--image-id", "IMG", "--backbone", "vit_s16", "--out", r / "x.png"], 2,
+         "no features of vit_s16@224"),
+        ("loftup-store", ["masks", s, "--columns", "image_id,nosuchcol"], 2, "nosuchcol"),
+        ("loftup-train", ["stage1", "--store", s, "--out", r / "run_zero", "--resume", "--batch-size", "2", *tiny], 2,
+         "run_zero/last.pt"),
+        ("loftup-train", ["stage1", "--store", s, "--out", r / "o1", "--batch-size", "64", *tiny], 2,
+         "fewer than one global batch of 64"),
+        ("loftup-train", ["stage1", "--store", s, "--out", r / "o2", "--shards", "1,7", *tiny], 2, "7 (finish them"),
+        ("loftup-train", ["stage2", "--init", r / "bad" / "garbage.safetensors", "--store", s, "--out", r / "o3",
+                          "--random-init"], 2, "garbage.json"),
+        ("loftup-train", ["upsample", r / "photo.png", "--checkpoint", r / "bad" / "zero.safetensors"], 2,
+         "zero.safetensors"),
+        ("loftup-train", ["evaluate", "--store", s, "--shards", "0", "--backbone", "vit_s16"], 2, "vit_s16@224"),
+        # after the failed masks run above: its failed shards show in status and errors
+        ("loftup-store", ["status", r / "s_fail"], 0, "masks"),
+        ("loftup-store", ["errors", r / "s_fail"], 0, "sa_000002.tar"),
+    ]
+
+
+def test_every_command_failure_path_exit_code_one_line_no_traceback(world):
+    st = open_store(world["store"])
+    image_id = int(st.image_ids(0)[0])
+    cases = [(sc, [str(image_id) if a == "IMG" else a for a in args], code, text) for sc, args, code, text in _cases(world)]
+    results = run_cases([(sc, args) for sc, args, _, _ in cases])
+    Path(os.environ.get("LOFTUP_FAULTS_TIMES", os.devnull)).write_text(
+        json.dumps([(c[0], str(c[1][:2]), r["seconds"]) for c, r in zip(cases, results)]))
+    for (script, args, code, text), res in zip(cases, results):
+        where = f"{script} {' '.join(map(str, args))}\nstdout: {res['out'][-800:]}\nstderr: {res['err'][-1500:]}"
+        assert res["rc"] == code, where
+        assert "Traceback" not in res["err"] + res["out"] and "╭" not in res["err"], where
+        assert text in res["err"].replace("\n", " ") or text in res["out"].replace("\n", " "), where
+        if code == 2 and "Usage:" not in res["err"]:
+            lines = [ln for ln in res["err"].splitlines() if ln.strip()]
+            assert len(lines) == 1 and lines[0].startswith("error: "), where  # one line, nothing else
+
+    # The truncated (2) and garbage (3) tars failed as a whole: recorded, shown by status/errors.
+    st = open_store(world["root"] / "s_fail")
+    assert st.failed_shards("masks") == [2, 3]
+    row = st.summary()["masks"]
+    assert row["shards"] == 2 and row["failed_shards"] == 2
+    reasons = {e["shard"]: e["reason"] for e in st.errors("masks").to_pylist() if e["stage"] == "shard"}
+    assert sorted(reasons) == [2, 3] and "truncated" in reasons[2]
+    status = results[-2]["err"] + results[-2]["out"]  # rich tables go to stderr
+    masks_line = next(ln for ln in status.splitlines() if ln.strip("│ ").startswith("masks"))
+    assert [c.strip() for c in masks_line.split("│") if c.strip()][1:3] == ["2", "2"]  # done, failed
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(world, tmp_path):
+    # Twenty shards (links to one tar) so that the job is still running when SIGINT arrives.
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for s in range(20):
+        (tars / f"sa_{s:06d}.tar").symlink_to(world["tars"] / "sa_000000.tar")
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "loftup.cli.pipeline", "masks", "--shards", "0-19", "--sa1b-root",
+                             str(tars), "--store", str(store), "--executor", "inline", "--sizes", "224"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    marker = store / "_status" / "masks" / "shard=000000.json"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["error: interrupted; completed work is kept, rerun to resume"], err
+    st = open_store(store)
+    done = st.done_shards("masks")
+    assert 0 < len(done) < 20  # interrupted mid-job, committed shards kept
+    from loftup.storage.verify import verify_store
+
+    assert verify_store(st) == []
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_run_dir_resume_is_safe_and_exact(tmp_path, monkeypatch):
+    import random
+
+    import torch
+
+    from loftup.storage.errors import LoftupError
+    from loftup.training.run_dir import RunDir, set_rng_state
+
+    run = RunDir(tmp_path)
+    for step in range(1, 8):
+        run.log({"step": step, "loss": float(step)})
+    run.close()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    run.save_state({"model": {"w": torch.arange(3.0)}, "step": 4, "epoch": 0, "offset": 8})
+    after_save = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    (tmp_path / "last.tmp4242").write_bytes(b"half a checkpoint")  # what a killed writer left
+    (tmp_path / ".last.pt.0123456789ab.tmp").write_bytes(b"half")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')  # the kill cut this line
+    resumed = RunDir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]
+    state = resumed.load_state()
+    set_rng_state(state["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == after_save
+    assert torch.equal(state["model"]["w"], torch.arange(3.0)) and state["offset"] == 8
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # steps after the checkpoint are logged again by the resumed run
+    mode = (tmp_path / "last.pt").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # the user's umask, not a temp file's 0600
+
+    torch.save({"step": 1, "rng": _Evil()}, tmp_path / "last.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoftupError, match="last.pt"):
+        RunDir(tmp_path).load_state()
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "last.pt").write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(LoftupError, match="cannot load .*last.pt"):
+        RunDir(tmp_path).load_state()
