@@ -106,16 +106,18 @@ def masks(
 
 
 @app.command()
-def verify(store: str = StoreArg):
-    """Check every committed shard: files present, row counts equal the markers, arrays readable."""
+def verify(store: str = StoreArg,
+           deep: bool = typer.Option(False, "--deep", help="Also re-hash every file and read every page and chunk (checksums).")):
+    """Check every committed shard against its marker (files, sizes, rows) and find uncommitted data. Exit 1 on any problem."""
     from loftup.storage.verify import verify_store
 
-    problems = verify_store(_open(store))
+    problems = verify_store(_open(store), deep=deep)
     if problems:
         for p in problems:
             console.print(f"[red]{p}")
         raise typer.Exit(1)
-    console.print("[green]store verified: every committed shard is complete and consistent")
+    console.print("[green]store verified" + (" (deep: every checksum)" if deep else "")
+                  + ": every committed shard is complete and consistent")
 
 
 @app.command()

@@ -30,6 +30,10 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else ""
+    if first.startswith("Caught ") and "Original Traceback" in text:
+        # torch's DataLoader re-raises a worker's error with its traceback as the message:
+        # the worker's own error is the last line, "module.Type: message".
+        first = lines[-1].split(": ", 1)[-1] if isinstance(exc, LoftupError) else lines[-1]
     if isinstance(exc, LoftupError):
         return first[:limit]
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from loftup.storage.commit import atomic_path, is_local, parse_shard_name, shard_name
+from loftup.storage.commit import atomic_path, committed, is_local, parse_shard_name, shard_name
 from loftup.storage.errors import StoreError
 
 PART = "part-0.parquet"
@@ -82,6 +82,7 @@ class ShardFiles:
 
     def __init__(self, fs, root: str, name: str, max_open: int = 64):
         self.fs = fs
+        self.root = root
         self.base = f"{root}/{name}"
         self.name = name
         self._afs = arrow_filesystem(fs)
@@ -110,14 +111,19 @@ class ShardFiles:
         return f"{self.base}/{shard_name(shard)}/{PART}"
 
     def files(self) -> dict[int, str]:
-        """Shard number -> file path of every shard file in place (sorted by shard)."""
+        """Shard number -> file path of every committed shard file (sorted by shard).
+
+        A file whose shard has no marker (a run died before committing, or the marker was lost)
+        is never served: readers see committed data only.
+        """
         with self._lock:
             self._check_pid()
             if self._listing is None:
                 found = {}
+                done = committed(self.fs, self.root, self.name)
                 for path in self.fs.glob(f"{self.base}/shard=*/{PART}"):
                     shard = parse_shard_name(path.rsplit("/", 2)[-2])
-                    if shard is not None:
+                    if shard is not None and shard in done:
                         found[shard] = path
                 self._listing = dict(sorted(found.items()))
             return dict(self._listing)
@@ -138,7 +144,7 @@ class ShardFiles:
                 self._open.move_to_end(path)
                 return pf
             source = self._afs.open_input_file(path)
-            pf = pq.ParquetFile(source, metadata=self.metadata(path))
+            pf = pq.ParquetFile(source, metadata=self.metadata(path), page_checksum_verification=True)
             self._open[path] = pf
             while len(self._open) > self._max_open:
                 _, old = self._open.popitem(last=False)
@@ -150,7 +156,8 @@ class ShardFiles:
         """Write the whole shard file atomically; returns its size in bytes."""
         path = self.path(shard)
         with atomic_path(self.fs, path) as tmp:
-            pq.write_table(table, tmp, filesystem=self._afs, **options)
+            # Page CRCs: a flipped bit fails the read instead of changing a value.
+            pq.write_table(table, tmp, filesystem=self._afs, write_page_checksum=True, **options)
         self.invalidate()
         return int(self.fs.size(path))
 
@@ -164,7 +171,7 @@ class ShardFiles:
         return ds.dataset(
             files,
             schema=full,
-            format="parquet",
+            format=ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)),
             filesystem=self._afs,
             partitioning=PARTITIONING,
             partition_base_dir=self.base,

@@ -151,8 +151,25 @@ class Store:
         return commit.read_marker(self.fs, self.root, job, shard)
 
     def write_marker(self, job: str, shard: int, info: dict) -> None:
-        """Commit the shard. Call last, after every output and the errors table are written."""
-        commit.write_marker(self.fs, self.root, job, shard, info)
+        """Commit the shard. Call last, after every output and the errors table are written.
+
+        The marker records the size and sha256 of every file of the shard's outputs, so reruns,
+        training and ``verify`` can tell intact shards from damaged ones.
+        """
+        files = commit.file_digests(self.fs, commit.output_dir(self.root, job, shard))
+        commit.write_marker(self.fs, self.root, job, shard, {**info, "files": files})
+        self._invalidate_job(job)
+
+    def shard_problems(self, job: str, shard: int, marker: dict | None = None, deep: bool = False) -> list[str]:
+        """What is wrong with a committed shard's files (empty: intact). Cheap unless ``deep``."""
+        marker = self.marker(job, shard) if marker is None else marker
+        if marker is None:
+            return ["not committed"]
+        return commit.check_files(self.fs, commit.output_dir(self.root, job, shard), marker.get("files"), deep=deep)
+
+    def lease(self, job: str) -> commit.Lease:
+        """The per-job lease (a context manager): one run of ``job`` on this store at a time."""
+        return commit.Lease(self.fs, self.root, job)
 
     def done_shards(self, job: str) -> dict[int, dict]:
         """shard -> marker for every committed shard of ``job``."""

@@ -208,3 +208,106 @@ def test_run_dir_resume_is_safe_and_exact(tmp_path, monkeypatch):
     (tmp_path / "last.pt").write_bytes(np.random.default_rng(0).bytes(3000))
     with pytest.raises(LoftupError, match="cannot load .*last.pt"):
         RunDir(tmp_path).load_state()
+
+
+# -- damage: detected, repaired, never served ----------------------------------------------------
+@pytest.fixture
+def small_store(world, tmp_path):
+    """masks + images (the real jobs) and features (random arrays, committed) of shards 0-1."""
+    store = open_store(tmp_path / "store", create=True, geometries=(224,))
+    shards = resolve_shards("0-1", world["tars"])
+    for job in (MasksJob(sizes=(224,)), ImagesJob(sizes=(224,))):
+        assert not run_job(job, store, shards, executor="inline").failed
+    for s in (0, 1):
+        _commit_features(store, s, 10 + s)
+    return store, shards
+
+
+def _flip_bit(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_deleted_file_is_reported_refused_by_training_and_redone(small_store):
+    from loftup.storage.errors import StoreError
+    from loftup.storage.verify import verify_store
+    from loftup.training.data import build_index
+
+    store, shards = small_store
+    assert verify_store(store, deep=True) == []
+    want = store.masks_table(0).sort_by([("image_id", "ascending"), ("order", "ascending")])
+    (Path(store.root) / "masks" / "shard=000000" / "part-0.parquet").unlink()
+    assert any("masks shard 000000: missing file part-0.parquet" in p for p in verify_store(store))
+    with pytest.raises(StoreError, match="shard 0 of masks .* is damaged"):
+        build_index(store, ["images", "masks"], [0, 1])
+    summary = run_job(MasksJob(sizes=(224,)), store, shards, executor="inline")
+    assert sorted(summary.done) == [0] and summary.skipped == [1] and 0 in summary.damaged
+    store.refresh()
+    assert store.masks_table(0).sort_by([("image_id", "ascending"), ("order", "ascending")]).equals(want)
+    assert verify_store(store, deep=True) == []
+
+
+def test_flipped_bits_fail_reads_and_deep_verify(small_store):
+    from loftup.storage.errors import StoreError
+    from loftup.storage.verify import verify_store
+
+    store, _ = small_store
+    root = Path(store.root)
+    chunk = root / "features" / "dinov2_vits14@224" / "shard=000001" / "features" / "c" / "0" / "0" / "0" / "0"
+    _flip_bit(chunk, 0.3)
+    _flip_bit(root / "masks" / "shard=000000" / "part-0.parquet", 0.3)
+    assert verify_store(store) == []  # sizes unchanged: only checksums can tell
+    deep = verify_store(store, deep=True)
+    assert any(p.startswith("masks shard 000000: part-0.parquet changed since commit") for p in deep), deep
+    assert any(p.startswith("features/dinov2_vits14@224 shard 000001:") for p in deep), deep
+    image_id = int(store.image_ids(1)[0])
+    with pytest.raises(StoreError, match="shard 1 of features/dinov2_vits14@224: damaged"):
+        open_store(store.url).features("dinov2_vits14", 224).get(image_id)
+    pf = store._mask_files.parquet_file(store._mask_files.path(0))
+    with pytest.raises(OSError, match="CRC"):
+        pf.read()  # the Parquet page checksum (write_page_checksum) catches the flip on read
+    from loftup.cli.common import run
+    from loftup.cli.store import app
+
+    codes = []
+    for args in (["verify", store.url], ["verify", store.url, "--deep"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run(app, args)
+        codes.append(exit_info.value.code)
+    assert codes == [0, 1]
+
+
+def test_uncommitted_data_is_never_served(small_store):
+    from loftup.storage.verify import verify_store
+
+    store, _ = small_store
+    n0 = len(store.masks_table(0))
+    total = store.masks_dataset().count_rows()
+    ids0 = store.image_ids(0)
+    (Path(store.root) / "_status" / "masks" / "shard=000000.json").unlink()  # lost marker (disk full)
+    (Path(store.root) / "_status" / "features__dinov2_vits14@224" / "shard=000000.json").unlink()
+    store.refresh()
+    assert store.masks_dataset().count_rows() == total - n0
+    assert store.masks_for(int(ids0[0])) == []
+    assert store.features("dinov2_vits14", 224).shards() == [1]
+    problems = verify_store(store)
+    assert any("masks shard 000000: data without a marker" in p for p in problems)
+    assert any("features/dinov2_vits14@224 shard 000000: data without a marker" in p for p in problems)
+
+
+def test_second_run_of_a_job_refuses_stale_lease_is_reclaimed(small_store):
+    from loftup.storage import commit
+    from loftup.storage.errors import LoftupError
+
+    store, shards = small_store
+    other = open_store(store.url)
+    with other.lease("masks"):  # another run holds the job, its heartbeat fresh
+        with pytest.raises(LoftupError, match="job masks is already running on this store"):
+            run_job(MasksJob(sizes=(224,)), store, shards, executor="inline")
+        assert run_job(ImagesJob(sizes=(224,)), store, shards, executor="inline").skipped == [0, 1]  # other jobs run
+    lease = commit.lease_path(store.root, "masks")
+    stale = {"holder": "gone-host:1:dead", "job": "masks", "heartbeat": time.time() - 2 * commit.LEASE_STALE}
+    commit.atomic_write(store.fs, lease, json.dumps(stale).encode())  # a killed run's lease
+    summary = run_job(MasksJob(sizes=(224,)), store, shards, executor="inline")
+    assert summary.skipped == [0, 1] and not store.fs.exists(lease)

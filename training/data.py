@@ -7,6 +7,7 @@ within a few Zarr shards and Parquet files) and exactly reproducible from (seed,
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from loftup.storage.errors import StoreError
+from loftup.storage.errors import LoftupError, StoreError, error_line
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -62,12 +63,31 @@ def build_index(store, jobs: list[str], shards: list[int] | None = None) -> Stor
     chosen = sorted(done if shards is None else done & set(shards))
     if not chosen:
         raise StoreError(f"no shard is finished for all of {jobs} in {store.url}" + (f" among {shards}" if shards else ""))
+    for s in chosen:  # a damaged shard stops training here, named, instead of deep inside a batch
+        for job in jobs:
+            problems = store.shard_problems(job, s)
+            if problems:
+                raise StoreError(f"shard {s} of {job} in {store.url} is damaged ({'; '.join(problems[:2])}); "
+                                 f"rerun `loftup-pipeline {job.split('/')[0]}` on it to redo it")
     ids, shard_of = [], []
     for s in chosen:
         sid = np.asarray(store.image_ids(s), dtype=np.int64)
         ids.append(sid)
         shard_of.append(np.full(len(sid), s, dtype=np.int64))
     return StoreIndex(np.concatenate(ids), np.concatenate(shard_of))
+
+
+@contextlib.contextmanager
+def _naming_damage(store_url: str, index: StoreIndex, row: int):
+    """A read that fails (a checksum mismatch, a cut file) becomes one line naming the shard."""
+    try:
+        yield
+    except LoftupError:
+        raise
+    except Exception as exc:
+        shard, image_id = int(index.shards[row]), int(index.image_ids[row])
+        raise StoreError(f"cannot read image {image_id} of shard {shard} in {store_url} ({error_line(exc, 160)}); "
+                         f"`loftup-store verify --deep` lists the damage, a rerun of the pipeline job repairs it") from None
 
 
 def present_shards(store_url: str, shards: list[int], jobs: list[str]) -> tuple[list[int], list[int]]:
@@ -144,6 +164,10 @@ class Stage1Dataset(Dataset):
         return self._store
 
     def __getitem__(self, i: int) -> dict:
+        with _naming_damage(self.store_url, self.index, i):
+            return self._item(i)
+
+    def _item(self, i: int) -> dict:
         from PIL import Image
 
         from loftup.storage import rle
@@ -286,6 +310,10 @@ class Stage2Dataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, item) -> dict:
+        with _naming_damage(self.store_url, self.index, item[0]):
+            return self._item(item)
+
+    def _item(self, item) -> dict:
         from PIL import Image
 
         from loftup.storage import open_store, rle
