@@ -311,3 +311,60 @@ def test_second_run_of_a_job_refuses_stale_lease_is_reclaimed(small_store):
     commit.atomic_write(store.fs, lease, json.dumps(stale).encode())  # a killed run's lease
     summary = run_job(MasksJob(sizes=(224,)), store, shards, executor="inline")
     assert summary.skipped == [0, 1] and not store.fs.exists(lease)
+
+
+# -- bad input is refused, not stored -----------------------------------------------------------
+def test_bad_rle_becomes_an_error_row_not_a_mask(world, tmp_path):
+    import io
+    import tarfile
+
+    from pycocotools import mask as mask_utils
+
+    src = world["tars"] / "sa_000000.tar"
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    docs = {}
+    with tarfile.open(src) as tf, tarfile.open(tars / "sa_000000.tar", "w") as out:
+        for m in tf.getmembers():
+            data = tf.extractfile(m).read() if m.isfile() else None
+            if m.name.endswith(".json"):
+                doc = json.loads(data)
+                k = len(docs)
+                ann = doc["annotations"][0]
+                h, w = ann["segmentation"]["size"]
+                if k == 0:  # counts of a valid mask of another size: decodes silently, wrong
+                    other = np.zeros((h // 2, w), np.uint8, order="F")
+                    other[:5, :5] = 1
+                    ann["segmentation"]["counts"] = mask_utils.encode(other)["counts"].decode()
+                else:  # garbage
+                    ann["segmentation"]["counts"] = "not an rle!"
+                docs[doc["image"]["image_id"]] = ann["id"]
+                data = json.dumps(doc).encode()
+                m.size = len(data)
+            out.addfile(m, io.BytesIO(data) if data is not None else None)
+    store = open_store(tmp_path / "store", create=True, geometries=(224,))
+    summary = run_job(MasksJob(sizes=(224,)), store, resolve_shards("0", tars), executor="inline")
+    assert not summary.failed and summary.done[0]["images"] == 0 and summary.done[0]["errors"] == 2
+    rows = {e["image_id"]: e["reason"] for e in store.errors("masks").to_pylist()}
+    assert sorted(rows) == sorted(docs)
+    first, second = (rows[i] for i in sorted(docs))
+    assert f"annotation {docs[sorted(docs)[0]]}" in first and "add up to" in first
+    assert "not COCO-compressed counts" in second or "add up to" in second
+    assert store.masks_dataset().count_rows() == 0
+
+
+def test_area_and_bbox_must_match_the_mask():
+    from pycocotools import mask as mask_utils
+
+    from loftup.pipeline.sa1b import normalise_annotation
+
+    m = np.zeros((40, 60), np.uint8, order="F")
+    m[10:20, 5:35] = 1  # 300 px, bbox [5, 10, 30, 10]
+    seg = {"size": [40, 60], "counts": mask_utils.encode(m)["counts"].decode()}
+    good = {"id": 1, "segmentation": seg, "area": 300, "bbox": [5, 10, 30, 10]}
+    assert normalise_annotation([good])[0]["area"] == 300
+    assert normalise_annotation([{"id": 1, "segmentation": seg}])[0]["bbox"] == [5.0, 10.0, 30.0, 10.0]
+    with pytest.raises(ValueError, match="annotation 1: area 87698 but the mask has 300 px"):
+        normalise_annotation([{**good, "area": 87698}])
+    with pytest.raises(ValueError, match="bbox"):
+        normalise_annotation([{**good, "bbox": [0, 0, 60, 40]}])
