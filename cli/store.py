@@ -28,7 +28,9 @@ def _open(store: str):
 def print_status(st) -> None:
     from loftup.pipeline.progress import _human
 
-    t = Table(title=f"jobs in {st.url}")
+    from loftup.storage.redact import redact_text
+
+    t = Table(title=f"jobs in {redact_text(st.url)}")
     for col in ("job", "shards done", "failed shards", "images", "masks", "failures", "bytes", "seconds", "images/s"):
         t.add_column(col, justify="right" if col != "job" else "left")
     for job, s in sorted(st.summary().items()):

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from loftup.storage.errors import LoftupError, StoreError
+from loftup.storage.redact import redact
 
 STATUS = "_status"
 ERRORS = "_errors"
@@ -304,7 +305,7 @@ def check_files(fs, directory: str, recorded: dict | None, deep: bool = False) -
 
 def write_marker(fs, root: str, job: str, shard: int, info: dict) -> int:
     """Commit a shard: write its marker atomically. Call only after every output is in place."""
-    info = {"job": job, "shard": int(shard), **info}
+    info = redact({"job": job, "shard": int(shard), **info})
     if info["job"] != job or int(info["shard"]) != int(shard):
         raise ValueError(f"marker for {job} shard {shard} names job {info['job']!r} shard {info['shard']!r}")
     blob = (json.dumps(info, indent=1, sort_keys=True, default=str) + "\n").encode()
@@ -420,10 +421,25 @@ def read_lease(fs, root: str, job: str) -> dict | None:
         return None
 
 
+def _holder_gone(holder: str) -> bool:
+    """True when the holder ran on this host and its process no longer exists (killed run)."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
 class Lease:
     """Held while a job runs on a store: a lease file naming the holder, refreshed by a heartbeat
-    thread. A second run refuses while the heartbeat is fresh; a stale lease (holder killed) is
-    taken over. The file is hidden, so listings of markers never see it."""
+    thread. A second run refuses while the heartbeat is fresh; a lease whose heartbeat is stale,
+    or whose holder process on this host is gone (killed run), is taken over. The file is hidden, so listings of markers never see it."""
 
     def __init__(self, fs, root: str, job: str, stale: float = LEASE_STALE, heartbeat: float = LEASE_HEARTBEAT):
         self.fs, self.root, self.job = fs, root, job
@@ -441,7 +457,7 @@ class Lease:
         current = read_lease(self.fs, self.root, self.job)
         if current is not None and current.get("holder") != self.holder:
             age = time.time() - float(current.get("heartbeat", 0) or 0)
-            if age < self.stale:
+            if age < self.stale and not _holder_gone(str(current.get("holder", ""))):
                 raise LoftupError(f"job {self.job} is already running on this store ({current.get('holder')}, "
                                   f"heartbeat {age:.0f} s ago); wait for it, or remove {self.path} if that run is gone")
         self._write()

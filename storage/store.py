@@ -85,7 +85,9 @@ class Store:
         self._feature_stores: dict[str, FeatureStore] = {}
 
     def __repr__(self) -> str:
-        return f"Store({self.url!r}, geometries={list(self.geometries)})"
+        from loftup.storage.redact import redact_text
+
+        return f"Store({redact_text(self.url)!r}, geometries={list(self.geometries)})"
 
     def __reduce__(self):
         # Caches hold locks and open files; a copy in another process reopens from the URL.

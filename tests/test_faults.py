@@ -368,3 +368,38 @@ def test_area_and_bbox_must_match_the_mask():
         normalise_annotation([{**good, "area": 87698}])
     with pytest.raises(ValueError, match="bbox"):
         normalise_annotation([{**good, "bbox": [0, 0, 60, 40]}])
+
+
+# -- credentials ---------------------------------------------------------------------------------
+def test_credentials_never_reach_markers_manifest_configs_or_errors(tmp_path):
+    from loftup.storage.errors import StoreError, error_line
+    from loftup.training.run_dir import RunDir
+
+    url = "s3://AKIDUSER:TopSecretPass@bucket/store"
+    opts = {"key": "AKIDKEY123", "secret": "TopSecretKey", "client_kwargs": {"region_name": "eu-west-1"}}
+    signed = "https://host/sa_000000.tar?X-Amz-Signature=TopSecretSig&x=1"
+    store = open_store(tmp_path / "store", create=True, geometries=(224,))
+    store.update_manifest(lambda m: m["jobs"].update({"masks": {"config": {"store": url, "storage_options": opts}}}))
+    store.write_marker("masks", 0, {"tar": signed, "store": url, "config": {"storage_options": opts}})
+    run = RunDir(tmp_path / "run")
+    run.save_config({"store": url, "storage_options": opts})
+    run.log({"step": 1, "store": url})
+    run.close()
+    written = "".join(p.read_text() for p in tmp_path.rglob("*.json*") if p.is_file())
+    for secret in ("TopSecret", "AKIDKEY123"):
+        assert secret not in written
+    assert "s3://AKIDUSER:***@bucket/store" in written and "eu-west-1" in written  # the rest is kept
+    assert "TopSecret" not in error_line(StoreError(f"no store at {url}"))
+
+
+def test_lease_of_a_killed_run_on_this_host_is_taken_over_at_once(small_store):
+    import socket
+
+    from loftup.storage import commit
+
+    store, shards = small_store
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = f"{socket.gethostname()}:{int(dead.stdout)}:feedbeef"
+    commit.atomic_write(store.fs, commit.lease_path(store.root, "masks"),
+                        json.dumps({"holder": holder, "job": "masks", "heartbeat": time.time()}).encode())
+    assert run_job(MasksJob(sizes=(224,)), store, shards, executor="inline").skipped == [0, 1]

@@ -26,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from loftup.storage.commit import atomic_write, atomic_writer, remove_temps
 from loftup.storage.errors import LoftupError, error_line
+from loftup.storage.redact import redact
 
 _LOCAL = LocalFileSystem()
 # Temp names of earlier versions (``last.tmp<pid>``, ``config.json.tmp<pid>``).
@@ -54,7 +55,8 @@ class RunDir:
     # -- config ----------------------------------------------------------------------------
     def save_config(self, config: dict, name: str = "config.json") -> None:
         if self.master:
-            atomic_write(_LOCAL, str(self.path / name), json.dumps(config, indent=2, sort_keys=True, default=str).encode())
+            blob = json.dumps(redact(config), indent=2, sort_keys=True, default=str).encode()
+            atomic_write(_LOCAL, str(self.path / name), blob)
 
     # -- metrics ---------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -68,7 +70,7 @@ class RunDir:
                 self._tb = SummaryWriter(str(self.path / "tb"))
             except Exception:  # tensorboard is optional
                 self._tb = None
-        self._metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self._metrics.write(json.dumps(redact({"time": round(time.time(), 3), **record})) + "\n")
         if self._tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
