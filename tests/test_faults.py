@@ -403,3 +403,44 @@ def test_lease_of_a_killed_run_on_this_host_is_taken_over_at_once(small_store):
     commit.atomic_write(store.fs, commit.lease_path(store.root, "masks"),
                         json.dumps({"holder": holder, "job": "masks", "heartbeat": time.time()}).encode())
     assert run_job(MasksJob(sizes=(224,)), store, shards, executor="inline").skipped == [0, 1]
+
+
+# -- long work seen from a log file ----------------------------------------------------------------
+def test_progress_logs_true_rates_when_not_a_terminal(monkeypatch):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from loftup.pipeline.progress import ShardProgress
+    from loftup.training.progress import TrainProgress
+
+    monkeypatch.setenv("LOFTUP_LOG_EVERY", "0.25")
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=300)
+    t0 = time.monotonic()
+    with ShardProgress("masks", {0: 8, 1: 8}, console=console) as view:
+        for _ in range(6):
+            time.sleep(0.12)
+            view.advance(0, 1, 0)
+        view.finish(0, {"images": 6, "errors": 0})
+        time.sleep(0.3)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("masks:")]
+    assert len(lines) >= 2  # a line per period, with nothing else to show
+    last = re.search(r"(\d+)/(\d+) images, [\d.]+ img/s now, ([\d.]+) img/s overall", lines[-1])
+    assert last and last.group(1) == "6"
+    elapsed = time.monotonic() - t0
+    assert 6 / elapsed <= float(last.group(3)) <= 6 / 0.72 + 0.5  # images over wall time, not a burst rate
+
+    buf.truncate(0)
+    progress = TrainProgress("stage 1", total=100, start=40, console=console)  # resumed at step 40
+    t0 = time.monotonic()
+    for step in range(41, 47):
+        time.sleep(0.1)
+        progress.update(step, 0.5)
+    progress.close()
+    true_rate = 6 / (time.monotonic() - t0)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("stage 1:")]
+    assert len(lines) >= 2 and "step 46/100" in lines[-1] and "loss 0.5000" in lines[-1]
+    overall = float(re.search(r"([\d.]+) step/s overall", lines[-1]).group(1))
+    assert abs(overall - true_rate) < 0.25 * true_rate  # not (46 - 0) steps in this short time
