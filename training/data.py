@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from loftup.storage.errors import LoftupError, StoreError, error_line
+from loftup.storage.geometry import nearest_index
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -189,8 +190,7 @@ class Stage1Dataset(Dataset):
         }
 
 
-def _subsample_index(src: int, dst: int) -> np.ndarray:
-    return np.minimum(src - 1, np.floor((np.arange(dst) + 0.5) * src / dst).astype(np.int64))
+_subsample_index = nearest_index  # the name evaluate.py imports
 
 
 def _packed_len(h: int, w: int) -> int:

@@ -40,15 +40,17 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def _write_features(feats: torch.Tensor, path: Path, fmt: str, meta: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if fmt == "npy":
-        with open(tmp, "wb") as fh:
-            np.save(fh, feats.numpy())
-    else:
-        from safetensors.torch import save_file
+    from fsspec.implementations.local import LocalFileSystem
 
-        save_file({"features": feats.contiguous()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    tmp.replace(path)
+    from loftup.storage.commit import atomic_writer
+
+    with atomic_writer(LocalFileSystem(), str(path)) as fh:
+        if fmt == "npy":
+            np.save(fh, feats.numpy())
+        else:
+            from safetensors.torch import save
+
+            fh.write(save({"features": feats.contiguous()}, metadata={k: str(v) for k, v in meta.items()}))
 
 
 def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_vits14", weights=None,
