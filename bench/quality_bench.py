@@ -2,7 +2,7 @@
 
 Photo-disjoint split of the sample shards: 8 training tars of augmented crops of 14 photos, and
 a held-out tar of 16 crops of the Pascal VOC and ARC2017 photos, scored against their real
-instance masks by nearest-prototype mIoU (training/evaluate.py). A real pretrained backbone
+instance masks by nearest-prototype mIoU (training/evaluation/masks.py). A real pretrained backbone
 (hed_vgg16), features in a 64-channel PCA. Stage 1 is scored at its training size and at 112,
 at every --eval-every steps of one run (resumed exactly between scores).
 
@@ -49,8 +49,7 @@ def main() -> None:
     from loftup.sample_data import photo_names, write_sample_shards
     from loftup.pipeline.shards import resolve_shards
     from loftup.storage import open_store
-    from loftup.training.checkpoint import load_model
-    from loftup.training.evaluate import evaluate_store, standard_upsamplers
+    from loftup.training.evaluation import MasksProtocol, baseline, evaluate, resolve_checkpoint
     from loftup.training.stage1 import Stage1Config
     from loftup.training.stage1 import train as train1
     from loftup.training.stage2 import Stage2Config
@@ -74,10 +73,13 @@ def main() -> None:
     train_shards = list(range(train_tars))
 
     def score(path, size):
-        model, meta = load_model(path, with_meta=True)
-        ups = standard_upsamplers()
-        ups["loftup"] = lambda f, img, sz: model(f, img, output_size=sz)
-        return evaluate_store(store, held_out, args.backbone, 224, ups, size=size, projection=meta["projection_module"])
+        from dataclasses import replace
+
+        ck = replace(resolve_checkpoint(path), name="loftup")
+        ups = [replace(baseline(n), projection=ck.projection) for n in ("bilinear", "bicubic")] + [ck]
+        res = evaluate("masks", ups, protocol=MasksProtocol(size=size), store=store, image_ids=held_out,
+                       backbone=args.backbone, progress=False)
+        return {u.name: res[u.name]["prototype_miou"] for u in ups}
 
     rows = []
     run1 = work / "run1"

@@ -274,7 +274,7 @@ def bench_train_step(batch, dim: int, size: int, micro: int, timed_micro: int, w
     from loftup.training.losses import projected_mse, total_variation
     from loftup.training.model import LoftUp
     from loftup.training.pseudo_gt import pseudo_gt
-    from loftup.training.stage1 import layer_norm_target
+    from loftup.training.target_space import layer_norm_target
 
     torch.manual_seed(0)
     feats = batch["feats"].float()
@@ -320,7 +320,7 @@ def bench_pseudo_gt(batch, masks_per_image: int, repeats: int) -> dict:
     import torch
 
     from loftup.training.pseudo_gt import bicubic_upsample, mask_refine
-    from loftup.training.stage1 import layer_norm_target
+    from loftup.training.target_space import layer_norm_target
 
     feats = layer_norm_target(batch["feats"].float())
     masks = batch["masks"][:, :masks_per_image]

@@ -21,6 +21,10 @@ CpuOpt = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each s
 GpuOpt = typer.Option(None, "--gpus-per-task", help="GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0.")
 NumCpuOpt = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray instance (default: all).")
 RetryOpt = typer.Option(3, "--max-retries", help="Retries of a shard task whose worker died (crash, OOM kill, preemption).")
+MemOpt = typer.Option(
+    None, "--memory-per-task",
+    help="GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none).",
+)
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
 
 
@@ -41,7 +45,8 @@ def _finish(summary) -> None:
         raise typer.Exit(1)
 
 
-def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite):
+def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite,
+         memory_per_task=None):
     from loftup.pipeline.runner import run_job
 
     summary = run_job(
@@ -55,6 +60,7 @@ def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task,
         gpus_per_task=gpus_per_task,
         max_retries=max_retries,
         overwrite=overwrite,
+        memory_per_task=memory_per_task,
         console=console,
     )
     _finish(summary)
@@ -134,6 +140,7 @@ def masks(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Class-agnostic masks into the Parquet mask store (original RLE + each training geometry)."""
     from loftup.pipeline.jobs import MasksJob
@@ -153,7 +160,7 @@ def masks(
                 opts[key] = value
     size_t = _sizes(sizes)
     job = MasksJob(source=source, source_options=opts, sizes=size_t)
-    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
 
 
 @app.command()
@@ -169,6 +176,7 @@ def images(
     cpus_per_task: float = CpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Training images at each geometry into the Parquet image store."""
     from loftup.pipeline.jobs import ImagesJob
@@ -177,7 +185,7 @@ def images(
     shard_list = resolve_shards(shards, sa1b_root)
     size_t = _sizes(sizes)
     job = ImagesJob(sizes=size_t, quality=quality)
-    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, 0.0, max_retries, overwrite)
+    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, 0.0, max_retries, overwrite, memory_per_task)
 
 
 @app.command()
@@ -197,6 +205,7 @@ def features(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Low-resolution VFM features of the stored images into the Zarr v3 feature store."""
     from loftup.pipeline.jobs import FeaturesJob
@@ -205,7 +214,7 @@ def features(
     st = _open(store, create=False)
     shard_list = [(s, None) for s in parse_shards(shards)]
     job = FeaturesJob(backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device)
-    _run(job, st, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+    _run(job, st, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
 
 
 @app.command()
@@ -228,6 +237,7 @@ def pseudogt(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Materialise mask-refined bicubic pseudo-GT for inspection (Zarr) with PNGs of bicubic vs refined."""
     from loftup.pipeline.shards import parse_shards
@@ -236,7 +246,7 @@ def pseudogt(
     st = _open(store, create=False)
     job = PseudoGTJob(backbone=backbone, res=res, geometry=geometry, alpha=alpha, max_masks=max_masks, limit=limit,
                       png=not no_png, png_dir=png_dir, device=device)
-    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
 
 
 @app.command()

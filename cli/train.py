@@ -147,34 +147,135 @@ def stage2(
     _summary("stage 2", result)
 
 
-@app.command()
-def evaluate(
+evaluate_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                           help="The paper's probes on the official dataset layouts, every upsampler under one protocol.")
+app.add_typer(evaluate_app, name="evaluate")
+
+_UPSAMPLER_HELP = "Baselines to run (repeatable): bilinear, bicubic, nearest, lowres."
+_CHECKPOINT_HELP = "A LoftUp checkpoint (ours .safetensors, or a released .pth), named after its file (repeatable)."
+_MATCH_HELP = "Also run each baseline in every checkpoint's own PCA projection (named BASELINE@CHECKPOINT)."
+
+
+def _run_evaluation(task: str, protocol, upsampler, checkpoint, match_projection, target_space, device, out, **kwargs):
+    from loftup.training.evaluation import build_upsamplers, evaluate
+    from loftup.training.evaluation.report import markdown
+
+    ups = build_upsamplers(list(upsampler or []), [str(c) for c in checkpoint or []], target_space=target_space,
+                           match_projection=match_projection, device="cpu")
+    console.print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.as_dict().items()))
+    result = evaluate(task, ups, protocol=protocol, out=out, device=device, **kwargs)
+    print(markdown(task, result))
+    if out is not None:
+        console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and pictures")
+
+
+@evaluate_app.command("seg")
+def evaluate_seg(
+    dataset: str = typer.Option(..., help="Layout: cocostuff27, cityscapes, voc or folder."),
+    root: Path = typer.Option(..., help="Dataset folder in that layout."),
+    backbone: str = typer.Option("dinov2_vits14", help="Backbone run live on the images."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
+    random_init: bool = typer.Option(False, help="Random backbone weights (tests)."),
+    upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
+    checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
+    match_projection: bool = typer.Option(True, help=_MATCH_HELP),
+    target_space: str = typer.Option("layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."),
+    size: int = typer.Option(224, help="Resize + centre-crop size of images, labels, guidance and output."),
+    backbone_res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
+    epochs: int = typer.Option(10, help="Probe epochs."),
+    lr: float = typer.Option(1e-4, help="Probe NAdam learning rate."),
+    batch_size: int = typer.Option(8, help="Probe batch size."),
+    seed: int = typer.Option(0, help="Probe init and data order seed."),
+    train_split: str = typer.Option("train", help="Split the probes train on."),
+    split: str = typer.Option("val", help="Split scored."),
+    workers: int = typer.Option(2, help="DataLoader workers."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, results.md and pictures here."),
+):
+    """Linear-probe semantic segmentation (LoftUp's eval_seg protocol): mIoU and pixel accuracy."""
+    from loftup.training.evaluation import SegProtocol
+
+    protocol = SegProtocol(size=size, backbone_res=backbone_res, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    _run_evaluation("seg", protocol, upsampler, checkpoint, match_projection, target_space, device, out, dataset=dataset,
+                    root=root, backbone=backbone, weights=weights, random_init=random_init, train_split=train_split,
+                    split=split, workers=workers)
+
+
+@evaluate_app.command("davis")
+def evaluate_davis(
+    root: Path = typer.Option(..., help="DAVIS 2017 folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)."),
+    split: str = typer.Option("val", help="ImageSets/2017/SPLIT.txt."),
+    backbone: str = typer.Option("dinov2_vits14", help="Backbone run live on the frames."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
+    random_init: bool = typer.Option(False, help="Random backbone weights (tests)."),
+    upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
+    checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
+    match_projection: bool = typer.Option(True, help=_MATCH_HELP),
+    target_space: str = typer.Option("layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."),
+    size: int = typer.Option(224, help="Frames resized to SIZE x SIZE; features upsampled to SIZE/2."),
+    backbone_res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
+    context: int = typer.Option(7, help="Previous predictions used besides the first frame."),
+    temperature: float = typer.Option(0.1, help="Affinity temperature."),
+    radius: int = typer.Option(12, help="Spatial radius in feature cells."),
+    topk: int = typer.Option(5, help="Neighbours averaged per pixel."),
+    boundary_tolerance: float = typer.Option(0.008, help="F's match tolerance, a fraction of the image diagonal."),
+    save_masks: bool = typer.Option(False, help="Also write every prediction as DAVIS palette PNGs under OUT/masks."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, results.md and pictures here."),
+):
+    """DAVIS 2017 label propagation (LiFT/LoftUp protocol): J, F and J&F as the official toolkit."""
+    from loftup.training.evaluation import DavisProtocol
+
+    protocol = DavisProtocol(size=size, backbone_res=backbone_res, context=context, temperature=temperature,
+                             radius=radius, topk=topk, boundary_tolerance=boundary_tolerance)
+    _run_evaluation("davis", protocol, upsampler, checkpoint, match_projection, target_space, device, out, root=root,
+                    split=split, backbone=backbone, weights=weights, random_init=random_init, save_masks=save_masks)
+
+
+@evaluate_app.command("masks")
+def evaluate_masks(
     store: str = typer.Option(..., help="Store with images, masks and features."),
     shards: str = typer.Option(..., help="Held-out shards to evaluate on."),
-    checkpoint: list[Path] = typer.Option([], help="Checkpoints to compare (repeatable)."),
     backbone: str = typer.Option("dinov2_vits14", help="Backbone of the stored features."),
+    upsampler: list[str] = typer.Option(["bilinear", "bicubic"], help=_UPSAMPLER_HELP),
+    checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
+    match_projection: bool = typer.Option(True, help=_MATCH_HELP),
+    target_space: str = typer.Option("layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."),
     res: int = typer.Option(224, help="Backbone input size of the stored features."),
+    geometry: int = typer.Option(224, help="Stored image/mask geometry to read."),
     size: int = typer.Option(224, help="Evaluation resolution."),
+    max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
     limit: Optional[int] = typer.Option(None, help="At most this many images."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json and results.md here."),
 ):
-    """Nearest-prototype mIoU against stored instance masks: checkpoints vs bilinear/bicubic."""
+    """Nearest-prototype mIoU against the store's instance masks (a class-free proxy)."""
     import numpy as np
 
     from loftup.storage import open_store
-    from loftup.training.checkpoint import load_model
-    from loftup.training.evaluate import evaluate_store, standard_upsamplers
+    from loftup.training.evaluation import MasksProtocol
 
     st = open_store(store)
     ids = np.concatenate([st.image_ids(s) for s in _ints(shards)])[:limit]
-    rows = {}
-    projection = None
-    ups = standard_upsamplers()
-    for ck in checkpoint:
-        model, meta = load_model(ck, with_meta=True)
-        projection = meta.get("projection_module")
-        ups[ck.stem] = (lambda m: (lambda f, img, sz: m.eval()(f, img, output_size=sz)))(model)
-    rows = evaluate_store(st, ids, backbone, res, ups, size=size, projection=projection)
-    _summary(f"prototype mIoU on {len(ids)} held-out images", rows)
+    protocol = MasksProtocol(size=size, res=res, geometry=geometry, max_masks=max_masks)
+    _run_evaluation("masks", protocol, upsampler, checkpoint, match_projection, target_space, device, out, store=st,
+                    image_ids=ids, backbone=backbone)
+
+
+@evaluate_app.command("make-tiny-data")
+def evaluate_make_tiny_data(
+    out: Path = typer.Argument(..., help="Folder to write."),
+    layout: str = typer.Option("voc", help="cocostuff27, cityscapes, voc, folder, or davis."),
+    train: int = typer.Option(8, help="Training images (segmentation layouts)."),
+    val: int = typer.Option(4, help="Val images (segmentation layouts)."),
+    frames: int = typer.Option(8, help="Frames per sequence (davis)."),
+    seed: int = typer.Option(0, help="Crop seed."),
+):
+    """Write a tiny dataset in an official layout from installed photos with real labels (demos, tests)."""
+    from loftup.training.evaluation.datasets import make_tiny_dataset, make_tiny_davis
+
+    path = make_tiny_davis(out, frames=frames) if layout == "davis" else make_tiny_dataset(layout, out, train, val, seed)
+    console.print(f"wrote a tiny {layout} dataset to {path}")
 
 
 @app.command()

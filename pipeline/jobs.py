@@ -1,7 +1,10 @@
 """Pipeline jobs. One job run = one shard = one SA-1B tar (or one shard of the image store).
 
-A job is a small picklable config object. ``run_shard`` does the whole shard in one worker and
-writes every output of that shard in one atomic call per file; the runner writes the marker last.
+A job is a small picklable config object. ``run_shard`` does the whole shard in one worker,
+streaming: it reads the tar (or the image store) in batches and hands each batch to a store
+writer that writes one row group / Zarr shard at a time under temp names and renames the file
+into place at the end; the runner writes the marker last. Peak memory therefore depends on the
+batch and row-group sizes, never on the number of images in the tar (``memory_bytes`` sizes it).
 Per-sample faults become error rows; a broken tar raises ``ShardError`` and fails only that shard.
 """
 
@@ -19,6 +22,10 @@ import numpy as np
 from loftup.storage.errors import LoftupError, StoreError
 
 Progress = Callable[[int, int], None]  # (images done, errors) increments
+
+# Images read from the tar before their rows go to the store writer.
+TAR_BATCH = 32
+GiB = 1 << 30
 
 
 def config_hash(config: dict) -> str:
@@ -67,6 +74,13 @@ class Job:
         }
         return manifest
 
+    def memory_bytes(self) -> int:
+        """Peak host memory one shard task of this job needs, from its settings (Ray's ``memory=``).
+
+        Streaming makes it independent of the tar's size; see the README's per-job figures.
+        """
+        return 2 * GiB
+
     def run_shard(self, store, shard: int, tar_path: str | None, progress: Progress) -> dict:
         raise NotImplementedError
 
@@ -92,37 +106,54 @@ class MasksJob(Job):
         _check_sizes(store, self.sizes)
         self.config()  # unknown source or option: one clear error before any work
 
+    def memory_bytes(self) -> int:
+        from loftup.storage.masks import MASK_LIMIT_ROWS
+
+        # Interpreter + pyarrow + pycocotools, the writer's row limit (~3 KB a mask row with the
+        # original RLE and two geometries) and a decoded 1500 px image with its masks in flight.
+        need = 0.6 * GiB + MASK_LIMIT_ROWS * 3 * 1024 * (1 + len(self.sizes)) / 3 + 0.25 * GiB
+        if self.source == "sam":
+            need += 6 * GiB  # checkpoint load + SamAutomaticMaskGenerator's full-size masks
+        elif self.source != "sa1b":
+            need += 0.5 * GiB
+        return int(need)
+
     def run_shard(self, store, shard, tar_path, progress):
         from loftup.pipeline.mask_sources import add_geometry_rles, create_mask_source, rows_to_table
         from loftup.pipeline.sa1b import Sample, decode_jpeg, iter_samples
 
         source = create_mask_source(self.source, **self.source_options)
         needs_image = self.source != "sa1b"
-        rows, errors, n_images = [], [], 0
-        for item in iter_samples(tar_path):
-            if not isinstance(item, Sample):
-                errors.append(item.as_row())
-                progress(0, 1)
-                continue
-            try:
-                image = decode_jpeg(item.jpeg) if needs_image else None
-                if item.ann is None and not needs_image:
-                    raise ValueError("no annotation JSON for the sa1b mask source")
-                sample_rows = source.masks_for(image, item.ann, item.image_id)
-                add_geometry_rles(sample_rows, self.sizes)
-            except Exception as exc:  # one bad sample never fails the shard
-                errors.append(
-                    {"image_id": item.image_id, "member": item.file_name, "stage": "masks", "reason": _reason(exc)}
-                )
-                progress(0, 1)
-                continue
-            rows.extend(sample_rows)
-            n_images += 1
-            progress(1, 0)
-        table = rows_to_table(rows, self.sizes)
-        nbytes = store.write_masks(shard, table)
+        rows, errors, n_images, in_batch = [], [], 0, 0
+        with store.mask_writer(shard) as writer:
+            for item in iter_samples(tar_path):
+                if not isinstance(item, Sample):
+                    errors.append(item.as_row())
+                    progress(0, 1)
+                    continue
+                try:
+                    image = decode_jpeg(item.jpeg) if needs_image else None
+                    if item.ann is None and not needs_image:
+                        raise ValueError("no annotation JSON for the sa1b mask source")
+                    sample_rows = source.masks_for(image, item.ann, item.image_id)
+                    add_geometry_rles(sample_rows, self.sizes)
+                except Exception as exc:  # one bad sample never fails the shard
+                    errors.append(
+                        {"image_id": item.image_id, "member": item.file_name, "stage": "masks", "reason": _reason(exc)}
+                    )
+                    progress(0, 1)
+                    continue
+                rows.extend(sample_rows)
+                n_images += 1
+                in_batch += 1
+                progress(1, 0)
+                if in_batch >= TAR_BATCH:
+                    writer.add(rows_to_table(rows, self.sizes))
+                    rows, in_batch = [], 0
+            if rows:
+                writer.add(rows_to_table(rows, self.sizes))
         store.write_errors(self.name, shard, errors)
-        return {"images": n_images, "masks": table.num_rows, "errors": len(errors), "bytes": nbytes}
+        return {"images": n_images, "masks": writer.rows, "errors": len(errors), "bytes": writer.nbytes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,47 +168,63 @@ class ImagesJob(Job):
     def check(self, store) -> None:
         _check_sizes(store, self.sizes)
 
+    def memory_bytes(self) -> int:
+        from loftup.storage.images import IMAGE_LIMIT_ROWS
+
+        # Interpreter + pyarrow + PIL, a 1500 px image decoded and resized (a few float copies),
+        # and the writer's row limit of JPEGs at quality <= 95 (~0.5 byte a pixel).
+        jpeg_row = sum(0.5 * s * s for s in self.sizes)
+        return int(0.5 * GiB + 0.25 * GiB + IMAGE_LIMIT_ROWS * jpeg_row)
+
     def run_shard(self, store, shard, tar_path, progress):
         import pyarrow as pa
 
         from loftup.pipeline.sa1b import Sample, decode_jpeg, iter_samples
         from loftup.storage.geometry import resize_image
 
-        cols: dict[str, list] = {f.name: [] for f in store.image_schema}
-        errors = []
-        for item in iter_samples(tar_path):
-            if not isinstance(item, Sample):
-                errors.append(item.as_row())
-                progress(0, 1)
-                continue
-            try:
-                img = decode_jpeg(item.jpeg)
-                encoded = {}
+        def new_cols() -> dict[str, list]:
+            return {f.name: [] for f in store.image_schema}
+
+        def flush(cols) -> None:
+            for name in list(cols):
+                if name.startswith("jpeg_") and int(name[5:]) not in self.sizes:
+                    cols[name] = [None] * len(cols["image_id"])
+            writer.add(pa.table(cols, schema=store.image_schema))
+
+        cols, errors = new_cols(), []
+        with store.image_writer(shard) as writer:
+            for item in iter_samples(tar_path):
+                if not isinstance(item, Sample):
+                    errors.append(item.as_row())
+                    progress(0, 1)
+                    continue
+                try:
+                    img = decode_jpeg(item.jpeg)
+                    encoded = {}
+                    for size in self.sizes:
+                        buf = io.BytesIO()
+                        resize_image(img, size).save(buf, format="JPEG", quality=self.quality)
+                        encoded[size] = buf.getvalue()
+                except Exception as exc:
+                    errors.append(
+                        {"image_id": item.image_id, "member": item.file_name, "stage": "decode", "reason": _reason(exc)}
+                    )
+                    progress(0, 1)
+                    continue
+                cols["image_id"].append(item.image_id)
+                cols["file_name"].append(item.file_name)
+                cols["height"].append(img.height)
+                cols["width"].append(img.width)
                 for size in self.sizes:
-                    buf = io.BytesIO()
-                    resize_image(img, size).save(buf, format="JPEG", quality=self.quality)
-                    encoded[size] = buf.getvalue()
-            except Exception as exc:
-                errors.append(
-                    {"image_id": item.image_id, "member": item.file_name, "stage": "decode", "reason": _reason(exc)}
-                )
-                progress(0, 1)
-                continue
-            image_id, file_name = item.image_id, item.file_name
-            cols["image_id"].append(image_id)
-            cols["file_name"].append(file_name)
-            cols["height"].append(img.height)
-            cols["width"].append(img.width)
-            for size in self.sizes:
-                cols[f"jpeg_{size}"].append(encoded[size])
-            progress(1, 0)
-        for name in list(cols):
-            if name.startswith("jpeg_") and int(name[5:]) not in self.sizes:
-                cols[name] = [None] * len(cols["image_id"])
-        table = pa.table(cols, schema=store.image_schema)
-        nbytes = store.write_images(shard, table)
+                    cols[f"jpeg_{size}"].append(encoded[size])
+                progress(1, 0)
+                if len(cols["image_id"]) >= TAR_BATCH:
+                    flush(cols)
+                    cols = new_cols()
+            if cols["image_id"]:
+                flush(cols)
         store.write_errors(self.name, shard, errors)
-        return {"images": table.num_rows, "errors": len(errors), "bytes": nbytes}
+        return {"images": writer.rows, "errors": len(errors), "bytes": writer.nbytes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +273,19 @@ class FeaturesJob(Job):
         if known and known.get("dim") != info["dim"]:
             raise StoreError(f"store has {self.backbone}@{self.res} with dim {known.get('dim')}, backbone gives {info['dim']}")
 
+    def memory_bytes(self) -> int:
+        from loftup.pipeline.backbones import backbone_info
+        from loftup.storage.features import ZARR_SHARD_IMAGES
+
+        info = backbone_info(self.backbone)
+        dim, tokens = info["dim"], (self.res // info["patch"]) ** 2
+        params = 0.3 * dim**3 * 4  # ViT-S/B/L/g: 22M/86M/304M/1.1B parameters ~ 0.3 dim^3
+        zarr_shard = ZARR_SHARD_IMAGES * dim * tokens * 2  # one Zarr shard of fp16 maps
+        # A CPU forward holds ~12 token-sized tensors per block plus one attention matrix per head.
+        forward = self.batch_size * (12 * (tokens + 1) * dim + 6 * (tokens + 1) ** 2) * 4
+        decoded = 6 * self.batch_size * self.res**2 * 3 * 4  # the decode queue and its float copies
+        return int(1.25 * GiB + params + zarr_shard + forward + decoded)
+
     def record(self, manifest: dict) -> dict:
         from loftup.pipeline.backbones import backbone_info
 
@@ -252,58 +312,68 @@ class FeaturesJob(Job):
             _BACKBONES[key] = create_backbone(self.backbone, weights=self.weights, random_init=self.random_init, device=device)
         model = _BACKBONES[key]
         src = self.source_size(store)
-        ids, batches = _image_batches(store, shard, src, self.res, self.batch_size)
-        feats = []
-        with torch.inference_mode():
-            for batch in batches:
+        grid = self.res // model.patch
+        n = store.image_count(shard)
+        fstore = store.features(self.backbone, self.res)
+        info = model.info() | {"res": self.res, "grid": [grid, grid], "source_size": src}
+        with fstore.writer(shard, n, model.dim, (grid, grid), info=info) as writer, torch.inference_mode():
+            for ids, batch in _image_batches(store, shard, src, self.res, self.batch_size):
                 x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
                 with autocast(device):
                     y = model(x)
-                feats.append(y.float().cpu().numpy().astype(np.float16))
+                writer.add(y.float().cpu().numpy().astype(np.float16), ids)
                 progress(len(batch), 0)
-        grid = self.res // model.patch
-        arr = np.concatenate(feats) if feats else np.zeros((0, model.dim, grid, grid), np.float16)
-        fstore = store.features(self.backbone, self.res)
-        info = model.info() | {"res": self.res, "grid": [grid, grid], "source_size": src}
-        nbytes = fstore.write_shard(shard, arr, np.asarray(ids, dtype=np.int64), info=info)
         store.write_errors(self.name, shard, [])
-        return {"images": len(ids), "errors": 0, "bytes": nbytes, "device": str(device)}
+        return {"images": n, "errors": 0, "bytes": writer.nbytes, "device": str(device)}
 
 
 _BACKBONES: dict = {}
 
 
 def _image_batches(store, shard, src_size, res, batch_size):
-    """Image ids of the shard and an iterator of uint8 (B, res, res, 3) batches, decoded ahead
-    in a background thread so JPEG decoding overlaps the backbone forward."""
+    """(image ids, uint8 (B, res, res, 3)) batches of the shard, read from the image store with
+    ``iter_batches`` and decoded ahead in a background thread so JPEG decoding overlaps the
+    backbone forward; a bounded queue keeps at most a few batches in memory."""
     import queue
     import threading
 
     from PIL import Image
 
-    table = store.images_table(shard, columns=["image_id", f"jpeg_{src_size}"])
-    ids = table.column("image_id").to_pylist()
-    blobs = table.column(f"jpeg_{src_size}").to_pylist()
     q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def decode():
-        for start in range(0, len(blobs), batch_size):
-            out = []
-            for blob in blobs[start : start + batch_size]:
-                img = Image.open(io.BytesIO(blob)).convert("RGB")
-                if img.size != (res, res):
-                    img = img.resize((res, res), Image.BICUBIC)
-                out.append(np.asarray(img))
-            q.put(np.stack(out))
-        q.put(None)
+        try:
+            for rb in store.image_batches(shard, ["image_id", f"jpeg_{src_size}"], batch_size):
+                out = []
+                for blob in rb.column(1).to_pylist():
+                    img = Image.open(io.BytesIO(blob)).convert("RGB")
+                    if img.size != (res, res):
+                        img = img.resize((res, res), Image.BICUBIC)
+                    out.append(np.asarray(img))
+                if not put((rb.column(0).to_numpy(), np.stack(out))):
+                    return
+            put(None)
+        except BaseException as exc:  # surfaces in the consumer, never a silent hang
+            put(exc)
 
     threading.Thread(target=decode, daemon=True).start()
-
-    def batches():
+    try:
         while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
             yield item
-
-    return ids, batches()
+    finally:
+        stop.set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,20 +149,26 @@ def run_job(
     gpus_per_task: float | None = None,
     max_retries: int = 3,
     overwrite: bool = False,
+    memory_per_task: float | None = None,
     console=None,
 ) -> RunSummary:
     """Run ``job`` over ``shards`` [(shard, tar path or None)] and return a summary.
 
-    Holds the job's lease on the store throughout: a second run of the same job refuses.
+    ``memory_per_task``: GiB of host memory Ray reserves per shard task (default: the job's own
+    estimate, :meth:`Job.memory_bytes`; 0: reserve none), so a node is packed without
+    oversubscribing it. Holds the job's lease on the store throughout: a second run of the same
+    job refuses.
     """
+    if memory_per_task is not None and memory_per_task < 0:
+        raise LoftupError(f"--memory-per-task must be >= 0 GiB, got {memory_per_task}")
     job.check(store)
     with store.lease(job.name):
         return _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task,
-                           max_retries, overwrite, console)
+                           max_retries, overwrite, memory_per_task, console)
 
 
 def _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
-                overwrite, console) -> RunSummary:
+                overwrite, memory_per_task, console) -> RunSummary:
     from loftup.pipeline.progress import ShardProgress
 
     store.update_manifest(job.record)
@@ -186,7 +192,8 @@ def _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_ta
                     summary.failed[shard] = error_line(exc)
                     view.fail(shard, summary.failed[shard])
         elif executor == "ray":
-            _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries)
+            _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
+                     memory_per_task)
         else:
             raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
     for shard, reason in summary.failed.items():
@@ -215,12 +222,44 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries):
+def task_memory(job: Job, memory_per_task: float | None, node_memory: list[float], embedded: bool) -> int:
+    """Bytes of Ray ``memory`` to reserve per task of ``job``.
+
+    The job's estimate is capped at the largest node's memory resource on an embedded instance
+    (it is only a fraction of this machine's RAM, and a request above it would never schedule);
+    an explicit request that no node can hold is a clear error.
+    """
+    if memory_per_task is not None:
+        want = int(memory_per_task * (1 << 30))
+        if want and node_memory and want > max(node_memory):
+            raise LoftupError(
+                f"--memory-per-task {memory_per_task:g} GiB: no Ray node offers that much "
+                f"(largest: {max(node_memory) / 2**30:.1f} GiB)"
+            )
+        return want
+    want = job.memory_bytes()
+    if node_memory and want > max(node_memory):
+        if not embedded:
+            raise LoftupError(
+                f"{job.name} tasks need ~{want / 2**30:.1f} GiB of memory but the largest Ray node offers "
+                f"{max(node_memory) / 2**30:.1f} GiB; pass --memory-per-task to override"
+            )
+        want = int(max(node_memory))
+    return want
+
+
+def _node_memory(ray) -> list[float]:
+    return [float(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
+             memory_per_task=None):
     ray = init_ray(address, num_cpus)
     from ray.exceptions import RayError, RayTaskError
 
     if gpus_per_task is None:
         gpus_per_task = 1.0 if (job.num_gpus_wanted and ray.cluster_resources().get("GPU", 0) > 0) else 0.0
+    memory = task_memory(job, memory_per_task, _node_memory(ray), embedded=not address)
 
     @ray.remote
     class Counter:
@@ -241,7 +280,8 @@ def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, 
         return process_shard(job, url, shard, path, lambda ok, err: counter.add.remote(shard, ok, err))
 
     remote = ray.remote(task).options(
-        num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries, retry_exceptions=False
+        num_cpus=cpus_per_task, num_gpus=gpus_per_task, memory=memory or None, max_retries=max_retries,
+        retry_exceptions=False,
     )
     pending = {}
     for shard, path in todo:

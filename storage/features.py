@@ -1,16 +1,21 @@
 """Zarr v3 feature store: ``features/<backbone>@<res>/shard=000123/{features,image_ids}``.
 
-Each shard is its own subgroup, written complete under a hidden temp name and renamed into
-place, so no two writers ever touch one Zarr shard (zarr-python has no locking).
+Each tar shard is its own subgroup: one ``(n, C, h, w)`` float16 array, chunk = one image, in
+Zarr shards of at most :data:`ZARR_SHARD_IMAGES` images, streamed in as batches arrive under a
+hidden temp name and renamed into place, so no two writers ever touch one Zarr shard
+(zarr-python has no locking). Stores written with one Zarr shard per tar read the same way.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import numpy as np
 import zarr
+from zarr.abc.store import SuffixByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import WrapperStore
 
 from loftup.storage.commit import (
     check_job,
@@ -27,6 +32,9 @@ from loftup.storage.errors import NotInStore, StoreError, error_line
 # Measured on fp16 maps (zstd level 3, bytes / raw): dense DINOv2-like tokens shuffle 0.919 vs
 # bitshuffle 0.939; sparse ReLU conv5 maps (HED VGG16, real weights) shuffle 0.373 vs 0.488.
 SHUFFLE = "shuffle"
+# Images per Zarr shard: bounds a writer's buffer (192 MiB of DINOv2-S maps at 224, 768 MiB at 448)
+# and the shard index a random read decodes (16 B per image), whatever the tar's size.
+ZARR_SHARD_IMAGES = 1024
 
 
 def _codec() -> tuple:
@@ -47,6 +55,41 @@ def zarr_store(fs, path: str, read_only: bool = False):
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
     return FsspecStore(AsyncFileSystemWrapper(fs, asynchronous=True), path=path, read_only=read_only)
+
+
+class IndexCacheStore(WrapperStore):
+    """Read-only store wrapper that keeps Zarr shard indexes (suffix reads) of one open array.
+
+    zarr-python fetches and decodes a shard's index on every partial read; at 1,024 images per
+    Zarr shard that is 16 KiB per lookup. Shard files never change once in place (a rewrite
+    renames a new subgroup in and invalidates the FeatureStore), so caching them is safe.
+    """
+
+    def __init__(self, store, max_entries: int = 256):
+        super().__init__(store)
+        self._index_cache: OrderedDict = OrderedDict()
+        self._max_entries = max_entries
+        self.hits = self.misses = 0
+
+    def _with_store(self, store):
+        return type(self)(store, self._max_entries)
+
+    async def get(self, key, prototype, byte_range=None):
+        if not isinstance(byte_range, SuffixByteRequest):
+            return await self._store.get(key, prototype, byte_range)
+        ck = (key, byte_range.suffix)
+        hit = self._index_cache.get(ck)
+        if hit is not None:
+            self._index_cache.move_to_end(ck)
+            self.hits += 1
+            return hit
+        self.misses += 1
+        value = await self._store.get(key, prototype, byte_range)
+        if value is not None:
+            self._index_cache[ck] = value
+            while len(self._index_cache) > self._max_entries:
+                self._index_cache.popitem(last=False)
+        return value
 
 
 class FeatureStore:
@@ -140,63 +183,24 @@ class FeatureStore:
             group.attrs.update(merged)
 
     # -- writing ---------------------------------------------------------------------------------
-    def write_shard(self, shard: int, feats: np.ndarray, image_ids: np.ndarray, info: dict | None = None) -> int:
-        """Write one shard's ``(n, C, h, w)`` features and their image ids; returns bytes on disk.
+    def writer(self, shard: int, n: int, dim: int, grid, info: dict | None = None,
+               shard_images: int | None = None) -> "FeatureShardWriter":
+        """A streaming writer of one shard's ``n`` feature maps (see :class:`FeatureShardWriter`)."""
+        return FeatureShardWriter(self, shard, n, dim, grid, info, shard_images or ZARR_SHARD_IMAGES)
 
-        Chunks hold one image; the Zarr shard holds the whole block. The subgroup is built
-        under a hidden temp name and renamed into place, replacing any previous version.
-        """
+    def write_shard(self, shard: int, feats: np.ndarray, image_ids: np.ndarray, info: dict | None = None,
+                    shard_images: int | None = None) -> int:
+        """Write one shard's ``(n, C, h, w)`` features and their image ids in one call; returns bytes on disk."""
         feats = np.asarray(feats)
         if feats.ndim != 4 or not np.issubdtype(feats.dtype, np.floating):
             raise ValueError(f"features must be a floating (n, C, h, w) array, got {feats.dtype} {feats.shape}")
-        feats = np.ascontiguousarray(feats, dtype=np.float16)
         ids = np.asarray(image_ids)
         if ids.shape != (feats.shape[0],) or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
             raise ValueError(f"image_ids must be ({feats.shape[0]},) integers, got {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64)
-        if len(np.unique(ids)) != len(ids):
-            raise ValueError(f"shard {shard}: image_ids repeat")
         n, c, h, w = feats.shape
-        info = dict(info or {})
-        if info.get("dim", c) != c:
-            raise ValueError(f"info says dim {info['dim']} but the features have {c} channels")
-        self.set_info({**info, "dim": c, "grid": [h, w]})
-
-        final = f"{self.path}/{shard_name(shard)}"
-        tmp = temp_path(final)
-        try:
-            group = zarr.open_group(store=zarr_store(self.fs, tmp), mode="w", zarr_format=3)
-            group.attrs.update({"shard": int(shard), "images": n})
-            arr = group.create_array(
-                "features",
-                shape=(n, c, h, w),
-                dtype="float16",
-                chunks=(1, c, h, w),
-                shards=(n, c, h, w) if n else None,
-                compressors=_codec(),
-                fill_value=0.0,
-                dimension_names=("image", "channel", "y", "x"),
-            )
-            if n:
-                arr[...] = feats
-            id_arr = group.create_array(
-                "image_ids",
-                shape=(n,),
-                dtype="int64",
-                chunks=(max(n, 1),),
-                compressors=_codec(),
-                fill_value=0,
-                dimension_names=("image",),
-            )
-            if n:
-                id_arr[...] = ids
-            replace_dir(self.fs, tmp, final)
-        except BaseException:
-            remove(self.fs, tmp)
-            raise
-        finally:
-            self.invalidate()
-        return int(self.fs.du(final, total=True))
+        with self.writer(shard, n, c, (h, w), info=info, shard_images=shard_images) as wr:
+            wr.add(feats, ids)
+        return wr.nbytes
 
     # -- reading ---------------------------------------------------------------------------------
     def shards(self) -> list[int]:
@@ -228,7 +232,8 @@ class FeatureStore:
                     raise NotInStore(f"no committed shard {shard} in {self.job}")
                 path = f"{self.path}/{shard_name(shard)}"
                 try:
-                    group = zarr.open_group(store=zarr_store(self.fs, path, read_only=True), mode="r", zarr_format=3)
+                    store = IndexCacheStore(zarr_store(self.fs, path, read_only=True))
+                    group = zarr.open_group(store=store, mode="r", zarr_format=3)
                 except FileNotFoundError:
                     raise NotInStore(f"no shard {shard} in {self.job}") from None
                 hit = (group["features"], group["image_ids"][...])
@@ -313,8 +318,8 @@ class FeatureStore:
     def dask(self, chunks: str | int = "shard"):
         """dask array ``(N, C, h, w)`` over all shards, rows in :meth:`image_ids` order.
 
-        ``chunks``: ``"shard"`` (one dask chunk per Zarr shard, i.e. per tar: ~2 GB for a full
-        SA-1B tar at 16x16x384), ``"image"``, or an int number of images per chunk.
+        ``chunks``: ``"shard"`` (one dask chunk per Zarr shard: 1,024 images, 192 MiB at
+        16x16x384), ``"image"``, or an int number of images per chunk.
         """
         import dask.array as da
 
@@ -335,6 +340,125 @@ class FeatureStore:
         if not parts:
             return da.zeros((0, *self._feature_shape()), dtype=np.float16)
         return da.concatenate(parts, axis=0)
+
+
+class FeatureShardWriter:
+    """Streams one shard's features into a Zarr array of Zarr shards of ``shard_images`` images.
+
+    Batches of any size are appended in order (``add``); a Zarr shard is encoded and written as
+    soon as its images are all in, always whole (zarr never reads back a partial shard), so at
+    most ``shard_images`` feature maps wait in memory. Chunks hold one image, as before. The
+    subgroup is built under a hidden temp name and renamed into place by :meth:`commit`.
+    """
+
+    def __init__(self, fstore: FeatureStore, shard: int, n: int, dim: int, grid, info: dict | None,
+                 shard_images: int):
+        if n < 0 or shard_images < 1:
+            raise ValueError(f"need n >= 0 and shard_images >= 1, got {n}, {shard_images}")
+        h, w = (int(g) for g in grid)
+        info = dict(info or {})
+        if info.get("dim", dim) != dim:
+            raise ValueError(f"info says dim {info['dim']} but the features have {dim} channels")
+        fstore.set_info({**info, "dim": int(dim), "grid": [h, w]})
+        self.fstore, self.shard, self.n = fstore, int(shard), int(n)
+        self.shape = (self.n, int(dim), h, w)
+        self.block = min(int(shard_images), max(self.n, 1))
+        self.final = f"{fstore.path}/{shard_name(shard)}"
+        self.tmp = temp_path(self.final)
+        self.done = 0  # images written to disk
+        self.peak_images = 0  # most feature maps ever held in memory between calls
+        self.nbytes = 0
+        # Pages of the preallocated buffer are only touched as images arrive.
+        self._buf = np.empty((self.block if self.n else 0, *self.shape[1:]), np.float16)
+        self._fill = 0
+        self._ids: list[np.ndarray] = []
+        try:
+            self._group = zarr.open_group(store=zarr_store(fstore.fs, self.tmp), mode="w", zarr_format=3)
+            self._group.attrs.update({"shard": self.shard, "images": self.n})
+            self._arr = self._group.create_array(
+                "features",
+                shape=self.shape,
+                dtype="float16",
+                chunks=(1, *self.shape[1:]),
+                shards=(self.block, *self.shape[1:]) if self.n else None,
+                compressors=_codec(),
+                fill_value=0.0,
+                dimension_names=("image", "channel", "y", "x"),
+            )
+        except BaseException:
+            remove(fstore.fs, self.tmp)
+            raise
+
+    def __enter__(self) -> "FeatureShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    @property
+    def buffered_images(self) -> int:
+        return self._fill
+
+    def add(self, feats: np.ndarray, image_ids) -> None:
+        """Append a batch ``(b, C, h, w)`` (cast to float16) and its ``b`` image ids."""
+        feats = np.asarray(feats)
+        if feats.ndim != 4 or feats.shape[1:] != self.shape[1:] or not np.issubdtype(feats.dtype, np.floating):
+            raise ValueError(f"features must be floating (b, {', '.join(map(str, self.shape[1:]))}), got {feats.dtype} {feats.shape}")
+        ids = np.asarray(image_ids)
+        if ids.shape != (len(feats),) or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"image_ids must be ({len(feats)},) integers, got {ids.dtype} {ids.shape}")
+        if self.done + self._fill + len(feats) > self.n:
+            raise ValueError(f"shard {self.shard}: more than the {self.n} images declared")
+        self._ids.append(ids.astype(np.int64))
+        at = 0
+        while at < len(feats):
+            # Fill the current Zarr shard; write it out the moment it is complete.
+            size = min(self.block, self.n - self.done)
+            take = min(size - self._fill, len(feats) - at)
+            self._buf[self._fill : self._fill + take] = feats[at : at + take]
+            self._fill += take
+            at += take
+            if self._fill == size:
+                self._arr[self.done : self.done + size] = self._buf[:size]
+                self.done += size
+                self._fill = 0
+        self.peak_images = max(self.peak_images, self._fill)
+
+    def commit(self) -> int:
+        """Write the image ids, rename the subgroup into place; returns bytes on disk."""
+        fs = self.fstore.fs
+        try:
+            ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+            if self.done != self.n or len(ids) != self.n:
+                raise ValueError(f"shard {self.shard}: {self.done + self._fill} images added, {self.n} declared")
+            if len(np.unique(ids)) != len(ids):
+                raise ValueError(f"shard {self.shard}: image_ids repeat")
+            id_arr = self._group.create_array(
+                "image_ids",
+                shape=(self.n,),
+                dtype="int64",
+                chunks=(max(self.n, 1),),
+                compressors=_codec(),
+                fill_value=0,
+                dimension_names=("image",),
+            )
+            if self.n:
+                id_arr[...] = ids
+            replace_dir(fs, self.tmp, self.final)
+        except BaseException:
+            remove(fs, self.tmp)
+            raise
+        finally:
+            self.fstore.invalidate()
+        self.nbytes = int(fs.du(self.final, total=True))
+        return self.nbytes
+
+    def abort(self) -> None:
+        remove(self.fstore.fs, self.tmp)
+        self._fill = 0
 
 
 def _jsonable(value):

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pyarrow as pa
 
-from loftup.storage.errors import NotInStore, StoreError
-from loftup.storage.masks import ShardFiles, conform
+from loftup.storage.errors import NotInStore
+from loftup.storage.masks import ShardFiles, ShardTableWriter
 
 # JPEGs do not compress further, and small row groups keep a random read to a few MB
 # (32 images at 896 px are ~5-8 MB of JPEG) instead of a whole shard's column chunk.
@@ -32,21 +32,33 @@ def image_schema(sizes) -> pa.Schema:
 IMAGE_SCHEMA = image_schema((224, 896))
 
 
-def write_images(files: ShardFiles, shard: int, table: pa.Table, schema: pa.Schema) -> int:
-    """Sort by image_id and write the shard's image file; returns bytes written."""
-    table = conform(table, schema, "image").sort_by("image_id")
-    ids = table.column("image_id").to_numpy()
-    if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
-        raise StoreError(f"image table for shard {shard} repeats image ids")
+# Rows an image writer may hold while spilling out-of-order input (~80 MB of 224 + 896 JPEGs).
+IMAGE_LIMIT_ROWS = 512
+
+
+def image_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None,
+                 limit_rows: int | None = None) -> ShardTableWriter:
+    """Streaming writer of one shard's image file, rows sorted by image_id (repeats refused)."""
     codecs = {n: ("none" if n.startswith("jpeg_") else "zstd") for n in schema.names}
-    return files.write(
+    return files.writer(
         shard,
-        table,
+        schema,
+        ("image_id",),
+        row_group or IMAGE_ROW_GROUP,
+        limit_rows or max(IMAGE_LIMIT_ROWS, row_group or IMAGE_ROW_GROUP),
+        what="image",
+        unique="image_id",
         compression=codecs,
-        row_group_size=IMAGE_ROW_GROUP,
         use_dictionary=False,
         write_statistics=["image_id"],
     )
+
+
+def write_images(files: ShardFiles, shard: int, table: pa.Table, schema: pa.Schema) -> int:
+    """Sort by image_id and write the shard's image file in one call; returns bytes written."""
+    with image_writer(files, shard, schema) as w:
+        w.add(table)
+    return w.nbytes
 
 
 class ImageIndex:

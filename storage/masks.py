@@ -1,8 +1,9 @@
 """Parquet mask store (one file per shard, one row per mask) and its read paths.
 
 ``ShardFiles`` is the part shared with the image store: one ``<name>/shard=000123/part-0.parquet``
-per shard, written in one atomic call, read through pyarrow datasets, dask, or random access
-with cached footers.
+per shard, streamed through a :class:`ShardTableWriter` one row group at a time under a hidden
+temp name and renamed into place, read through pyarrow datasets, dask, or random access with
+cached footers.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from loftup.storage.commit import atomic_path, committed, is_local, parse_shard_name, shard_name
+from loftup.storage.commit import _fsync_dir, committed, is_local, parse_shard_name, remove, shard_name, temp_path
 from loftup.storage.errors import StoreError
 
 PART = "part-0.parquet"
 MASK_ROW_GROUP = 20_000
+# Rows a mask writer may hold while spilling out-of-order input (~150 MB of SA-1B mask rows).
+MASK_LIMIT_ROWS = 60_000
 SHARD_FIELD = pa.field("shard", pa.int32())
 PARTITIONING = ds.partitioning(pa.schema([SHARD_FIELD]), flavor="hive")
 
@@ -152,14 +155,27 @@ class ShardFiles:
             return pf
 
     # -- writing -------------------------------------------------------------------------------
-    def write(self, shard: int, table: pa.Table, **options) -> int:
-        """Write the whole shard file atomically; returns its size in bytes."""
-        path = self.path(shard)
-        with atomic_path(self.fs, path) as tmp:
-            # Page CRCs: a flipped bit fails the read instead of changing a value.
-            pq.write_table(table, tmp, filesystem=self._afs, write_page_checksum=True, **options)
-        self.invalidate()
-        return int(self.fs.size(path))
+    def writer(self, shard: int, schema: pa.Schema, sort_keys, row_group: int, limit_rows: int, **kw) -> "ShardTableWriter":
+        """A streaming writer of one shard file (see :class:`ShardTableWriter`)."""
+        return ShardTableWriter(self, shard, schema, sort_keys, row_group, limit_rows, **kw)
+
+    # -- streaming reads -----------------------------------------------------------------------
+    def num_rows(self, shard: int) -> int:
+        """Rows of one shard file, from its (cached) footer."""
+        path = self.files().get(int(shard))
+        if path is None:
+            raise StoreError(f"no {self.name} for shard {shard} in the store")
+        return int(self.metadata(path).num_rows)
+
+    def iter_batches(self, shard: int, columns=None, batch_rows: int = 64):
+        """Record batches of one shard file, in stored order, ``batch_rows`` rows at a time."""
+        path = self.files().get(int(shard))
+        if path is None:
+            raise StoreError(f"no {self.name} for shard {shard} in the store")
+        # A file object of our own: batches may be consumed from another thread.
+        with self._afs.open_input_file(path) as source:
+            pf = pq.ParquetFile(source, metadata=self.metadata(path), page_checksum_verification=True)
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
     # -- bulk reads ----------------------------------------------------------------------------
     def dataset(self, schema: pa.Schema) -> ds.Dataset:
@@ -211,19 +227,229 @@ class ShardFiles:
         return self.parquet_file(path).read(columns=columns)
 
 
-def write_masks(files: ShardFiles, shard: int, table: pa.Table, schema: pa.Schema) -> int:
-    """Sort by (image_id, order) and write the shard's mask file; returns bytes written."""
-    table = conform(table, schema, "mask").sort_by([("image_id", "ascending"), ("order", "ascending")])
-    return files.write(
+def mask_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None,
+                limit_rows: int | None = None) -> "ShardTableWriter":
+    """Streaming writer of one shard's mask file, rows sorted by (image_id, order)."""
+    return files.writer(
         shard,
-        table,
+        schema,
+        ("image_id", "order"),
+        row_group or MASK_ROW_GROUP,
+        limit_rows or max(MASK_LIMIT_ROWS, row_group or MASK_ROW_GROUP),
+        what="mask",
         compression="zstd",
-        row_group_size=MASK_ROW_GROUP,
         use_dictionary=["source"],
         write_statistics=["image_id", "ann_id", "order"],
         # Small pages let a random read stop decoding soon after the image's rows.
         data_page_size=256 << 10,
     )
+
+
+def write_masks(files: ShardFiles, shard: int, table: pa.Table, schema: pa.Schema) -> int:
+    """Sort by (image_id, order) and write the shard's mask file in one call; returns bytes written."""
+    with mask_writer(files, shard, schema) as w:
+        w.add(table)
+    return w.nbytes
+
+
+class ShardTableWriter:
+    """Streams one shard's Parquet file, one row group at a time; a context manager.
+
+    Rows come in tables of any size (``add``); the file holds them sorted by ``sort_keys``
+    (integer columns), exactly as a stable sort of everything followed by one ``write_table``
+    with ``row_group`` rows per group would. While the input arrives in key order (SA-1B tars
+    list their images by id) rows go straight to the file and at most ``row_group - 1`` rows
+    wait in memory between calls. Input out of order switches to an external merge: sorted runs
+    of at most ``limit_rows`` rows are spilled to hidden temp files beside the shard file and
+    merged into it on commit, so memory stays bounded by ``limit_rows`` either way.
+
+    Nothing is visible under the final name before :meth:`commit` renames the temp file.
+    """
+
+    def __init__(self, files: ShardFiles, shard: int, schema: pa.Schema, sort_keys, row_group: int,
+                 limit_rows: int, what: str = "table", unique: str | None = None, **options):
+        if row_group < 1 or limit_rows < row_group:
+            raise ValueError(f"need 1 <= row_group <= limit_rows, got {row_group}, {limit_rows}")
+        self.files, self.shard, self.schema, self.what = files, int(shard), schema, what
+        self.keys = tuple(sort_keys)
+        self.row_group, self.limit_rows = int(row_group), int(limit_rows)
+        # Page CRCs: a flipped bit fails the read instead of changing a value.
+        self.options = options = {"write_page_checksum": True, **options}
+        self.unique = unique
+        self.path = files.path(shard)
+        self._seen: set[int] = set()
+        self._last: tuple | None = None  # last key sent to the file (in-order mode)
+        self._pending: list[pa.Table] = []  # rows waiting for a full row group / run
+        self._pending_rows = 0
+        self._runs: list[str] | None = None  # spilled run files once the input went out of order
+        self._tmp = temp_path(self.path)
+        files.fs.makedirs(self.path.rpartition("/")[0], exist_ok=True)
+        self._writer = pq.ParquetWriter(self._tmp, schema, filesystem=files._afs, **options)
+        self.rows = 0
+        self.row_groups = 0
+        self.peak_rows = 0  # most rows ever held in memory between calls
+        self.spilled_runs = 0
+        self.nbytes = 0
+
+    # -- context ---------------------------------------------------------------------------------
+    def __enter__(self) -> "ShardTableWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    # -- input -----------------------------------------------------------------------------------
+    def add(self, table: pa.Table) -> None:
+        """Add rows (columns as the store schema); they are sorted into place."""
+        table = conform(table, self.schema, self.what)
+        if table.num_rows == 0:
+            return
+        if self.unique is not None:
+            ids = table.column(self.unique).to_pylist()
+            if len(set(ids)) != len(ids) or not self._seen.isdisjoint(ids):
+                raise StoreError(f"{self.what} table for shard {self.shard} repeats image ids")
+            self._seen.update(ids)
+        table = table.sort_by([(k, "ascending") for k in self.keys])
+        self.rows += table.num_rows
+        if self._runs is None and self._last is not None and _key(table, 0, self.keys) < self._last:
+            self._go_out_of_order()
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        if self._runs is None:
+            self._last = _key(table, table.num_rows - 1, self.keys)
+            self._write_groups(final=False)
+        elif self._pending_rows >= self.limit_rows:
+            self._spill()
+        self.peak_rows = max(self.peak_rows, self._pending_rows)
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._pending_rows
+
+    # -- in-order path ---------------------------------------------------------------------------
+    def _write_groups(self, final: bool) -> None:
+        if self._pending_rows < self.row_group and not (final and self._pending_rows):
+            return
+        rows = pa.concat_tables(self._pending)
+        full = rows.num_rows if final else rows.num_rows - rows.num_rows % self.row_group
+        for start in range(0, full, self.row_group):
+            self._writer.write_table(rows.slice(start, min(self.row_group, full - start)), row_group_size=self.row_group)
+            self.row_groups += 1
+        rest = rows.slice(full)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    # -- out-of-order path: sorted runs, merged on commit ----------------------------------------
+    def _go_out_of_order(self) -> None:
+        # Rows already in the file are sorted: the file becomes the first run.
+        self._write_groups(final=True)
+        self._writer.close()
+        self._runs = [self._tmp]
+        self._tmp = temp_path(self.path)
+
+    def _spill(self) -> None:
+        if not self._pending_rows:
+            return
+        run = pa.concat_tables(self._pending).sort_by([(k, "ascending") for k in self.keys])
+        self._pending, self._pending_rows = [], 0
+        path = temp_path(self.path)
+        self._runs.append(path)
+        self.spilled_runs += 1
+        pq.write_table(run, path, filesystem=self.files._afs, compression="zstd", row_group_size=self.row_group)
+
+    def _merge(self) -> None:
+        self._spill()
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, filesystem=self.files._afs, **self.options)
+        sources = [self.files._afs.open_input_file(p) for p in self._runs]
+        try:
+            # Rows up to the smallest last key of the runs' current batches are final; each round
+            # empties at least one batch, so memory holds one batch per run.
+            batch = max(1, min(self.row_group, self.limit_rows // max(len(self._runs), 1)))
+            its = [pq.ParquetFile(s).iter_batches(batch_size=batch, use_threads=False) for s in sources]
+            heads: list[pa.Table | None] = [pa.Table.from_batches([], schema=self.schema)] * len(its)
+            while True:
+                for i, it in enumerate(its):
+                    if heads[i] is not None and heads[i].num_rows == 0:
+                        nxt = next(it, None)
+                        heads[i] = None if nxt is None else pa.Table.from_batches([nxt]).cast(self.schema)
+                live = [i for i, h in enumerate(heads) if h is not None]
+                if not live:
+                    break
+                bound = min(_key(heads[i], heads[i].num_rows - 1, self.keys) for i in live)
+                parts = []
+                for i in live:
+                    k = _prefix_le(heads[i], self.keys, bound)
+                    parts.append(heads[i].slice(0, k))
+                    heads[i] = heads[i].slice(k)
+                self._pending.append(pa.concat_tables(parts).sort_by([(k, "ascending") for k in self.keys]))
+                self._pending_rows += self._pending[-1].num_rows
+                self._write_groups(final=False)
+            self._write_groups(final=True)
+        finally:
+            for s in sources:
+                s.close()
+            for p in self._runs:
+                remove(self.files.fs, p)
+            self._runs = []
+
+    # -- commit ----------------------------------------------------------------------------------
+    def commit(self) -> int:
+        """Finish the file and rename it into place; returns its size in bytes."""
+        try:
+            if self._runs is None:
+                self._write_groups(final=True)
+            else:
+                self._merge()
+            self._writer.close()
+            _rename_into_place(self.files.fs, self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.files.invalidate()
+        self.nbytes = int(self.files.fs.size(self.path))
+        return self.nbytes
+
+    def abort(self) -> None:
+        """Drop everything written so far (the final name is never touched)."""
+        try:
+            self._writer.close()
+        except Exception:
+            pass
+        for p in [self._tmp, *(self._runs or [])]:
+            remove(self.files.fs, p)
+        self._pending, self._pending_rows = [], 0
+
+
+def _rename_into_place(fs, tmp: str, path: str) -> None:
+    if is_local(fs):
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.rpartition("/")[0])
+    else:
+        fs.mv(tmp, path)
+
+
+def _key(table: pa.Table, row: int, keys) -> tuple:
+    return tuple(table.column(k)[row].as_py() for k in keys)
+
+
+def _prefix_le(table: pa.Table, keys, bound: tuple) -> int:
+    """Number of leading rows of a table sorted by ``keys`` whose key is <= ``bound``."""
+    lo, hi = 0, table.num_rows
+    for k, b in zip(keys, bound):
+        col = table.column(k).slice(lo, hi - lo).to_numpy()
+        lo, hi = lo + int(np.searchsorted(col, b, "left")), lo + int(np.searchsorted(col, b, "right"))
+        if lo == hi:
+            return lo
+    return hi
 
 
 class MaskIndex:

@@ -14,7 +14,7 @@ import pyarrow as pa
 from loftup.storage import commit
 from loftup.storage.errors import NotInStore, StoreError
 from loftup.storage.features import FeatureStore
-from loftup.storage.images import ImageIndex, image_schema, open_jpeg, write_images
+from loftup.storage.images import ImageIndex, image_schema, image_writer, open_jpeg, write_images
 from loftup.storage.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -23,7 +23,7 @@ from loftup.storage.manifest import (
     parse_manifest,
     write_manifest,
 )
-from loftup.storage.masks import MaskIndex, ShardFiles, mask_schema, rle_columns, to_rles, write_masks
+from loftup.storage.masks import MaskIndex, ShardFiles, mask_schema, mask_writer, rle_columns, to_rles, write_masks
 
 LOCK_FILE = ".manifest.lock"
 
@@ -245,6 +245,18 @@ class Store:
         finally:
             self._mask_index.invalidate()
 
+    @contextlib.contextmanager
+    def mask_writer(self, shard: int, **limits):
+        """Stream the shard's mask table: ``with store.mask_writer(s) as w: w.add(table)``.
+
+        One row group at a time, sorted by (image_id, order); in place on clean exit only.
+        """
+        try:
+            with mask_writer(self._mask_files, shard, self.mask_schema, **limits) as w:
+                yield w
+        finally:
+            self._mask_index.invalidate()
+
     def masks_dataset(self):
         """pyarrow dataset of every mask, ``shard`` (int32) as hive partition column."""
         return self._mask_files.dataset(self.mask_schema)
@@ -274,6 +286,23 @@ class Store:
             return write_images(self._image_files, shard, table, self.image_schema)
         finally:
             self._image_index.invalidate()
+
+    @contextlib.contextmanager
+    def image_writer(self, shard: int, **limits):
+        """Stream the shard's image table (sorted by image_id); in place on clean exit only."""
+        try:
+            with image_writer(self._image_files, shard, self.image_schema, **limits) as w:
+                yield w
+        finally:
+            self._image_index.invalidate()
+
+    def image_count(self, shard: int) -> int:
+        """Images stored for one shard (from the file footer)."""
+        return self._image_files.num_rows(shard)
+
+    def image_batches(self, shard: int, columns=None, batch_rows: int = 64):
+        """One shard's image table as record batches of ``batch_rows`` rows (bounded memory)."""
+        return self._image_files.iter_batches(shard, columns, batch_rows)
 
     def images_dataset(self):
         """pyarrow dataset of the image tables, ``shard`` (int32) as partition column."""

@@ -13,7 +13,7 @@ from loftup.sample_data import write_sample_shards
 from loftup.storage import LoftupError, StoreError, open_store
 from loftup.training.materialise import PseudoGTJob, materialise, png_shard_dir
 from loftup.training.pseudo_gt import bicubic_upsample, masks_from_rles, pseudo_gt
-from loftup.training.stage1 import layer_norm_target
+from loftup.training.target_space import layer_norm_target
 
 GAP = 6  # save_panels' default gap between and around panels
 

@@ -4,7 +4,7 @@ The split is photo-disjoint. Training tars hold augmented crops of the other 14 
 scikit-image segments as their class-agnostic masks (SA-1B's masks are machine-made too);
 the held-out tar holds 16 augmented crops of the two photos the training never shows, the
 Pascal VOC and ARC2017 photos, whose masks are real instance annotations. The score is
-nearest-prototype mIoU against those instance masks (training/evaluate.py).
+nearest-prototype mIoU against those instance masks (training/evaluation/masks.py).
 
 Stage 1 runs a CPU-sized version of the recipe: a 64-channel PCA of the features, 56 px
 outputs (4x the 14 x 14 grid), 600 steps of 4 images at a raised rate with warm-up and cosine
@@ -58,16 +58,16 @@ def stage1_run(real_store, tmp_path_factory):
 
 
 def _evaluate(store, checkpoints: dict, size: int) -> dict:
-    from loftup.training.checkpoint import load_model
-    from loftup.training.evaluate import evaluate_store, standard_upsamplers
+    from dataclasses import replace
 
-    ups = standard_upsamplers()
-    projection = None
-    for name, path in checkpoints.items():
-        model, meta = load_model(path, with_meta=True)
-        projection = meta["projection_module"]
-        ups[name] = (lambda m: (lambda f, img, sz: m(f, img, output_size=sz)))(model)
-    return evaluate_store(store, store.image_ids(HELD_OUT), BACKBONE, 224, ups, size=size, projection=projection)
+    from loftup.training.evaluation import MasksProtocol, baseline, evaluate, resolve_checkpoint
+
+    ckpts = [replace(resolve_checkpoint(path), name=name) for name, path in checkpoints.items()]
+    # The baselines see the checkpoints' own PCA channels, so the comparison is on equal features.
+    ups = [replace(baseline(n), projection=ckpts[0].projection) for n in ("bilinear", "bicubic")] + ckpts
+    res = evaluate("masks", ups, protocol=MasksProtocol(size=size), store=store, image_ids=store.image_ids(HELD_OUT),
+                   backbone=BACKBONE, progress=False)
+    return {u.name: res[u.name]["prototype_miou"] for u in ups}
 
 
 def test_stage1_beats_bilinear_on_held_out_images(real_store, stage1_run):

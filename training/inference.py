@@ -129,7 +129,7 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone="dinov2_
 
     # LoftUp's outputs are per-pixel layer-normalised; normalising the low-res map the same way
     # puts all three panels in one space, so one PCA gives comparable colours.
-    from loftup.training.stage1 import layer_norm_target
+    from loftup.training.target_space import layer_norm_target
 
     lr_n = layer_norm_target(feats)[0].cpu()
     bil_n = layer_norm_target(bilinear)[0].cpu()

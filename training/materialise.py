@@ -26,7 +26,7 @@ from loftup.storage.errors import LoftupError, StoreError
 
 __all__ = ["PseudoGTJob", "materialise", "png_shard_dir"]
 
-TARGET = "layer_norm"  # the trainer's target space (stage1.layer_norm_target)
+TARGET = "layer_norm"  # the trainer's target space (target_space.layer_norm_target)
 # FeatureStore.write_shard takes the shard as one in-memory array (one Zarr shard), so a full
 # SA-1B tar (~11k images, ~420 GB at 224x224x384 fp16) would die of OOM rather than fail clearly.
 MAX_SHARD_BYTES = 16 << 30
@@ -127,7 +127,7 @@ class PseudoGTJob(Job):
 
         from loftup.pipeline.devices import pick_device
         from loftup.training.pseudo_gt import masks_from_rles, pseudo_gt
-        from loftup.training.stage1 import layer_norm_target
+        from loftup.training.target_space import layer_norm_target
 
         feats_marker, masks_marker = self._inputs(store, shard)
         device = pick_device(self.device)

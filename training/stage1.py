@@ -12,11 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed
 from loftup.training.run_dir import RunDir, seed_all, set_rng_state
+from loftup.training.target_space import layer_norm_target
 
 
 @dataclass
@@ -55,13 +55,6 @@ class Stage1Config:
     resume: bool = False
     progress: bool = True
     model: dict = field(default_factory=dict)  # extra LoftUp constructor arguments
-
-
-def layer_norm_target(lr_feats: torch.Tensor) -> torch.Tensor:
-    """The target space: LoftUp's output ends with a channel LayerNorm, so pseudo-GT is built
-    from per-pixel normalised features. A fixed (non-learnable) norm keeps the target from
-    collapsing with the student's own input norm."""
-    return F.layer_norm(lr_feats.permute(0, 2, 3, 1), lr_feats.shape[1:2]).permute(0, 3, 1, 2)
 
 
 def learning_rate(cfg: Stage1Config, step: int, total_steps: int) -> float:

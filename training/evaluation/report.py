@@ -1,0 +1,109 @@
+"""What an evaluation writes: ``results.json``, ``results.md`` (the pinned protocol above one table
+with every upsampler side by side) and PNGs of predictions."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_report", "markdown"]
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _colour(ids: np.ndarray, n: int) -> np.ndarray:
+    from loftup.training.visualize import palette
+
+    colours = np.concatenate([palette(max(n, 1)), np.zeros((1, 3), np.uint8)])  # last = ignored / background
+    return colours[np.where((ids >= 0) & (ids < n), ids, n)]
+
+
+def _blend(image: np.ndarray, ids: np.ndarray, n: int, background: int | None = None) -> np.ndarray:
+    col = _colour(ids if background is None else np.where(ids == background, -1, ids - (ids > background)), n)
+    keep = (ids >= 0) if background is None else (ids != background)
+    out = image.astype(np.float32)
+    out[keep] = 0.45 * out[keep] + 0.55 * col[keep]
+    return out.round().astype(np.uint8)
+
+
+def markdown(task: str, payload: dict) -> str:
+    protocol, run = payload["_protocol"], payload["_run"]
+    names = [k for k in payload if not k.startswith("_")]
+    lines = [f"# {task} evaluation", "", "Protocol (pinned; every upsampler below was run under it):", ""]
+    lines += [f"- {k}: {v}" for k, v in protocol.items()]
+    lines += [f"- {k}: {v}" for k, v in run.items() if k not in ("upsamplers",)]
+    lines.append("")
+    ups = run.get("upsamplers", {})
+    if task == "seg":
+        lines += ["mIoU = mean IoU over the classes that occur in the val labels or in the predictions "
+                  "(`classes` column); pixel accuracy over labelled pixels.", "",
+                  "| upsampler | mIoU | pixel acc. | classes | projection | space | source |",
+                  "|---|---:|---:|---:|---|---|---|"]
+        for n in names:
+            r, d = payload[n], ups.get(n, {})
+            lines.append(f"| {n} | {_fmt(r['miou'])} | {_fmt(r['pixel_accuracy'])} | {r['classes_scored']} | "
+                         f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |")
+        classes = sorted({c for n in names for c in payload[n]["per_class_iou"]})
+        if classes:
+            lines += ["", "Per-class IoU:", "", "| class | " + " | ".join(names) + " |",
+                      "|---|" + "---:|" * len(names)]
+            for c in classes:
+                lines.append(f"| {c} | " + " | ".join(_fmt(payload[n]["per_class_iou"].get(c)) for n in names) + " |")
+    elif task == "davis":
+        lines += ["J: region IoU; F: boundary F-measure; per object over the scored frames, then averaged over "
+                  "all objects (DAVIS 2017 toolkit).", "",
+                  "| upsampler | J&F | J | F | objects | projection | space | source |",
+                  "|---|---:|---:|---:|---:|---|---|---|"]
+        for n in names:
+            r, d = payload[n], ups.get(n, {})
+            lines.append(f"| {n} | {_fmt(r['JF_mean'])} | {_fmt(r['J_mean'])} | {_fmt(r['F_mean'])} | {r['objects']} | "
+                         f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |")
+        seqs = sorted({s for n in names for s in payload[n]["per_sequence"]})
+        if seqs:
+            lines += ["", "Per sequence (J / F):", "", "| sequence | " + " | ".join(names) + " |",
+                      "|---|" + "---:|" * len(names)]
+            for s in seqs:
+                cells = []
+                for n in names:
+                    r = payload[n]["per_sequence"].get(s)
+                    cells.append("-" if r is None else f"{_fmt(r['J_mean'], 3)} / {_fmt(r['F_mean'], 3)}")
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    else:
+        lines += ["| upsampler | prototype mIoU | images | projection | space | source |", "|---|---:|---:|---|---|---|"]
+        for n in names:
+            r, d = payload[n], ups.get(n, {})
+            lines.append(f"| {n} | {_fmt(r['prototype_miou'])} | {r['images']} | {d.get('projection') or '-'} | "
+                         f"{d.get('target_space', '-')} | {d.get('source', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out, task: str, payload: dict, examples=None, n_classes: int | None = None) -> dict:
+    """Write the report files under ``out``; returns their paths."""
+    from loftup.training.visualize import save_panels
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "pictures": []}
+    tmp = paths["json"].with_name("results.json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    tmp.replace(paths["json"])
+    paths["markdown"].write_text(markdown(task, payload))
+    if task == "seg" and examples:
+        for i, (image, label, preds) in enumerate(examples):
+            panels = [image, _blend(image, label, n_classes)] + [_blend(image, p, n_classes) for p in preds.values()]
+            paths["pictures"].append(save_panels(panels, ["image", "ground truth", *preds], out / f"seg_{i:02d}.png"))
+    elif task == "davis" and examples:
+        for seq, frames in examples.items():
+            for image, gt, preds in frames:
+                n = int(max([gt.max()] + [p.max() for p in preds.values()])) + 1
+                panels = [_blend(image, gt, n, background=0)] + [_blend(image, p, n, background=0) for p in preds.values()]
+                k = len(paths["pictures"])
+                paths["pictures"].append(save_panels(panels, ["ground truth", *preds], out / f"davis_{seq}_{k:02d}.png"))
+    return paths
