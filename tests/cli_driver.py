@@ -13,9 +13,10 @@ import time
 import traceback
 
 
-def _child(app, args, out_fd, err_fd) -> int:
+def _child(script, app, args, out_fd, err_fd) -> int:
     from loftup.cli.common import run
 
+    sys.argv = [script, *args]  # the program name in usage lines
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
     sys.stdout = open(1, "w", closefd=False)
@@ -61,7 +62,7 @@ def main() -> None:
             if pid == 0:
                 code = 1
                 try:
-                    code = _child(apps[case["script"]], case["args"], out.fileno(), err.fileno())
+                    code = _child(case["script"], apps[case["script"]], case["args"], out.fileno(), err.fileno())
                 finally:
                     os._exit(code)
             _, status = os.waitpid(pid, 0)
