@@ -19,10 +19,10 @@ loftup-pipeline status   --store "$OUT/store"
 
 loftup-train stage1 --store "$OUT/store" --backbone "$BACKBONE" --out "$OUT/run1" --shards 0-7 \
     --pca-dim 64 --size 56 --max-masks 60 --batch-size 4 --max-steps 600 --lr 2e-3 --lr-schedule cosine \
-    --warmup-steps 50 --bn-recalibrate 32 --workers 0
+    --warmup-steps 50 --bn-recalibrate 32 --workers 0 --recipe paper --grad-clip 1
 loftup-train stage2 --init "$OUT/run1/stage1.safetensors" --store "$OUT/store" --backbone "$BACKBONE" \
     --out "$OUT/run2" --shards 0-7 --hr 448 --sizes 112,160 --max-masks 60 --batch-size 2 --max-steps 30 \
-    --lr 1e-4 --ema-every 5 --workers 0
+    --lr 1e-4 --ema-every 5 --workers 0 --recipe paper --grad-clip 1
 for SIZE in 56 112; do
   loftup-train evaluate masks --store "$OUT/store" --shards 8 --backbone "$BACKBONE" --size "$SIZE" \
       --checkpoint "$OUT/run1/stage1.safetensors" --checkpoint "$OUT/run2/stage2.safetensors" --out "$OUT/eval/masks$SIZE"
@@ -37,6 +37,11 @@ loftup-train evaluate seg --dataset voc --root "$OUT/tiny-voc" --backbone "$BACK
     --checkpoint "$OUT/run1/stage1.safetensors" --checkpoint "$OUT/run2/stage2.safetensors" --out "$OUT/eval/seg"
 loftup-train evaluate davis --root "$OUT/tiny-davis" --backbone "$BACKBONE" --size 112 --backbone-res 224 --upsampler bilinear \
     --checkpoint "$OUT/run1/stage1.safetensors" --checkpoint "$OUT/run2/stage2.safetensors" --out "$OUT/eval/davis"
-loftup-train upsample "$(python -c 'import skimage, os; print(os.path.join(os.path.dirname(skimage.__file__), "data", "astronaut.png"))')" \
-    --checkpoint "$OUT/run2/stage2.safetensors" --backbone "$BACKBONE" --size 448 --out "$OUT/upsampled"
+# The PCA picture at the training size (56) and at 8x that; each call also prints the retention of
+# LoftUp and bilinear, and saves `features`, `lowres` and `bilinear` in its safetensors file.
+ASTRONAUT="$(python -c 'import skimage, os; print(os.path.join(os.path.dirname(skimage.__file__), "data", "astronaut.png"))')"
+for SIZE in 56 448; do
+  loftup-train upsample "$ASTRONAUT" --checkpoint "$OUT/run2/stage2.safetensors" --backbone "$BACKBONE" --size "$SIZE" \
+      --out "$OUT/upsampled"
+done
 echo "done: pictures in $OUT/upsampled, evaluation tables and pictures in $OUT/eval, runs in $OUT/run1 and $OUT/run2, store in $OUT/store"

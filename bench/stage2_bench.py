@@ -155,7 +155,7 @@ def stage1_checkpoint(url: str, work: Path, log) -> str:
     ckpt = work / "stage2_bench_init" / "stage1.safetensors"
     if not ckpt.exists():
         t0 = time.perf_counter()
-        train(Stage1Config(store=url, out=str(ckpt.parent), backbone=BACKBONE, pca_dim=64, size=112,
+        train(Stage1Config(store=url, out=str(ckpt.parent), backbone=BACKBONE, pca_dim=64, size=112, random_init=True,
                            max_steps=1, batch_size=8, workers=0, progress=False, device="cpu"))
         log(f"stage 1 init (PCA-64, 1 step) in {time.perf_counter() - t0:.0f} s")
     return str(ckpt)

@@ -259,58 +259,40 @@ def real_batch(store_url: str, index, size: int, count: int = BATCH):
     return batch
 
 
-def bench_train_step(batch, dim: int, size: int, micro: int, timed_micro: int, warmup_micro: int,
-                     projection=None) -> dict:
-    """Seconds of one optimizer step at global batch 8 (forward + loss + backward + clip + NAdam).
+def bench_train_step(store_url: str, pca_dim: int | None, size: int, micro: int, timed_micro: int, warmup_micro: int,
+                     recipe: str = "released") -> dict:
+    """Seconds of one Stage 1 optimizer step at global batch 8: the trainer's own step
+    (``Stage1.step``: forward + every loss term of ``recipe``) and ``loop.optimize`` (backward,
+    clip when due, NAdam), on batches from the recipe's own loader.
 
-    The batch is processed as micro-batches of ``micro`` with gradient accumulation (a batch-8
-    step of the 384-d model at 224 needs ~20 GB here); ``timed_micro`` micro-batches are timed
-    after ``warmup_micro`` untimed ones, and the step is their mean x (8 / micro) plus the
-    optimizer step itself; when timed_micro * micro >= 8 nothing is extrapolated.
+    A step of the 384-d model at 224 and batch 8 needs ~20 GB here, so the recipe runs at batch
+    ``micro`` and the time is scaled by 8 / micro (each micro step includes its optimizer step);
+    ``timed_micro`` steps are timed after ``warmup_micro`` untimed ones.
     """
+    import tempfile
+
     import torch
 
-    from loftup.training.data import normalise
-    from loftup.training.losses import projected_mse, total_variation
-    from loftup.training.model import LoftUp
-    from loftup.training.pseudo_gt import pseudo_gt
-    from loftup.training.target_space import layer_norm_target
+    from loftup.training.distributed import Dist
+    from loftup.training.loop import optimize, resolve
+    from loftup.training.stage1 import RECIPES, Stage1, Stage1Config
 
     torch.manual_seed(0)
-    feats = batch["feats"].float()
-    if projection is not None:
-        feats = projection(feats)
-    image = normalise(batch["image"])
-    target = pseudo_gt(layer_norm_target(feats), batch["masks"], batch["valid"], size, alpha=0.8)
-    model = LoftUp(dim).train()
-    params = list(model.parameters())
-    opt = torch.optim.NAdam(params, lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
+    cfg = resolve(Stage1Config(store=store_url, out=tempfile.mkdtemp(), backbone=BACKBONE, random_init=True, pca_dim=pca_dim,
+                               size=size, batch_size=micro, workers=0, progress=False, device="cpu", recipe=recipe), RECIPES)
+    r = Stage1(cfg, Dist())
+    batches = r.batches(0, 0, 0)
 
-    def micro_step(k):
-        sl = slice((k * micro) % BATCH, (k * micro) % BATCH + micro)
-        pred = model(feats[sl], image[sl], output_size=(size, size))
-        loss = projected_mse(pred, target[sl], dim=min(64, dim), generator=gen) + 1e-3 * total_variation(pred)
-        (loss * micro / BATCH).backward()
-
-    def optimizer_step():
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def one(k):
+        optimize(r, cfg, sum(r.step(next(batches), k).values()), k, Dist())
 
     for k in range(warmup_micro):
-        micro_step(k)
-    if warmup_micro:
-        optimizer_step()
-    times = []
-    for k in range(timed_micro):
-        times.append(_timed(lambda: micro_step(k)))
-    t_opt = _timed(optimizer_step)
-    per_micro = sum(times) / len(times)
-    step = per_micro * (BATCH / micro) + t_opt
-    return {"dim": dim, "size": size, "micro": micro, "timed": timed_micro * micro, "step_s": step,
-            "steps_per_s": 1.0 / step, "samples_per_s": BATCH / step, "opt_s": t_opt,
-            "real": timed_micro * micro >= BATCH}
+        one(k)
+    times = [_timed(lambda: one(warmup_micro + k)) for k in range(timed_micro)]
+    step = sum(times) / len(times) * (BATCH / micro)
+    dim = pca_dim or 384
+    return {"dim": dim, "size": size, "micro": micro, "timed": timed_micro * micro, "step_s": step, "recipe": recipe,
+            "steps_per_s": 1.0 / step, "samples_per_s": BATCH / step, "real": micro >= BATCH}
 
 
 # --------------------------------------------------------------------------- pseudo-GT vs forward
@@ -434,18 +416,17 @@ def main() -> None:
 
     batch224 = real_batch(url, index, 224)
     feats_all = torch.from_numpy(store.features(BACKBONE, RES).get_many(index.image_ids)).float()
-    projection = FeatureProjection.fit(feats_all, 64)
-    batch112 = real_batch(url, index, 112)
-    steps = [bench_train_step(batch112, 64, 112, micro=BATCH, timed_micro=1 if args.quick else 2,
-                              warmup_micro=1, projection=projection)]
+    FeatureProjection.fit(feats_all, 64)
+    real_batch(url, index, 112)
+    steps = [bench_train_step(url, 64, 112, micro=BATCH, timed_micro=1 if args.quick else 2, warmup_micro=1, recipe=recipe)
+             for recipe in ("paper", "released")]
     console.print(f"[dim]step dim 64 @112 done ({time.perf_counter() - t_run:.0f} s); dim 384 @224 next[/]")
-    steps.append(bench_train_step(batch224, 384, 224, micro=args.micro_batch, timed_micro=timed_micro,
-                                  warmup_micro=1))
+    steps.append(bench_train_step(url, None, 224, micro=args.micro_batch, timed_micro=timed_micro, warmup_micro=1))
     best_loader = max(loader_rates.values())
     for s in steps:
         how = (f"{s['timed']} timed samples as micro-batches of {s['micro']}; no extrapolation" if s["real"] else
-               f"{s['timed']} of 8 samples timed as micro-batches of {s['micro']} (grad accumulation), x{BATCH // s['micro']}")
-        rows.append((f"train step, batch 8, dim {s['dim']} @{s['size']}", "fwd+loss+bwd+clip+NAdam",
+               f"{s['timed']} samples timed as steps of batch {s['micro']}, x{BATCH // s['micro']}")
+        rows.append((f"train step, batch 8, dim {s['dim']} @{s['size']}", f"Stage1.step + loop.optimize, --recipe {s['recipe']}",
                      f"{s['steps_per_s']:.4f} steps/s ({s['step_s']:.1f} s/step)",
                      f"consumes {s['samples_per_s']:.2f} samples/s: loader is {best_loader / s['samples_per_s']:.0f}x that; {how}"))
 

@@ -250,6 +250,38 @@ def pseudogt(
 
 
 @app.command()
+def implicit(
+    shards: str = ShardsOpt,
+    store: str = StoreOpt,
+    backbone: str = typer.Option("dinov2_vits14", help="Backbone from the registry, run live on every jittered view."),
+    res: int = typer.Option(224, help="Backbone input size = size of the optimised map."),
+    weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
+    random_init: bool = typer.Option(False, help="Random backbone weights (tests and demos only)."),
+    images_per_shard: Optional[int] = typer.Option(None, help="Optimise only the first N images of each shard (~1 min each on an A100)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps per image (FeatUp: 1200)."),
+    views: Optional[int] = typer.Option(None, help="Jittered views per image (FeatUp: 3000)."),
+    dense: bool = typer.Option(False, "--dense", help="Also store the full-resolution map (fp16 Zarr, one chunk per image)."),
+    device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
+    ray_address: Optional[str] = RayOpt,
+    executor: str = ExecOpt,
+    num_cpus: Optional[int] = NumCpuOpt,
+    cpus_per_task: float = CpuOpt,
+    gpus_per_task: Optional[float] = GpuOpt,
+    max_retries: int = RetryOpt,
+    overwrite: bool = OverwriteOpt,
+):
+    """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps)."""
+    from loftup.pipeline.shards import parse_shards
+    from loftup.training.implicit_job import ImplicitJob
+
+    recipe = {k: v for k, v in (("steps", steps), ("views", views)) if v is not None}
+    st = _open(store, create=False)
+    job = ImplicitJob(backbone=backbone, res=res, weights=weights, random_init=random_init, images_per_shard=images_per_shard,
+                      dense=dense, recipe=recipe, device=device)
+    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+
+
+@app.command()
 def status(store: str = StoreOpt):
     """Per job: shards done, images, failures, bytes, throughput."""
     from loftup.cli.store import print_status
@@ -259,15 +291,15 @@ def status(store: str = StoreOpt):
 
 @app.command()
 def backbones():
-    """List the registered backbones."""
+    """List the registered backbones: patch, dim, input normalisation and where their weights go."""
     from rich.table import Table
 
     from loftup.pipeline.backbones import backbone_info, list_backbones
 
-    t = Table("name", "patch", "dim", "normalisation", "tokens")
+    t = Table("name", "patch", "dim", "normalisation", "weights (--weights FILE, or found offline at)")
     for name in list_backbones():
         i = backbone_info(name)
-        t.add_row(name, str(i.get("patch")), str(i.get("dim")), str(i.get("normalisation", "")), str(i.get("tokens", "")))
+        t.add_row(name, str(i["patch"]), str(i["dim"]), i["normalisation"], i["weights_hint"])
     console.print(t)
 
 

@@ -153,6 +153,34 @@ def show(
     console.print(f"wrote {out}")
 
 
+@app.command()
+def report(
+    store: str = StoreArg,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON to this path."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also write a log-scale chart (both methods against number of images)."),
+    backbone: Optional[str] = typer.Option(None, help="Which per-image-optimised feature set (default: the first)."),
+    res: Optional[int] = typer.Option(None, help="Its backbone input size."),
+):
+    """Scalability: one-pass pseudo-GT vs per-image optimisation, from the markers and files."""
+    from loftup.storage.report import report_rows, scalability_report, write_png
+
+    rep = scalability_report(_open(store), backbone=backbone, res=res)
+    per = rep["per_image_optimisation"]
+    t = Table(title=f"scalability of {rep['features']} in {rep['store']}")
+    for col in ("", "one-pass pseudo-GT (ours, measured)", "per-image optimisation (ours, measured)", "paper (A100), reference"):
+        t.add_column(col)
+    for row in report_rows(rep):
+        t.add_row(*row)
+    console.print(t)
+    console.print(f"per-image seconds: {per['seconds_basis']}; devices {', '.join(per['device_names'] or per['devices'])}")
+    if json_out:
+        json_out.write_text(json.dumps(rep, indent=1, default=str) + "\n")
+        console.print(f"wrote {json_out}")
+    if png:
+        write_png(rep, png)
+        console.print(f"wrote {png}")
+
+
 def main() -> None:
     run(app)
 

@@ -23,18 +23,6 @@ def _ints(text: Optional[str]) -> Optional[list[int]]:
     return parse_shards(text)
 
 
-def _train_shards(text: Optional[str], allow_missing: bool, store: str, jobs: list[str]) -> Optional[list[int]]:
-    shards = _ints(text)
-    if shards is None or not allow_missing:
-        return shards
-    from loftup.training.data import present_shards
-
-    present, missing = present_shards(store, shards, jobs)
-    if missing:
-        console.print(f"[yellow]--allow-missing: training without {len(missing)} unfinished shard(s): {missing[:20]}")
-    return present
-
-
 def _summary(title: str, result: dict) -> None:
     from rich.table import Table
 
@@ -48,103 +36,74 @@ def _summary(title: str, result: dict) -> None:
     console.print(t)
 
 
-@app.command()
-def stage1(
-    store: str = typer.Option(..., help="Store written by loftup-pipeline (images, masks, features)."),
-    out: Path = typer.Option(..., help="Run directory: config.json, metrics.jsonl, last.pt, stage1.safetensors."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone whose stored features to upsample."),
-    res: int = typer.Option(224, help="Backbone input size of the stored features."),
-    geometry: int = typer.Option(224, help="Stored image/mask geometry to read."),
-    size: int = typer.Option(224, help="Prediction and pseudo-GT size (112 for cheap CPU runs)."),
-    alpha: float = typer.Option(0.8, help="Mask refinement strength (Eq. 1)."),
-    max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
-    pca_dim: Optional[int] = typer.Option(None, help="Upsample a PCA of the features with this many channels (CPU runs)."),
-    batch_size: int = typer.Option(8, help="Global batch size (split across ranks)."),
-    epochs: int = typer.Option(1, help="Epochs over the store."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (overrides epochs)."),
-    lr: float = typer.Option(1e-4, help="NAdam learning rate."),
-    lr_schedule: str = typer.Option("constant", help="constant (released recipe) or cosine (decay to 0 over the run)."),
-    warmup_steps: int = typer.Option(0, help="Linear warm-up steps before the schedule."),
-    decay_steps: Optional[int] = typer.Option(None, help="Cosine horizon in steps (default: this run's steps; set it when a run will be resumed longer)."),
-    bn_recalibrate: int = typer.Option(0, help="Recompute BatchNorm statistics of the exported weights over N batches (precise BN; 0 = off)."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay."),
-    grad_clip: float = typer.Option(1.0, help="Gradient norm clip (0 = off)."),
-    proj_dim: int = typer.Option(64, help="Dims of the fresh random projection in the MSE."),
-    tv_weight: float = typer.Option(0.001, help="Total-variation weight (released recipe: 0.001)."),
-    recon_weight: float = typer.Option(0.0, help="FeatUp multi-view reconstruction weight (runs the backbone live; released recipe: 1)."),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights (only for the reconstruction term)."),
-    random_init: bool = typer.Option(False, help="Random backbone for the reconstruction term (tests)."),
-    shards: Optional[str] = typer.Option(None, help="Train on these shards only, e.g. '0-89'."),
-    allow_missing: bool = typer.Option(False, "--allow-missing", help="Train on the --shards that are finished; skip the others instead of stopping."),
-    seed: int = typer.Option(0, help="Seed for init, data order and projections."),
-    workers: int = typer.Option(2, help="DataLoader workers per rank."),
-    checkpoint_every: int = typer.Option(200, help="Write last.pt every N steps."),
-    log_every: int = typer.Option(10, help="Log metrics every N steps."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    resume: bool = typer.Option(False, help="Continue exactly from OUT/last.pt."),
-):
-    """Stage 1: mask-refined bicubic pseudo-GT built on the fly from stored features and masks."""
-    from loftup.training.stage1 import Stage1Config, train
+def _config_command(name: str, module: str, config: str, doc: str, summary=None):
+    """Register ``loftup-train NAME``: one option per field of the stage's config dataclass (declared
+    once, with its help, in training/loop.py and the stage's module), then train and print a summary."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
 
-    cfg = Stage1Config(
-        store=store, out=str(out), backbone=backbone, res=res, geometry=geometry, size=size, alpha=alpha, max_masks=max_masks,
-        pca_dim=pca_dim, batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps, decay_steps=decay_steps, bn_recalibrate=bn_recalibrate, weight_decay=weight_decay,
-        grad_clip=grad_clip, proj_dim=proj_dim, tv_weight=tv_weight, recon_weight=recon_weight, weights=weights,
-        random_init=random_init, shards=_train_shards(shards, allow_missing, store, ["images", "masks", f"features/{backbone}@{res}"]), seed=seed, workers=workers, checkpoint_every=checkpoint_every,
-        log_every=log_every, device=device, resume=resume,
-    )
-    _summary("stage 1", train(cfg))
+    mod = importlib.import_module(f"loftup.training.{module}")
+    cls = getattr(mod, config)
+    hints = typing.get_type_hints(cls)
+    params, parsers = [], {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kind, flag = hints[f.name], f"--{f.name.replace('_', '-')}"
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...  # required
+        if f.metadata.get("parse") == "ints":
+            parsers[f.name] = _ints
+            kind, default = Optional[str], ",".join(map(str, default)) if isinstance(default, list) else default
+        if kind in (bool, Optional[bool]):
+            opt = typer.Option(default, f"{flag}/--no-{flag[2:]}", help=f.metadata["help"])
+        else:
+            opt = typer.Option(default, flag, help=f.metadata["help"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind))
+
+    def command(**kwargs):
+        allow_missing = kwargs.pop("allow_missing")
+        kwargs = {k: parsers[k](v) if k in parsers else v for k, v in kwargs.items()}
+        if allow_missing and kwargs.get("shards"):
+            kwargs["shards"] = _present(kwargs)
+        result = mod.train(cls(**kwargs))
+        if summary is not None:
+            summary(result)
+        _summary(name.replace("stage", "stage "), result)
+
+    params.append(inspect.Parameter("allow_missing", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--allow-missing", help="Train on the --shards that are finished; skip the others instead of stopping.")))
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    command.__name__ = name
+    app.command(name=name)(command)
 
 
-@app.command()
-def stage2(
-    init: Path = typer.Option(..., help="Stage 1 checkpoint (RUN_DIR/stage1.safetensors)."),
-    store: str = typer.Option(..., help="Store with images and masks at the HR geometry."),
-    out: Path = typer.Option(..., help="Run directory."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone run live (must match the Stage 1 checkpoint)."),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
-    random_init: bool = typer.Option(False, help="Random backbone weights (tests and demos)."),
-    geometry: int = typer.Option(896, help="Stored HR geometry to read."),
-    hr: Optional[int] = typer.Option(None, help="Resize the HR image to this size (cheaper CPU runs)."),
-    sizes: str = typer.Option("224,336,448,518", help="Student input sizes s (multiples of the patch size)."),
-    crops: int = typer.Option(2, help="Teacher crops per image."),
-    alpha: float = typer.Option(0.5, help="Mask refinement of the teacher output."),
-    max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
-    ema_decay: float = typer.Option(0.99, help="EMA decay of the teacher."),
-    ema_every: int = typer.Option(10, help="Update the teacher every N steps."),
-    border: float = typer.Option(0.1, help="Border fraction dropped by the affinity loss."),
-    affinity_weight: float = typer.Option(20.0, help="Weight of the affinity loss."),
-    tv_weight: float = typer.Option(0.0, help="Total-variation weight."),
-    batch_size: int = typer.Option(8, help="Global batch size."),
-    epochs: int = typer.Option(1, help="Epochs."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay."),
-    grad_clip: float = typer.Option(1.0, help="Gradient norm clip (0 = off)."),
-    shards: Optional[str] = typer.Option(None, help="Train on these shards only."),
-    allow_missing: bool = typer.Option(False, "--allow-missing", help="Train on the --shards that are finished; skip the others instead of stopping."),
-    seed: int = typer.Option(0, help="Seed."),
-    workers: int = typer.Option(2, help="DataLoader workers per rank."),
-    checkpoint_every: int = typer.Option(200, help="Write last.pt every N steps."),
-    log_every: int = typer.Option(10, help="Log every N steps."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    resume: bool = typer.Option(False, help="Continue exactly from OUT/last.pt (teacher included)."),
-):
-    """Stage 2: self-distillation from an EMA teacher on HR crops, the VFM run live."""
-    from loftup.training.stage2 import Stage2Config, train
+def _present(kwargs: dict) -> list[int]:
+    """``--allow-missing``: the --shards the store has finished (stage 1 also needs the features)."""
+    from loftup.training.data import present_shards
 
-    cfg = Stage2Config(
-        init=str(init), store=store, out=str(out), backbone=backbone, weights=weights, random_init=random_init,
-        geometry=geometry, hr=hr, sizes=[int(x) for x in sizes.split(",")], crops=crops, alpha=alpha, max_masks=max_masks,
-        ema_decay=ema_decay, ema_every=ema_every, border=border, affinity_weight=affinity_weight, tv_weight=tv_weight,
-        batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
-        shards=_train_shards(shards, allow_missing, store, ["images", "masks"]), seed=seed, workers=workers,
-        checkpoint_every=checkpoint_every, log_every=log_every, device=device, resume=resume,
-    )
-    result = train(cfg)
-    result["timings"] = {k: round(v, 2) for k, v in result["timings"].items()}
-    _summary("stage 2", result)
+    jobs = ["images", "masks"] + ([f"features/{kwargs['backbone']}@{kwargs['res']}"] if "res" in kwargs else [])
+    present, missing = present_shards(kwargs["store"], kwargs["shards"], jobs)
+    if missing:
+        console.print(f"[yellow]--allow-missing: training without {len(missing)} unfinished shard(s): {missing[:20]}")
+    return present
+
+
+def _stage2_summary(result: dict) -> None:
+    result["timings"] = {k: round(v, 2) for k, v in result.get("timings", {}).items()}
+
+
+_config_command("stage1", "stage1", "Stage1Config",
+                "Stage 1: mask-refined bicubic pseudo-GT built on the fly from stored features and masks.")
+_config_command("stage2", "stage2", "Stage2Config",
+                "Stage 2: self-distillation from an EMA teacher on HR crops, the VFM run live.", _stage2_summary)
 
 
 evaluate_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -152,7 +111,8 @@ evaluate_app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(evaluate_app, name="evaluate")
 
 _UPSAMPLER_HELP = "Baselines to run (repeatable): bilinear, bicubic, nearest, lowres."
-_CHECKPOINT_HELP = "A LoftUp checkpoint (ours .safetensors, or a released .pth), named after its file (repeatable)."
+_CHECKPOINT_HELP = ("A LoftUp checkpoint (repeatable): ours (.safetensors), a released .pth/.bin, or official:NAME "
+                    "(dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2; from the local HF cache).")
 _MATCH_HELP = "Also run each baseline in every checkpoint's own PCA projection (named BASELINE@CHECKPOINT)."
 
 
@@ -282,8 +242,8 @@ def evaluate_make_tiny_data(
 def upsample(
     image: Path = typer.Argument(..., help="Image file to upsample the features of."),
     checkpoint: Optional[Path] = typer.Option(None, help="Our checkpoint (stage1/stage2 .safetensors)."),
-    official: Optional[Path] = typer.Option(None, help="An officially released LoftUp checkpoint (.pth)."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone to compute the low-res features."),
+    official: Optional[str] = typer.Option(None, help="A released LoftUp: dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2 (local HF cache) or its .bin path."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone for the low-res features (default: the one the upsampler was trained for, else dinov2_vits14)."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
     random_init: bool = typer.Option(False, help="Random backbone weights (demos)."),
     backbone_res: int = typer.Option(224, help="Backbone input size."),

@@ -1,4 +1,8 @@
-"""LoftUp at scale: pipeline (loftup.pipeline), stores (loftup.storage), trainer (loftup.training)."""
+"""LoftUp at scale: pipeline (loftup.pipeline), stores (loftup.storage), trainer (loftup.training).
+
+``from loftup import LoftUp, create_backbone, open_store`` imports lazily, so ``import loftup``
+stays light and the storage layer never pulls in torch.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -6,3 +10,23 @@ try:
     __version__ = version("loftup")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+_LAZY = {
+    "LoftUp": "loftup.training.model",
+    "create_backbone": "loftup.pipeline.backbones",
+    "list_backbones": "loftup.pipeline.backbones",
+    "backbone_info": "loftup.pipeline.backbones",
+    "open_store": "loftup.storage",
+    "RELEASES": "loftup.training.releases",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loftup' has no attribute {name!r}")

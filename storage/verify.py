@@ -67,7 +67,16 @@ def _check(store, job: str, shard: int, marker: dict, deep: bool) -> list[str]:
     elif "/" in job:
         kind, key = job.split("/", 1)
         backbone, res = key.rsplit("@", 1)
-        fstore = store.features(backbone, int(res)) if kind == "features" else store.pseudogt(backbone, int(res))
+        if kind == "implicit":
+            from loftup.storage.implicit import implicit_store
+
+            ist = implicit_store(store, backbone, int(res))
+            out.extend(ist.verify(shard, marker))
+            if not marker.get("dense_bytes"):
+                return out
+            fstore = ist.dense
+        else:
+            fstore = store.features(backbone, int(res)) if kind == "features" else store.pseudogt(backbone, int(res))
         arr = fstore.array(shard)
         ids = fstore.shard_image_ids(shard)
         if arr.shape[0] != len(ids) or arr.shape[0] != marker.get("images", arr.shape[0]):

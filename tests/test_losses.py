@@ -1,20 +1,28 @@
-"""Loss terms: affinity (Gram form vs explicit N x N), projected MSE, TV, multi-view."""
+"""Loss terms against explicit reference computations: affinity (Gram form vs explicit N x N),
+and every released term (unit-norm projection, FeatUp TV, jitter, attention downsampler,
+uncertainty NLL clamped at 0)."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+import numpy as np
 
 from loftup.training.losses import (
     AttentionDownsampler,
-    MultiViewReconstruction,
+    Jitter,
+    ScaleNet,
     affinity_loss,
     affinity_loss_explicit,
+    apply_jitter,
+    draw_jitter,
+    project,
     projected_mse,
+    random_projection,
+    reconstruction_loss,
     total_variation,
 )
 
@@ -112,174 +120,128 @@ def test_affinity_half_inputs_and_autocast_compute_in_float32():
     torch.testing.assert_close(auto, affinity_loss(s, t, 0.1), rtol=1e-6, atol=1e-8)
 
 
-def test_projected_mse_uses_one_shared_fresh_projection():
-    g = torch.Generator().manual_seed(6)
-    pred = torch.randn(2, 10, 5, 6, generator=g)
-    target = torch.randn(2, 10, 5, 6, generator=g)
-    got = projected_mse(pred, target, dim=4, generator=torch.Generator().manual_seed(7))
-    proj = torch.randn(4, 10, generator=torch.Generator().manual_seed(7)) / math.sqrt(4)
-    p = torch.einsum("dc,bchw->bdhw", proj, pred)
-    t = torch.einsum("dc,bchw->bdhw", proj, target)
-    torch.testing.assert_close(got, ((p - t) ** 2).mean())
-    # Same projection for both: a common shift in the projection's null space is free,
-    # an independent projection per argument would see it.
-    null = torch.linalg.svd(proj, full_matrices=True).Vh[-1]
-    shifted = target + 5.0 * null.view(1, 10, 1, 1)
-    torch.testing.assert_close(
-        projected_mse(pred, shifted, dim=4, generator=torch.Generator().manual_seed(7)), got, rtol=1e-4, atol=1e-5
-    )
-    assert projected_mse(pred, pred, dim=4).item() == 0.0
-
-    # Reproducible with a seeded generator; fresh on each call otherwise.
-    a = projected_mse(pred, target, generator=torch.Generator().manual_seed(1))
-    b = projected_mse(pred, target, generator=torch.Generator().manual_seed(1))
-    assert a.item() == b.item()
-    gen = torch.Generator().manual_seed(1)
-    first, second = projected_mse(pred, target, generator=gen), projected_mse(pred, target, generator=gen)
-    assert first.item() == a.item() and second.item() != first.item()
-    assert projected_mse(pred, target).item() != projected_mse(pred, target).item()
-    # The 1/sqrt(dim) scale preserves each pixel's squared error norm in expectation, so
-    # the projected mean (over dim channels) is the plain MSE times C / dim.
-    many = torch.stack([projected_mse(pred, target, dim=64) for _ in range(20)]).mean()
-    assert abs(many.item() / (F.mse_loss(pred, target).item() * 10 / 64) - 1) < 0.15
-    with pytest.raises(ValueError):
-        projected_mse(pred, target[:, :3])
+def test_random_projection_released_unit_columns_and_paper_scale():
+    g = torch.Generator().manual_seed(0)
+    p = random_projection(3, 40, 16, generator=g)
+    assert p.shape == (3, 40, 16)
+    torch.testing.assert_close(p.norm(dim=1), torch.ones(3, 16))  # every column has unit norm
+    q = random_projection(200, 40, 16, generator=torch.Generator().manual_seed(1), unit=False)
+    assert abs(q.std().item() - 1 / 4) < 0.01  # paper form: entries N(0, 1/dim)
+    a = random_projection(2, 5, 3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, random_projection(2, 5, 3, generator=torch.Generator().manual_seed(7)))
 
 
-def test_projected_mse_gradient_and_dtype():
-    pred = torch.randn(1, 6, 4, 4, requires_grad=True)
-    target = torch.randn(1, 6, 4, 4).half()
-    loss = projected_mse(pred, target, dim=8, generator=torch.Generator().manual_seed(0))
-    loss.backward()
-    assert loss.dtype == torch.float32 and pred.grad.abs().sum() > 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = projected_mse(pred, target, dim=8, generator=torch.Generator().manual_seed(0))
-    assert auto.dtype == torch.float32
-    torch.testing.assert_close(auto, loss, rtol=3e-2, atol=1e-3)
+def test_projected_mse_is_the_mse_of_both_projections_by_hand():
+    g = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64), torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64)
+    proj = random_projection(2, 6, 3, generator=g, dtype=torch.float64)
+    expect = 0.0
+    for b in range(2):
+        for d in range(3):
+            for y in range(4):
+                for x in range(5):
+                    a = sum(float(proj[b, c, d] * pred[b, c, y, x]) for c in range(6))
+                    t = sum(float(proj[b, c, d] * target[b, c, y, x]) for c in range(6))
+                    expect += (a - t) ** 2
+    expect /= 2 * 3 * 4 * 5
+    assert projected_mse(pred, target, proj).item() == pytest.approx(expect, rel=1e-10)
+    # unit columns make the projected MSE the plain per-channel MSE in expectation (C/dim less than N(0,1/dim))
+    big_p, big_t = torch.randn(4, 48, 16, 16), torch.randn(4, 48, 16, 16)
+    vals = [projected_mse(big_p, big_t, random_projection(4, 48, 64, generator=torch.Generator().manual_seed(k))) for k in range(8)]
+    assert torch.stack(vals).mean().item() == pytest.approx(F.mse_loss(big_p, big_t).item(), rel=0.05)
+    with pytest.raises(ValueError, match="differ"):
+        projected_mse(pred, target[:, :3], proj)
 
 
-def test_total_variation_mean_abs_differences():
-    assert total_variation(torch.full((2, 3, 5, 5), 4.0)).item() == 0.0
-    x = torch.tensor([[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]]).view(1, 1, 2, 3)
-    # vertical |diffs| = [0, 1, 3] -> mean 4/3; horizontal = [1, 2, 0, 0] -> mean 3/4
-    torch.testing.assert_close(total_variation(x), torch.tensor(4 / 3 + 3 / 4))
+def test_total_variation_is_featups_squared_differences_over_bchw():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    a = x.numpy()
+    ref = sum((a[b, c, i + 1, j] - a[b, c, i, j]) ** 2 for b in range(2) for c in range(3) for i in range(4) for j in range(4))
+    ref += sum((a[b, c, i, j + 1] - a[b, c, i, j]) ** 2 for b in range(2) for c in range(3) for i in range(5) for j in range(3))
+    assert total_variation(x).item() == pytest.approx(ref / (2 * 3 * 5 * 4), rel=1e-12)
+    assert total_variation(torch.full((1, 2, 4, 4), 3.0)).item() == 0.0
 
 
-def test_attention_downsampler_shapes_and_average_pooling():
+def test_released_stage1_tv_is_on_the_squared_norm_of_the_projection():
+    """What Stage 1 feeds the TV: |P x|^2 summed over the 64 projected dims, one channel."""
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    proj = random_projection(2, 8, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    energy = project(x, proj).square().sum(1, keepdim=True)
+    by_hand = torch.einsum("bchw,bcd->bdhw", x, proj).pow(2).sum(1, keepdim=True)
+    torch.testing.assert_close(energy, by_hand)
+    assert total_variation(energy).item() > 0
+
+
+def test_jitter_draws_and_warp_match_a_reflect_pad_then_resize():
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_jitter(g, max_pad=8, max_zoom=0.1) for _ in range(200)]
+    assert {d.pad_x for d in draws} == set(range(9)) and {d.pad_y for d in draws} == set(range(9))
+    zooms = np.array([[d.zoom_y, d.zoom_x] for d in draws])
+    assert zooms.min() >= 0.9 and zooms.max() <= 1.1 and zooms.std() > 0.04
+    x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
+    # zoom 1: reflect-pad (numpy's "reflect" = torch's) and resize back
+    j = Jitter(pad_y=2, pad_x=3, zoom_y=1.0, zoom_x=1.0)
+    padded = torch.from_numpy(np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (3, 3)), mode="reflect"))
+    expect = F.interpolate(padded, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(apply_jitter(x, j, ref=16), expect)
+    # a prediction at half the image size gets half the pad (the same warp)
+    half = apply_jitter(x, Jitter(4, 6, 1.0, 1.0), ref=32)
+    torch.testing.assert_close(half, expect)
+
+
+def _blur_by_hand(x: np.ndarray) -> np.ndarray:
+    r = np.arange(5) - 2
+    g = np.exp(-(r**2) / 2.0)
+    k = np.outer(g, g) / np.outer(g, g).sum()
+    b, c, h, w = x.shape
+    p = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    out = np.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            out[:, :, i, j] = (p[:, :, i : i + 5, j : j + 5] * k).sum((-1, -2))
+    return out
+
+
+def test_attention_downsampler_matches_featup_by_hand():
     torch.manual_seed(0)
-    down = AttentionDownsampler(dim=5, kernel_size=4)
-    hr = torch.randn(2, 5, 12, 16)
-    assert down(hr).shape == (2, 5, 3, 4)
-    assert down(hr, (2, 3)).shape == (2, 5, 2, 3)  # non-integer ratio: resized first
-    # Zero scores and bias (the initial state, set explicitly here): average pooling.
-    with torch.no_grad():
-        down.score.weight.zero_()
-        down.score.bias.fill_(3.0)
-        down.position_bias.zero_()
-    torch.testing.assert_close(down(hr), F.avg_pool2d(hr, 4))
-    # A dominant position bias selects that pixel of every window.
-    with torch.no_grad():
-        down.position_bias[1, 2] = 60.0
-    torch.testing.assert_close(down(hr), hr[..., 1::4, 2::4], rtol=1e-5, atol=1e-5)
-    # Learned, input-dependent weights stay a convex combination of the window.
-    with torch.no_grad():
-        down.score.weight.normal_()
-        down.position_bias.normal_()
-    out = down(hr)
-    assert not torch.allclose(out, F.avg_pool2d(hr, 4))
-    assert (out <= F.max_pool2d(hr, 4) + 1e-5).all() and (out >= -F.max_pool2d(-hr, 4) - 1e-5).all()
+    k, h = 4, 3
+    down = AttentionDownsampler(dim=5, kernel_size=k).double()
+    down.attention_net.eval()  # dropout on the logit layer off; the Bernoulli keep mask stays
+    x = torch.randn(2, 5, k * h, k * h, dtype=torch.float64)
+    torch.manual_seed(11)
+    got = down(x, (h, h))
+    torch.manual_seed(11)
+    keep = (torch.rand(2, h, h, 1) > 0.2).numpy()
+    blurred = _blur_by_hand(x.numpy())
+    lin_w = down.attention_net[1].weight.detach().numpy()[0]
+    lin_b = float(down.attention_net[1].bias)
+    w, b = down.w.detach().numpy().reshape(-1), down.b.detach().numpy().reshape(-1)
+    expect = np.zeros((2, 5, h, h))
+    for n in range(2):
+        for i in range(h):
+            for j in range(h):
+                win = blurred[n, :, i * k : i * k + k, j * k : j * k + k].reshape(5, -1)  # (C, k*k), row-major
+                logits = (lin_w @ win + lin_b) * keep[n, i, j, 0] * w + b
+                a = np.exp(logits - logits.max())
+                expect[n, :, i, j] = win @ (a / a.sum())
+    np.testing.assert_allclose(got.detach().numpy(), expect, rtol=1e-10, atol=1e-12)
+    assert got.requires_grad
+    got.sum().backward()
+    assert down.w.grad is not None and down.attention_net[1].weight.grad.abs().sum() > 0
 
 
-class _TinyUpsampler(nn.Module):
-    """Bilinear upsampling of the low-res features plus a learned image term."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.mix = nn.Conv2d(dim + 3, dim, 3, padding=1)
-
-    def forward(self, lr, image):
-        up = F.interpolate(lr, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return up + self.mix(torch.cat([up, image], 1))
-
-
-def test_multiview_flip_only_is_zero_for_consistent_prediction():
-    g = torch.Generator().manual_seed(8)
-    lr = torch.randn(2, 6, 4, 5, generator=g)
-    image = torch.rand(2, 3, 16, 20, generator=g)
-    mv = MultiViewReconstruction(dim=6, kernel_size=4)
-    with torch.no_grad():
-        mv.downsampler.score.weight.normal_()
-        mv.downsampler.position_bias.normal_()
-    # Piecewise-constant HR features pool back to lr_feats whatever the weights, and the
-    # flipped views must match the flipped lr_feats.
-    hr = F.interpolate(lr, scale_factor=4, mode="nearest")
-    loss = mv(None, lr, image, hr_pred=hr, generator=torch.Generator().manual_seed(0))
-    assert loss.item() < 1e-10
-    # A prediction that is not flip-consistent is penalised.
-    shifted = torch.roll(hr, shifts=3, dims=-1)
-    assert mv(None, lr, image, hr_pred=shifted, generator=torch.Generator().manual_seed(0)).item() > 1e-2
-
-
-def test_multiview_with_backbone_warps_image_and_prediction_alike():
-    g = torch.Generator().manual_seed(9)
-    image = torch.rand(2, 3, 32, 32, generator=g)
-
-    def backbone_fn(img):  # "features" = 8x8 block means of the image
-        return F.avg_pool2d(img, 8)
-
-    mv = MultiViewReconstruction(dim=3, kernel_size=8, max_zoom=1.6)
-    # If the HR prediction is the image itself, every warped view pools (uniform
-    # downsampler) to exactly the backbone's features of the warped image.
-    loss = mv(None, backbone_fn(image), image, hr_pred=image, backbone_fn=backbone_fn,
-              generator=torch.Generator().manual_seed(1))
-    assert loss.item() < 1e-10
-    lr = backbone_fn(image)
-    wrong = torch.roll(image, shifts=5, dims=-2)
-    a = mv(None, lr, image, hr_pred=wrong, backbone_fn=backbone_fn, generator=torch.Generator().manual_seed(2))
-    b = mv(None, lr, image, hr_pred=wrong, backbone_fn=backbone_fn, generator=torch.Generator().manual_seed(2))
-    c = mv(None, lr, image, hr_pred=wrong, backbone_fn=backbone_fn, generator=torch.Generator().manual_seed(3))
-    assert a.item() > 1e-4 and a.item() == b.item() and c.item() != a.item()
-
-
-@pytest.mark.parametrize("with_backbone", [False, True])
-def test_multiview_gradients_reach_upsampler_and_downsampler(with_backbone):
-    torch.manual_seed(10)
-    dim = 4
-    up = _TinyUpsampler(dim)
-    patchify = nn.Conv2d(3, dim, 4, stride=4)
-    image = torch.rand(2, 3, 16, 16)
-    with torch.no_grad():
-        lr = patchify(image)
-    mv = MultiViewReconstruction(dim=dim, kernel_size=4)
-    backbone_fn = patchify if with_backbone else None
-    loss = mv(up, lr, image, backbone_fn=backbone_fn, generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and loss.item() > 0
-    loss.backward()
-    for p in list(up.parameters()) + [mv.downsampler.score.weight, mv.downsampler.position_bias]:
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    assert patchify.weight.grad is None  # the frozen backbone gets nothing
-
-
-def test_multiview_seed_step_streams_and_default_backbone():
-    g = torch.Generator().manual_seed(11)
-    image = torch.rand(2, 3, 16, 16, generator=g)
-    patchify = nn.Conv2d(3, 4, 4, stride=4)
-    with torch.no_grad():
-        lr = patchify(image)
-    hr = torch.randn(2, 4, 16, 16, generator=g)
-    mv = MultiViewReconstruction(dim=4, kernel_size=4, backbone_fn=patchify, seed=5)
-    # The backbone given at construction is used but is not part of the module.
-    assert {n for n, _ in mv.named_parameters()} == {
-        "downsampler.score.weight", "downsampler.score.bias", "downsampler.position_bias"}
-    assert all(k.startswith("downsampler.") for k in mv.state_dict())
-    at3 = mv(None, lr, image, hr_pred=hr, step=3)
-    assert mv(None, lr, image, hr_pred=hr, step=3).item() == at3.item()
-    assert mv(None, lr, image, hr_pred=hr, step=4).item() != at3.item()
-    twin = MultiViewReconstruction(dim=4, kernel_size=4, backbone_fn=patchify, seed=5)
-    assert twin(None, lr, image, hr_pred=hr, step=3).item() == at3.item()
-    # The zoomed views differ from flip-only views computed without the backbone.
-    flips = MultiViewReconstruction(dim=4, kernel_size=4, seed=5)
-    assert flips(None, lr, image, hr_pred=hr, step=3).item() != at3.item()
-    # Without a step, a seeded module draws from one persistent stream.
-    first, second = mv(None, lr, image, hr_pred=hr), mv(None, lr, image, hr_pred=hr)
-    assert first.item() != second.item()
+def test_uncertainty_nll_and_mse_reconstruction_by_hand_clamped_at_zero():
+    g = torch.Generator().manual_seed(5)
+    down, target = torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64)
+    proj = random_projection(2, 6, 4, generator=g, dtype=torch.float64)
+    err = (torch.einsum("bchw,bcd->bdhw", down, proj) - torch.einsum("bchw,bcd->bdhw", target, proj)) ** 2
+    assert reconstruction_loss(down, target, proj).item() == pytest.approx(err.mean().item(), rel=1e-12)
+    net = ScaleNet(6).double()
+    scales = net(target)
+    lin = F.conv2d(target, net.net.weight, net.net.bias)
+    torch.testing.assert_close(scales, torch.exp(lin + 0.1).clamp_min(1e-4))
+    nll = (err / (2 * scales**2) + torch.log(scales)).mean()
+    assert reconstruction_loss(down, target, proj, scales).item() == pytest.approx(max(nll.item(), 0.0), rel=1e-12)
+    # a confident (small) scale on a tiny error drives the NLL below 0: the released clamp makes it 0
+    small = torch.full_like(scales, 0.1)
+    assert reconstruction_loss(target + 1e-3, target, proj, small).item() == 0.0

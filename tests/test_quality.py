@@ -8,7 +8,9 @@ nearest-prototype mIoU against those instance masks (training/evaluation/masks.p
 
 Stage 1 runs a CPU-sized version of the recipe: a 64-channel PCA of the features, 56 px
 outputs (4x the 14 x 14 grid), 600 steps of 4 images at a raised rate with warm-up and cosine
-decay, BatchNorm statistics recomputed over 32 batches at the end. Stage 2 continues from it
+decay, BatchNorm statistics recomputed over 32 batches at the end, ``--recipe paper`` (the main
+term alone; the released reconstruction runs the backbone 4 times per image and step) with a
+gradient clip of 1, as these assertions were measured. Stage 2 continues from it
 at 112/160 px for 30 steps and is scored at 56 and 112. Numbers: README results.
 """
 
@@ -54,7 +56,8 @@ def stage1_run(real_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
     return train(Stage1Config(store=real_store.url, out=str(out), backbone=BACKBONE, shards=list(range(TRAIN_TARS)), pca_dim=64,
                               size=56, max_masks=60, batch_size=4, max_steps=600, lr=2e-3, lr_schedule="cosine",
-                              warmup_steps=50, bn_recalibrate=32, workers=0, progress=False, log_every=50, device="cpu"))
+                              warmup_steps=50, bn_recalibrate=32, workers=0, progress=False, log_every=50, device="cpu",
+                              recipe="paper", grad_clip=1.0))
 
 
 def _evaluate(store, checkpoints: dict, size: int) -> dict:
@@ -70,6 +73,9 @@ def _evaluate(store, checkpoints: dict, size: int) -> dict:
     return {u.name: res[u.name]["prototype_miou"] for u in ups}
 
 
+# Budget (issue 10): this test also pays for the store and the 600-step Stage 1 run it shares
+# with the next one, about 5.5 minutes on a quiet 2-core machine, so its limit is 3.6x that.
+@pytest.mark.timeout(1200)
 def test_stage1_beats_bilinear_on_held_out_images(real_store, stage1_run):
     scores = _evaluate(real_store, {"stage1": stage1_run["checkpoint"]}, size=56)
     print(json.dumps(scores, indent=2))
@@ -88,7 +94,8 @@ def test_stage2_after_stage1_beats_bilinear_on_held_out_images(real_store, stage
     out = tmp_path_factory.mktemp("stage2")
     s2 = train2(Stage2Config(init=stage1_run["checkpoint"], store=real_store.url, out=str(out), backbone=BACKBONE,
                              shards=list(range(TRAIN_TARS)), hr=448, sizes=[112, 160], max_masks=60, batch_size=2,
-                             max_steps=30, lr=1e-4, ema_every=5, workers=0, progress=False, log_every=5, device="cpu"))
+                             max_steps=30, lr=1e-4, ema_every=5, workers=0, progress=False, log_every=5, device="cpu",
+                             recipe="paper", grad_clip=1.0))
     ckpts = {"stage1": stage1_run["checkpoint"], "stage2": s2["checkpoint"]}
     at56, at112 = _evaluate(real_store, ckpts, size=56), _evaluate(real_store, ckpts, size=112)
     print(json.dumps({"56": at56, "112": at112}, indent=2))

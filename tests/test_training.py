@@ -32,7 +32,8 @@ def _stage1_cfg(store, out, **kw):
     from loftup.training.stage1 import Stage1Config
 
     base = dict(store=store.url, out=str(out), pca_dim=16, size=56, max_masks=10, batch_size=2, lr=1e-3, workers=0,
-                checkpoint_every=1000, log_every=1, progress=False, device="cpu", model={"heads": 2})
+                checkpoint_every=1000, log_every=1, progress=False, device="cpu", model={"heads": 2}, random_init=True,
+                recon_jitters=2)
     return Stage1Config(**{**base, **kw})
 
 
@@ -128,14 +129,62 @@ def test_stage1_resume_is_exact(train_store, tmp_path):
     assert not all(torch.equal(wa[k], _weights(tmp_path / "c" / "stage1.safetensors")[k]) for k in wa)
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert '"bn_recalibrated_batches": 2' in lines[-1]
-    lines = lines[:-1]
-    assert len(lines) == 6 and all('"mse"' in line for line in lines)
     import json
     import math
 
-    lrs = [json.loads(line)["lr"] for line in lines]
+    records = [json.loads(line) for line in lines[:-1]]
+    # every released term was on, and the gradient was clipped (to 1e-4) in the first 10 steps only
+    assert len(records) == 6 and all({"mse", "recon", "tv"} <= r.keys() and "grad_norm" in r for r in records)
+    lrs = [r["lr"] for r in records]
     expect = [5e-4, 1e-3] + [5e-4 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     np.testing.assert_allclose(lrs, expect, rtol=1e-9)
+    # --resume with another config: one line naming the fields, exit code 2, nothing trained
+    before = (tmp_path / "b" / "last.pt").stat().st_mtime_ns
+    p = subprocess.run([sys.executable, "-m", "loftup.cli.train", "stage1", "--store", train_store.url, "--out",
+                        str(tmp_path / "b"), "--pca-dim", "16", "--size", "56", "--max-masks", "10", "--batch-size", "2",
+                        "--lr", "0.002", "--tv-weight", "0.5", "--resume", "--random-init", "--device", "cpu"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume: the config differs"), p.stderr
+    assert "lr (0.001 -> 0.002)" in err[0] and "tv_weight (0.001 -> 0.5)" in err[0] and "Traceback" not in p.stderr
+    assert (tmp_path / "b" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_recipes_resolve_released_and_paper_terms():
+    from loftup.training.loop import clips_at, resolve
+    from loftup.training.stage1 import RECIPES as R1
+    from loftup.training.stage1 import Stage1Config
+    from loftup.training.stage2 import RECIPES as R2
+    from loftup.training.stage2 import Stage2Config
+
+    rel = resolve(Stage1Config(store="s", out="o"), R1)
+    assert (rel.tv_weight, rel.recon_weight, rel.recon_jitters, rel.proj_unit, rel.recon_uncertainty) == (0.001, 1.0, 4, True, True)
+    assert [clips_at(rel, k) for k in (0, 9, 10, 500)] == [True, True, False, False] and rel.grad_clip == 1e-4
+    paper = resolve(Stage1Config(store="s", out="o", recipe="paper"), R1)
+    assert (paper.tv_weight, paper.recon_weight, paper.proj_unit, paper.grad_clip) == (0.0, 0.0, False, 0.0)
+    assert not clips_at(paper, 0)
+    assert resolve(Stage1Config(store="s", out="o", recipe="paper", tv_weight=0.2), R1).tv_weight == 0.2  # explicit wins
+    rel2 = resolve(Stage2Config(store="s", out="o", init="i"), R2)
+    assert (rel2.weight_decay, rel2.tv_weight, rel2.recon_weight, rel2.recon_jitters, rel2.ema_warmup, rel2.teacher_train) == \
+        (0.01, 0.05, 1.0, 2, True, True)
+    paper2 = resolve(Stage2Config(store="s", out="o", init="i", recipe="paper"), R2)
+    assert (paper2.weight_decay, paper2.tv_weight, paper2.recon_weight, paper2.ema_warmup, paper2.teacher_train) == \
+        (0.0, 0.0, 0.0, False, False)
+    from loftup.storage.errors import LoftupError
+
+    with pytest.raises(LoftupError, match="unknown recipe 'featup'"):
+        resolve(Stage1Config(store="s", out="o", recipe="featup"), R1)
+
+
+def test_paper_recipe_trains_on_the_main_term_alone(train_store, tmp_path):
+    import json
+
+    from loftup.training.stage1 import train
+
+    train(_stage1_cfg(train_store, tmp_path / "p", max_steps=2, recipe="paper"))
+    records = [json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert [set(r) & {"mse", "recon", "tv", "grad_norm"} for r in records] == [{"mse"}, {"mse"}]
 
 
 def test_precise_batchnorm_is_the_plain_average_over_batches():
@@ -184,7 +233,8 @@ def _rank_digests(run: Path) -> list[str]:
 def test_stage1_ddp_gloo_two_ranks_identical(train_store, tmp_path):
     run = tmp_path / "ddp"
     _torchrun(["stage1", "--store", train_store.url, "--out", str(run), "--pca-dim", "16", "--size", "56", "--max-masks", "10",
-               "--batch-size", "4", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "1"], tmp_path)
+               "--batch-size", "4", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "1",
+               "--random-init", "--recon-jitters", "1"], tmp_path)
     d = _rank_digests(run)
     assert d[0] == d[1]
     cfg = (run / "config.json").read_text()
@@ -250,13 +300,36 @@ def test_teacher_equal_to_student_gives_zero_loss_and_shift_does_not():
     assert affinity_loss(student_regions(student, shifted, 2, n), target).item() > 1e-3
 
 
-def test_ema_update_and_schedule():
-    from loftup.training.stage2 import ema_update
+def test_ema_update_and_released_warmup_schedule():
+    from types import SimpleNamespace
 
-    s, t = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
-    t0 = t.weight.detach().clone()
+    from loftup.training.stage2 import Stage2, ema_decay_at, ema_update
+
+    s, t = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    s.weight.data.normal_()
+    s.running_mean.normal_()
+    s.num_batches_tracked.fill_(7)
+    t0, m0 = t.weight.detach().clone(), t.running_mean.clone()
     ema_update(t, s, 0.99)
     assert torch.allclose(t.weight, 0.99 * t0 + 0.01 * s.weight)
+    assert torch.allclose(t.running_mean, 0.99 * m0 + 0.01 * s.running_mean)  # float buffers averaged
+    assert int(t.num_batches_tracked) == 7  # integer buffers copied
+    # ema-pytorch: decay min(1 - (1 + k)^(-2/3), 0.99), k its update counter
+    for k, expect in ((10, 1 - 11 ** (-2 / 3)), (20, 1 - 21 ** (-2 / 3)), (998, 1 - 999 ** (-2 / 3)), (5000, 0.99)):
+        assert ema_decay_at(k, 0.99) == pytest.approx(expect, rel=1e-12)
+    # the loop calls after_step(step) with step optimizer steps done: copy after step 1, then every 10
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    fake = SimpleNamespace(cfg=SimpleNamespace(ema_warmup=True, ema_every=10, ema_decay=0.99), student=student,
+                           teacher=teacher, timings={"backward": 0.0})
+    seen = []
+    for step in range(1, 32):
+        before = teacher.weight.detach().clone()
+        student.weight.data.add_(1.0)
+        Stage2.after_step(fake, step)
+        if not torch.equal(before, teacher.weight):
+            decay = ((teacher.weight - student.weight) / (before - student.weight)).mean().item()
+            seen.append((step, round(decay, 6)))
+    assert seen == [(1, 0.0), (11, round(1 - 11 ** (-2 / 3), 6)), (21, round(1 - 21 ** (-2 / 3), 6)), (31, round(1 - 31 ** (-2 / 3), 6))]
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +359,22 @@ def test_stage2_resume_is_exact_teacher_included(train_store, stage1_ckpt, tmp_p
         wa, wb = _weights(tmp_path / "a" / name), _weights(tmp_path / "b" / name)
         for k in wa:
             assert torch.equal(wa[k], wb[k]), (name, k)
-    # EMA every 2 steps from step 2: the teacher moved, but less than the student
+    # released terms all on; AdamW with weight decay 0.01; the teacher in train mode
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"affinity", "recon", "tv"} <= r.keys() for r in records)
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.01 and state["aux"]  # downsampler + scale net
+    from loftup.training.distributed import Dist
+    from loftup.training.loop import resolve
+    from loftup.training.stage2 import RECIPES, Stage2
+
+    for recipe, mode in (("released", True), ("paper", False)):
+        built = Stage2(resolve(_stage2_cfg(train_store, stage1_ckpt, tmp_path / "x", recipe=recipe), RECIPES), Dist())
+        assert built.teacher.training is mode and built.student.training
+        assert built.optimizer.param_groups[0]["weight_decay"] == (0.01 if mode else 0.0)
+    # EMA warm-up every 2 steps: the teacher moved, but less than the student
     w1 = _weights(stage1_ckpt)
     ws, wt = _weights(tmp_path / "a" / "stage2.safetensors"), _weights(tmp_path / "a" / "stage2_teacher.safetensors")
     k = next(k for k in ws if k.endswith("final_conv.0.weight"))
@@ -310,3 +398,42 @@ def test_stage2_ddp_gloo_two_ranks_identical(train_store, stage1_ckpt, tmp_path)
                "--workers", "0", "--device", "cpu", "--ema-every", "1"], tmp_path)
     d = _rank_digests(run)
     assert d[0] == d[1]
+
+
+def test_retention_by_hand_and_upsample_writes_lowres_and_bilinear(stage1_ckpt, tmp_path):
+    import torch.nn.functional as F
+    from PIL import Image
+    from safetensors.torch import load_file
+    from skimage import data
+
+    from loftup.pipeline.backbones import create_backbone
+    from loftup.training.checkpoint import load_model
+    from loftup.training.inference import retention, upsample_image
+    from loftup.training.target_space import layer_norm_target
+
+    g = torch.Generator().manual_seed(0)
+    up, low = torch.randn(1, 5, 8, 8, generator=g), torch.randn(1, 5, 2, 2, generator=g)
+    cells = [F.cosine_similarity(up[0, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].mean((1, 2)), low[0, :, i, j], dim=0)
+             for i in range(2) for j in range(2)]
+    assert retention(up, low) == pytest.approx(torch.stack(cells).mean().item(), rel=1e-6)
+    assert retention(F.interpolate(low, size=(8, 8), mode="nearest"), low) == pytest.approx(1.0, abs=1e-6)
+
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    net = create_backbone("dinov2_vits14", random_init=True)
+    res = upsample_image(tmp_path / "astronaut.png", checkpoint=stage1_ckpt, backbone=net, size=56, out_dir=tmp_path / "up")
+    saved = load_file(str(res["features"]))
+    assert saved["features"].shape == (16, 56, 56) and saved["bilinear"].shape == (16, 56, 56)
+    # lowres: the backbone's features, projected as the checkpoint projects them, layer-normalised
+    _, meta = load_model(stage1_ckpt, with_meta=True)
+    from loftup.storage.geometry import resize_image
+
+    img = torch.from_numpy(np.asarray(resize_image(Image.open(tmp_path / "astronaut.png").convert("RGB"), 224),
+                                      dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expect = layer_norm_target(meta["projection_module"](net(img)))[0]
+    torch.testing.assert_close(saved["lowres"], expect, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved["bilinear"], F.interpolate(expect[None], size=(56, 56), mode="bilinear",
+                                                                align_corners=False)[0], rtol=1e-4, atol=1e-4)
+    assert res["retention_loftup"] == pytest.approx(retention(saved["features"], saved["lowres"]), abs=1e-4)
+    assert res["retention_bilinear"] == pytest.approx(retention(saved["bilinear"], saved["lowres"]), abs=1e-4)
+    assert res["retention_bilinear"] > 0.9

@@ -15,19 +15,21 @@ from typing import Mapping
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from loftup.pipeline.backbones.weights import load_state_dict_strict, read_state_dict, unwrap_state_dict
 from loftup.storage.commit import atomic_write
-from loftup.storage.errors import WeightsError, error_line
+from loftup.storage.errors import LoftupError, WeightsError, error_line
 from loftup.training.model import LoftUp
 
 __all__ = ["save_model", "load_model", "read_config", "from_official", "to_official_state_dict", "load_official",
-           "OFFICIAL_SOURCE"]
+           "resolve_upsampler", "OFFICIAL_SOURCE"]
 
 FORMAT = "loftup-model"
 FORMAT_VERSION = 1
 PROJECTION_PREFIX = "projection."
 _LOCAL = LocalFileSystem()
-OFFICIAL_SOURCE = ("the authors' releases linked from the README of https://github.com/andrehuang/loftup "
-                   "(e.g. the DINOv2-S/14 upsampler .pth)")
+OFFICIAL_SOURCE = ("the authors' releases (https://github.com/andrehuang/loftup: haiwen/loftup-* on the HF hub, "
+                   "e.g. haiwen/loftup-dinov2s/pytorch_model.bin; `loftup-train upsample --official NAME` finds "
+                   "them in the HF cache)")
 
 
 def _paths(path) -> tuple[Path, Path]:
@@ -84,8 +86,6 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
     returns ``(model, meta)``: the JSON config plus ``meta["projection_module"]`` (the saved
     ``FeatureProjection`` or None).
     """
-    from safetensors.torch import load_file
-
     weights, _ = _paths(path)
     if not weights.exists():
         raise WeightsError(f"checkpoint {weights} not found")
@@ -96,10 +96,7 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
         model = LoftUp(**config)
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"checkpoint config {weights.with_suffix('.json')} does not build a LoftUp ({error_line(exc, 120)})") from None
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises its own error type for truncated/garbage files
-        raise WeightsError(f"cannot read checkpoint {weights} ({error_line(exc, 120)})") from None
+    state = read_state_dict(weights)
     proj_state = {k[len(PROJECTION_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PROJECTION_PREFIX)}
     _load_strict(model, state, str(weights))
     model = model.to(device).eval()
@@ -148,19 +145,8 @@ def _infer_config(state: Mapping[str, torch.Tensor]) -> dict:
             "extra": 4 * int(lr_biases.shape[-1]), "blocks": blocks}
 
 
-def _load_strict(model: LoftUp, state: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-                parts.append(f"{label}: {shown}")
-        raise WeightsError(f"weights from {source} do not match LoftUp(dim={model.dim}): " + "; ".join(parts))
-    model.load_state_dict(dict(state), strict=True)
+def _load_strict(model: LoftUp, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    load_state_dict_strict(model, state, source, f"LoftUp(dim={model.dim})", assign=assign)
 
 
 def from_official(state_dict: Mapping[str, torch.Tensor], image_scaling: str = "image", heads: int = 4) -> LoftUp:
@@ -170,22 +156,16 @@ def from_official(state_dict: Mapping[str, torch.Tensor], image_scaling: str = "
     batch); the default scales each image on its own. Mismatching keys raise ``WeightsError``.
     """
     state = _normalise_keys(state_dict)
-    model = LoftUp(**_infer_config(state), heads=heads, image_scaling=image_scaling)
-    _load_strict(model, state, "the official state dict")
+    # Built on the meta device: every tensor comes from the file, so initialising is wasted work.
+    with torch.device("meta"):
+        model = LoftUp(**_infer_config(state), heads=heads, image_scaling=image_scaling)
+    _load_strict(model, state, "the official state dict", assign=True)
     return model.eval()
 
 
 def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     # Released files are either a bare state dict or a training checkpoint holding one.
-    for _ in range(3):
-        if not isinstance(obj, Mapping):
-            break
-        inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict", "weights")
-                      if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+    tensors = unwrap_state_dict(obj) if isinstance(obj, Mapping) else {}
     if not tensors:
         raise WeightsError(f"{source} holds no state dict of tensors")
     state = _normalise_keys(tensors)
@@ -201,17 +181,41 @@ def load_official(path, image_scaling: str = "image", heads: int = 4, device: st
     if not path.exists():
         raise WeightsError(f"official LoftUp checkpoint {path} not found: download it from {OFFICIAL_SOURCE} "
                            f"and pass its path")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            raw = load_file(str(path))
-        except Exception as exc:
-            raise WeightsError(f"cannot read {path} as safetensors ({error_line(exc, 120)})") from None
-    else:
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors come in many types
-            raise WeightsError(f"cannot read {path} as a PyTorch checkpoint ({error_line(exc, 120)})") from None
+    raw = read_state_dict(path)
     model = from_official(_unwrap(raw, str(path)), image_scaling=image_scaling, heads=heads)
     return model.to(device)
+
+
+def resolve_upsampler(spec, device: str | torch.device = "cpu", image_scaling: str = "image"):
+    """``(model, projection or None, backbone name or None)`` for any checkpoint spec:
+
+    - ``official:NAME`` / ``NAME`` / ``haiwen/loftup-NAME``: a released upsampler from the local
+      HF cache (``NAME`` in ``training.releases.RELEASES``; its backbone is known);
+    - a ``.safetensors``/``.json`` checkpoint of ours (``save_model``), with its projection and
+      the backbone it was trained for;
+    - any other file: a released-layout state dict (.pth/.bin/.pt/.ckpt).
+    """
+    from loftup.training.releases import find_release, load_release
+
+    text = str(spec)
+    release = find_release(text)
+    if release is not None:
+        return load_release(release.name, device=device, image_scaling=image_scaling), None, release.backbone
+    if text.startswith("official:"):
+        path = Path(text[len("official:"):])
+        if not path.exists():
+            from loftup.training.releases import RELEASES
+
+            raise LoftupError(f"unknown LoftUp release {text!r}; known: {', '.join('official:' + n for n in RELEASES)}")
+        return load_official(path, image_scaling=image_scaling, device=device), None, None
+    path = Path(text)
+    if path.suffix in (".safetensors", ".json") and _paths(path)[1].exists():
+        model, meta = load_model(path, device=device, with_meta=True)
+        return model, meta.get("projection_module"), (meta.get("extra") or {}).get("backbone")
+    if not path.exists():
+        from loftup.training.releases import RELEASES
+
+        if path.suffix == "" and (len(path.parts) == 1 or (len(path.parts) == 2 and not text.startswith((".", "/")))):
+            raise LoftupError(f"unknown LoftUp release or missing checkpoint {text!r}; releases: {', '.join(RELEASES)}")
+        raise WeightsError(f"checkpoint {path} not found")
+    return load_official(path, image_scaling=image_scaling, device=device), None, None

@@ -144,12 +144,15 @@ class Stage1Dataset(Dataset):
     """Per image: the training image, its stored low-res features and its stored masks.
 
     Masks come out in annotation order, at most ``max_masks``, at ``size`` (the stored
-    geometry, or a smaller size by nearest-exact subsampling for cheap CPU runs).
+    geometry, or a smaller size by nearest-exact subsampling for cheap CPU runs). With
+    ``full_image`` the image at the stored geometry comes too (``image_full``: the
+    reconstruction term runs the backbone on it).
     """
 
-    def __init__(self, store_url: str, index: StoreIndex, backbone: str, res: int, geometry: int = 224, size: int | None = None, max_masks: int = 150):
+    def __init__(self, store_url: str, index: StoreIndex, backbone: str, res: int, geometry: int = 224, size: int | None = None,
+                 max_masks: int = 150, full_image: bool = False):
         self.store_url, self.index, self.backbone, self.res = store_url, index, backbone, res
-        self.geometry, self.size, self.max_masks = geometry, size or geometry, max_masks
+        self.geometry, self.size, self.max_masks, self.full_image = geometry, size or geometry, max_masks, full_image
         self._store = None
         self._features = None
 
@@ -177,17 +180,21 @@ class Stage1Dataset(Dataset):
         image_id = int(self.index.image_ids[i])
         img = Image.open(io.BytesIO(store.image_bytes(image_id, self.geometry))).convert("RGB")
         rles = store.masks_for(image_id, size=self.geometry)[: self.max_masks]
+        full = img
         if self.size != self.geometry:
             img = img.resize((self.size, self.size), Image.BICUBIC)
             idx = _subsample_index(self.geometry, self.size)
             rles = [rle.resample(r, idx, idx) for r in rles]
         bits = _packed_masks(rles, self.size, self.size)
-        return {
+        item = {
             "image_id": image_id,
             "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
             "feats": torch.from_numpy(np.asarray(self._features.get(image_id))),
             "mask_bits": torch.from_numpy(bits),
         }
+        if self.full_image:
+            item["image_full"] = torch.from_numpy(np.array(full)).permute(2, 0, 1).contiguous()
+        return item
 
 
 _subsample_index = nearest_index  # the name evaluate.py imports
@@ -213,7 +220,7 @@ def collate(samples: list[dict]) -> dict:
     """
     h, w = samples[0]["image"].shape[-2:]
     bits, valid = _pad_bits([s["mask_bits"] for s in samples], _packed_len(h, w))
-    return {
+    batch = {
         "image_id": torch.tensor([s["image_id"] for s in samples]),
         "image": torch.stack([s["image"] for s in samples]),
         "feats": torch.stack([s["feats"] for s in samples]),
@@ -221,6 +228,9 @@ def collate(samples: list[dict]) -> dict:
         "mask_size": (int(h), int(w)),
         "valid": valid,
     }
+    if "image_full" in samples[0]:
+        batch["image_full"] = torch.stack([s["image_full"] for s in samples])
+    return batch
 
 
 def _pad_bits(per_image: list[torch.Tensor], nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:

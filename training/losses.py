@@ -1,17 +1,18 @@
-"""Loss terms of the released LoftUp recipe; the trainers weight and combine them.
+"""Loss terms of the released LoftUp recipe; the stage recipes weight and combine them.
 
-- `projected_mse`: Stage 1 main term (MSE after a fresh random projection to 64 dims).
+- `random_projection` / `project` / `projected_mse`: Stage 1 main term (MSE after a fresh
+  random projection to 64 dims; released: Gaussian columns scaled to unit norm).
 - `affinity_loss`: Stage 2 main term (MSE between cosine-affinity matrices), computed
   through C x C Gram matrices; `affinity_loss_explicit` is the N x N oracle.
-- `total_variation`: smoothness regulariser (the caller applies its weight, 0.001).
-- `AttentionDownsampler` / `MultiViewReconstruction`: FeatUp-style multi-view
-  reconstruction, switchable, off the default-critical path.
+- `total_variation`: FeatUp's TV (squared neighbour differences / (b*c*h*w)).
+- `draw_jitter` / `apply_jitter`, `AttentionDownsampler`, `ScaleNet`, `reconstruction_loss`:
+  FeatUp's multi-view reconstruction as the released training scripts call it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,10 +21,17 @@ import torch.nn.functional as F
 __all__ = [
     "affinity_loss",
     "affinity_loss_explicit",
+    "random_projection",
+    "project",
     "projected_mse",
     "total_variation",
+    "gaussian_blur5",
+    "Jitter",
+    "draw_jitter",
+    "apply_jitter",
     "AttentionDownsampler",
-    "MultiViewReconstruction",
+    "ScaleNet",
+    "reconstruction_loss",
 ]
 
 
@@ -106,193 +114,144 @@ def affinity_loss_explicit(
 # --------------------------------------------------------------------------- stage 1
 
 
-def projected_mse(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    dim: int = 64,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """MSE between (B,C,H,W) `pred` and `target` after one random projection C -> `dim`.
+def random_projection(batch: int, chans: int, dim: int = 64, generator: torch.Generator | None = None,
+                      unit: bool = True, dtype=torch.float32, device=None) -> torch.Tensor:
+    """A fresh Gaussian projection per image, (B, C, dim).
 
-    The projection is a Gaussian (dim x C) matrix scaled by 1/sqrt(dim), drawn afresh on
-    every call from `generator` (or the global RNG) and shared by pred and target. It is
-    float32 (float64 for float64 inputs); `target` is cast to `pred`'s dtype. The scale
-    keeps each pixel's squared error norm in expectation, so the value (a mean over `dim`
-    channels) is about C/dim times the plain MSE.
+    unit=True (released): each column is scaled to unit norm, so a projected squared error is
+    about |error|^2 / C per output dim, i.e. the plain per-channel MSE. unit=False (the paper's
+    plain form as our first version had it): entries N(0, 1/dim), which keeps |error|^2 per
+    pixel in expectation, C/dim times larger than the unit-norm value.
     """
+    draw_device = generator.device if generator is not None else (device or "cpu")
+    p = torch.randn(batch, chans, dim, generator=generator, dtype=dtype, device=draw_device)
+    p = p / p.square().sum(1, keepdim=True).sqrt() if unit else p / math.sqrt(dim)
+    return p.to(device) if device is not None else p
+
+
+def project(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """(B,C,H,W) features through per-image (B,C,D) projections -> (B,D,H,W)."""
+    return torch.einsum("bchw,bcd->bdhw", x, proj.to(x.dtype))
+
+
+def projected_mse(pred: torch.Tensor, target: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """mean((P pred - P target)^2) with one projection shared by both, in float32 at least."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    chans = pred.shape[1]
     dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    draw_device = generator.device if generator is not None else pred.device
-    proj = torch.randn(dim, chans, generator=generator, device=draw_device, dtype=dtype)
-    proj = proj.to(pred.device).div_(math.sqrt(dim))
-    if pred.dtype != dtype:
-        proj = proj.to(pred.dtype)
     # P pred - P target = P (pred - target): one projection instead of two.
-    projected = torch.einsum("dc,bchw->bdhw", proj, pred - target.to(pred.dtype))
-    # Squares are summed in float32 at least, even if autocast ran the einsum in bf16.
-    return projected.to(dtype).pow(2).mean()
+    return project((pred - target.to(pred.dtype)).to(dtype), proj.to(dtype)).pow(2).mean()
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic L1 total variation of (..., H, W): mean |vertical diff| + mean |horizontal diff|.
-
-    Means (not sums) keep the value independent of resolution and channel count.
-    """
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    return dy + dx
+    """FeatUp's TV of (B,C,H,W): (sum of squared vertical + horizontal neighbour differences) / (B*C*H*W)."""
+    b, c, h, w = x.shape
+    dy = (x[:, :, 1:, :] - x[:, :, :-1, :]).square().sum()
+    dx = (x[:, :, :, 1:] - x[:, :, :, :-1]).square().sum()
+    return (dy + dx) / (b * c * h * w)
 
 
-# --------------------------------------------------------------------------- multi-view
+# --------------------------------------------------------------------------- multi-view reconstruction
+
+
+def gaussian_blur5(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """5x5 Gaussian blur (sigma 1) per channel with reflected borders: FeatUp blurs the HR
+    features this way before its attention downsampler."""
+    r = torch.arange(5, dtype=x.dtype, device=x.device) - 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    x = F.conv2d(x, g.view(1, 1, 1, 5).expand(c, 1, 1, 5).contiguous(), groups=c)
+    return F.conv2d(x, g.view(1, 1, 5, 1).expand(c, 1, 5, 1).contiguous(), groups=c)
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """One released jitter: reflect-pad (pad_y, pad_x) pixels of a ``ref``-sized image per side,
+    zoom by (zoom_y, zoom_x), then resize back to the input's size."""
+
+    pad_y: int
+    pad_x: int
+    zoom_y: float
+    zoom_x: float
+
+
+def draw_jitter(generator: torch.Generator | None = None, max_pad: int = 8, max_zoom: float = 0.1) -> Jitter:
+    """pad in randint(0, max_pad) per axis, zoom 1 + U(-max_zoom, max_zoom) per axis (no flip, no rotation)."""
+    pads = torch.randint(0, max_pad + 1, (2,), generator=generator)
+    zooms = 1.0 + (torch.rand(2, generator=generator, dtype=torch.float64) * 2 - 1) * max_zoom
+    return Jitter(int(pads[0]), int(pads[1]), float(zooms[0]), float(zooms[1]))
+
+
+def apply_jitter(x: torch.Tensor, j: Jitter, ref: int) -> torch.Tensor:
+    """Warp (B,C,H,W) ``x`` by ``j``; pads scale with H / ref so an image and a prediction of
+    another size get the same warp. The output has x's size."""
+    h, w = x.shape[-2:]
+    py, px = round(j.pad_y * h / ref), round(j.pad_x * w / ref)
+    out = F.pad(x, (px, px, py, py), mode="reflect") if (px or py) else x
+    out = F.interpolate(out, scale_factor=(j.zoom_y, j.zoom_x), mode="bilinear", align_corners=False)
+    return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
 
 
 class AttentionDownsampler(nn.Module):
-    """Learned attention pooling of HR features (B,C,H,W) to a low-res grid (B,C,h,w).
+    """FeatUp's learned attention downsampler, (B,C,H,W) -> (B,C,h,w).
 
-    Each low-res cell covers a kernel x kernel window (kernel = stride). Its pixels are
-    weighted by a softmax of a 1x1-conv score of the HR features plus a learned bias per
-    position in the window, then summed. The score conv and bias start at zero, so an
-    untrained downsampler is exactly average pooling. When H != h*kernel (non-integer
-    ratio, or another resolution) the HR features are first resized bilinearly to
-    (h*kernel, w*kernel).
+    The HR features are blurred (5x5 Gaussian), cut into k x k windows at stride
+    (H - k) // (h - 1); each window pixel gets a logit from Dropout(0.2) + Linear(C, 1), a
+    Bernoulli(0.8) keep mask, a learned per-offset affine (w * logit + b), and the window is
+    averaged with the softmax of those logits. A map whose size that stride rule does not tile
+    into exactly h x w windows is first resized to (k * h, k * w).
     """
 
-    def __init__(self, dim: int, kernel_size: int = 14):
+    def __init__(self, dim: int, kernel_size: int):
         super().__init__()
-        self.dim = dim
-        self.kernel_size = kernel_size
-        self.score = nn.Conv2d(dim, 1, kernel_size=1)
-        nn.init.zeros_(self.score.weight)
-        nn.init.zeros_(self.score.bias)
-        self.position_bias = nn.Parameter(torch.zeros(kernel_size, kernel_size))
+        self.dim, self.kernel_size = dim, kernel_size
+        self.attention_net = nn.Sequential(nn.Dropout(p=0.2), nn.Linear(dim, 1))
+        self.w = nn.Parameter(torch.ones(kernel_size, kernel_size) + 0.01 * torch.randn(kernel_size, kernel_size))
+        self.b = nn.Parameter(torch.zeros(kernel_size, kernel_size) + 0.01 * torch.randn(kernel_size, kernel_size))
 
-    def forward(self, hr_feats: torch.Tensor, out_size=None) -> torch.Tensor:
+    def forward(self, hr_feats: torch.Tensor, out_size) -> torch.Tensor:
         k = self.kernel_size
-        batch, chans, height, width = hr_feats.shape
-        if out_size is None:
-            out_size = (height // k, width // k)
+        b, c, height, width = hr_feats.shape
         h, w = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
-        if (height, width) != (h * k, w * k):
-            hr_feats = F.interpolate(
-                hr_feats, size=(h * k, w * k), mode="bilinear", align_corners=False
-            )
-        logits = self.score(hr_feats).view(batch, h, k, w, k)
-        logits = logits + self.position_bias.view(1, 1, k, 1, k)
-        weights = logits.permute(0, 1, 3, 2, 4).reshape(batch, h, w, k * k).softmax(dim=-1)
-        weights = weights.view(batch, h, w, k, k)
-        windows = hr_feats.view(batch, chans, h, k, w, k)
-        return torch.einsum("bchkwl,bhwkl->bchw", windows, weights)
+        if min(height, width) < k:
+            raise ValueError(f"a {height}x{width} map is smaller than the downsampling kernel {k}")
+        if (height - k) % max(h - 1, 1) or (width - k) % max(w - 1, 1):
+            # FeatUp's stride rule only tiles sizes like k * h exactly; resample others to that.
+            hr_feats = F.interpolate(hr_feats, size=(k * h, k * w), mode="bilinear", align_corners=False)
+            height, width = k * h, k * w
+        stride = ((height - k) // (h - 1) if h > 1 else k, (width - k) // (w - 1) if w > 1 else k)
+        blurred = gaussian_blur5(hr_feats)
+        patches = F.unfold(blurred, k, stride=stride).view(b, c, k * k, h, w).permute(0, 3, 4, 2, 1)
+        logits = self.attention_net(patches).squeeze(-1)  # (b, h, w, k*k)
+        keep = torch.rand(b, h, w, 1, device=logits.device) > 0.2
+        logits = (logits * keep) * self.w.flatten() + self.b.flatten()
+        return torch.einsum("bhwpc,bhwp->bchw", patches, logits.softmax(-1))
 
 
-class MultiViewReconstruction(nn.Module):
-    """FeatUp-style multi-view reconstruction loss (switchable; MSE).
+class ScaleNet(nn.Module):
+    """FeatUp's predicted uncertainty: s = exp(Conv1x1(C->1)(lr) + 0.1) clamped >= 1e-4 (init x 0.1)."""
 
-    For each of `n_jitters` random views (a horizontal flip with probability 1/2 and, when
-    a backbone is given, a zoom-in crop of factor up to `max_zoom` at a random position;
-    one view per image, drawn from `generator` so runs are reproducible), the HR prediction
-    is warped like the image, pooled back to the low-res grid by a learned
-    `AttentionDownsampler`, and compared with the backbone's features of the warped image.
-
-    Without a backbone (no `backbone_fn`, here or at construction) the views are flips
-    only, whose low-res features are exactly the flipped `lr_feats`, so no extra backbone
-    pass is needed. The module owns trainable parameters (the downsampler): optimise them
-    with the model and checkpoint its state_dict.
-
-    Randomness, by priority: the `generator` given to forward; else, with a constructor
-    `seed`, a stream derived from (seed, step) when `step` is given (exact resume) or one
-    persistent stream seeded once; else the global RNG.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        n_jitters: int = 4,
-        kernel_size: int = 14,
-        max_zoom: float = 1.3,
-        flip_prob: float = 0.5,
-        backbone_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        seed: int | None = None,
-    ):
+    def __init__(self, dim: int):
         super().__init__()
-        if max_zoom < 1.0:
-            raise ValueError(f"max_zoom must be >= 1, got {max_zoom}")
-        self.n_jitters = n_jitters
-        self.max_zoom = max_zoom
-        self.flip_prob = flip_prob
-        self.seed = seed
-        self.downsampler = AttentionDownsampler(dim, kernel_size)
-        # Kept out of nn.Module's registry: a backbone passed here must not join this
-        # module's parameters (the optimiser) or its state_dict (the checkpoints).
-        self.__dict__["default_backbone_fn"] = backbone_fn
-        self.__dict__["_stream"] = None if seed is None else torch.Generator().manual_seed(seed)
+        self.net = nn.Conv2d(dim, 1, 1)
+        with torch.no_grad():
+            self.net.weight.mul_(0.1)
+            self.net.bias.mul_(0.1)
 
-    def _generator(self, generator, step):
-        if generator is not None or self.seed is None:
-            return generator
-        if step is None:
-            return self._stream
-        # One stream per (seed, step): a resumed run draws the same views as a straight one.
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.net(x) + 0.1).clamp_min(1e-4)
 
-    def _draw(self, batch: int, zoom: bool, generator) -> torch.Tensor:
-        """Per-image affine maps (B,2,3) from output to input coordinates ([-1,1] frame)."""
-        u = torch.rand(batch, 4, generator=generator, dtype=torch.float64)
-        sign = torch.where(u[:, 0] < self.flip_prob, -1.0, 1.0).to(torch.float64)
-        scale = 1.0 + u[:, 1] * (self.max_zoom - 1.0) if zoom else torch.ones(batch, dtype=torch.float64)
-        inv = 1.0 / scale
-        theta = torch.zeros(batch, 2, 3, dtype=torch.float64)
-        theta[:, 0, 0] = sign * inv
-        theta[:, 1, 1] = inv
-        # The crop window stays inside the frame, so no padding convention matters.
-        theta[:, 0, 2] = (2.0 * u[:, 2] - 1.0) * (1.0 - inv)
-        theta[:, 1, 2] = (2.0 * u[:, 3] - 1.0) * (1.0 - inv)
-        return theta
 
-    @staticmethod
-    def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        pure_flip = bool((theta[:, 1, 1] == 1.0).all() and (theta[:, :, 2] == 0.0).all())
-        if pure_flip:
-            # Exact mirror instead of resampling at (numerically) almost-pixel centres.
-            flipped = (theta[:, 0, 0] < 0).to(x.device).view(-1, 1, 1, 1)
-            return torch.where(flipped, x.flip(-1), x)
-        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+def reconstruction_loss(down: torch.Tensor, target: torch.Tensor, proj: torch.Tensor,
+                        scales: torch.Tensor | None = None) -> torch.Tensor:
+    """One jitter's FeatUp reconstruction term, clamped at >= 0 as the released scripts do.
 
-    def forward(
-        self,
-        upsampler: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-        lr_feats: torch.Tensor,
-        image: torch.Tensor,
-        hr_pred: torch.Tensor | None = None,
-        backbone_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
-        step: int | None = None,
-    ) -> torch.Tensor:
-        """Mean over the views of MSE(downsample(warp(hr_pred)), lowres(warp(image))).
-
-        upsampler(lr_feats, image) is called only when `hr_pred` is None. backbone_fn
-        (default: the constructor's) gets the warped `image` exactly as passed (same
-        normalisation) and must return features on the grid of `lr_feats`; it runs
-        without gradients.
-        """
-        if backbone_fn is None:
-            backbone_fn = self.default_backbone_fn
-        generator = self._generator(generator, step)
-        if hr_pred is None:
-            if upsampler is None:
-                raise ValueError("give hr_pred or an upsampler to compute it")
-            hr_pred = upsampler(lr_feats, image)
-        batch = lr_feats.shape[0]
-        losses = []
-        for _ in range(self.n_jitters):
-            theta = self._draw(batch, zoom=backbone_fn is not None, generator=generator)
-            if backbone_fn is None:
-                target = self._warp(lr_feats, theta)
-            else:
-                with torch.no_grad():
-                    target = backbone_fn(self._warp(image, theta))
-            pooled = self.downsampler(self._warp(hr_pred, theta), target.shape[-2:])
-            losses.append(F.mse_loss(pooled, target.detach().to(pooled.dtype)))
-        return torch.stack(losses).mean()
+    down: the downsampled jittered prediction, target: the backbone's features of the jittered
+    image (both (B,C,h,w)), compared after the projection ``proj``. With ``scales`` (B,1,h,w),
+    the Gaussian NLL mean(err^2 / (2 s^2) + log s); without, the plain MSE.
+    """
+    err = (project(down, proj) - project(target.to(down.dtype), proj)).square()
+    loss = (err / (2 * scales**2) + scales.log()).mean() if scales is not None else err.mean()
+    return loss.clamp(min=0.0)

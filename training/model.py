@@ -427,6 +427,14 @@ class LoftUp(nn.Module):
 
         return from_official(state_dict, image_scaling=image_scaling, heads=heads)
 
+    @classmethod
+    def from_pretrained(cls, spec, device="cpu", image_scaling: str = "image") -> "LoftUp":
+        """A released upsampler (``"dinov2s"``, ``"haiwen/loftup-dinov2s"``) from the local HF
+        cache, or a checkpoint file (released layout or ours); never the network."""
+        from loftup.training.checkpoint import resolve_upsampler
+
+        return resolve_upsampler(spec, device=device, image_scaling=image_scaling)[0]
+
     def to_official_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the released checkpoint's key names."""
         from loftup.training.checkpoint import to_official_state_dict

@@ -58,6 +58,12 @@ class RunDir:
             blob = json.dumps(redact(config), indent=2, sort_keys=True, default=str).encode()
             atomic_write(_LOCAL, str(self.path / name), blob)
 
+    def load_config(self, name: str = "config.json") -> dict:
+        path = self.path / name
+        if not path.is_file():
+            raise LoftupError(f"--resume: no run at {self.path} (no {name})")
+        return json.loads(path.read_text())
+
     # -- metrics ---------------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if not self.master:

@@ -1,64 +1,66 @@
 """Stage 2: live self-distillation from an EMA teacher on high-resolution crops.
 
-Per step: one student size s; the VFM runs live on the HR image resized to s (student) and on
-two s x s crops of the HR image (teacher). The teacher's crop output is mask-refined with the
-crop's masks, then resampled onto the student pixels that the crop covers, and the affinity
-loss (Gram form, never N x N) compares the two.
+A recipe for the shared loop (training/loop.py). Per step: one student size s; the VFM runs
+live on the HR image resized to s (student) and on two s x s crops of the HR image (teacher).
+The teacher's crop output is mask-refined with the crop's masks, then resampled onto the
+student pixels that the crop covers, and the affinity loss (Gram form, never N x N) compares
+the two.
+
+Released recipe (the authors' train_loftup_stage2.py) adds: FeatUp reconstruction of the
+student's output on 2 jitters of its input (Gaussian NLL with a learned uncertainty, clamped at
+>= 0; the jittered image is resized back to s so DINOv2 sees a multiple of its patch: the
+released code feeds it the jittered size, which DINOv2 refuses), TV 0.05 on the raw output,
+AdamW's default weight decay 0.01, an EMA whose decay warms up as min(1 - (1 + k)^(-2/3), 0.99)
+(ema-pytorch) with floating buffers averaged, a teacher left in train mode (BatchNorm on the crop
+batch) and gradients clipped to 1e-4 for the first 10 steps. ``--recipe paper``: the affinity
+term alone, a constant-decay EMA, the teacher in eval mode, no weight decay.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from loftup.training import distributed
-from loftup.training.data import normalise_float
-from loftup.training.run_dir import RunDir, seed_all, set_rng_state
 from loftup.storage.errors import LoftupError
+from loftup.training import distributed, loop
+from loftup.training.data import normalise_float
+from loftup.training.loop import option
+
+RECIPES = {
+    "released": dict(tv_weight=0.05, recon_weight=1.0, recon_jitters=2, recon_uncertainty=True, proj_unit=True,
+                     grad_clip=1e-4, clip_steps=10, weight_decay=0.01, ema_warmup=True, teacher_train=True),
+    "paper": dict(tv_weight=0.0, recon_weight=0.0, recon_jitters=2, recon_uncertainty=False, proj_unit=False,
+                  grad_clip=0.0, clip_steps=0, weight_decay=0.0, ema_warmup=False, teacher_train=False),
+}
 
 
-@dataclass
-class Stage2Config:
-    init: str
-    store: str
-    out: str
-    backbone: str = "dinov2_vits14"
-    weights: str | None = None
-    random_init: bool = False
-    geometry: int = 896  # stored HR geometry to read
-    hr: int | None = None  # resize the HR image to this (cheaper CPU runs); None = geometry
-    sizes: list[int] = field(default_factory=lambda: [224, 336, 448, 518])
-    crops: int = 2
-    alpha: float = 0.5
-    max_masks: int = 150
-    ema_decay: float = 0.99
-    ema_every: int = 10
-    border: float = 0.1
-    affinity_weight: float = 20.0
-    tv_weight: float = 0.0
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    shards: list[int] | None = None
-    seed: int = 0
-    workers: int = 2
-    checkpoint_every: int = 200
-    log_every: int = 10
-    device: str = "auto"
-    resume: bool = False
-    progress: bool = True
+@dataclass(kw_only=True)
+class Stage2Config(loop.TrainConfig):
+    init: str = option(help="Stage 1 checkpoint (RUN_DIR/stage1.safetensors).")
+    geometry: int = option(896, help="Stored HR geometry to read.")
+    hr: int | None = option(None, help="Resize the HR image to this size (cheaper CPU runs); default: the geometry.")
+    sizes: list[int] = option(factory=lambda: [224, 336, 448, 518], help="Student input sizes s (multiples of the patch size).",
+                              parse="ints")
+    crops: int = option(2, help="Teacher crops per image.")
+    alpha: float = option(0.5, help="Mask refinement of the teacher output.")
+    ema_decay: float = option(0.99, help="EMA decay of the teacher (the cap of the warm-up).")
+    ema_every: int = option(10, help="Update the teacher every N steps.")
+    ema_warmup: bool | None = option(None, help="Warm the EMA decay up as 1 - (1 + k)^(-2/3) (ema-pytorch; released).")
+    teacher_train: bool | None = option(None, help="Run the teacher in train mode (BatchNorm on the crop batch; released).")
+    border: float = option(0.1, help="Border fraction dropped by the affinity loss.")
+    affinity_weight: float = option(20.0, help="Weight of the affinity loss.")
+    lr: float = option(1e-3, help="AdamW learning rate.")
+    weight_decay: float | None = option(None, help="AdamW weight decay (released: 0.01, the AdamW default).")
 
 
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student; BatchNorm statistics follow the same rule."""
+    """teacher <- decay * teacher + (1 - decay) * student; floating buffers (BatchNorm statistics)
+    follow the same rule, integer ones (batch counters) are copied."""
     for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
         if t.dtype.is_floating_point:
             t.mul_(decay).add_(s.detach(), alpha=1 - decay)
@@ -100,156 +102,191 @@ def load_init(path: str, backbone: str):
     return model, meta.get("projection_module")
 
 
+def ema_decay_at(k: int, cap: float) -> float:
+    """ema-pytorch's warm-up: the decay of the update made when its counter reads k."""
+    return min(1.0 - (1.0 + k) ** (-2.0 / 3.0), cap)
+
+
 def train(cfg: Stage2Config) -> dict:
-    from loftup.pipeline.backbones import create_backbone
-    from loftup.pipeline.devices import autocast
-    from loftup.storage import open_store
-    from loftup.training.checkpoint import save_model
-    from loftup.training.data import (ShardAwareSampler, Stage2BatchSampler, Stage2Dataset, batch_masks, build_index,
-                                      collate_stage2)
-    from loftup.training.losses import affinity_loss, total_variation
-    from loftup.training.progress import TrainProgress
-    from loftup.training.pseudo_gt import mask_refine
-    from torch.utils.data import DataLoader
+    return loop.train(cfg, Stage2, RECIPES)
 
-    d = distributed.setup(cfg.device)
-    distributed.cpu_threads(d, cfg.workers)
-    run = RunDir(cfg.out, master=d.master)
-    per_rank = distributed.per_rank_batch(cfg.batch_size, d)
-    seed_all(cfg.seed)
 
-    # -- models ----------------------------------------------------------------------------
-    student, projection = load_init(cfg.init, cfg.backbone)
-    vfm = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=d.device)
-    vfm.requires_grad_(False)
-    bad = [s for s in cfg.sizes if s % vfm.patch]
-    if bad:
-        raise LoftupError(f"student sizes {bad} are not multiples of {cfg.backbone}'s patch size {vfm.patch}")
-    student = student.to(d.device).train()
-    if projection is not None:
-        projection = projection.to(d.device)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+class Stage2:
+    name = "stage2"
 
-    # -- data ------------------------------------------------------------------------------
-    store = open_store(cfg.store)
-    index = build_index(store, ["images", "masks"], cfg.shards)
-    hr = cfg.hr or cfg.geometry
-    if min(cfg.sizes) > hr or max(cfg.sizes) > hr:
-        raise LoftupError(f"student sizes {cfg.sizes} must not exceed the HR size {hr}")
-    dataset = Stage2Dataset(store.url, index, geometry=cfg.geometry, hr=hr, crops=cfg.crops, max_masks=cfg.max_masks)
-    steps_per_epoch = (len(index) // d.world) // per_rank
-    if steps_per_epoch == 0:
-        raise LoftupError(f"{len(index)} images are fewer than one global batch of {cfg.batch_size}")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    def __init__(self, cfg: Stage2Config, d):
+        from loftup.pipeline.backbones import create_backbone
+        from loftup.storage import open_store
+        from loftup.training.data import Stage2Dataset, build_index
+        from loftup.training.losses import AttentionDownsampler, ScaleNet
 
-    step, epoch, offset = 0, 0, 0
-    if cfg.resume:
-        state = run.load_state()
-        student.load_state_dict(state["model"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, offset = state["step"], state["epoch"], state["offset"]
-        set_rng_state(state["rng"])
-    run.save_config({"stage": 2, **asdict(cfg), "world_size": d.world, "images": len(index), "total_steps": total_steps})
+        self.cfg, self.d = cfg, d
+        self.per_rank = distributed.per_rank_batch(cfg.batch_size, d)
 
-    def loader_for(epoch, offset, first_step):
-        sampler = ShardAwareSampler(index, seed=cfg.seed, epoch=epoch, rank=d.rank, world=d.world, start=offset)
-        batches = Stage2BatchSampler(sampler, per_rank, cfg.sizes, seed=cfg.seed * 1009 + d.rank, first_step=first_step)
-        return iter(DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_stage2,
-                               pin_memory=d.device.type == "cuda", prefetch_factor=4 if cfg.workers else None))
+        # -- models --------------------------------------------------------------------------
+        student, projection = load_init(cfg.init, cfg.backbone)
+        self.vfm = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=d.device)
+        self.vfm.requires_grad_(False)
+        bad = [s for s in cfg.sizes if s % self.vfm.patch]
+        if bad:
+            raise LoftupError(f"student sizes {bad} are not multiples of {cfg.backbone}'s patch size {self.vfm.patch}")
+        self.student = student.to(d.device).train()
+        self.projection = projection.to(d.device) if projection is not None else None
+        self.teacher = copy.deepcopy(self.student).train(cfg.teacher_train).requires_grad_(False)
+        self.ddp = distributed.wrap(self.student, d)
+        self.aux = torch.nn.ModuleDict()
+        if cfg.recon_weight:
+            self.aux["downsampler"] = AttentionDownsampler(self.student.dim, self.vfm.patch)
+            if cfg.recon_uncertainty:
+                self.aux["scale_net"] = ScaleNet(self.student.dim)
+            self.aux.to(d.device)
+        self.synced_params = list(self.aux.parameters())
+        self.params = list(self.student.parameters()) + self.synced_params
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    ddp = distributed.wrap(student, d)
+        # -- data ----------------------------------------------------------------------------
+        store = open_store(cfg.store)
+        self.index = build_index(store, ["images", "masks"], cfg.shards)
+        self.hr = cfg.hr or cfg.geometry
+        if max(cfg.sizes) > self.hr:
+            raise LoftupError(f"student sizes {cfg.sizes} must not exceed the HR size {self.hr}")
+        self.dataset = Stage2Dataset(store.url, self.index, geometry=cfg.geometry, hr=self.hr, crops=cfg.crops,
+                                     max_masks=cfg.max_masks)
+        self.steps_per_epoch = (len(self.index) // d.world) // self.per_rank
+        if self.steps_per_epoch == 0:
+            raise LoftupError(f"{len(self.index)} images are fewer than one global batch of {cfg.batch_size}")
+        self.info = {"images": len(self.index)}
+        self.timings = dict.fromkeys(("data", "vfm_student", "vfm_crops", "teacher", "student", "loss", "backward"), 0.0)
 
-    def lowres(images_uint8_or_float, size=None):
+    def batches(self, epoch: int, offset: int, step: int):
+        from torch.utils.data import DataLoader
+
+        from loftup.training.data import ShardAwareSampler, Stage2BatchSampler, collate_stage2
+
+        cfg, d = self.cfg, self.d
+        sampler = ShardAwareSampler(self.index, seed=cfg.seed, epoch=epoch, rank=d.rank, world=d.world, start=offset)
+        batches = Stage2BatchSampler(sampler, self.per_rank, cfg.sizes, seed=cfg.seed * 1009 + d.rank, first_step=step)
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_stage2,
+                            pin_memory=d.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+                            # its own seed stream: starting a loader must not draw from the global RNG,
+                            # or a resumed run's dropout draws would shift
+                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        return self._timed(iter(loader))
+
+    def _timed(self, it):
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.timings["data"] += time.perf_counter() - t
+            yield batch
+
+    def lowres(self, images01: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """VFM features (projected when Stage 1 used a projection) of [0,1] images."""
-        x = images_uint8_or_float
+        from loftup.pipeline.devices import autocast
+
+        x = images01
         if size is not None:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        with torch.no_grad(), autocast(d.device):
-            f = vfm(x.clamp(0, 1)).float()
-        return projection(f) if projection is not None else f
+        with torch.no_grad(), autocast(self.d.device):
+            f = self.vfm(x.clamp(0, 1)).float()
+        return self.projection(f) if self.projection is not None else f
 
-    # -- loop ------------------------------------------------------------------------------
-    loader = loader_for(epoch, offset, step)
-    progress = TrainProgress("stage 2", total_steps, start=step, enabled=cfg.progress and d.master)
-    timings = {"data": 0.0, "vfm_student": 0.0, "vfm_crops": 0.0, "teacher": 0.0, "student": 0.0, "loss": 0.0, "backward": 0.0}
-    last, t_last, seen_last = {}, time.time(), 0
-    while step < total_steps:
+    # -- one step --------------------------------------------------------------------------
+    def step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        from loftup.pipeline.devices import autocast
+        from loftup.training.data import batch_masks
+        from loftup.training.losses import (affinity_loss, apply_jitter, draw_jitter, random_projection,
+                                            reconstruction_loss, total_variation)
+        from loftup.training.pseudo_gt import mask_refine
+        from loftup.training.stage1 import layer_norm_target
+
+        cfg, dev, tm = self.cfg, self.d.device, self.timings
         t0 = time.perf_counter()
-        try:
-            batch = next(loader)
-        except StopIteration:
-            epoch, offset = epoch + 1, 0
-            loader = loader_for(epoch, offset, step)
-            batch = next(loader)
-        offset += per_rank
         s, crops = batch["s"], batch["crops"]
-        hr_img = batch["image"].to(d.device, non_blocking=True).float().div_(255)
+        hr_img = batch["image"].to(dev, non_blocking=True).float().div_(255)
+        lr_student = self.lowres(hr_img, size=s)
         t1 = time.perf_counter()
-
-        lr_student = lowres(hr_img, size=s)
+        crop_imgs = torch.stack([hr_img[k // cfg.crops, :, c.top : c.top + s, c.left : c.left + s] for k, c in enumerate(crops)])
+        lr_crops = self.lowres(crop_imgs)
         t2 = time.perf_counter()
-        crop_imgs = torch.stack(
-            [hr_img[k // cfg.crops, :, c.top : c.top + s, c.left : c.left + s] for k, c in enumerate(crops)]
-        )
-        lr_crops = lowres(crop_imgs)
-        t3 = time.perf_counter()
-        with torch.no_grad(), autocast(d.device):
-            t_out = teacher(lr_crops, normalise_float(crop_imgs)).float()
-            t_out = mask_refine(t_out, *batch_masks(batch, d.device), cfg.alpha)
+        with torch.no_grad(), autocast(dev):
+            t_out = self.teacher(lr_crops, normalise_float(crop_imgs)).float()
+            t_out = mask_refine(t_out, *batch_masks(batch, dev), cfg.alpha)
         n = min(c.n for c in crops)
         target = teacher_targets(t_out, crops, n)
-        t4 = time.perf_counter()
-        with autocast(d.device):
-            s_out = ddp(lr_student, normalise_float(F.interpolate(hr_img, size=(s, s), mode="bilinear", antialias=True, align_corners=False)))
+        t3 = time.perf_counter()
+        img_s = F.interpolate(hr_img, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        with autocast(dev):
+            s_out = self.ddp(lr_student, normalise_float(img_s))
         s_out = s_out.float()
-        t5 = time.perf_counter()
+        t4 = time.perf_counter()
         pred = student_regions(s_out, crops, cfg.crops, n)
         terms = {"affinity": cfg.affinity_weight * affinity_loss(pred, target, border=cfg.border)}
         if cfg.tv_weight:
             terms["tv"] = cfg.tv_weight * total_variation(s_out)
-        loss = sum(terms.values())
-        t6 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
-        optimizer.step()
-        step += 1
-        if step % cfg.ema_every == 0:
-            ema_update(teacher, student, cfg.ema_decay)
-        t7 = time.perf_counter()
-        for k, v in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
-            timings[k] += v
+        if cfg.recon_weight:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            recon = 0.0
+            for _ in range(cfg.recon_jitters):
+                jit = draw_jitter(gen, cfg.max_pad, cfg.max_zoom)
+                lr_jit = layer_norm_target(self.lowres(apply_jitter(img_s, jit, s)))
+                hr_jit = apply_jitter(s_out, jit, s)
+                proj = random_projection(s_out.shape[0], s_out.shape[1], min(cfg.proj_dim, s_out.shape[1]), generator=gen,
+                                         unit=cfg.proj_unit, device=dev)
+                down = self.aux["downsampler"](hr_jit, lr_jit.shape[-2:])
+                scales = self.aux["scale_net"](lr_jit) if "scale_net" in self.aux else None
+                recon = recon + reconstruction_loss(down, lr_jit, proj, scales) / cfg.recon_jitters
+            terms["recon"] = cfg.recon_weight * recon
+        t5 = time.perf_counter()
+        for k, v in zip(("vfm_student", "vfm_crops", "teacher", "student", "loss"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            tm[k] += v
+        self._t_backward = t5
+        return terms
 
-        seen_last += cfg.batch_size
-        if step % cfg.log_every == 0 or step == total_steps:
-            now = time.time()
-            last = {k: distributed.all_mean(v.item(), d) for k, v in terms.items()}
-            last |= {"step": step, "epoch": epoch, "s": s, "loss": sum(last.values()), "lr": optimizer.param_groups[0]["lr"],
-                     "grad_norm": float(grad_norm), "samples_per_s": seen_last / max(now - t_last, 1e-9)}
-            run.log(last)
-            t_last, seen_last = now, 0
-        progress.update(step, loss=loss.item())
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            _checkpoint(run, student, teacher, optimizer, step, epoch, offset)
-    progress.close()
+    def after_step(self, step: int) -> None:
+        """The teacher follows the student (``step`` optimizer steps done)."""
+        cfg = self.cfg
+        if getattr(self, "_t_backward", None) is not None:
+            self.timings["backward"] += time.perf_counter() - self._t_backward
+            self._t_backward = None
+        if cfg.ema_warmup:
+            k = step - 1  # ema-pytorch's counter at this update
+            if k % cfg.ema_every:
+                return
+            if k == 0:
+                ema_update(self.teacher, self.student, 0.0)  # ema-pytorch copies the student on its first update
+            else:
+                ema_update(self.teacher, self.student, ema_decay_at(k, cfg.ema_decay))
+        elif step % cfg.ema_every == 0:
+            ema_update(self.teacher, self.student, cfg.ema_decay)
 
-    if d.enabled:
-        distributed.broadcast_buffers(student)
-        distributed.broadcast_buffers(teacher)
-        distributed.write_weights_digest(student, run.path, d)
-    if d.master:
-        extra = {"stage": 2, "backbone": cfg.backbone, "steps": step, "sizes": cfg.sizes, "alpha": cfg.alpha}
-        save_model(student, run.path / "stage2.safetensors", extra=extra, projection=projection)
-        save_model(teacher, run.path / "stage2_teacher.safetensors", extra=extra, projection=projection)
-        _checkpoint(run, student, teacher, optimizer, step, epoch, offset)
-    run.close()
-    distributed.cleanup(d)
-    return {"steps": step, "images": len(index), "last": last, "timings": timings,
-            "checkpoint": str(run.path / "stage2.safetensors")}
+    # -- state and export ------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "aux": self.aux.state_dict()}
 
+    def load_state(self, state: dict) -> None:
+        self.student.load_state_dict(state["model"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.aux.load_state_dict(state["aux"])
 
-def _checkpoint(run, student, teacher, optimizer, step, epoch, offset):
-    run.save_state({"model": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "epoch": epoch, "offset": offset})
+    def export(self, run, step: int) -> str:
+        from loftup.training.checkpoint import save_model
+
+        cfg, d = self.cfg, self.d
+        if d.enabled:
+            distributed.broadcast_buffers(self.student)
+            distributed.broadcast_buffers(self.teacher)
+            distributed.write_weights_digest(self.student, run.path, d)
+        self.info["timings"] = dict(self.timings)
+        path = run.path / "stage2.safetensors"
+        if d.master:
+            extra = {"stage": 2, "backbone": cfg.backbone, "steps": step, "sizes": cfg.sizes, "alpha": cfg.alpha,
+                     "recipe": cfg.recipe}
+            save_model(self.student, path, extra=extra, projection=self.projection)
+            save_model(self.teacher, run.path / "stage2_teacher.safetensors", extra=extra, projection=self.projection)
+        return str(path)

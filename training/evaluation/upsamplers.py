@@ -91,21 +91,17 @@ def with_projection(up: EvalUpsampler, projection: nn.Module, suffix: str) -> Ev
 
 
 def resolve_checkpoint(spec: str | Path, device="cpu") -> EvalUpsampler:
-    """The one place a ``--checkpoint`` value becomes an upsampler: our ``.safetensors`` (with its
-    projection and recorded backbone) or a released LoftUp ``.pth``/``.pt``/``.ckpt``. Named after the file."""
-    path = Path(spec)
-    if not path.exists():
-        raise LoftupError(f"checkpoint {path} not found")
-    if path.suffix in (".pth", ".pt", ".ckpt"):
-        from loftup.training.checkpoint import load_official
+    """The one place a ``--checkpoint`` value becomes an upsampler, through
+    ``training.checkpoint.resolve_upsampler``: our ``.safetensors`` (with its projection and
+    recorded backbone), a released LoftUp file, or ``official:NAME`` (a release from the local HF
+    cache, named ``loftup_NAME``). Files are named after their stem."""
+    from loftup.training.checkpoint import resolve_upsampler
+    from loftup.training.releases import find_release
 
-        model = load_official(path, device=device)
-        return EvalUpsampler(path.stem, "loftup", model, None, "layer_norm", source=str(path)).freeze()
-    from loftup.training.checkpoint import load_model
-
-    model, meta = load_model(path, device=device, with_meta=True)
-    trained_on = (meta.get("extra") or {}).get("backbone")
-    return EvalUpsampler(path.stem, "loftup", model, meta.get("projection_module"), "layer_norm", source=str(path),
+    model, projection, trained_on = resolve_upsampler(spec, device=device)
+    release = find_release(str(spec))
+    name = release.hub_entry if release is not None else Path(str(spec)).stem
+    return EvalUpsampler(name, "loftup", model, projection, "layer_norm", source=str(spec),
                          trained_on=trained_on).freeze()
 
 

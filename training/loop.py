@@ -1,0 +1,231 @@
+"""The one training loop both stages share, and the configuration they declare.
+
+Read top to bottom: set up (devices, run directory, seed) -> build the stage's recipe (data,
+models, optimizer) -> resume -> loop (batch, learning rate, loss terms, backward, clip, step,
+after-step hook, log, checkpoint) -> export. A stage is a small recipe object (see `Recipe`):
+it builds its parts, computes one step's loss terms, hands out its state and exports its weights.
+
+Every configuration field is declared once, with its help text (`option`); the command line
+(`loftup.cli.train`) derives its options from these declarations. Fields whose default is
+``None`` and that appear in a stage's ``RECIPES`` table take the chosen recipe's value
+(``--recipe released`` by default, ``--recipe paper`` for the paper's plain losses); a value
+given explicitly wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from loftup.storage.errors import LoftupError
+from loftup.training import distributed
+from loftup.training.run_dir import RunDir, seed_all, set_rng_state
+
+REQUIRED = dataclasses.MISSING
+
+
+def option(default: Any = REQUIRED, help: str = "", *, factory=None, resumable: bool = False, cli: bool = True,
+           parse: str | None = None):
+    """A config field with its help text. ``resumable``: may differ on ``--resume`` (how long to
+    run, logging, workers). ``parse="ints"``: the CLI takes it as text like ``0-89`` or ``224,336``."""
+    meta = {"help": help, "resumable": resumable, "cli": cli, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Fields both stages share. Each stage adds its own below a subclass."""
+
+    store: str = option(help="Store written by loftup-pipeline.")
+    out: str = option(help="Run directory: config.json, metrics.jsonl, last.pt, <stage>.safetensors.")
+    recipe: str = option("released", help="released (the authors' training code, default) or paper (the paper's main loss alone).")
+    backbone: str = option("dinov2_vits14", help="Backbone whose features are upsampled.")
+    weights: str | None = option(None, help="Backbone weights file (when the backbone runs live).")
+    random_init: bool = option(False, help="Random backbone weights (tests and demos).")
+    max_masks: int = option(150, help="Masks per image, in annotation order.")
+    batch_size: int = option(8, help="Global batch size (split across ranks).")
+    epochs: int = option(1, help="Epochs over the store.", resumable=True)
+    max_steps: int | None = option(None, help="Stop after this many steps (overrides epochs).", resumable=True)
+    lr_schedule: str = option("constant", help="constant (released) or cosine (decays to 0 over decay_steps).")
+    warmup_steps: int = option(0, help="Linear warm-up steps before the schedule.")
+    decay_steps: int | None = option(None, help="Cosine horizon in steps (default: this run's steps; set it when a run will be resumed longer).")
+    grad_clip: float | None = option(None, help="Gradient-norm clip (released: 1e-4, for the first clip_steps steps only; 0 = off).")
+    clip_steps: int | None = option(None, help="Clip only the first N steps (released: 10; 0 = every step).")
+    tv_weight: float | None = option(None, help="Total-variation weight (FeatUp TV).")
+    recon_weight: float | None = option(None, help="FeatUp multi-view reconstruction weight (runs the backbone live).")
+    recon_jitters: int | None = option(None, help="Jittered views per step for the reconstruction.")
+    recon_uncertainty: bool | None = option(None, help="Reconstruction as a Gaussian NLL with a learned uncertainty (FeatUp's ScaleNet).")
+    max_pad: int = option(8, help="Reconstruction jitter: reflect-pad up to N px (of the backbone input) per side.")
+    max_zoom: float = option(0.1, help="Reconstruction jitter: zoom 1 +/- this per axis.")
+    proj_dim: int = option(64, help="Dims of the fresh random projection of the losses.")
+    proj_unit: bool | None = option(None, help="Random projection with unit-norm columns (released) instead of N(0, 1/dim) entries.")
+    shards: list[int] | None = option(None, help="Train on these shards only, e.g. '0-89'.", parse="ints")
+    seed: int = option(0, help="Seed for init, data order, projections and jitters.")
+    workers: int = option(2, help="DataLoader workers per rank.", resumable=True)
+    checkpoint_every: int = option(200, help="Write last.pt every N steps.", resumable=True)
+    log_every: int = option(10, help="Log metrics every N steps.", resumable=True)
+    device: str = option("auto", help="auto, cpu or cuda.", resumable=True)
+    resume: bool = option(False, help="Continue exactly from OUT/last.pt (the config must match the run's).", resumable=True)
+    progress: bool = option(True, help="Show a progress bar.", resumable=True, cli=False)
+
+
+RECIPE_NAMES = ("released", "paper")
+
+
+def resolve(cfg: TrainConfig, recipes: dict[str, dict]) -> TrainConfig:
+    """Fill the fields left at None from the recipe's table; explicit values win."""
+    if cfg.recipe not in recipes:
+        raise LoftupError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(recipes)}")
+    table = recipes[cfg.recipe]
+    return dataclasses.replace(cfg, **{k: v for k, v in table.items() if getattr(cfg, k) is None})
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Fields (not marked resumable) whose value differs from a run's saved config."""
+    out = []
+    for f in fields(cfg):
+        if f.metadata.get("resumable") or f.name not in saved:
+            continue
+        now = json.loads(json.dumps(getattr(cfg, f.name), default=str))
+        if saved[f.name] != now:
+            out.append(f"{f.name} ({saved[f.name]!r} -> {now!r})")
+    return out
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The rate for optimizer step ``step`` (0-based): a pure function of the step, so a resumed
+    run continues the schedule exactly."""
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise LoftupError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, (cfg.decay_steps or total_steps) - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+
+def clips_at(cfg: TrainConfig, step: int) -> bool:
+    return bool(cfg.grad_clip) and (not cfg.clip_steps or step < cfg.clip_steps)
+
+
+class Recipe(Protocol):
+    """What a stage gives the loop."""
+
+    name: str  # "stage1" / "stage2": the run's exported file is <name>.safetensors
+    optimizer: torch.optim.Optimizer
+    params: list  # every trained parameter (clipped together)
+    synced_params: list  # trained parameters outside the DDP-wrapped model (gradients averaged by hand)
+    per_rank: int
+    steps_per_epoch: int
+    info: dict  # extra entries for config.json
+
+    def batches(self, epoch: int, offset: int, step: int) -> Iterator: ...
+    def step(self, batch, step: int) -> dict[str, torch.Tensor]: ...
+    def after_step(self, step: int) -> None: ...
+    def state(self) -> dict: ...
+    def load_state(self, state: dict) -> None: ...
+    def export(self, run: RunDir, step: int) -> str: ...
+
+
+def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
+    """Run one stage: ``build(cfg, dist) -> Recipe``. Returns a summary dict."""
+    cfg = resolve(cfg, recipes)
+    d = distributed.setup(cfg.device)
+    distributed.cpu_threads(d, cfg.workers)
+    run = RunDir(cfg.out, master=d.master)
+    seed_all(cfg.seed)
+    if cfg.resume:
+        saved = run.load_config()
+        diff = config_differences(saved, cfg)
+        if diff:
+            raise LoftupError(f"--resume: the config differs from the run's saved config in {', '.join(diff)}")
+
+    recipe: Recipe = build(cfg, d)
+    total_steps = cfg.max_steps or cfg.epochs * recipe.steps_per_epoch
+    learning_rate(cfg, 0, total_steps)  # a bad schedule fails before any work
+
+    step, epoch, offset = 0, 0, 0
+    if cfg.resume:
+        state = run.load_state()  # every rank reads the same file; the data order is derived, not stored
+        recipe.load_state(state)
+        step, epoch, offset = state["step"], state["epoch"], state["offset"]
+        set_rng_state(state["rng"])
+    run.save_config({"stage": recipe.name, **asdict(cfg), "world_size": d.world, "total_steps": total_steps, **recipe.info})
+
+    def checkpoint():
+        run.save_state({**recipe.state(), "step": step, "epoch": epoch, "offset": offset})
+
+    from loftup.training.progress import TrainProgress
+
+    batches = recipe.batches(epoch, offset, step)
+    progress = TrainProgress(recipe.name, total_steps, start=step, enabled=cfg.progress and d.master)
+    last, t_last, seen_last = {}, time.time(), 0
+    while step < total_steps:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            epoch, offset = epoch + 1, 0
+            batches = recipe.batches(epoch, offset, step)
+            batch = next(batches)
+        offset += recipe.per_rank
+        lr = learning_rate(cfg, step, total_steps)
+        for group in recipe.optimizer.param_groups:
+            group["lr"] = lr
+
+        terms = recipe.step(batch, step)
+        loss = sum(terms.values())
+        grad_norm = optimize(recipe, cfg, loss, step, d)
+        step += 1
+        recipe.after_step(step)
+
+        seen_last += cfg.batch_size
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.time()
+            last = {k: distributed.all_mean(v.item(), d) for k, v in terms.items()}
+            last |= {"step": step, "epoch": epoch, "loss": sum(last.values()), "lr": lr,
+                     "samples_per_s": seen_last / max(now - t_last, 1e-9)}
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            run.log(last)
+            t_last, seen_last = now, 0
+        progress.update(step, loss=loss.item())
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            checkpoint()
+    progress.close()
+
+    if d.master:
+        checkpoint()
+    path = recipe.export(run, step)
+    run.close()
+    distributed.cleanup(d)
+    return {"steps": step, "epochs": epoch, "last": last, "checkpoint": path, **recipe.info}
+
+
+def optimize(recipe: Recipe, cfg: TrainConfig, loss: torch.Tensor, step: int, d) -> torch.Tensor | None:
+    """Backward, gradient sync of the parameters DDP does not wrap, clip (when due), optimizer
+    step. Returns the gradient norm when it was clipped. The benches time this same function."""
+    recipe.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if d.enabled:
+        _average_gradients(recipe.synced_params, d)
+    grad_norm = torch.nn.utils.clip_grad_norm_(recipe.params, cfg.grad_clip) if clips_at(cfg, step) else None
+    recipe.optimizer.step()
+    return grad_norm
+
+
+def _average_gradients(params: list, d) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(d.world)
