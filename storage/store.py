@@ -1,5 +1,5 @@
 """The store object: one root (local path or fsspec URL) holding manifest, tables, features,
-status markers and error tables. See ``contracts.md`` for the layout."""
+status markers and error tables (the layout is in the README's "Store layout" section)."""
 
 from __future__ import annotations
 

@@ -66,13 +66,14 @@ def world(tmp_path_factory):
     (bad / "garbage.json").write_text("{not json")
     (root / "run_zero").mkdir()
     (root / "run_zero" / "last.pt").write_bytes(b"")
+    (root / "run_zero" / "config.json").write_text("{}")  # a run dir whose checkpoint write was cut
     (root / "photo.png").write_bytes(b"")
     return {"root": root, "tars": tars, "store": root / "store"}
 
 
 def _cases(w):
     r, t, s = w["root"], w["tars"], w["store"]
-    tiny = ["--size", "112", "--pca-dim", "8", "--workers", "0", "--device", "cpu", "--max-steps", "1"]
+    tiny = ["--size", "112", "--pca-dim", "8", "--workers", "0", "--device", "cpu", "--max-steps", "1", "--random-init"]
     return [
         # (script, args, exit code, text that must be on stderr)
         ("loftup-pipeline", ["masks", "--shards", "0", "--sa1b-root", t], 2, "Missing option '--store'"),
