@@ -110,7 +110,7 @@ def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_p
 
 @pytest.mark.timeout(600)
 def test_moving_video_scores_and_bilinear_beats_the_feature_grid(hed, tmp_path):
-    root = make_tiny_davis(tmp_path / "davis", frames=4)
+    root = make_tiny_davis(tmp_path / "davis", frames=3)
     res = evaluate("davis", [baseline("bilinear"), baseline("lowres")], protocol=DavisProtocol(size=112, context=1),
                    root=root, backbone=hed, progress=False)
     for name in ("bilinear", "lowres"):
