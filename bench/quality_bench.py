@@ -10,6 +10,12 @@ image and upsampler (training/evaluation/masks.py's prototype mIoU; training/inf
   ret@S, ret@4S     retention: the upsampled map average-pooled onto the low-res grid, mean cosine
                     with the low-res features (same space); bilinear keeps about 0.95
 
+CPU-scale settings for both recipes: Stage 1 at 56 px, batch 4, 600 steps, lr 2e-3 with 50 warm-up
+steps and cosine decay, BatchNorm recalibrated over 32 batches, and (released recipe) one jitter
+per step for the reconstruction instead of 4 (each jitter runs the backbone on the whole batch);
+Stage 2 at HR 448, s in {112, 160}, batch 2, 30 steps, lr 1e-4, EMA every 5. --stage1 '{...}'
+overrides any Stage 1 field.
+
 Stage 1 is also scored every --eval-every steps of each run (resumed exactly between scores):
 the learning curve against image-steps. The goal (issue 11): Stage 1 above bilinear at both
 sizes by more than the seed spread, MSE below bilinear's, retention >= 0.85 at S and >= 0.8 at 4S.

@@ -269,6 +269,7 @@ def implicit(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    memory_per_task: Optional[float] = MemOpt,
 ):
     """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps)."""
     from loftup.pipeline.shards import parse_shards
@@ -278,7 +279,8 @@ def implicit(
     st = _open(store, create=False)
     job = ImplicitJob(backbone=backbone, res=res, weights=weights, random_init=random_init, images_per_shard=images_per_shard,
                       dense=dense, recipe=recipe, device=device)
-    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite)
+    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite,
+         memory_per_task)
 
 
 @app.command()

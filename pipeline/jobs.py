@@ -109,9 +109,10 @@ class MasksJob(Job):
     def memory_bytes(self) -> int:
         from loftup.storage.masks import MASK_LIMIT_ROWS
 
-        # Interpreter + pyarrow + pycocotools, the writer's row limit (~3 KB a mask row with the
-        # original RLE and two geometries) and a decoded 1500 px image with its masks in flight.
-        need = 0.6 * GiB + MASK_LIMIT_ROWS * 3 * 1024 * (1 + len(self.sizes)) / 3 + 0.25 * GiB
+        # Measured ~250 MB flat in the tar's size for sa1b (interpreter, pyarrow, pycocotools, a batch
+        # of rows in flight), plus the writer's row limit should the tar list images out of id order
+        # (~3 KB a mask row with the original RLE and two geometries).
+        need = 0.4 * GiB + MASK_LIMIT_ROWS * 3 * 1024 * (1 + len(self.sizes)) / 3
         if self.source == "sam":
             need += 6 * GiB  # checkpoint load + SamAutomaticMaskGenerator's full-size masks
         elif self.source != "sa1b":
@@ -171,10 +172,11 @@ class ImagesJob(Job):
     def memory_bytes(self) -> int:
         from loftup.storage.images import IMAGE_LIMIT_ROWS
 
-        # Interpreter + pyarrow + PIL, a 1500 px image decoded and resized (a few float copies),
-        # and the writer's row limit of JPEGs at quality <= 95 (~0.5 byte a pixel).
+        # Measured ~250 MB flat in the tar's size (interpreter, pyarrow, PIL, a 1500 px image decoded
+        # and resized), plus the writer's row limit of JPEGs (~0.5 byte a pixel at quality 95) should
+        # the tar list images out of id order.
         jpeg_row = sum(0.5 * s * s for s in self.sizes)
-        return int(0.5 * GiB + 0.25 * GiB + IMAGE_LIMIT_ROWS * jpeg_row)
+        return int(0.4 * GiB + IMAGE_LIMIT_ROWS * jpeg_row)
 
     def run_shard(self, store, shard, tar_path, progress):
         import pyarrow as pa
@@ -275,16 +277,19 @@ class FeaturesJob(Job):
 
     def memory_bytes(self) -> int:
         from loftup.pipeline.backbones import backbone_info
-        from loftup.storage.features import ZARR_SHARD_IMAGES
+        from loftup.storage.features import zarr_shard_images
 
         info = backbone_info(self.backbone)
-        dim, tokens = info["dim"], (self.res // info["patch"]) ** 2
+        grid = self.res // info["patch"]
+        dim, tokens = info["dim"], grid**2
         params = 0.3 * dim**3 * 4  # ViT-S/B/L/g: 22M/86M/304M/1.1B parameters ~ 0.3 dim^3
-        zarr_shard = ZARR_SHARD_IMAGES * dim * tokens * 2  # one Zarr shard of fp16 maps
+        # A Zarr shard being written: the fp16 block, its encoded chunks and the assembled shard.
+        zarr_shard = 3 * zarr_shard_images(dim, (grid, grid)) * dim * tokens * 2
         # A CPU forward holds ~12 token-sized tensors per block plus one attention matrix per head.
         forward = self.batch_size * (12 * (tokens + 1) * dim + 6 * (tokens + 1) ** 2) * 4
         decoded = 6 * self.batch_size * self.res**2 * 3 * 4  # the decode queue and its float copies
-        return int(1.25 * GiB + params + zarr_shard + forward + decoded)
+        # 0.9 GiB: interpreter, torch, timm, zarr, pyarrow (measured 1.27 GB in all at 128 images).
+        return int(0.9 * GiB + params + zarr_shard + forward + decoded)
 
     def record(self, manifest: dict) -> dict:
         from loftup.pipeline.backbones import backbone_info

@@ -1,7 +1,7 @@
 """Zarr v3 feature store: ``features/<backbone>@<res>/shard=000123/{features,image_ids}``.
 
 Each tar shard is its own subgroup: one ``(n, C, h, w)`` float16 array, chunk = one image, in
-Zarr shards of at most :data:`ZARR_SHARD_IMAGES` images, streamed in as batches arrive under a
+Zarr shards of at most 1,024 images / 192 MiB (:func:`zarr_shard_images`), streamed in as batches arrive under a
 hidden temp name and renamed into place, so no two writers ever touch one Zarr shard
 (zarr-python has no locking). Stores written with one Zarr shard per tar read the same way.
 """
@@ -32,9 +32,18 @@ from loftup.storage.errors import NotInStore, StoreError, error_line
 # Measured on fp16 maps (zstd level 3, bytes / raw): dense DINOv2-like tokens shuffle 0.919 vs
 # bitshuffle 0.939; sparse ReLU conv5 maps (HED VGG16, real weights) shuffle 0.373 vs 0.488.
 SHUFFLE = "shuffle"
-# Images per Zarr shard: bounds a writer's buffer (192 MiB of DINOv2-S maps at 224, 768 MiB at 448)
-# and the shard index a random read decodes (16 B per image), whatever the tar's size.
+# Images per Zarr shard: at most ZARR_SHARD_IMAGES, and at most ZARR_SHARD_BYTES of raw fp16 maps
+# (1,024 DINOv2-S maps at 224, 256 at 448). This bounds a writer's memory (zarr holds the raw
+# block, its encoded chunks and the assembled shard: ~3x the block) and the shard index a random
+# read decodes (16 B per image), whatever the tar's size.
 ZARR_SHARD_IMAGES = 1024
+ZARR_SHARD_BYTES = 192 << 20
+
+
+def zarr_shard_images(dim: int, grid) -> int:
+    """Default images per Zarr shard for maps of ``dim`` x ``grid``."""
+    map_bytes = 2 * int(dim) * int(grid[0]) * int(grid[1])
+    return max(1, min(ZARR_SHARD_IMAGES, ZARR_SHARD_BYTES // max(map_bytes, 1)))
 
 
 def _codec() -> tuple:
@@ -186,7 +195,7 @@ class FeatureStore:
     def writer(self, shard: int, n: int, dim: int, grid, info: dict | None = None,
                shard_images: int | None = None) -> "FeatureShardWriter":
         """A streaming writer of one shard's ``n`` feature maps (see :class:`FeatureShardWriter`)."""
-        return FeatureShardWriter(self, shard, n, dim, grid, info, shard_images or ZARR_SHARD_IMAGES)
+        return FeatureShardWriter(self, shard, n, dim, grid, info, shard_images or zarr_shard_images(dim, grid))
 
     def write_shard(self, shard: int, feats: np.ndarray, image_ids: np.ndarray, info: dict | None = None,
                     shard_images: int | None = None) -> int:

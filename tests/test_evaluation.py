@@ -110,7 +110,7 @@ def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_p
 
 @pytest.mark.timeout(600)
 def test_moving_video_scores_and_bilinear_beats_the_feature_grid(hed, tmp_path):
-    root = make_tiny_davis(tmp_path / "davis", frames=4)
+    root = make_tiny_davis(tmp_path / "davis", frames=3)
     res = evaluate("davis", [baseline("bilinear"), baseline("lowres")], protocol=DavisProtocol(size=112, context=1),
                    root=root, backbone=hed, progress=False)
     for name in ("bilinear", "lowres"):
@@ -142,3 +142,30 @@ def test_cli_errors_are_one_line(monkeypatch, capsys, tiny, tmp_path):
     code, out = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "voc", "--root", str(tiny["voc"]),
                      "--backbone", BACKBONE, "--checkpoint", str(tmp_path / "nope.safetensors"))
     assert code == 2 and out.err.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nope.safetensors'} not found"
+
+
+@pytest.mark.timeout(600)
+def test_cli_seg_with_a_checkpoint_and_its_projection(monkeypatch, capsys, tiny, tmp_path):
+    import torch
+
+    from loftup.training.checkpoint import save_model
+    from loftup.training.model import LoftUp
+    from loftup.training.projection import FeatureProjection
+
+    torch.manual_seed(0)
+    projection = FeatureProjection.fit(torch.randn(4, 512, 7, 7), 16)
+    save_model(LoftUp(16), tmp_path / "tiny_loftup.safetensors", extra={"backbone": BACKBONE}, projection=projection)
+    out = tmp_path / "eval"
+    code, printed = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "folder", "--root", str(tiny["folder"]),
+                         "--backbone", BACKBONE, "--size", "56", "--backbone-res", "112", "--epochs", "1", "--lr", "1e-2",
+                         "--workers", "0", "--checkpoint", str(tmp_path / "tiny_loftup.safetensors"), "--out", str(out))
+    assert code in (0, None), printed.err
+    res = json.loads((out / "results.json").read_text())
+    assert [k for k in res if not k.startswith("_")] == ["bilinear", "bilinear@tiny_loftup", "tiny_loftup"]
+    assert res["_run"]["upsamplers"]["bilinear@tiny_loftup"]["projection"] == "PCA 512->16"
+    assert res["_protocol"]["epochs"] == 1 and "| tiny_loftup |" in printed.out
+    # A checkpoint trained for another backbone is refused in one line.
+    save_model(LoftUp(16), tmp_path / "other.safetensors", extra={"backbone": "dinov2_vits14"}, projection=projection)
+    code, printed = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "folder", "--root", str(tiny["folder"]),
+                         "--backbone", BACKBONE, "--checkpoint", str(tmp_path / "other.safetensors"))
+    assert code == 2 and printed.err.strip().splitlines()[-1].endswith("was trained on backbone 'dinov2_vits14', not 'hed_vgg16'")

@@ -300,3 +300,17 @@ def _store_without_implicit(tmp_path, store):
     root = tmp_path / "copy"
     shutil.copytree(store.root, root, ignore=shutil.ignore_patterns("implicit", "implicit__*"))
     return root
+
+
+def test_cli_user_errors_are_one_line(store, capsys, monkeypatch):
+    from loftup.cli import pipeline as pipeline_cli
+    from loftup.cli.common import run
+
+    for extra, message in ((["--dense"], "error: --dense keeps ~37 MB per image in memory until the shard is written: "
+                                         "give --images-per-shard"),
+                           (["--res", "50"], "error: --res 50 is not a multiple of dinov2_vits14's patch size 14")):
+        monkeypatch.setattr(sys, "argv", ["loftup-pipeline", "implicit", "--shards", "0", "--store", store.url,
+                                          "--random-init", "--executor", "inline", *extra])
+        with pytest.raises(SystemExit) as exit_info:
+            run(pipeline_cli.app)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]

@@ -206,3 +206,26 @@ def test_evaluate_checkpoint_official_name_goes_through_the_resolver(offline_cac
     ref = LoftUp(768)
     ref.load_state_dict(offline_cache[1]["siglip2"], strict=True)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), up.module.state_dict().values()))
+
+
+def test_backbones_command_lists_every_entry_with_patch_dim_and_weights(monkeypatch, capsys):
+    import io
+
+    from rich.console import Console
+
+    from loftup.cli import pipeline
+    from loftup.pipeline.backbones import backbone_info, list_backbones
+
+    buf = io.StringIO()
+    monkeypatch.setattr(pipeline, "console", Console(file=buf, width=600))
+    monkeypatch.setattr(sys, "argv", ["loftup-pipeline", "backbones"])
+    with pytest.raises(SystemExit) as done:
+        pipeline.main()
+    assert done.value.code in (0, None)
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in buf.getvalue().splitlines() if line.startswith("│")}
+    assert set(rows) == set(list_backbones()) and len(rows) == 11
+    for name, cells in rows.items():
+        info = backbone_info(name)
+        assert cells[:2] == [str(info["patch"]), str(info["dim"])] and cells[3] == info["weights_hint"]
+    assert "ViT-B-16.pt" in rows["clip_vitb16"][3] and "timm/ViT-B-16-SigLIP2" in rows["siglip2_vitb16"][3]

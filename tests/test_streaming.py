@@ -182,11 +182,14 @@ def test_task_memory_sized_from_the_job_and_overridable(tmp_path, sample_shards)
     from loftup.pipeline.jobs import FeaturesJob, GiB, ImagesJob, MasksJob
     from loftup.pipeline.runner import task_memory
     from loftup.storage import LoftupError
-    from loftup.storage.features import ZARR_SHARD_IMAGES
+    from loftup.storage.features import zarr_shard_images
 
     f224, f448 = FeaturesJob(), FeaturesJob(res=448)
-    # The Zarr shard buffer alone grows 4x with the grid: 1,024 maps of 16x16 vs 32x32 x 384 fp16.
-    assert f448.memory_bytes() - f224.memory_bytes() > ZARR_SHARD_IMAGES * 384 * (32**2 - 16**2) * 2
+    # Zarr shards hold at most 192 MiB of maps: 1,024 of 16x16x384 fp16, 256 of 32x32x384.
+    assert zarr_shard_images(384, (16, 16)) == 1024 and zarr_shard_images(384, (32, 32)) == 256
+    assert zarr_shard_images(1536, (64, 64)) == 16 and zarr_shard_images(8, (1, 1)) == 1024
+    # A 448 forward holds 4x the tokens and 16x the attention of a 224 one.
+    assert f448.memory_bytes() - f224.memory_bytes() > 32 * 6 * (1025**2 - 257**2) * 4
     assert FeaturesJob(batch_size=64).memory_bytes() > f224.memory_bytes()
     assert MasksJob(source="sam").memory_bytes() > MasksJob().memory_bytes() + 4 * GiB
     assert ImagesJob(sizes=(224,)).memory_bytes() < ImagesJob().memory_bytes()
