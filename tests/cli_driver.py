@@ -46,7 +46,7 @@ def main() -> None:
     # Imports only (no tensor work, so no thread pools exist when we fork): children start warm.
     import loftup.pipeline.backbones  # noqa: F401
     import loftup.pipeline.jobs  # noqa: F401
-    import loftup.training.evaluate  # noqa: F401
+    import loftup.training.evaluation  # noqa: F401
     import loftup.training.inference  # noqa: F401
     import loftup.training.stage1  # noqa: F401
     import loftup.training.stage2  # noqa: F401

@@ -197,7 +197,7 @@ class Stage1Dataset(Dataset):
         return item
 
 
-_subsample_index = nearest_index  # the name evaluate.py imports
+_subsample_index = nearest_index  # the name evaluation and benches import
 
 
 def _packed_len(h: int, w: int) -> int:
