@@ -9,8 +9,17 @@ is shown beside it as a cross-check; it also counts file-backed pages, which thi
 from memory during long runs. Time: the best of further calls when the first one is short
 enough to repeat, else that first call.
 
+Before that table, one process measures compute efficiency: the bare fp32 matmul rate
+(2048^3, best of several, before and after), then the dense and the bounded path at 224 and
+448 alternately (best of a few calls each), as model GFLOP/s (the dense model's FLOPs counted
+from its shapes: halo recomputation counts against the bounded path) and as a share of that
+matmul rate, with the bounded output's relative error against the dense one. On a shared
+machine the ratio is more robust than the seconds, but only partly: other jobs slow the
+model's memory-bound steps more than a matmul.
+
     python bench/upsampler_bench.py            # 224, 448, 896, 1024 (+2048 bounded)
     python bench/upsampler_bench.py --quick    # 224 and 448 only
+    python bench/upsampler_bench.py --efficiency-only
 """
 
 from __future__ import annotations
@@ -89,7 +98,7 @@ def _build(method: str, out: int, grid: int):
     if method == "loftup_dense":
         model.set_memory_bound(0, 0)
     else:
-        model.set_memory_bound(model_mod.DEFAULT_QUERY_CHUNK, model_mod.DEFAULT_CONV_TILE)
+        model.set_memory_bound(model_mod.CPU_QUERY_CHUNK, model_mod.CPU_CONV_TILE)
     return (lambda: model(lr, img)), out_bytes
 
 
@@ -126,6 +135,80 @@ def worker(method: str, out: int, grid: int, threads: int) -> dict:
     return {"method": method, "out": out, "grid": grid, "time_s": best, "cpu_s": best_cpu, "first_s": first,
             "runs": len(times), "peak_bytes": max(0, anon.peak - base_anon) * 1024,
             "maxrss_bytes": max(0, maxrss - base_rss) * 1024, "output_bytes": out_bytes, "exact_peak": exact}
+
+
+def loftup_flops(model, height: int, width: int, tokens: int) -> float:
+    """Multiply-adds x 2 of one dense forward, from the module's shapes (elementwise ops excluded)."""
+    core = model.upsampler
+    c, fourier, dim = core.width, core.fourier_feat[1].out_channels, model.dim
+    hidden = core.ca_transformer.layers[0][1].net[1].out_features
+    n = height * width
+    convs = 2 * 9 * n * (fourier * c + c * c)
+    per_block = 2 * n * (c * c + 2 * tokens * c + c * c + 2 * c * hidden) + 2 * 2 * tokens * c * c
+    return convs + len(core.ca_transformer.layers) * per_block + 2 * n * c * dim
+
+
+def efficiency_worker(sizes: list[int], threads: int, repeats: int = 2) -> dict:
+    import torch
+
+    from loftup.training import model as model_mod
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    def best(fn, n):
+        out, times = None, []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    rows = []
+    with torch.inference_mode():
+        a @ b
+        matmul = [2 * 2048**3 / best(lambda: a @ b, 5)[0]]
+        for out in sizes:
+            grid = 16 if out == 224 else 32
+            model = model_mod.LoftUp(DIM).eval()
+            lr, img = torch.randn(1, DIM, grid, grid), torch.randn(1, 3, out, out)
+            plan = model.set_memory_bound().plan(out, out, lr_tokens=grid * grid)
+            dense_t, bounded_t = [], []
+            dense = bounded = None
+            for _ in range(repeats):  # alternate, so both see the same machine
+                t, dense = best(lambda: model.set_memory_bound(0, 0)(lr, img), 1)
+                dense_t.append(t)
+                t, bounded = best(lambda: model.set_memory_bound(plan[1], plan[0])(lr, img), 1)
+                bounded_t.append(t)
+            flops = loftup_flops(model, out, out, grid * grid)
+            err = ((bounded - dense).norm() / dense.norm()).item()
+            rows.append({"out": out, "grid": grid, "plan": list(plan), "gflop": flops / 1e9,
+                         "dense_s": min(dense_t), "bounded_s": min(bounded_t), "rel_err": err})
+        matmul.append(2 * 2048**3 / best(lambda: a @ b, 5)[0])
+    return {"matmul_gflops": max(matmul) / 1e9, "matmul_runs": [m / 1e9 for m in matmul], "rows": rows,
+            "threads": threads}
+
+
+def render_efficiency(res: dict, load: tuple[float, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    peak = res["matmul_gflops"]
+    table = Table(title=f"LoftUp dim {DIM} compute efficiency, float32 CPU, {res['threads']} threads, one process "
+                        f"(bare 2048^3 matmul: {peak:.0f} GFLOP/s, best of runs {', '.join(f'{m:.0f}' for m in res['matmul_runs'])})")
+    for col in ("output", "lr grid", "model GFLOP", "dense s", "dense % of matmul", "bounded (tile, chunk)", "bounded s",
+                "bounded % of matmul", "bounded / dense", "rel. error vs dense"):
+        table.add_column(col, justify="right")
+    for r in res["rows"]:
+        d, b = r["gflop"] / r["dense_s"], r["gflop"] / r["bounded_s"]
+        table.add_row(str(r["out"]), f"{r['grid']}x{r['grid']}", f"{r['gflop']:.0f}", f"{r['dense_s']:.2f}",
+                      f"{100 * d / peak:.0f}%", f"{r['plan'][0]}, {r['plan'][1]}", f"{r['bounded_s']:.2f}",
+                      f"{100 * b / peak:.0f}%", f"{r['bounded_s'] / r['dense_s']:.2f}", f"{r['rel_err']:.1e}")
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"  goal: bounded >= 80% of the matmul rate with rel. error < 1e-5; 1-min load average "
+                  f"{load[0]:.1f} at start, {load[1]:.1f} at end ({os.cpu_count()} cores)")
 
 
 def plan(quick: bool) -> list[tuple[str, int, int]]:
@@ -213,14 +296,33 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="only outputs 224 and 448")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the raw rows to this file")
+    parser.add_argument("--efficiency-only", action="store_true", help="only the compute-efficiency table")
+    parser.add_argument("--efficiency-sizes", default="224,448", help="outputs of the efficiency table")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "OUT", "GRID"), help=argparse.SUPPRESS)
+    parser.add_argument("--efficiency-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         method, out, grid = args.worker
         print(json.dumps(worker(method, int(out), int(grid), args.threads)))
         return 0
+    if args.efficiency_worker:
+        print(json.dumps(efficiency_worker([int(x) for x in args.efficiency_sizes.split(",")], args.threads)))
+        return 0
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
+    print(f"measuring compute efficiency (matmul, dense, bounded at {args.efficiency_sizes}) ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--efficiency-worker", "--threads",
+                           str(args.threads), "--efficiency-sizes", args.efficiency_sizes], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"error: efficiency run failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        return 1
+    efficiency = json.loads(proc.stdout.strip().splitlines()[-1])
+    render_efficiency(efficiency, (load_start, os.getloadavg()[0]))
+    if args.efficiency_only:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"efficiency": efficiency}, fh, indent=2)
+        return 0
     results = []
     for config in plan(args.quick):
         print(f"measuring {config[0]} -> {config[1]} ...", file=sys.stderr, flush=True)
@@ -231,7 +333,7 @@ def main(argv=None) -> int:
           f"({os.cpu_count()} cores); 'cpu s' is this process's CPU time, less sensitive to other jobs")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+            json.dump({"efficiency": efficiency, "rows": results}, fh, indent=2)
     return 0
 
 

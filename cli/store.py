@@ -28,7 +28,9 @@ def _open(store: str):
 def print_status(st) -> None:
     from loftup.pipeline.progress import _human
 
-    t = Table(title=f"jobs in {st.url}")
+    from loftup.storage.redact import redact_text
+
+    t = Table(title=f"jobs in {redact_text(st.url)}")
     for col in ("job", "shards done", "failed shards", "images", "masks", "failures", "bytes", "seconds", "images/s"):
         t.add_column(col, justify="right" if col != "job" else "left")
     for job, s in sorted(st.summary().items()):
@@ -87,7 +89,12 @@ def masks(
         if cond is not None:
             expr = cond if expr is None else expr & cond
     cols = [c.strip() for c in columns.split(",") if c.strip()]
-    table = _open(store).masks_dataset().to_table(columns=cols, filter=expr)
+    st = _open(store)
+    unknown = [c for c in cols if c not in st.mask_schema.names and c != "shard"]
+    if unknown:
+        raise typer.BadParameter(f"unknown column(s) {', '.join(unknown)}; the mask table has {', '.join(st.mask_schema.names)}, shard",
+                                 param_hint="--columns")
+    table = st.masks_dataset().to_table(columns=cols, filter=expr)
     if out:
         pq.write_table(table, out)
         console.print(f"wrote {table.num_rows} rows to {out}")
@@ -101,16 +108,18 @@ def masks(
 
 
 @app.command()
-def verify(store: str = StoreArg):
-    """Check every committed shard: files present, row counts equal the markers, arrays readable."""
+def verify(store: str = StoreArg,
+           deep: bool = typer.Option(False, "--deep", help="Also re-hash every file and read every page and chunk (checksums).")):
+    """Check every committed shard against its marker (files, sizes, rows) and find uncommitted data. Exit 1 on any problem."""
     from loftup.storage.verify import verify_store
 
-    problems = verify_store(_open(store))
+    problems = verify_store(_open(store), deep=deep)
     if problems:
         for p in problems:
             console.print(f"[red]{p}")
         raise typer.Exit(1)
-    console.print("[green]store verified: every committed shard is complete and consistent")
+    console.print("[green]store verified" + (" (deep: every checksum)" if deep else "")
+                  + ": every committed shard is complete and consistent")
 
 
 @app.command()

@@ -68,16 +68,32 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind))
 
     def command(**kwargs):
+        allow_missing = kwargs.pop("allow_missing")
         kwargs = {k: parsers[k](v) if k in parsers else v for k, v in kwargs.items()}
+        if allow_missing and kwargs.get("shards"):
+            kwargs["shards"] = _present(kwargs)
         result = mod.train(cls(**kwargs))
         if summary is not None:
             summary(result)
         _summary(name.replace("stage", "stage "), result)
 
+    params.append(inspect.Parameter("allow_missing", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--allow-missing", help="Train on the --shards that are finished; skip the others instead of stopping.")))
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = doc
     command.__name__ = name
     app.command(name=name)(command)
+
+
+def _present(kwargs: dict) -> list[int]:
+    """``--allow-missing``: the --shards the store has finished (stage 1 also needs the features)."""
+    from loftup.training.data import present_shards
+
+    jobs = ["images", "masks"] + ([f"features/{kwargs['backbone']}@{kwargs['res']}"] if "res" in kwargs else [])
+    present, missing = present_shards(kwargs["store"], kwargs["shards"], jobs)
+    if missing:
+        console.print(f"[yellow]--allow-missing: training without {len(missing)} unfinished shard(s): {missing[:20]}")
+    return present
 
 
 def _stage2_summary(result: dict) -> None:

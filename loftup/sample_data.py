@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from loftup.storage.errors import LoftupError
+from loftup.storage.geometry import nearest_index
 
 FAULTS = ("corrupt_jpeg", "missing_json", "broken_json", "truncated_tar")
 
@@ -249,11 +250,12 @@ def _felzenszwalb_labels(name: str, rgb: np.ndarray) -> np.ndarray:
         labels = labels[rows][:, cols]
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        from fsspec.implementations.local import LocalFileSystem
+
+        from loftup.storage.commit import atomic_writer
+
+        with atomic_writer(LocalFileSystem(), str(path)) as f:
             np.savez_compressed(f, labels=labels)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only home only costs the recomputation
     return labels
@@ -309,9 +311,6 @@ def target_size(h: int, w: int, short_side: int) -> tuple[int, int]:
     return (short_side, nw) if h <= w else (nh, short_side)
 
 
-def nearest_index(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each output pixel for nearest-exact resampling (integer arithmetic)."""
-    return ((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in) // (2 * n_out)
 
 
 def _change_points(labels: np.ndarray, out_h: int, out_w: int):

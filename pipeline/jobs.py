@@ -50,7 +50,6 @@ class Job:
     """Base: ``name`` is the status/marker key; ``config()`` decides whether a done shard is stale."""
 
     name: str = field(init=False, default="")
-    needs_tar: bool = field(init=False, default=True)
     num_gpus_wanted: bool = field(init=False, default=False)
 
     def config(self) -> dict:
@@ -244,7 +243,6 @@ class FeaturesJob(Job):
 
     def __post_init__(self):
         self.name = f"features/{self.backbone}@{self.res}"
-        self.needs_tar = False
         self.num_gpus_wanted = True
 
     def upstream(self) -> tuple[str, ...]:

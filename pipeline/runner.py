@@ -26,6 +26,7 @@ class RunSummary:
     skipped: list[int] = field(default_factory=list)
     done: dict[int, dict] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    damaged: dict[int, str] = field(default_factory=dict)  # committed shards found damaged, redone
     seconds: float = 0.0
 
     @property
@@ -93,9 +94,11 @@ def process_shard(job: Job, store_url: str, shard: int, tar_path: str | None, se
     return marker
 
 
-def plan_shards(job: Job, store, shards: list[tuple[int, str | None]], overwrite: bool):
+def plan_shards(job: Job, store, shards: list[tuple[int, str | None]], overwrite: bool, damaged: dict | None = None):
     """Split shards into (todo, skipped): a shard is skipped only if its marker matches the
-    config and the upstream runs it was built from (a rebuilt input makes it stale)."""
+    config and the upstream runs it was built from (a rebuilt input makes it stale), and its
+    files are still those it committed (present, same sizes). Damaged shards, with what is
+    wrong, go into ``damaged`` and are redone."""
     want = job.config_hash()
     done = store.done_shards(job.name)
     todo, skipped = [], []
@@ -106,6 +109,12 @@ def plan_shards(job: Job, store, shards: list[tuple[int, str | None]], overwrite
             and marker.get("config_hash") == want
             and marker.get("upstream", {}) == upstream_state(job, store, shard)
         )
+        if fresh and not overwrite:
+            problems = store.shard_problems(job.name, shard, marker)
+            if problems:
+                fresh = False
+                if damaged is not None:
+                    damaged[shard] = "; ".join(problems[:3])
         if not overwrite and fresh:
             skipped.append(shard)
         else:
@@ -147,17 +156,29 @@ def run_job(
 
     ``memory_per_task``: GiB of host memory Ray reserves per shard task (default: the job's own
     estimate, :meth:`Job.memory_bytes`; 0: reserve none), so a node is packed without
-    oversubscribing it.
+    oversubscribing it. Holds the job's lease on the store throughout: a second run of the same
+    job refuses.
     """
     if memory_per_task is not None and memory_per_task < 0:
         raise LoftupError(f"--memory-per-task must be >= 0 GiB, got {memory_per_task}")
+    job.check(store)
+    with store.lease(job.name):
+        return _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task,
+                           max_retries, overwrite, memory_per_task, console)
+
+
+def _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
+                overwrite, memory_per_task, console) -> RunSummary:
     from loftup.pipeline.progress import ShardProgress
 
-    job.check(store)
     store.update_manifest(job.record)
     t0 = time.time()
-    todo, skipped = plan_shards(job, store, shards, overwrite)
-    summary = RunSummary(job=job.name, planned=len(shards), skipped=skipped)
+    damaged: dict[int, str] = {}
+    todo, skipped = plan_shards(job, store, shards, overwrite, damaged)
+    summary = RunSummary(job=job.name, planned=len(shards), skipped=skipped, damaged=damaged)
+    if damaged and console is not None:
+        for shard, why in sorted(damaged.items()):
+            console.print(f"[yellow]shard {shard:06d} was damaged since its commit ({why}); redoing it")
     totals = {s: estimate_images(store, s, p) for s, p in todo}
     with ShardProgress(job.name, totals, console=console) as view:
         if not todo:

@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from loftup.storage import rle
 from loftup.storage.errors import ShardError
 
 _ID_FROM_NAME = re.compile(r"^sa_(\d+)$")
@@ -253,14 +254,27 @@ def _compressed_rle(seg: dict, what: str) -> dict:
     return {"size": size, "counts": counts}
 
 
+# How far a recorded area/bbox may be from the mask's own before the annotation is refused.
+AREA_TOLERANCE = 0.01  # relative (and at least 2 px)
+BBOX_TOLERANCE = 2.0  # px per coordinate
+
+
+def _consistent(area: float, bbox: list[float], true_area: int, true_bbox: list[float]) -> None:
+    if abs(area - true_area) > max(2.0, AREA_TOLERANCE * true_area):
+        raise ValueError(f"area {area:g} but the mask has {true_area} px")
+    if true_area and max(abs(a - b) for a, b in zip(bbox, true_bbox)) > BBOX_TOLERANCE:
+        raise ValueError(f"bbox {bbox} but the mask spans {true_bbox}")
+
+
 def normalise_annotation(ann) -> list[dict]:
     """Normalise the annotations of one SA-1B JSON (the whole dict, or its annotations list).
 
     Returns them in their original order, each as ``{"id": int, "segmentation": {"size": [h, w],
     "counts": str}, "area": int, "bbox": [4 floats], "predicted_iou": float|None,
     "stability_score": float|None, "crop_box": [4 floats]|None, "point_coords": [[x, y], ...]}``.
-    Missing area/bbox are computed from the RLE. Raises ValueError on a malformed annotation or
-    a mask whose size is not the image's.
+    Missing area/bbox are computed from the RLE. Raises ValueError on a malformed annotation, a
+    mask whose size is not the image's, an RLE whose counts do not add up to its size, and an
+    area or bbox that disagrees with the mask (beyond ``AREA_TOLERANCE``/``BBOX_TOLERANCE``).
     """
     image = ann.get("image", {}) if isinstance(ann, dict) else {}
     items = ann["annotations"] if isinstance(ann, dict) else ann
@@ -274,14 +288,12 @@ def normalise_annotation(ann) -> list[dict]:
             seg = _compressed_rle(a["segmentation"], what)
             if want is not None and seg["size"] != want:
                 raise ValueError(f"mask size {seg['size']} differs from the image size {want}")
+            true_area, true_bbox = rle.check(seg)
             area = a.get("area")
             bbox = a.get("bbox")
-            if area is None or bbox is None:
-                from pycocotools import mask as mask_utils
-
-                coco = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
-                area = mask_utils.area(coco) if area is None else area
-                bbox = mask_utils.toBbox(coco).tolist() if bbox is None else bbox
+            area = true_area if area is None else area
+            bbox = true_bbox if bbox is None else bbox
+            _consistent(float(area), _floats(bbox, "bbox", 4), true_area, true_bbox)
             crop = a.get("crop_box")
             points = a.get("point_coords") or []
             out.append(

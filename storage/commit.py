@@ -12,17 +12,22 @@ Temporary names are hidden (``.<name>.<hex>.tmp``): pyarrow and dask skip names 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import re
+import socket
+import threading
+import time
 import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from loftup.storage.errors import StoreError
+from loftup.storage.errors import LoftupError, StoreError
+from loftup.storage.redact import redact
 
 STATUS = "_status"
 ERRORS = "_errors"
@@ -242,9 +247,65 @@ def _parse_marker(raw: bytes) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+def committed(fs, root: str, job: str) -> set[int]:
+    """Shard numbers of ``job`` that have a marker (a listing only; markers are not parsed)."""
+    names = _list_names(fs, f"{root}/{STATUS}/{job_key(job)}")
+    return {s for n in names if n.endswith(".json") and (s := parse_shard_name(n)) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# file digests: what a marker records of its shard's files, checked on rerun, read and verify
+def _walk(fs, directory: str) -> dict[str, int]:
+    """Relative path -> size of every file under ``directory`` (temps excluded)."""
+    try:
+        found = fs.find(directory, detail=True)
+    except FileNotFoundError:
+        return {}
+    base = directory.rstrip("/") + "/"
+    out = {}
+    for path, info in found.items():
+        rel = path[len(base):] if path.startswith(base) else path.rsplit("/", 1)[-1]
+        if info.get("type", "file") == "file" and not any(is_temp(part) for part in rel.split("/")):
+            out[rel] = int(info.get("size") or 0)
+    return out
+
+
+def _sha256(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(fs, directory: str) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file of a shard's output directory."""
+    return {rel: {"size": size, "sha256": _sha256(fs, f"{directory}/{rel}")} for rel, size in sorted(_walk(fs, directory).items())}
+
+
+def check_files(fs, directory: str, recorded: dict | None, deep: bool = False) -> list[str]:
+    """Problems of a shard's files against the digests its marker recorded (empty: intact).
+
+    Cheap by default (presence and sizes, one listing); ``deep`` also re-hashes every file.
+    A marker without digests (older stores) has nothing to check against.
+    """
+    if recorded is None:
+        return []
+    present = _walk(fs, directory)
+    problems = []
+    for rel, want in sorted(recorded.items()):
+        if rel not in present:
+            problems.append(f"missing file {rel}")
+        elif present[rel] != want.get("size"):
+            problems.append(f"{rel} has {present[rel]} bytes, committed {want.get('size')}")
+        elif deep and want.get("sha256") and _sha256(fs, f"{directory}/{rel}") != want["sha256"]:
+            problems.append(f"{rel} changed since commit (sha256 differs)")
+    return problems
+
+
 def write_marker(fs, root: str, job: str, shard: int, info: dict) -> int:
     """Commit a shard: write its marker atomically. Call only after every output is in place."""
-    info = {"job": job, "shard": int(shard), **info}
+    info = redact({"job": job, "shard": int(shard), **info})
     if info["job"] != job or int(info["shard"]) != int(shard):
         raise ValueError(f"marker for {job} shard {shard} names job {info['job']!r} shard {info['shard']!r}")
     blob = (json.dumps(info, indent=1, sort_keys=True, default=str) + "\n").encode()
@@ -340,3 +401,90 @@ def read_errors(fs, root: str, job: str | None = None) -> pa.Table:
     if not tables:
         return ERRORS_TABLE_SCHEMA.empty_table()
     return pa.concat_tables(tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-job lease: one run of a job per store at a time
+LEASE = ".lease.json"
+LEASE_HEARTBEAT = 10.0  # seconds between heartbeats
+LEASE_STALE = 60.0  # a lease whose heartbeat is older than this is reclaimed (its holder died)
+
+
+def lease_path(root: str, job: str) -> str:
+    return f"{root}/{STATUS}/{job_key(job)}/{LEASE}"
+
+
+def read_lease(fs, root: str, job: str) -> dict | None:
+    try:
+        return _parse_marker(fs.cat_file(lease_path(root, job)))
+    except FileNotFoundError:
+        return None
+
+
+def _holder_gone(holder: str) -> bool:
+    """True when the holder ran on this host and its process no longer exists (killed run)."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+class Lease:
+    """Held while a job runs on a store: a lease file naming the holder, refreshed by a heartbeat
+    thread. A second run refuses while the heartbeat is fresh; a lease whose heartbeat is stale,
+    or whose holder process on this host is gone (killed run), is taken over. The file is hidden, so listings of markers never see it."""
+
+    def __init__(self, fs, root: str, job: str, stale: float = LEASE_STALE, heartbeat: float = LEASE_HEARTBEAT):
+        self.fs, self.root, self.job = fs, root, job
+        self.path = lease_path(root, job)
+        self.stale, self.period = stale, heartbeat
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _write(self) -> None:
+        info = {"holder": self.holder, "job": self.job, "heartbeat": time.time()}
+        atomic_write(self.fs, self.path, json.dumps(info).encode())
+
+    def acquire(self) -> "Lease":
+        current = read_lease(self.fs, self.root, self.job)
+        if current is not None and current.get("holder") != self.holder:
+            age = time.time() - float(current.get("heartbeat", 0) or 0)
+            if age < self.stale and not _holder_gone(str(current.get("holder", ""))):
+                raise LoftupError(f"job {self.job} is already running on this store ({current.get('holder')}, "
+                                  f"heartbeat {age:.0f} s ago); wait for it, or remove {self.path} if that run is gone")
+        self._write()
+        # Two runs that both found the lease stale: the last writer wins, the other one refuses.
+        time.sleep(0.05)
+        current = read_lease(self.fs, self.root, self.job)
+        if current is None or current.get("holder") != self.holder:
+            raise LoftupError(f"job {self.job} was just started by another run ({(current or {}).get('holder')})")
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.period):
+            with contextlib.suppress(OSError):
+                self._write()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        current = read_lease(self.fs, self.root, self.job)
+        if current is not None and current.get("holder") == self.holder:
+            remove(self.fs, self.path)
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -30,8 +30,23 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else ""
+    if first.startswith("Caught ") and "Original Traceback" in text:
+        # torch's DataLoader re-raises a worker's error with its traceback as the message:
+        # the worker's own error is the last line, "module.Type: message".
+        first = lines[-1].split(": ", 1)[-1] if isinstance(exc, LoftupError) else lines[-1]
+    from loftup.storage.redact import redact_text
+
     if isinstance(exc, LoftupError):
-        return first[:limit]
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}"[:limit]
-    return f"{type(exc).__name__}: {first}".rstrip(": ")[:limit]
+        line = first
+    elif isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        line = f"{exc.strerror}: {exc.filename}"
+    else:
+        line = f"{type(exc).__name__}: {first}".rstrip(": ")
+    return redact_text(line)[:limit]
+
+
+class NotInStore(StoreError, KeyError):
+    """An image, shard or feature set the store does not hold (also a KeyError for lookups)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -38,21 +38,17 @@ def plan(h: int, w: int, size: int) -> Plan:
     return Plan(nh, nw, (nh - size) // 2, (nw - size) // 2, size)
 
 
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each of ``n_out`` output pixels resampling ``n_in`` (nearest-exact: output
+    ``i`` reads ``floor((i + 0.5) * n_in / n_out)``, in exact integer arithmetic). The one home of
+    nearest-pixel resampling: stored masks, sample data and training-time subsampling use it."""
+    return ((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in) // (2 * n_out)
+
+
 def source_index(h: int, w: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Source row and column of every output pixel (nearest-exact)."""
     p = plan(h, w, size)
-    y = np.arange(size) + p.top
-    x = np.arange(size) + p.left
-    rows = np.minimum(h - 1, np.floor((y + 0.5) * h / p.nh).astype(np.int64))
-    cols = np.minimum(w - 1, np.floor((x + 0.5) * w / p.nw).astype(np.int64))
-    return rows, cols
-
-
-def crop_box_in_source(h: int, w: int, size: int) -> tuple[float, float, float, float]:
-    """The crop's ``(x0, y0, x1, y1)`` in source pixel coordinates."""
-    p = plan(h, w, size)
-    sy, sx = h / p.nh, w / p.nw
-    return (p.left * sx, p.top * sy, (p.left + size) * sx, (p.top + size) * sy)
+    return nearest_index(h, p.nh)[p.top : p.top + size], nearest_index(w, p.nw)[p.left : p.left + size]
 
 
 def resize_image(img: Image.Image, size: int) -> Image.Image:

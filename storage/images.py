@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pyarrow as pa
 
+from loftup.storage.errors import NotInStore
 from loftup.storage.masks import ShardFiles, ShardTableWriter
 
 # JPEGs do not compress further, and small row groups keep a random read to a few MB
@@ -96,7 +97,7 @@ class ImageIndex:
             ids, shards, rows, _ = self._index
         k = int(np.searchsorted(ids, image_id))
         if k >= len(ids) or ids[k] != image_id:
-            raise KeyError(f"image {image_id} is not in the image store")
+            raise NotInStore(f"image {image_id} is not in the image store")
         return int(shards[k]), int(rows[k])
 
     def value(self, image_id: int, column: str):

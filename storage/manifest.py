@@ -8,6 +8,7 @@ import time
 from loftup.storage import geometry
 from loftup.storage.commit import atomic_write
 from loftup.storage.errors import StoreError
+from loftup.storage.redact import redact
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,7 +65,7 @@ def parse_manifest(raw: bytes, where: str) -> dict:
 
 
 def dump_manifest(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
+    return (json.dumps(redact(manifest), indent=2, sort_keys=True, default=str) + "\n").encode()
 
 
 def write_manifest(fs, path: str, manifest: dict) -> None:

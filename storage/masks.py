@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from loftup.storage.commit import _fsync_dir, is_local, parse_shard_name, remove, shard_name, temp_path
+from loftup.storage.commit import _fsync_dir, committed, is_local, parse_shard_name, remove, shard_name, temp_path
 from loftup.storage.errors import StoreError
 
 PART = "part-0.parquet"
@@ -85,6 +85,7 @@ class ShardFiles:
 
     def __init__(self, fs, root: str, name: str, max_open: int = 64):
         self.fs = fs
+        self.root = root
         self.base = f"{root}/{name}"
         self.name = name
         self._afs = arrow_filesystem(fs)
@@ -113,14 +114,19 @@ class ShardFiles:
         return f"{self.base}/{shard_name(shard)}/{PART}"
 
     def files(self) -> dict[int, str]:
-        """Shard number -> file path of every shard file in place (sorted by shard)."""
+        """Shard number -> file path of every committed shard file (sorted by shard).
+
+        A file whose shard has no marker (a run died before committing, or the marker was lost)
+        is never served: readers see committed data only.
+        """
         with self._lock:
             self._check_pid()
             if self._listing is None:
                 found = {}
+                done = committed(self.fs, self.root, self.name)
                 for path in self.fs.glob(f"{self.base}/shard=*/{PART}"):
                     shard = parse_shard_name(path.rsplit("/", 2)[-2])
-                    if shard is not None:
+                    if shard is not None and shard in done:
                         found[shard] = path
                 self._listing = dict(sorted(found.items()))
             return dict(self._listing)
@@ -141,7 +147,7 @@ class ShardFiles:
                 self._open.move_to_end(path)
                 return pf
             source = self._afs.open_input_file(path)
-            pf = pq.ParquetFile(source, metadata=self.metadata(path))
+            pf = pq.ParquetFile(source, metadata=self.metadata(path), page_checksum_verification=True)
             self._open[path] = pf
             while len(self._open) > self._max_open:
                 _, old = self._open.popitem(last=False)
@@ -168,7 +174,7 @@ class ShardFiles:
             raise StoreError(f"no {self.name} for shard {shard} in the store")
         # A file object of our own: batches may be consumed from another thread.
         with self._afs.open_input_file(path) as source:
-            pf = pq.ParquetFile(source, metadata=self.metadata(path))
+            pf = pq.ParquetFile(source, metadata=self.metadata(path), page_checksum_verification=True)
             yield from pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
     # -- bulk reads ----------------------------------------------------------------------------
@@ -181,7 +187,7 @@ class ShardFiles:
         return ds.dataset(
             files,
             schema=full,
-            format="parquet",
+            format=ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)),
             filesystem=self._afs,
             partitioning=PARTITIONING,
             partition_base_dir=self.base,
@@ -267,7 +273,8 @@ class ShardTableWriter:
         self.files, self.shard, self.schema, self.what = files, int(shard), schema, what
         self.keys = tuple(sort_keys)
         self.row_group, self.limit_rows = int(row_group), int(limit_rows)
-        self.options = options
+        # Page CRCs: a flipped bit fails the read instead of changing a value.
+        self.options = options = {"write_page_checksum": True, **options}
         self.unique = unique
         self.path = files.path(shard)
         self._seen: set[int] = set()

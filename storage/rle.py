@@ -83,6 +83,30 @@ def area(rle: dict) -> int:
     return int(_coco.area(_as_coco(rle)))
 
 
+def check(rle: dict) -> tuple[int, list[float]]:
+    """Validate an RLE and return its ``(area, bbox [x, y, w, h])``; ValueError if it is not one.
+
+    Valid: counts made of COCO's characters and ending on a complete count, no negative run,
+    and runs adding up to exactly ``h x w`` (counts written for another size, or garbage, do
+    not; pycocotools would decode them silently into a wrong mask).
+    """
+    h, w = int(rle["size"][0]), int(rle["size"][1])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"RLE size {h}x{w} is empty")
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        raw = np.frombuffer(counts.encode() if isinstance(counts, str) else bytes(counts), dtype=np.uint8)
+        if raw.size and (raw.min() < 48 or raw.max() > 48 + 63 or (raw[-1] - 48) & 0x20):
+            raise ValueError("RLE counts string is not COCO-compressed counts")
+    r = runs(rle)
+    if (r < 0).any():
+        raise ValueError("RLE has a negative run")
+    total = int(r.sum())
+    if total != h * w:
+        raise ValueError(f"RLE counts add up to {total} px, not {h}x{w} = {h * w}")
+    return int(r[1::2].sum()), [float(v) for v in _coco.toBbox(_as_coco(rle)).tolist()]
+
+
 def runs(rle: dict) -> np.ndarray:
     """Uncompressed run lengths (int64), starting with a run of zeros.
 

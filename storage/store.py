@@ -1,5 +1,5 @@
 """The store object: one root (local path or fsspec URL) holding manifest, tables, features,
-status markers and error tables. See ``contracts.md`` for the layout."""
+status markers and error tables (the layout is in the README's "Store layout" section)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from loftup.storage import commit
-from loftup.storage.errors import StoreError
+from loftup.storage.errors import NotInStore, StoreError
 from loftup.storage.features import FeatureStore
 from loftup.storage.images import ImageIndex, image_schema, image_writer, open_jpeg, write_images
 from loftup.storage.manifest import (
@@ -85,7 +85,9 @@ class Store:
         self._feature_stores: dict[str, FeatureStore] = {}
 
     def __repr__(self) -> str:
-        return f"Store({self.url!r}, geometries={list(self.geometries)})"
+        from loftup.storage.redact import redact_text
+
+        return f"Store({redact_text(self.url)!r}, geometries={list(self.geometries)})"
 
     def __reduce__(self):
         # Caches hold locks and open files; a copy in another process reopens from the URL.
@@ -151,8 +153,25 @@ class Store:
         return commit.read_marker(self.fs, self.root, job, shard)
 
     def write_marker(self, job: str, shard: int, info: dict) -> None:
-        """Commit the shard. Call last, after every output and the errors table are written."""
-        commit.write_marker(self.fs, self.root, job, shard, info)
+        """Commit the shard. Call last, after every output and the errors table are written.
+
+        The marker records the size and sha256 of every file of the shard's outputs, so reruns,
+        training and ``verify`` can tell intact shards from damaged ones.
+        """
+        files = commit.file_digests(self.fs, commit.output_dir(self.root, job, shard))
+        commit.write_marker(self.fs, self.root, job, shard, {**info, "files": files})
+        self._invalidate_job(job)
+
+    def shard_problems(self, job: str, shard: int, marker: dict | None = None, deep: bool = False) -> list[str]:
+        """What is wrong with a committed shard's files (empty: intact). Cheap unless ``deep``."""
+        marker = self.marker(job, shard) if marker is None else marker
+        if marker is None:
+            return ["not committed"]
+        return commit.check_files(self.fs, commit.output_dir(self.root, job, shard), marker.get("files"), deep=deep)
+
+    def lease(self, job: str) -> commit.Lease:
+        """The per-job lease (a context manager): one run of ``job`` on this store at a time."""
+        return commit.Lease(self.fs, self.root, job)
 
     def done_shards(self, job: str) -> dict[int, dict]:
         """shard -> marker for every committed shard of ``job``."""
@@ -303,7 +322,7 @@ class Store:
             raise StoreError(f"no images at size {size} in this store; its geometries are {list(self.geometries)}")
         data = self._image_index.value(int(image_id), f"jpeg_{int(size)}")
         if data is None:
-            raise KeyError(f"image {image_id} was stored without a {size} px JPEG")
+            raise NotInStore(f"image {image_id} was stored without a {size} px JPEG")
         return data
 
     def image(self, image_id: int, size: int = 224):

@@ -57,6 +57,7 @@ def _write_shard_job(url: str, shard: int, barrier, rounds: int) -> None:
         st.features("bb", 32).write_shard(shard, feats, ids, info={"dim": 16, "patch": 8})
         st.write_errors("masks", shard, [{"image_id": ids[0], "member": "m", "stage": "s", "reason": f"r{shard}"}])
     st.write_marker("masks", shard, marker_info(shard))
+    st.write_marker("features/bb@32", shard, marker_info(shard))
 
 
 def _crash_after_data(url: str, shard: int) -> None:
@@ -172,9 +173,10 @@ def test_crash_before_marker_is_redone_with_one_copy(tmp_path):
     proc.join(90)
     assert proc.exitcode == -signal.SIGKILL
 
-    # the data landed, the half-written file is invisible, and the shard is not done
+    # the data landed, but without a marker it is never served; the half-written file is hidden
     assert 3 not in st.done_shards("masks")
-    assert st.masks_dataset().count_rows() == 210
+    assert st.masks_dataset().count_rows() == 0 and st.features("bb", 32).shards() == []
+    assert st.fs.exists(st.path("masks", "shard=000003", "part-0.parquet"))
     temps = [p for p in st.fs.find(st.root, withdirs=True) if commit.is_temp(p)]
     assert len(temps) == 1 and "/_errors/masks/.shard=000003.parquet." in temps[0]
     assert st.errors("masks").num_rows == 1  # the previous complete errors file
@@ -190,6 +192,7 @@ def test_crash_before_marker_is_redone_with_one_copy(tmp_path):
     st.features("bb", 32).write_shard(3, feats, ids)
     st.write_errors("masks", 3, [])
     st.write_marker("masks", 3, marker_info(3))
+    st.write_marker("features/bb@32", 3, marker_info(3))
 
     assert list(st.done_shards("masks")) == [3]
     got = st.masks_dataset().to_table(columns=["image_id", "order", "shard"])

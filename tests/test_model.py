@@ -13,7 +13,8 @@ from loftup.storage.errors import LoftupError, WeightsError
 from loftup.training.baselines import create_upsampler, list_upsamplers
 from loftup.training.checkpoint import (from_official, load_model, load_official, save_model,
                                         to_official_state_dict)
-from loftup.training.model import LoftUp
+from loftup.training.model import (CPU_CONV_TILE, CPU_QUERY_CHUNK, MEMORY_FRACTION, DeviceSpec, LoftUp,
+                                   bounded_bytes, dense_bytes, plan_execution)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "loftup_official_state_dict_dinov2s.json"
 
@@ -219,12 +220,116 @@ def test_bounded_equals_dense(size, tile, chunk):
 
 def test_automatic_plan():
     model = make_model()
-    assert model.plan(224, 224) is None
-    assert model.plan(225, 225) is not None
+    cpu = DeviceSpec("cpu", 16 * 2**30)
+    assert model.plan(224, 224, device=cpu) == (CPU_CONV_TILE, CPU_QUERY_CHUNK)
+    assert model.plan(40, 30, device=cpu) == (40, CPU_QUERY_CHUNK)
     model.set_memory_bound(query_chunk=512)
-    assert model.plan(32, 32)[1] == 512
-    model.train()
-    assert model.plan(2048, 2048) is None
+    assert model.plan(32, 32, device=cpu) == (32, 512)
+    model.set_memory_bound(conv_tile=8)
+    assert model.plan(32, 32, device=cpu) == (8, CPU_QUERY_CHUNK)
+    model.set_memory_bound(0, 0)
+    assert model.plan(2048, 2048, device=cpu) is None
+    model.set_memory_bound().train()
+    assert model.plan(2048, 2048, device=cpu) is None
+
+
+GB = 2**30
+
+
+@pytest.mark.parametrize("device,size,bpv,expect", [
+    # CPU: cache-sized tiles whatever the memory; a starved machine halves them.
+    (DeviceSpec("cpu", 16 * GB), 224, 4, (128, 4096)),
+    (DeviceSpec("cpu", 16 * GB), 2048, 4, (128, 4096)),
+    (DeviceSpec("cpu", 200 * 2**20), 224, 4, (32, 256)),
+    # GPU: dense whenever it fits...
+    (DeviceSpec("cuda", 22 * GB), 448, 4, None),
+    (DeviceSpec("cuda", 22 * GB), 896, 4, None),
+    (DeviceSpec("cuda", 75 * GB), 2048, 2, None),
+    # ...else the largest tile and chunk that fit.
+    (DeviceSpec("cuda", 22 * GB), 2048, 4, (512, 131072)),
+    (DeviceSpec("cuda", 22 * GB), 2048, 2, (1024, 65536)),
+    (DeviceSpec("cuda", 75 * GB), 4096, 4, (1024, 262144)),
+    # Not even the output fits: the smallest GPU plan (the allocation will say so).
+    (DeviceSpec("cuda", 1 * GB), 896, 4, (64, 4096)),
+])
+def test_plan_execution_sizes(device, size, bpv, expect):
+    plan = plan_execution(device, size, size, bytes_per_value=bpv)
+    assert plan == expect
+    budget = MEMORY_FRACTION * device.free_bytes - 384 * size * size * 4
+    if plan is None:
+        assert dense_bytes(size, size, bytes_per_value=bpv) <= budget
+    elif device.kind == "cuda" and budget > 0:
+        assert dense_bytes(size, size, bytes_per_value=bpv) > budget
+        assert bounded_bytes(*plan, bytes_per_value=bpv) <= budget
+
+
+def test_plans_grow_with_free_memory():
+    sizes = []
+    for gb in (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128):
+        plan = plan_execution(DeviceSpec("cuda", int(gb * GB)), 2048, 2048)
+        sizes.append((4096, 2**30) if plan is None else plan)
+    assert sizes == sorted(sizes)
+    assert sizes[0] != sizes[-1]
+
+
+@pytest.mark.parametrize("device", [
+    DeviceSpec("cpu", 2**40), DeviceSpec("cpu", 2**21), DeviceSpec("cuda", 2**40),
+    DeviceSpec("cuda", 2**24), DeviceSpec("cuda", 2**22), DeviceSpec("cuda", 2**20),
+])
+def test_every_plan_equals_dense(device):
+    """Whatever a device's plan (scaled down to test sizes by its memory), outputs equal dense."""
+    model = make_model()
+    lr, img = inputs(size=(37, 45))
+    with torch.no_grad():
+        dense = model.set_memory_bound(0, 0)(lr, img)
+        model.set_memory_bound()
+        plan = model.plan(37, 45, batch=2, device=device, lr_tokens=35)
+        if plan is None:
+            assert device.kind == "cuda"
+            return
+        out = model.set_memory_bound(plan[1], plan[0])(lr, img)
+    assert rel_err(out, dense) < 1e-5
+
+
+def test_attention_matches_multihead_attention_and_padded_heads():
+    """The direct SDPA call equals nn.MultiheadAttention's forward on the same packed weights,
+    in training mode too, and the accelerator layout (heads zero-padded to a multiple of 8)
+    gives the same result."""
+    from loftup.training.model import CrossAttentionBlock
+
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(52, 4)
+    with torch.no_grad():
+        block.attention.in_proj_bias.normal_()
+        block.attention.out_proj.bias.normal_()
+    q, t = torch.randn(2, 30, 52), torch.randn(2, 12, 52)
+    for mode in (block.train, block.eval):
+        mode()
+        ours = block(q, t)
+        theirs = block.attention(block.norm_q(q), block.norm_kv(t), block.norm_kv(t), need_weights=False)[0]
+        assert rel_err(ours, theirs) < 1e-6
+    assert block._pad(torch.device("cpu")) == 0 and block._pad(torch.device("meta")) == 3
+    block._pad = lambda device: 3  # the layout used off the CPU
+    k, v = block.project_kv(t)
+    assert k.shape == (2, 4, 12, 16)
+    assert rel_err(block(q, t), theirs) < 1e-6
+    ours = block(q.requires_grad_(True), t)
+    ours.sum().backward()
+    assert block.attention.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_compiled_model_equals_eager():
+    # The "eager" backend runs TorchDynamo's capture without code generation (seconds, not minutes);
+    # one tile and one chunk keep it to one capture per compiled function.
+    model = make_model()
+    lr, img = inputs(size=(20, 22))
+    with torch.no_grad():
+        eager_bounded = model.set_memory_bound(1000, 32)(lr, img)
+        eager_dense = model.set_memory_bound(0, 0)(lr, img)
+        model.enable_compile(backend="eager")
+        assert set(model.state_dict()) == set(make_model().state_dict())
+        assert rel_err(model(lr, img), eager_dense) < 1e-6
+        assert rel_err(model.set_memory_bound(1000, 32)(lr, img), eager_bounded) < 1e-6
 
 
 def test_gradients_reach_every_parameter():

@@ -186,6 +186,7 @@ def test_storage_never_imports_torch():
 def test_masks_write_sorted_zstd_and_read_back(store):
     table = mask_table(store, [40, 7, 19], 5, seed=0)
     nbytes = store.write_masks(3, table)
+    store.write_marker("masks", 3, {})  # readers see committed shards only
     path = store.path("masks", "shard=000003", "part-0.parquet")
     assert nbytes == store.fs.size(path) > 0
     back = store.masks_table(3)
@@ -209,6 +210,7 @@ def test_masks_row_groups_of_20k(tmp_path):
     cols["order"] = pa.array(order[perm])
     cols["rle_4"] = pa.array([f"{i}:{o}" for i, o in zip(image_id[perm], order[perm])])
     st.write_masks(0, pa.table(cols, schema=st.mask_schema))
+    st.write_marker("masks", 0, {})
     md = pq.read_metadata(tmp_path / "s" / "masks" / "shard=000000" / "part-0.parquet")
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [20_000, 20_000, 5_000]
     # image 222 has rows 19980..20069: it straddles the first row-group boundary
@@ -224,6 +226,9 @@ def test_masks_dataset_dask_and_random_access(store):
     b = mask_table(store, [100, 101], 3, seed=2)
     store.write_masks(7, a)
     store.write_masks(12, b)
+    assert store.masks_dataset().count_rows() == 0  # nothing committed yet: nothing served
+    store.write_marker("masks", 7, {})
+    store.write_marker("masks", 12, {})
 
     dset = store.masks_dataset()
     assert isinstance(dset, ds.Dataset)
@@ -297,6 +302,8 @@ def test_images_round_trip(store):
     rows_b = jpeg_rows(store.geometries, [5])
     assert store.write_images(1, pa.Table.from_pylist(rows_a, schema=store.image_schema)) > 0
     store.write_images(0, pa.Table.from_pylist(rows_b, schema=store.image_schema))
+    store.write_marker("images", 0, {})
+    store.write_marker("images", 1, {})
     np.testing.assert_array_equal(store.image_ids(1), [10, 20, 30])
     assert store.image_ids(1).dtype == np.int64
     by_id = {r["image_id"]: r for r in rows_a + rows_b}
@@ -343,6 +350,9 @@ def test_features_round_trip_bit_identical(store):
     nbytes = fstore.write_shard(8, a, np.array([50, 10, 40, 30, 20]), info={"dim": 12, "patch": 14, "res": 224})
     assert nbytes > 0
     fstore.write_shard(2, b, np.array([7, 9, 8]))
+    assert fstore.shards() == []  # written, not committed: never served
+    store.write_marker(fstore.job, 8, {})
+    store.write_marker(fstore.job, 2, {})
     assert fstore.shards() == [2, 8]
     np.testing.assert_array_equal(fstore.image_ids(), [7, 9, 8, 50, 10, 40, 30, 20])
     assert fstore.info == {"dim": 12, "grid": [4, 4], "patch": 14, "res": 224}
@@ -399,12 +409,14 @@ def test_features_rewrite_empty_and_conflicts(store):
     first = rng.standard_normal((4, 6, 2, 2)).astype(np.float16)
     second = rng.standard_normal((2, 6, 2, 2)).astype(np.float16)
     fstore.write_shard(1, first, np.arange(4))
+    store.write_marker(fstore.job, 1, {})
     fstore.write_shard(1, second, np.array([10, 11]))  # replaces the shard as a whole
     np.testing.assert_array_equal(fstore.image_ids(), [10, 11])
     with pytest.raises(KeyError):
         fstore.get(0)
     np.testing.assert_array_equal(fstore.get(11), second[1])
     fstore.write_shard(0, np.zeros((0, 6, 2, 2), np.float16), np.zeros(0, np.int64))
+    store.write_marker(fstore.job, 0, {})
     assert fstore.shards() == [0, 1]
     assert fstore.dask().shape == (2, 6, 2, 2)
     with pytest.raises(StoreError, match="dim"):

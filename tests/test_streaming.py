@@ -65,6 +65,7 @@ def test_mask_writer_bounded_and_identical_to_one_shot(tmp_path, shuffled):
             # Nothing is visible before the commit; memory never holds more than the limit.
             assert not os.path.exists(final) and store._mask_files.files() == {}
             assert w.buffered_rows < (20 if shuffled else 7)
+    store.write_marker("masks", 5, {})  # the commit: readers serve committed shards only
     assert w.peak_rows < (20 if shuffled else 7) and w.rows == table.num_rows
     assert (w.spilled_runs > 1) == shuffled
     got = pq.read_table(final)
@@ -112,6 +113,7 @@ def test_feature_writer_zarr_shards_bit_identical(tmp_path):
             wr.add(feats[start:start + 3], ids[start:start + 3])
             assert wr.buffered_images < 4 and fs.shards() == []  # invisible until committed
     assert wr.peak_images < 4
+    store.write_marker(fs.job, 3, {})  # the commit: readers serve committed shards only
     arr = fs.array(3)
     assert arr.shards == (4, c, h, w) and arr.chunks == (1, c, h, w)
     shard_files = sorted(os.listdir(tmp_path / "s" / "features" / "bb@224" / "shard=000003" / "features" / "c"))
@@ -127,6 +129,7 @@ def test_feature_writer_zarr_shards_bit_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(fs.dask().compute()).view(np.uint16), ref[...].view(np.uint16))
     assert fs.dask().chunks[0] == (4, 4, 3)
     fs.write_shard(4, feats, ids + 1000, shard_images=4)
+    store.write_marker(fs.job, 4, {})
     np.testing.assert_array_equal(fs.array(4)[...].view(np.uint16), ref[...].view(np.uint16))
     with pytest.raises(ValueError, match="declared"), fs.writer(5, 4, c, (h, w)) as wr:
         wr.add(feats[:3], ids[:3])

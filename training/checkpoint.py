@@ -2,9 +2,8 @@
 
 Our checkpoint is two files side by side: ``NAME.safetensors`` (weights) and
 ``NAME.json`` (the constructor config), so ``load_model(path)`` needs nothing else.
-The released checkpoints use the key names of ``reference/loftup_official_state_dict_*``:
-``upsampler.*`` plus ``channelnorm.norm.*`` (hub models) or ``model.1.norm.*``
-(the authors' Lightning training checkpoints).
+The released checkpoints use the key names ``upsampler.*`` plus ``channelnorm.norm.*`` (hub
+models) or ``model.1.norm.*`` (the authors' Lightning training checkpoints).
 """
 
 from __future__ import annotations
@@ -14,9 +13,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from loftup.pipeline.backbones.weights import load_state_dict_strict, read_state_dict, unwrap_state_dict
-from loftup.storage.errors import LoftupError, WeightsError
+from loftup.storage.commit import atomic_write
+from loftup.storage.errors import LoftupError, WeightsError, error_line
 from loftup.training.model import LoftUp
 
 __all__ = ["save_model", "load_model", "read_config", "from_official", "to_official_state_dict", "load_official",
@@ -25,6 +26,7 @@ __all__ = ["save_model", "load_model", "read_config", "from_official", "to_offic
 FORMAT = "loftup-model"
 FORMAT_VERSION = 1
 PROJECTION_PREFIX = "projection."
+_LOCAL = LocalFileSystem()
 OFFICIAL_SOURCE = ("the authors' releases (https://github.com/andrehuang/loftup: haiwen/loftup-* on the HF hub, "
                    "e.g. haiwen/loftup-dinov2s/pytorch_model.bin; `loftup-train upsample --official NAME` finds "
                    "them in the HF cache)")
@@ -45,7 +47,7 @@ def save_model(model: LoftUp, path, extra: Mapping | None = None, projection=Non
     features before the model) is saved with the weights under ``projection.*``, since
     inference must apply the same one. Returns the weights path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     weights, config_path = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -56,13 +58,10 @@ def save_model(model: LoftUp, path, extra: Mapping | None = None, projection=Non
         for key, value in projection.state_dict().items():
             state[f"{PROJECTION_PREFIX}{key}"] = value.detach().to("cpu").contiguous()
         meta["projection"] = {"in_dim": int(projection.mean.shape[0]), "out_dim": int(projection.out_dim)}
-    # Both files go under temporary names first so a crash never leaves half a checkpoint.
-    tmp_w = weights.with_name(weights.name + ".tmp")
-    tmp_c = config_path.with_name(config_path.name + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT})
-    tmp_c.write_text(json.dumps(meta, indent=2))
-    tmp_w.replace(weights)
-    tmp_c.replace(config_path)
+    # Each file is replaced whole (never half-written). A crash between the two leaves new weights
+    # beside the previous config; load_model's strict load refuses them when they do not fit.
+    atomic_write(_LOCAL, str(weights), save(state, metadata={"format": FORMAT}))
+    atomic_write(_LOCAL, str(config_path), json.dumps(meta, indent=2).encode())
     return weights
 
 
@@ -71,8 +70,11 @@ def read_config(path) -> dict:
     weights, config_path = _paths(path)
     if not config_path.exists():
         raise WeightsError(f"no config {config_path} beside {weights}: not a checkpoint written by save_model")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"cannot read checkpoint config {config_path} ({error_line(exc, 120)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise WeightsError(f"{config_path} is not a LoftUp model config (format={meta.get('format')!r})")
     return meta
 
@@ -90,7 +92,10 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
     meta = read_config(weights)
     config = dict(meta["config"])
     config.update(overrides)
-    model = LoftUp(**config)
+    try:
+        model = LoftUp(**config)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"checkpoint config {weights.with_suffix('.json')} does not build a LoftUp ({error_line(exc, 120)})") from None
     state = read_state_dict(weights)
     proj_state = {k[len(PROJECTION_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PROJECTION_PREFIX)}
     _load_strict(model, state, str(weights))

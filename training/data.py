@@ -7,6 +7,7 @@ within a few Zarr shards and Parquet files) and exactly reproducible from (seed,
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from loftup.storage.errors import StoreError
+from loftup.storage.errors import LoftupError, StoreError, error_line
+from loftup.storage.geometry import nearest_index
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -53,15 +55,52 @@ def build_index(store, jobs: list[str], shards: list[int] | None = None) -> Stor
             hint = "loftup-pipeline " + job.split("/")[0]
             raise StoreError(f"store {store.url} has no finished shard of job {job!r}; run `{hint}` first")
         done = d if done is None else done & d
+    if shards is not None:
+        missing = sorted(set(shards) - done)
+        if missing:
+            shown = ", ".join(str(m) for m in missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise StoreError(f"--shards names shards that {store.url} has not finished for {', '.join(jobs)}: {shown} "
+                             f"(finish them, or pass --allow-missing to train without them)")
     chosen = sorted(done if shards is None else done & set(shards))
     if not chosen:
         raise StoreError(f"no shard is finished for all of {jobs} in {store.url}" + (f" among {shards}" if shards else ""))
+    for s in chosen:  # a damaged shard stops training here, named, instead of deep inside a batch
+        for job in jobs:
+            problems = store.shard_problems(job, s)
+            if problems:
+                raise StoreError(f"shard {s} of {job} in {store.url} is damaged ({'; '.join(problems[:2])}); "
+                                 f"rerun `loftup-pipeline {job.split('/')[0]}` on it to redo it")
     ids, shard_of = [], []
     for s in chosen:
         sid = np.asarray(store.image_ids(s), dtype=np.int64)
         ids.append(sid)
         shard_of.append(np.full(len(sid), s, dtype=np.int64))
     return StoreIndex(np.concatenate(ids), np.concatenate(shard_of))
+
+
+@contextlib.contextmanager
+def _naming_damage(store_url: str, index: StoreIndex, row: int):
+    """A read that fails (a checksum mismatch, a cut file) becomes one line naming the shard."""
+    try:
+        yield
+    except LoftupError:
+        raise
+    except Exception as exc:
+        shard, image_id = int(index.shards[row]), int(index.image_ids[row])
+        raise StoreError(f"cannot read image {image_id} of shard {shard} in {store_url} ({error_line(exc, 160)}); "
+                         f"`loftup-store verify --deep` lists the damage, a rerun of the pipeline job repairs it") from None
+
+
+def present_shards(store_url: str, shards: list[int], jobs: list[str]) -> tuple[list[int], list[int]]:
+    """(shards every job in ``jobs`` has finished, the others): for ``--allow-missing``."""
+    from loftup.storage import open_store
+
+    store = open_store(store_url)
+    done = None
+    for job in jobs:
+        d = set(store.done_shards(job))
+        done = d if done is None else done & d
+    return [s for s in shards if s in done], [s for s in shards if s not in done]
 
 
 def check_features(store, backbone: str, res: int):
@@ -129,6 +168,10 @@ class Stage1Dataset(Dataset):
         return self._store
 
     def __getitem__(self, i: int) -> dict:
+        with _naming_damage(self.store_url, self.index, i):
+            return self._item(i)
+
+    def _item(self, i: int) -> dict:
         from PIL import Image
 
         from loftup.storage import rle
@@ -154,8 +197,7 @@ class Stage1Dataset(Dataset):
         return item
 
 
-def _subsample_index(src: int, dst: int) -> np.ndarray:
-    return np.minimum(src - 1, np.floor((np.arange(dst) + 0.5) * src / dst).astype(np.int64))
+_subsample_index = nearest_index  # the name evaluation and benches import
 
 
 def _packed_len(h: int, w: int) -> int:
@@ -278,6 +320,10 @@ class Stage2Dataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, item) -> dict:
+        with _naming_damage(self.store_url, self.index, item[0]):
+            return self._item(item)
+
+    def _item(self, item) -> dict:
         from PIL import Image
 
         from loftup.storage import open_store, rle

@@ -53,19 +53,21 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 def _write_features(tensors: dict, path: Path, fmt: str, meta: dict) -> None:
     """safetensors: one file with every tensor; npy: ``features`` in ``path``, the others beside it
     as ``<stem>_<name>.npy``."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from loftup.storage.commit import atomic_writer
+
+    local = LocalFileSystem()
     if fmt == "npy":
         for name, t in tensors.items():
             dest = path if name == "features" else path.with_name(f"{path.stem}_{name}.npy")
-            tmp = dest.with_name(dest.name + ".tmp")
-            with open(tmp, "wb") as fh:
+            with atomic_writer(local, str(dest)) as fh:
                 np.save(fh, t.numpy())
-            tmp.replace(dest)
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    tmp.replace(path)
+    with atomic_writer(local, str(path)) as fh:
+        fh.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata={k: str(v) for k, v in meta.items()}))
 
 
 def upsample_image(image_path, checkpoint=None, official=None, backbone=None, weights=None,

@@ -56,7 +56,6 @@ class PseudoGTJob(Job):
 
     def __post_init__(self):
         self.name = f"pseudogt/{self.backbone}@{self.res}"
-        self.needs_tar = False
         self.num_gpus_wanted = True
 
     # -- config ----------------------------------------------------------------------------------

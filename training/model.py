@@ -6,32 +6,152 @@ weights export to the official layout without any renaming.
 
 Two execution paths compute the same function:
 
-* the dense path (training, small outputs): whole-image convolutions and one
-  attention call over all H*W queries, through the standard modules;
-* the memory-bounded path (eval, large outputs): the image is processed in tiles
-  with a 2-pixel halo for the two 3x3 convolutions, and each tile's queries go
-  through the attention blocks in chunks with ``scaled_dot_product_attention``;
-  apart from the output tensor, memory does not grow with the output size.
+* the dense path (training, and eval outputs that fit the device): whole-image
+  convolutions and one attention call over all H*W queries, through the modules;
+* the memory-bounded path (eval): the image is processed in tiles with a 2-pixel halo
+  for the two 3x3 convolutions (BatchNorm folded in, channels-last), and each tile's
+  queries go through the attention blocks in chunks; apart from the output tensor,
+  memory does not grow with the output size.
+
+:func:`plan_execution` picks between them from a :class:`DeviceSpec` (kind and free
+memory): on a GPU the dense path whenever it fits, else the largest tiles and chunks
+that fit; on a CPU cache-sized tiles at every size (no dense-sized intermediates).
+
+Attention always goes through ``F.scaled_dot_product_attention`` with the packed
+``in_proj`` weights of ``nn.MultiheadAttention`` (kept as the parameter holder, so
+released state dicts load unchanged). The head width of the released model (101) is
+not a multiple of 8, which rules out every fused CUDA kernel; on accelerators the heads
+are zero-padded to a multiple of 8 (the scale stays 1/sqrt(101)), which leaves the
+result unchanged and lets flash / memory-efficient attention run, in training too.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoftUp", "LoftUpCore", "ChannelNorm", "ChannelLayerNorm", "MinMaxScale", "FourierFeatures"]
+__all__ = [
+    "ChannelLayerNorm",
+    "ChannelNorm",
+    "DeviceSpec",
+    "FourierFeatures",
+    "LoftUp",
+    "LoftUpCore",
+    "MinMaxScale",
+    "bounded_bytes",
+    "dense_bytes",
+    "plan_execution",
+]
 
 IMAGE_SCALINGS = ("image", "batch")
-
-# Above this many output pixels an eval-mode forward switches to the bounded path
-# (unless the caller pinned the behaviour with set_memory_bound).
-AUTO_BOUND_PIXELS = 224 * 224
-DEFAULT_CONV_TILE = 128
-DEFAULT_QUERY_CHUNK = 4096
 HALO = 2
+
+# Plans on a CPU: tiles of this side keep the 3x3 convolutions near the matmul rate (whole
+# 224 maps run slower); chunks this long keep the number of parallel regions (each one a
+# barrier for the OpenMP threads, costly on a loaded machine) low.
+CPU_CONV_TILE = 128
+CPU_QUERY_CHUNK = 4096
+# Plans on an accelerator: the dense path when it fits, else the largest of these that fit
+# (few, large launches: per-tile overhead dominates there).
+GPU_TILES = (4096, 2048, 1024, 512, 256, 128, 64)
+GPU_MIN_CHUNK = 4096
+# Share of the free memory a plan may use (the rest: allocator slack, the caller's tensors).
+MEMORY_FRACTION = 0.5
+# Kept for callers of the previous API: the CPU defaults.
+DEFAULT_CONV_TILE = CPU_CONV_TILE
+DEFAULT_QUERY_CHUNK = CPU_QUERY_CHUNK
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the planner needs to know about a device: its kind and free memory in bytes."""
+
+    kind: str
+    free_bytes: int
+    name: str = ""
+
+    @classmethod
+    def of(cls, device: str | torch.device) -> DeviceSpec:
+        device = torch.device(device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return cls("cuda", int(free), torch.cuda.get_device_name(device))
+        if device.type == "cpu":
+            return cls("cpu", _host_available_bytes(), "cpu")
+        return cls(device.type, _host_available_bytes(), device.type)
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def dense_bytes(height: int, width: int, *, batch: int = 1, channels: int = 404, fourier: int = 203,
+                hidden: int = 384, bytes_per_value: int = 4) -> int:
+    """Working memory of a no-grad dense forward beyond its output (an upper estimate).
+
+    Conv stage: the Fourier features and their norm, then conv output and BatchNorm output;
+    attention stage: about seven token maps alive at once (residual stream, norm, q, attention
+    output, projection, feed-forward hidden and output) with fused attention (no score matrix).
+    """
+    pixels = batch * height * width
+    conv = 2 * fourier + 2 * channels
+    attention = 6 * channels + hidden
+    return pixels * max(conv, attention) * bytes_per_value
+
+
+def bounded_bytes(tile: int, chunk: int, *, batch: int = 1, channels: int = 404, fourier: int = 203,
+                  hidden: int = 384, keys: int = 1024, heads: int = 4, bytes_per_value: int = 4) -> int:
+    """Working memory of the bounded path for one tile and chunk, beyond the output tensor."""
+    t = tile
+    conv = (2 * (t + 2 * HALO) ** 2 * fourier + (t + HALO) ** 2 * channels + t * t * channels)
+    chunk = min(chunk, t * t)
+    attention = chunk * (6 * channels + hidden + heads * min(keys, 512))
+    tile_out = t * t * (hidden + channels)  # the tile's results before they reach the output
+    return batch * (conv + attention + tile_out) * bytes_per_value
+
+
+def plan_execution(device: DeviceSpec, height: int, width: int, *, batch: int = 1, channels: int = 404,
+                   fourier: int = 203, hidden: int = 384, keys: int = 1024, heads: int = 4,
+                   bytes_per_value: int = 4, allow_dense: bool = True) -> tuple[int, int] | None:
+    """(conv_tile, query_chunk) for an eval forward of this size on ``device``, None = dense.
+
+    ``channels`` is the model's width (dim + 20), ``fourier`` its Fourier feature count,
+    ``hidden`` its dim, ``keys`` the number of low-res tokens; ``bytes_per_value`` 2 under
+    bf16 autocast. The output tensor itself is not counted: every path must hold it.
+    ``allow_dense=False`` gives the bounded plan even where the dense path would fit.
+    """
+    sizes = {"batch": batch, "channels": channels, "fourier": fourier, "hidden": hidden, "bytes_per_value": bytes_per_value}
+    budget = MEMORY_FRACTION * device.free_bytes - batch * hidden * height * width * 4
+    side = max(height, width)
+    if device.kind == "cpu":
+        tile, chunk = min(CPU_CONV_TILE, side), CPU_QUERY_CHUNK
+        # Only a machine short of memory shrinks them further.
+        while tile > 16 and bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) > budget:
+            tile, chunk = tile // 2, max(256, chunk // 4)
+        return tile, chunk
+    if allow_dense and dense_bytes(height, width, **sizes) <= budget:
+        return None
+    for tile in GPU_TILES:
+        tile = min(tile, side)
+        chunk = tile * tile
+        while chunk > GPU_MIN_CHUNK and bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) > budget:
+            chunk //= 2
+        if bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) <= budget:
+            return tile, chunk
+    return GPU_TILES[-1], GPU_MIN_CHUNK
 
 
 class ChannelNorm(nn.Module):
@@ -140,8 +260,27 @@ class FourierFeatures(nn.Module):
         return torch.cat(out, dim=1)
 
 
+    def forward_nhwc(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The same features channels-last: ``x`` (B, H, W, extra) -> (B, H, W, out_channels)."""
+        b, h, w, _ = x.shape
+        grid = torch.stack(torch.broadcast_tensors(rows[:, None], cols[None, :]), dim=-1)
+        inputs = torch.cat([grid.expand(b, h, w, 2), x], dim=-1) if self.extra_channels else grid.expand(b, h, w, 2)
+        freqs = torch.exp(torch.linspace(*self.freq_range, self.num_freqs, device=x.device))
+        scaled = inputs.unsqueeze(-2) * freqs[:, None]  # (B, H, W, F, n): channel f * n + i as in forward
+        phase = self.biases.reshape(2, self.num_freqs, self.n_inputs)
+        out = [torch.sin(scaled + phase[0]).flatten(-2), torch.cos(scaled + phase[1]).flatten(-2)]
+        if self.append_inputs:
+            out.append(x)
+        return torch.cat(out, dim=-1)
+
+
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm cross-attention from high-res queries to low-res tokens (no residual here)."""
+    """Pre-norm cross-attention from high-res queries to low-res tokens (no residual here).
+
+    ``nn.MultiheadAttention`` only holds the parameters (released names, packed ``in_proj``);
+    the computation calls ``scaled_dot_product_attention`` directly, because the module's own
+    forward never reaches a fused CUDA kernel with 101-wide heads (see the module docstring).
+    """
 
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -150,33 +289,42 @@ class CrossAttentionBlock(nn.Module):
         self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
 
     def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        q = self.norm_q(query)
-        kv = self.norm_kv(tokens)
-        return self.attention(q, kv, kv, need_weights=False)[0]
+        return self.attend(query, *self.project_kv(tokens))
+
+    def _pad(self, device: torch.device) -> int:
+        """Zero columns added to each head on accelerators, so fused kernels accept it."""
+        head = self.attention.head_dim
+        return 0 if device.type == "cpu" else -head % 8
+
+    def _in_proj(self, x: torch.Tensor, part: int, pad: int) -> torch.Tensor:
+        """One of q/k/v (part 0/1/2) from the packed weights, as (B, heads, n, head[+pad])."""
+        width, heads = self.attention.embed_dim, self.attention.num_heads
+        w = self.attention.in_proj_weight[part * width:(part + 1) * width]
+        b = self.attention.in_proj_bias[part * width:(part + 1) * width]
+        if pad:
+            w = F.pad(w.view(heads, -1, width), (0, 0, 0, pad)).view(-1, width)
+            b = F.pad(b.view(heads, -1), (0, pad)).view(-1)
+        out = F.linear(x, w, b)
+        return out.view(*x.shape[:-1], heads, -1).transpose(-3, -2)
 
     def project_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, heads, S, head_dim) from the packed in_proj weights."""
-        width = self.norm_kv.normalized_shape[0]
-        heads = self.attention.num_heads
+        """Keys and values (B, heads, S, head_dim[+pad]) of the low-res tokens."""
         kv = self.norm_kv(tokens)
-        w, bias = self.attention.in_proj_weight, self.attention.in_proj_bias
-        b, s, _ = kv.shape
-        k = F.linear(kv, w[width:2 * width], bias[width:2 * width])
-        v = F.linear(kv, w[2 * width:], bias[2 * width:])
-        shape = (b, s, heads, width // heads)
-        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        pad = self._pad(tokens.device)
+        return self._in_proj(kv, 1, pad), self._in_proj(kv, 2, pad)
 
     def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Same as ``forward`` for precomputed keys/values; inference only (no dropout)."""
-        width = self.norm_q.normalized_shape[0]
-        heads = self.attention.num_heads
-        b, n, _ = query.shape
-        q = F.linear(self.norm_q(query), self.attention.in_proj_weight[:width],
-                     self.attention.in_proj_bias[:width])
-        q = q.view(b, n, heads, width // heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, n, width)
-        return self.attention.out_proj(out)
+        """Attention of ``query`` (B, n, width) to precomputed keys/values, then out_proj."""
+        mha = self.attention
+        pad = k.shape[-1] - mha.head_dim
+        q = self._in_proj(self.norm_q(query), 0, pad)
+        dropout = mha.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=mha.head_dim ** -0.5)
+        out = out.transpose(-3, -2).flatten(-2)
+        w = mha.out_proj.weight
+        if pad:
+            w = F.pad(w.view(mha.embed_dim, mha.num_heads, -1), (0, pad)).view(mha.embed_dim, -1)
+        return F.linear(out, w, mha.out_proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -218,9 +366,10 @@ class CrossAttentionTransformer(nn.Module):
         return [attn.project_kv(tokens) for attn, _ in self.layers]
 
     def run_chunk(self, query: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``forward`` with precomputed keys/values; no autograd: ``query`` is updated in place."""
         for (attn, ff), (k, v) in zip(self.layers, kvs):
-            query = attn.attend(query, k, v) + query
-            query = ff(query) + query
+            query.add_(attn.attend(query, k, v))
+            query.add_(ff(query))
         return self.norm(query)
 
 
@@ -249,6 +398,7 @@ class LoftUpCore(nn.Module):
         )
         self.ca_transformer = CrossAttentionTransformer(width, blocks, heads, dim, dropout)
         self.final_conv = nn.Sequential(nn.Conv2d(width, dim, 1), ChannelLayerNorm(dim))
+        self._compiled: dict = {}  # torch.compile'd pieces of the bounded path (LoftUp.enable_compile)
 
     def tokens(self, lr_feats: torch.Tensor) -> torch.Tensor:
         """Low-res features with their grid encoding, as (B, h*w, width) tokens."""
@@ -264,33 +414,44 @@ class LoftUpCore(nn.Module):
     @torch.no_grad()
     def forward_bounded(self, lr_feats: torch.Tensor, image: torch.Tensor, conv_tile: int,
                         query_chunk: int) -> torch.Tensor:
-        """Eval-mode forward in tiles (2-px halo) and query chunks; equals ``forward``."""
+        """Eval-mode forward in tiles (2-px halo) and query chunks; equals ``forward``.
+
+        Tiles are balanced (a 224 image with tile 128 runs as 2 x 2 tiles of 112) and kept
+        channels-last from the Fourier features to the token view, so no tile is copied
+        between the convolutions and the attention.
+        """
         b, _, H, W = image.shape
-        scaled = self.fourier_feat[0](image)
-        rows_all = torch.linspace(-1, 1, H, device=image.device)
-        cols_all = torch.linspace(-1, 1, W, device=image.device)
+        th = math.ceil(H / math.ceil(H / conv_tile))
+        tw = math.ceil(W / math.ceil(W / conv_tile))
+        # The halo's values outside the image do not matter: those pixels are zeroed after the norm.
+        rgb = F.pad(self.fourier_feat[0](image), (HALO,) * 4).permute(0, 2, 3, 1)
+        rows = F.pad(torch.linspace(-1, 1, H, device=image.device), (HALO, HALO))
+        cols = F.pad(torch.linspace(-1, 1, W, device=image.device), (HALO, HALO))
         kvs = self.ca_transformer.keys_values(self.tokens(lr_feats))
         convs = self._fused_convs()
-        proj = self.final_conv[0]
-        proj_w = proj.weight.view(proj.out_channels, proj.in_channels)
-        out_norm = self.final_conv[1]
+        conv_fn = self._compiled.get("tile", self._conv_tile)
+        chunk_fn = self._compiled.get("chunk", self._chunk)
         out = torch.empty(b, self.dim, H, W, dtype=lr_feats.dtype, device=lr_feats.device)
-        for y0 in range(0, H, conv_tile):
-            y1 = min(H, y0 + conv_tile)
-            for x0 in range(0, W, conv_tile):
-                x1 = min(W, x0 + conv_tile)
-                q = self._conv_tile(scaled, convs, rows_all, cols_all, y0, y1, x0, x1)
-                # channels_last conv output: the (B, h*w, width) token view needs no copy.
-                q = q.permute(0, 2, 3, 1).reshape(b, -1, self.width)
-                n = q.shape[1]
-                res = torch.empty(b, self.dim, n, dtype=out.dtype, device=out.device)
+        for y0 in range(0, H, th):
+            y1 = min(H, y0 + th)
+            for x0 in range(0, W, tw):
+                x1 = min(W, x0 + tw)
+                q = conv_fn(rgb[:, y0:y1 + 2 * HALO, x0:x1 + 2 * HALO], rows[y0:y1 + 2 * HALO],
+                            cols[x0:x1 + 2 * HALO], convs, y0, x0, H, W)
+                tokens = q.reshape(b, -1, self.width)
+                n = tokens.shape[1]
+                res = torch.empty(b, n, self.dim, dtype=out.dtype, device=out.device)
                 for s in range(0, n, query_chunk):
-                    t = self.ca_transformer.run_chunk(q[:, s:s + query_chunk], kvs)
-                    t = F.layer_norm(F.linear(t, proj_w, proj.bias), (self.dim,), out_norm.weight,
-                                     out_norm.bias, out_norm.eps)
-                    res[:, :, s:s + query_chunk] = t.transpose(1, 2)
-                out[:, :, y0:y1, x0:x1] = res.view(b, self.dim, y1 - y0, x1 - x0)
+                    res[:, s:s + query_chunk] = chunk_fn(tokens[:, s:s + query_chunk], kvs)
+                out[:, :, y0:y1, x0:x1] = res.view(b, y1 - y0, x1 - x0, self.dim).permute(0, 3, 1, 2)
         return out
+
+    def _chunk(self, tokens: torch.Tensor, kvs) -> torch.Tensor:
+        """Attention blocks and output head for (B, n, width) tokens -> (B, n, dim)."""
+        t = self.ca_transformer.run_chunk(tokens, kvs)
+        proj, norm = self.final_conv
+        t = F.linear(t, proj.weight.view(proj.out_channels, proj.in_channels), proj.bias)
+        return F.layer_norm(t, (self.dim,), norm.weight, norm.bias, norm.eps)
 
     def _fused_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The two 3x3 convs with their eval-mode BatchNorm folded in (channels_last weights)."""
@@ -302,28 +463,34 @@ class LoftUpCore(nn.Module):
             fused.append((weight, bias))
         return fused
 
-    def _conv_tile(self, scaled, convs, rows_all, cols_all, y0, y1, x0, x1) -> torch.Tensor:
-        """first_conv output on [y0:y1, x0:x1], from the features of the tile plus a 2-px halo."""
-        H, W = scaled.shape[-2:]
-        ey0, ey1 = max(0, y0 - HALO), min(H, y1 + HALO)
-        ex0, ex1 = max(0, x0 - HALO), min(W, x1 + HALO)
-        feats = self.fourier_feat[1](scaled[:, :, ey0:ey1, ex0:ex1], rows_all[ey0:ey1], cols_all[ex0:ex1])
-        feats = self.first_conv[0](feats)
+    def _conv_tile(self, rgb, rows, cols, convs, y0: int, x0: int, H: int, W: int) -> torch.Tensor:
+        """first_conv output (B, h, w, width) of one tile, from its halo-padded inputs.
+
+        ``rgb`` (B, h+4, w+4, 3), ``rows``/``cols`` are the tile's slices of the halo-padded
+        image and coordinates; (y0, x0) is the tile's corner in the (H, W) image.
+        """
+        norm = self.first_conv[0].norm
+        feats = self.fourier_feat[1].forward_nhwc(rgb, rows, cols)
+        feats = F.layer_norm(feats, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         # Outside the image the dense convs see zero padding: rebuild exactly that.
-        pad = (HALO - (x0 - ex0), HALO - (ex1 - x1), HALO - (y0 - ey0), HALO - (ey1 - y1))
-        feats = F.pad(feats, pad).contiguous(memory_format=torch.channels_last)
+        _zero_outside(feats, 1, y0 - HALO, H)
+        _zero_outside(feats, 2, x0 - HALO, W)
         (w1, b1), (w2, b2) = convs
-        mid = torch.relu_(F.conv2d(feats, w1, b1))
+        mid = torch.relu_(F.conv2d(feats.permute(0, 3, 1, 2), w1, b1))
         # mid covers the tile plus 1 px; its out-of-image ring must be zero for conv2.
-        if y0 == 0:
-            mid[:, :, 0] = 0
-        if y1 == H:
-            mid[:, :, -1] = 0
-        if x0 == 0:
-            mid[:, :, :, 0] = 0
-        if x1 == W:
-            mid[:, :, :, -1] = 0
-        return torch.relu_(F.conv2d(mid, w2, b2))
+        _zero_outside(mid, 2, y0 - 1, H)
+        _zero_outside(mid, 3, x0 - 1, W)
+        return torch.relu_(F.conv2d(mid, w2, b2)).permute(0, 2, 3, 1)
+
+
+def _zero_outside(x: torch.Tensor, dim: int, start: int, size: int) -> None:
+    """Zero the entries of ``x`` along ``dim`` whose image index (``start`` + i) is outside [0, size)."""
+    n = x.shape[dim]
+    lo, hi = min(n, max(0, -start)), max(0, min(n, size - start))
+    if lo:
+        x.narrow(dim, 0, lo).zero_()
+    if hi < n:
+        x.narrow(dim, hi, n - hi).zero_()
 
 
 class LoftUp(nn.Module):
@@ -335,16 +502,19 @@ class LoftUp(nn.Module):
     image's size. ``image_scaling="batch"`` reproduces the released module (min/max over
     the batch); the default scales each image on its own.
 
-    ``query_chunk``/``conv_tile``: None = automatic (eval-mode outputs above 224*224
-    pixels use the bounded path), 0 = off, > 0 = chunk length / tile side. Training mode,
-    and inputs that require grad, always take the dense path; bounded outputs carry no
-    autograd graph.
+    ``query_chunk``/``conv_tile``: None = planned for the device (:func:`plan_execution`),
+    0 = off, > 0 = chunk length / tile side. Training mode, and inputs that require grad,
+    always take the dense path; bounded outputs carry no autograd graph.
+
+    ``autocast``: dtype of the autocast an eval forward on an accelerator runs under when
+    the caller has not opened one (bf16 by default, as in training; None = full precision).
+    The output keeps the features' dtype.
     """
 
     def __init__(self, dim: int, num_freqs_img: int = 20, freq_range: Sequence[float] = (-2, 10),
                  num_freqs_lr: int = 5, extra: int = 20, heads: int = 4, blocks: int = 2,
                  dropout: float = 0.0, image_scaling: str = "image", query_chunk: int | None = None,
-                 conv_tile: int | None = None):
+                 conv_tile: int | None = None, autocast: torch.dtype | None = torch.bfloat16):
         super().__init__()
         if extra != 4 * num_freqs_lr:
             raise ValueError(f"extra (the grid-encoding width) must be 4 * num_freqs_lr = {4 * num_freqs_lr}, "
@@ -363,6 +533,7 @@ class LoftUp(nn.Module):
                                     image_scaling)
         self.query_chunk = query_chunk
         self.conv_tile = conv_tile
+        self.autocast = autocast
 
     @property
     def image_scaling(self) -> str:
@@ -373,8 +544,8 @@ class LoftUp(nn.Module):
         self.upsampler.fourier_feat[0] = MinMaxScale(mode)
         self.config["image_scaling"] = mode
 
-    def set_memory_bound(self, query_chunk: int | None = None, conv_tile: int | None = None) -> "LoftUp":
-        """Pin the eval-mode execution: None = automatic, 0 = off, > 0 = chunk length / tile side."""
+    def set_memory_bound(self, query_chunk: int | None = None, conv_tile: int | None = None) -> LoftUp:
+        """Pin the eval-mode execution: None = planned, 0 = off, > 0 = chunk length / tile side."""
         for name, value in (("query_chunk", query_chunk), ("conv_tile", conv_tile)):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be None, 0 or positive, got {value}")
@@ -382,20 +553,42 @@ class LoftUp(nn.Module):
         self.conv_tile = conv_tile
         return self
 
-    def plan(self, height: int, width: int) -> tuple[int, int] | None:
-        """(conv_tile, query_chunk) the bounded path would use for this output, or None for dense."""
+    def plan(self, height: int, width: int, batch: int = 1, device: DeviceSpec | str | torch.device | None = None,
+             lr_tokens: int = 1024) -> tuple[int, int] | None:
+        """(conv_tile, query_chunk) of an eval forward of this size, or None for the dense path.
+
+        ``device``: a :class:`DeviceSpec` or a device (default: the model's); pinned sizes
+        (:meth:`set_memory_bound`) win over the planner.
+        """
         if self.training:
             return None
         chunk, tile = self.query_chunk, self.conv_tile
-        if chunk is None and tile is None:
-            if height * width <= AUTO_BOUND_PIXELS:
-                return None
-            return DEFAULT_CONV_TILE, DEFAULT_QUERY_CHUNK
         if chunk == 0 and tile == 0:
             return None
-        tile = DEFAULT_CONV_TILE if tile is None else (tile or max(height, width))
-        chunk = DEFAULT_QUERY_CHUNK if chunk is None else (chunk or tile * tile)
+        if chunk is None or tile is None:
+            if not isinstance(device, DeviceSpec):
+                device = DeviceSpec.of(device if device is not None else self.channelnorm.norm.weight.device)
+            amp = device.kind != "cpu" and self.autocast is not None and self.autocast.itemsize == 2
+            auto = plan_execution(device, height, width, batch=batch, channels=self.upsampler.width,
+                                  fourier=self.upsampler.fourier_feat[1].out_channels, hidden=self.dim,
+                                  keys=lr_tokens, heads=self.config["heads"], bytes_per_value=2 if amp else 4)
+            if chunk is None and tile is None:
+                return auto
+            auto_tile, auto_chunk = auto or (max(height, width), height * width)
+            tile = auto_tile if tile is None else tile
+            chunk = auto_chunk if chunk is None else chunk
+        tile = tile or max(height, width)
+        chunk = chunk or tile * tile
         return tile, chunk
+
+    def enable_compile(self, **kwargs) -> LoftUp:
+        """``torch.compile`` the dense forward and the bounded path's tile and chunk steps
+        (off by default; ``kwargs`` go to ``torch.compile``). Parameter names are unchanged."""
+        core = self.upsampler
+        core.compile(**kwargs)
+        core._compiled = {"tile": torch.compile(core._conv_tile, **kwargs),
+                          "chunk": torch.compile(core._chunk, **kwargs)}
+        return self
 
     def forward(self, lr_feats: torch.Tensor, image: torch.Tensor,
                 output_size: int | Sequence[int] | None = None) -> torch.Tensor:
@@ -411,17 +604,26 @@ class LoftUp(nn.Module):
             if tuple(image.shape[-2:]) != size:
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=False)
         image = image.to(lr_feats.dtype)
+        device = lr_feats.device
+        if (not self.training and self.autocast is not None and device.type != "cpu"
+                and not torch.is_autocast_enabled(device.type)):
+            with torch.autocast(device.type, dtype=self.autocast):
+                return self._forward(lr_feats, image).to(lr_feats.dtype)
+        return self._forward(lr_feats, image)
+
+    def _forward(self, lr_feats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         lr = self.channelnorm(lr_feats)
-        plan = self.plan(*image.shape[-2:])
+        plan = None
         # The bounded path keeps no autograd graph: inputs that want gradients go dense.
-        if torch.is_grad_enabled() and (lr_feats.requires_grad or image.requires_grad):
-            plan = None
+        if not (torch.is_grad_enabled() and (lr_feats.requires_grad or image.requires_grad)):
+            plan = self.plan(*image.shape[-2:], batch=image.shape[0],
+                             lr_tokens=lr_feats.shape[-2] * lr_feats.shape[-1])
         if plan is None:
             return self.upsampler(lr, image)
         return self.upsampler.forward_bounded(lr, image, *plan)
 
     @classmethod
-    def from_official(cls, state_dict, image_scaling: str = "image", heads: int = 4) -> "LoftUp":
+    def from_official(cls, state_dict, image_scaling: str = "image", heads: int = 4) -> LoftUp:
         """Build from a state dict in the released layout (dim inferred); eval mode."""
         from loftup.training.checkpoint import from_official
 

@@ -4,20 +4,33 @@
 optimizer, EMA teacher, step, the data position and every RNG state. The deliverable weights
 are written beside it as safetensors + JSON config (``<stage>.safetensors``), so a checkpoint
 alone rebuilds its model.
+
+Every file is written under a hidden temporary name and renamed into place (one helper:
+``loftup.storage.commit.atomic_writer``), with the user's umask; leftovers of a killed write
+are removed when the run directory is opened. ``last.pt`` is loaded with
+``torch.load(weights_only=True)``: RNG states are stored as tensors and plain values, so a
+checkpoint in a shared directory cannot run code as the user who resumes it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from loftup.storage.errors import LoftupError
+from loftup.storage.commit import atomic_write, atomic_writer, remove_temps
+from loftup.storage.errors import LoftupError, error_line
+from loftup.storage.redact import redact
+
+_LOCAL = LocalFileSystem()
+# Temp names of earlier versions (``last.tmp<pid>``, ``config.json.tmp<pid>``).
+_OLD_TEMP = re.compile(r"^[\w.-]+\.tmp\d+$")
 
 
 class RunDir:
@@ -26,13 +39,24 @@ class RunDir:
         self.master = master
         if master:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.remove_temps()
         self._metrics = None
         self._tb = None
+
+    def remove_temps(self) -> list[str]:
+        """Delete what killed writes left behind; returns the names removed."""
+        removed = remove_temps(_LOCAL, str(self.path))
+        for p in self.path.iterdir():
+            if _OLD_TEMP.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        return removed
 
     # -- config ----------------------------------------------------------------------------
     def save_config(self, config: dict, name: str = "config.json") -> None:
         if self.master:
-            _atomic_write(self.path / name, json.dumps(config, indent=2, sort_keys=True, default=str).encode())
+            blob = json.dumps(redact(config), indent=2, sort_keys=True, default=str).encode()
+            atomic_write(_LOCAL, str(self.path / name), blob)
 
     def load_config(self, name: str = "config.json") -> dict:
         path = self.path / name
@@ -52,7 +76,7 @@ class RunDir:
                 self._tb = SummaryWriter(str(self.path / "tb"))
             except Exception:  # tensorboard is optional
                 self._tb = None
-        self._metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self._metrics.write(json.dumps(redact({"time": round(time.time(), 3), **record})) + "\n")
         if self._tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -73,26 +97,63 @@ class RunDir:
         if not self.master:
             return
         state = {**state, "rng": rng_state()}
-        tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path)
+        with atomic_writer(_LOCAL, str(self.state_path)) as f:
+            torch.save(state, f)
 
     def load_state(self) -> dict:
+        """``last.pt`` (weights_only); metrics logged after its step are dropped, so a resumed
+        run's ``metrics.jsonl`` has each step once."""
         if not self.state_path.is_file():
             raise LoftupError(f"--resume: no checkpoint at {self.state_path}")
-        return torch.load(self.state_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, garbage, or pickled objects that are not plain data
+            raise LoftupError(f"--resume: cannot load {self.state_path} ({error_line(exc, 160)})") from None
+        if not isinstance(state, dict) or "step" not in state or "rng" not in state:
+            raise LoftupError(f"--resume: {self.state_path} is not a loftup training state")
+        if self.master:
+            self.truncate_metrics(int(state["step"]))
+        return state
+
+    def truncate_metrics(self, step: int) -> int:
+        """Drop metric records of steps after ``step`` (written after the checkpoint); returns how many."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        keep, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                dropped += 1
+                continue
+            keep.append(line)
+        if dropped:
+            atomic_write(_LOCAL, str(path), "".join(ln + "\n" for ln in keep).encode())
+        return dropped
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -103,8 +164,3 @@ def seed_all(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
