@@ -218,7 +218,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise LoftupError(f"cannot connect to Ray at {address}: {error_line(exc)}") from None
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # address="local": embedded means embedded, even when another Ray instance runs on this host
+        # (without it ray.init attaches to that instance and refuses num_cpus).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     return ray
 
 

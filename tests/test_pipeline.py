@@ -215,5 +215,10 @@ def test_ray_cluster_address_path(tmp_path, sample_shards):
         st = open_store(tmp_path / "s")
         assert sorted(st.done_shards("masks")) == [0, 1]
         assert "summary" in p.stderr
+        # Without --ray-address the job stays embedded even though a cluster runs on this host
+        # (ray.init would otherwise attach to it and refuse --num-cpus with a traceback).
+        p = _cli("loftup.cli.pipeline", "images", "--shards", "0", "--sa1b-root", str(sample_shards),
+                 "--store", str(tmp_path / "s"), "--num-cpus", "1")
+        assert sorted(st.done_shards("images")) == [0] and "Traceback" not in p.stderr
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
