@@ -141,20 +141,26 @@ def atomic_path(fs, path: str):
     fs.makedirs(parent, exist_ok=True)
     try:
         yield tmp
-        if is_local(fs):
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            _fsync_dir(parent)
-        else:
-            fs.mv(tmp, path)
+        rename_into_place(fs, tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
         raise
+
+
+def rename_into_place(fs, tmp: str, path: str) -> None:
+    """Make a finished temp file visible under ``path``: durable on local disks (file and
+    directory fsynced), a plain move on object stores (whose writes are atomic per object)."""
+    if is_local(fs):
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.rstrip("/").rpartition("/")[0])
+    else:
+        fs.mv(tmp, path)
 
 
 def atomic_write(fs, path: str, data: bytes) -> int:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from loftup.storage.commit import _fsync_dir, committed, is_local, parse_shard_name, remove, shard_name, temp_path
+from loftup.storage.commit import committed, is_local, parse_shard_name, remove, rename_into_place, shard_name, temp_path
 from loftup.storage.errors import StoreError
 
 PART = "part-0.parquet"
@@ -404,7 +404,7 @@ class ShardTableWriter:
             else:
                 self._merge()
             self._writer.close()
-            _rename_into_place(self.files.fs, self._tmp, self.path)
+            rename_into_place(self.files.fs, self._tmp, self.path)
         except BaseException:
             self.abort()
             raise
@@ -422,19 +422,6 @@ class ShardTableWriter:
         for p in [self._tmp, *(self._runs or [])]:
             remove(self.files.fs, p)
         self._pending, self._pending_rows = [], 0
-
-
-def _rename_into_place(fs, tmp: str, path: str) -> None:
-    if is_local(fs):
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.rpartition("/")[0])
-    else:
-        fs.mv(tmp, path)
 
 
 def _key(table: pa.Table, row: int, keys) -> tuple:

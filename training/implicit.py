@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loftup.training.projection import FeatureProjection
+
 FORMAT = "loftup-implicit/1"
 
 
@@ -267,20 +269,12 @@ def _pool_row(x, attn, i, sh, sw, gw, k):
     return torch.einsum("bcujv,bjuv->bcj", windows, attn[:, i])
 
 
-class Unprojector(nn.Module):
-    """PCA of the views' features: ``project`` (C -> k) and ``forward`` (k -> C)."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("components", torch.eye(out_dim, in_dim))
-
-    @property
-    def out_dim(self) -> int:
-        return self.components.shape[0]
+class Unprojector(FeatureProjection):
+    """PCA of the views' features: ``project`` (C -> k, the trainer's projection) and its
+    inverse ``forward`` (k -> C)."""
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bchw,kc->bkhw", feats - self.mean.view(1, -1, 1, 1), self.components)
+        return FeatureProjection.forward(self, feats)
 
     def forward(self, red: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bkhw,kc->bchw", red, self.components) + self.mean.view(1, -1, 1, 1)
