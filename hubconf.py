@@ -27,11 +27,17 @@ def _ensure_importable() -> None:
     root = Path(__file__).resolve().parent
     for name in [k for k in sys.modules if k == "loftup" or k.startswith("loftup.")]:
         del sys.modules[name]
-    packages = {"loftup": "loftup", "loftup.storage": "storage", "loftup.pipeline": "pipeline",
-                "loftup.training": "training", "loftup.cli": "cli"}
+    packages = {
+        "loftup": "loftup",
+        "loftup.storage": "storage",
+        "loftup.pipeline": "pipeline",
+        "loftup.training": "training",
+        "loftup.cli": "cli",
+    }
     for mod, folder in packages.items():
-        spec = importlib.util.spec_from_file_location(mod, root / folder / "__init__.py",
-                                                      submodule_search_locations=[str(root / folder)])
+        spec = importlib.util.spec_from_file_location(
+            mod, root / folder / "__init__.py", submodule_search_locations=[str(root / folder)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod] = module
         spec.loader.exec_module(module)
@@ -50,8 +56,10 @@ def _entry(name: str):
         return LoftUp.from_pretrained(path or name, device=device, image_scaling=image_scaling)
 
     load.__name__ = f"loftup_{name}"
-    load.__doc__ = (f"The released LoftUp for {name} (haiwen/loftup-{name}); path= a local copy of its "
-                    f"pytorch_model.bin, else the local HF cache.")
+    load.__doc__ = (
+        f"The released LoftUp for {name} (haiwen/loftup-{name}); path= a local copy of its "
+        f"pytorch_model.bin, else the local HF cache."
+    )
     return load
 
 

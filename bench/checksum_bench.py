@@ -61,9 +61,18 @@ def main() -> None:
 
     def zarr_write(name, codecs):
         def go():
-            arr = zarr.create_array(str(work / name), shape=feats.shape, dtype="float16", chunks=(1, 384, 16, 16),
-                                    shards=feats.shape, compressors=codecs, fill_value=0.0, overwrite=True)
+            arr = zarr.create_array(
+                str(work / name),
+                shape=feats.shape,
+                dtype="float16",
+                chunks=(1, 384, 16, 16),
+                shards=feats.shape,
+                compressors=codecs,
+                fill_value=0.0,
+                overwrite=True,
+            )
             arr[...] = feats
+
         return go
 
     def zarr_read(name):
@@ -71,12 +80,15 @@ def main() -> None:
             arr = zarr.open_array(str(work / name), mode="r")
             for i in range(arr.shape[0]):
                 arr[i]
+
         return go
 
     blosc = BloscCodec(cname="zstd", clevel=3, shuffle=SHUFFLE)
     rows = []
-    for label, name, codecs in (("features, Blosc only", "plain.zarr", (blosc,)),
-                                ("features, Blosc + CRC32C", "crc.zarr", (blosc, Crc32cCodec()))):
+    for label, name, codecs in (
+        ("features, Blosc only", "plain.zarr", (blosc,)),
+        ("features, Blosc + CRC32C", "crc.zarr", (blosc, Crc32cCodec())),
+    ):
         w = _best(zarr_write(name, codecs), args.repeats)
         r = _best(zarr_read(name), args.repeats)
         size = sum(p.stat().st_size for p in (work / name).rglob("*") if p.is_file())
@@ -87,11 +99,15 @@ def main() -> None:
     run_job(MasksJob(), store, resolve_shards("0", work / "sa1b"), executor="inline")
     one = store.masks_table(0)
     table = pa.concat_tables([one] * max(1, args.mask_rows // one.num_rows))
-    for label, name, check in (("masks, no page checksums", "plain.parquet", False),
-                               ("masks, page checksums (write + verified read)", "crc.parquet", True)):
+    for label, name, check in (
+        ("masks, no page checksums", "plain.parquet", False),
+        ("masks, page checksums (write + verified read)", "crc.parquet", True),
+    ):
         path = str(work / name)
-        w = _best(lambda: pq.write_table(table, path, compression="zstd", row_group_size=20_000,
-                                         write_page_checksum=check), args.repeats)
+        w = _best(
+            lambda: pq.write_table(table, path, compression="zstd", row_group_size=20_000, write_page_checksum=check),
+            args.repeats,
+        )
         r = _best(lambda: pq.ParquetFile(path, page_checksum_verification=check).read(), args.repeats)
         rows.append((label, f"{w * 1e3:.0f}", f"{r * 1e3:.0f}", f"{os.path.getsize(path) / 2**20:.1f}"))
 

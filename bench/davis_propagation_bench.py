@@ -48,14 +48,30 @@ def main() -> None:
 
     n = args.grid * args.grid
     dense_mb = (args.contexts + 1) * n * n * 4 / 2**20
-    table = Table(title=f"one target frame: {args.grid}x{args.grid} grid, C={args.dim}, {args.contexts} contexts, "
-                        f"radius 12, top-5, {args.threads} thread(s)")
+    table = Table(
+        title=f"one target frame: {args.grid}x{args.grid} grid, C={args.dim}, {args.contexts} contexts, "
+        f"radius 12, top-5, {args.threads} thread(s)"
+    )
     for col in ("method", "seconds", "peak memory"):
         table.add_column(col, justify="right")
     table.add_row("dense N x N per context (computed)", "-", f"{dense_mb:,.0f} MB")
     for tile in (int(t) for t in args.tiles.split(",")):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(args.grid), str(args.dim), str(args.contexts),
-                              str(args.objects), str(tile), str(args.threads)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(args.grid),
+                str(args.dim),
+                str(args.contexts),
+                str(args.objects),
+                str(tile),
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         table.add_row(f"tiled, tile {tile}", f"{r['seconds']:.2f}", f"{r['peak_mb']:,.0f} MB")
     Console().print(table)

@@ -35,23 +35,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SECTIONS = ("upsampler", "stage1", "stage2", "features", "sam")
 
 FULL = {
-    "dim": 384, "sizes": [224, 448, 896, 2048], "grids": [16, 32], "largest": [2896, 4096, 5792, 8192],
-    "dense_max": 2048, "repeats": 5, "budget_s": 10.0,
+    "dim": 384,
+    "sizes": [224, 448, 896, 2048],
+    "grids": [16, 32],
+    "largest": [2896, 4096, 5792, 8192],
+    "dense_max": 2048,
+    "repeats": 5,
+    "budget_s": 10.0,
     "stage1": {"pca_dim": None, "size": 224, "batch_size": 8, "steps": 6, "recipe": "released"},
     "stage2": {"sizes": [518], "hr": None, "batch_size": 2, "crops": 2, "steps": 5, "recipe": "released"},
-    "shards": {"tars": 2, "per_tar": 64, "short_side": 1500}, "features_batch": 64,
+    "shards": {"tars": 2, "per_tar": 64, "short_side": 1500},
+    "features_batch": 64,
     "sam": {"model": "vit_h", "images": 2, "settings": {}},
 }
 SMALL = {
-    "dim": 384, "sizes": [28], "grids": [2], "largest": [42], "dense_max": 28, "repeats": 1,
+    "dim": 384,
+    "sizes": [28],
+    "grids": [2],
+    "largest": [42],
+    "dense_max": 28,
+    "repeats": 1,
     "budget_s": 1.0,
     # The paper recipe: the released one's live-backbone terms would dominate a 28 px test step.
     "stage1": {"pca_dim": 16, "size": 28, "batch_size": 2, "steps": 2, "recipe": "paper"},
     "stage2": {"sizes": [28], "hr": 56, "batch_size": 2, "crops": 2, "steps": 2, "recipe": "paper"},
-    "shards": {"tars": 1, "per_tar": 4, "short_side": 96}, "features_batch": 2,
-    "sam": {"model": "tiny", "images": 1,
-            "settings": {"points_per_side": 2, "points_per_batch": 4, "crop_n_layers": 0,
-                         "crop_n_points_downscale_factor": 1}},
+    "shards": {"tars": 1, "per_tar": 4, "short_side": 96},
+    "features_batch": 2,
+    "sam": {
+        "model": "tiny",
+        "images": 1,
+        "settings": {
+            "points_per_side": 2,
+            "points_per_batch": 4,
+            "crop_n_layers": 0,
+            "crop_n_points_downscale_factor": 1,
+        },
+    },
 }
 
 
@@ -145,8 +164,13 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
             row["error"] = "out of memory"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        log(f"  {kind:9s} {precision} out {out:5d} grid {grid:2d}: "
-            + (row.get("error") or f"{row['ms']:.1f} ms" + (f", {row['peak_bytes'] / 2**20:,.0f} MiB" if row.get("peak_bytes") else "")))
+        log(
+            f"  {kind:9s} {precision} out {out:5d} grid {grid:2d}: "
+            + (
+                row.get("error")
+                or f"{row['ms']:.1f} ms" + (f", {row['peak_bytes'] / 2**20:,.0f} MiB" if row.get("peak_bytes") else "")
+            )
+        )
         return row
 
     compiled_model = None
@@ -165,8 +189,11 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
                 plan = plan_execution(spec, out, out, keys=grid * grid, bytes_per_value=bpv, allow_dense=False)
                 if out <= cfg["dense_max"]:
                     rows.append(one("dense", out, grid, precision))
-                    rows[-1]["planned"] = "dense" if plan_execution(spec, out, out, keys=grid * grid,
-                                                                    bytes_per_value=bpv) is None else "bounded"
+                    rows[-1]["planned"] = (
+                        "dense"
+                        if plan_execution(spec, out, out, keys=grid * grid, bytes_per_value=bpv) is None
+                        else "bounded"
+                    )
                 rows.append(one("bounded", out, grid, precision, plan))
                 if compiled_model is not None:
                     rows.append(one("bounded", out, grid, precision, plan, compiled=True))
@@ -177,8 +204,14 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
     for precision in ("fp32", "bf16"):
         largest = None
         for out in cfg["largest"]:
-            plan = plan_execution(DeviceSpec.of(device), out, out, keys=grid * grid,
-                                  bytes_per_value=2 if precision == "bf16" else 4, allow_dense=False)
+            plan = plan_execution(
+                DeviceSpec.of(device),
+                out,
+                out,
+                keys=grid * grid,
+                bytes_per_value=2 if precision == "bf16" else 4,
+                allow_dense=False,
+            )
             row = one("bounded", out, grid, precision, plan)
             if "error" in row:
                 break
@@ -236,15 +269,34 @@ def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, st
     c = cfg["stage1"]
     out = work / "stage1"
     # The released recipe (the default) runs the backbone live for its reconstruction term: random weights.
-    run_cfg = Stage1Config(store=url, out=str(out), recipe=c["recipe"], random_init=True, pca_dim=c["pca_dim"], size=c["size"],
-                           batch_size=c["batch_size"],
-                           max_steps=c["steps"], log_every=1, checkpoint_every=10**9, workers=0 if device.type == "cpu" else 4,
-                           progress=False, device=str(device))
+    run_cfg = Stage1Config(
+        store=url,
+        out=str(out),
+        recipe=c["recipe"],
+        random_init=True,
+        pca_dim=c["pca_dim"],
+        size=c["size"],
+        batch_size=c["batch_size"],
+        max_steps=c["steps"],
+        log_every=1,
+        checkpoint_every=10**9,
+        workers=0 if device.type == "cpu" else 4,
+        progress=False,
+        device=str(device),
+    )
     _, peak = _run_peak(lambda: train(run_cfg), device)
     steps = _step_seconds(out, c["batch_size"])
-    row = {"what": "stage1_step", "recipe": c["recipe"], "size": c["size"], "batch": c["batch_size"], "pca_dim": c["pca_dim"],
-           "s_per_step": min(steps), "s_per_step_median": sorted(steps)[len(steps) // 2], "steps_timed": len(steps),
-           "peak_bytes": peak}
+    row = {
+        "what": "stage1_step",
+        "recipe": c["recipe"],
+        "size": c["size"],
+        "batch": c["batch_size"],
+        "pca_dim": c["pca_dim"],
+        "s_per_step": min(steps),
+        "s_per_step_median": sorted(steps)[len(steps) // 2],
+        "steps_timed": len(steps),
+        "peak_bytes": peak,
+    }
     log(f"  stage 1 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
     return row, str(out / "stage1.safetensors")
 
@@ -254,16 +306,37 @@ def bench_stage2(cfg: dict, url: str, init: str, work: Path, device, log) -> dic
 
     c = cfg["stage2"]
     out = work / "stage2"
-    run_cfg = Stage2Config(init=init, store=url, out=str(out), recipe=c["recipe"], random_init=True, sizes=c["sizes"],
-                           hr=c["hr"],
-                           batch_size=c["batch_size"], crops=c["crops"], max_steps=c["steps"], log_every=1,
-                           checkpoint_every=10**9, workers=0 if device.type == "cpu" else 4, progress=False,
-                           device=str(device))
+    run_cfg = Stage2Config(
+        init=init,
+        store=url,
+        out=str(out),
+        recipe=c["recipe"],
+        random_init=True,
+        sizes=c["sizes"],
+        hr=c["hr"],
+        batch_size=c["batch_size"],
+        crops=c["crops"],
+        max_steps=c["steps"],
+        log_every=1,
+        checkpoint_every=10**9,
+        workers=0 if device.type == "cpu" else 4,
+        progress=False,
+        device=str(device),
+    )
     _, peak = _run_peak(lambda: train(run_cfg), device)
     steps = _step_seconds(out, c["batch_size"])
-    row = {"what": "stage2_step", "recipe": c["recipe"], "student": c["sizes"], "hr": c["hr"] or 896, "batch": c["batch_size"],
-           "crops": c["crops"], "s_per_step": min(steps), "s_per_step_median": sorted(steps)[len(steps) // 2],
-           "steps_timed": len(steps), "peak_bytes": peak}
+    row = {
+        "what": "stage2_step",
+        "recipe": c["recipe"],
+        "student": c["sizes"],
+        "hr": c["hr"] or 896,
+        "batch": c["batch_size"],
+        "crops": c["crops"],
+        "s_per_step": min(steps),
+        "s_per_step_median": sorted(steps)[len(steps) // 2],
+        "steps_timed": len(steps),
+        "peak_bytes": peak,
+    }
     log(f"  stage 2 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
     return row
 
@@ -292,7 +365,7 @@ def bench_features(cfg: dict, url: str, shards: list, device, log) -> list[dict]
     def bare():
         with torch.inference_mode():
             for i in range(0, len(imgs), batch):
-                x = torch.from_numpy(imgs[i:i + batch]).to(device).permute(0, 3, 1, 2).float().div_(255)
+                x = torch.from_numpy(imgs[i : i + batch]).to(device).permute(0, 3, 1, 2).float().div_(255)
                 with autocast(device):
                     model(x)
         _sync(device)
@@ -307,9 +380,16 @@ def bench_features(cfg: dict, url: str, shards: list, device, log) -> list[dict]
     summary = run_job(job, store, job_shards, executor="inline", overwrite=True, console=Console(quiet=True))
     job_rate = len(ids) / summary.seconds
     log(f"  features job {job_rate:.1f} img/s vs bare backbone {bare_rate:.1f} img/s")
-    return [{"what": "backbone_bare", "images": len(ids), "batch": batch, "images_per_s": bare_rate},
-            {"what": "features_job", "images": len(ids), "batch": batch, "images_per_s": job_rate,
-             "overhead_pct": 100 * (bare_rate / job_rate - 1)}]
+    return [
+        {"what": "backbone_bare", "images": len(ids), "batch": batch, "images_per_s": bare_rate},
+        {
+            "what": "features_job",
+            "images": len(ids),
+            "batch": batch,
+            "images_per_s": job_rate,
+            "overhead_pct": 100 * (bare_rate / job_rate - 1),
+        },
+    ]
 
 
 # --------------------------------------------------------------------------- SAM
@@ -329,8 +409,9 @@ def bench_sam(cfg: dict, url: str, shards: list, device, log) -> dict:
     torch.manual_seed(0)
     if c["model"] == "tiny":  # CPU test: the real generator around a one-block encoder
         build = importlib.import_module("segment_anything.build_sam")
-        sam = build._build_sam(encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=1,
-                               encoder_global_attn_indexes=[0])
+        sam = build._build_sam(
+            encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=1, encoder_global_attn_indexes=[0]
+        )
     else:
         sam = sam_model_registry[c["model"]](checkpoint=None)
     sam = sam.to(device).eval()
@@ -352,9 +433,15 @@ def bench_sam(cfg: dict, url: str, shards: list, device, log) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
         masks += len(rows)
-    row = {"what": "sam_amg", "model": c["model"], "image_px": list(images[0].shape[:2]),
-           "settings": settings.generator_kwargs(), "s_per_image": sum(times) / len(times),
-           "masks_per_image": masks / len(times), "images": len(times)}
+    row = {
+        "what": "sam_amg",
+        "model": c["model"],
+        "image_px": list(images[0].shape[:2]),
+        "settings": settings.generator_kwargs(),
+        "s_per_image": sum(times) / len(times),
+        "masks_per_image": masks / len(times),
+        "images": len(times),
+    }
     log(f"  SAM {c['model']} AMG: {row['s_per_image']:.2f} s/img ({row['masks_per_image']:.0f} masks, random weights)")
     return row
 
@@ -373,7 +460,9 @@ def render(result: dict) -> None:
     rows = result["rows"]
     up = [r for r in rows if r["what"] in ("dense", "bounded", "dinov2_s")]
     if up:
-        table = Table(title=f"LoftUp dim {result['config']['dim']} on {env['device_name']} (batch 1, warm, synchronised)")
+        table = Table(
+            title=f"LoftUp dim {result['config']['dim']} on {env['device_name']} (batch 1, warm, synchronised)"
+        )
         for col in ("output", "grid", "path", "precision", "plan (tile, chunk)", "ms / img", "peak MiB", "x DINOv2-S"):
             table.add_column(col, justify="left" if col in ("path", "precision") else "right")
         backbone = {(r["grid"], r["precision"]): r.get("ms") for r in up if r["what"] == "dinov2_s"}
@@ -383,9 +472,16 @@ def render(result: dict) -> None:
                 path += f" [plan: {r['planned']}]"
             bb = backbone.get((r["grid"], r["precision"]))
             ratio = f"{r['ms'] / bb:.1f}" if r["what"] != "dinov2_s" and bb and r.get("ms") else ""
-            table.add_row(str(r["out"]), f"{r['grid']}x{r['grid']}", "DINOv2-S/14 forward" if r["what"] == "dinov2_s" else path,
-                          r["precision"], ", ".join(map(str, r.get("plan", []))), r.get("error") or f"{r['ms']:.1f}",
-                          _mib(r.get("peak_bytes")), ratio)
+            table.add_row(
+                str(r["out"]),
+                f"{r['grid']}x{r['grid']}",
+                "DINOv2-S/14 forward" if r["what"] == "dinov2_s" else path,
+                r["precision"],
+                ", ".join(map(str, r.get("plan", []))),
+                r.get("error") or f"{r['ms']:.1f}",
+                _mib(r.get("peak_bytes")),
+                ratio,
+            )
         console.print(table)
     other = [r for r in rows if r["what"] not in ("dense", "bounded", "dinov2_s")]
     if other:
@@ -394,27 +490,49 @@ def render(result: dict) -> None:
             table.add_column(col)
         for r in other:
             if r["what"].endswith("_step"):
-                setting = (f"dim {r.get('pca_dim') or result['config']['dim']}, {r['size']} px, batch {r['batch']}"
-                           if r["what"] == "stage1_step" else
-                           f"student {r['student']}, HR {r['hr']}, {r['crops']} crops, batch {r['batch']}")
+                setting = (
+                    f"dim {r.get('pca_dim') or result['config']['dim']}, {r['size']} px, batch {r['batch']}"
+                    if r["what"] == "stage1_step"
+                    else f"student {r['student']}, HR {r['hr']}, {r['crops']} crops, batch {r['batch']}"
+                )
                 value = f"{r['s_per_step']:.3f} s/step (median {r['s_per_step_median']:.3f}, {r['steps_timed']} steps)"
                 table.add_row(r["what"], f"{setting}, {r['recipe']} recipe", value, _mib(r["peak_bytes"]))
             elif r["what"] == "features_job":
-                table.add_row("features job", f"{r['images']} images, batch {r['batch']}",
-                              f"{r['images_per_s']:.1f} img/s, overhead {r['overhead_pct']:+.1f}%", "")
+                table.add_row(
+                    "features job",
+                    f"{r['images']} images, batch {r['batch']}",
+                    f"{r['images_per_s']:.1f} img/s, overhead {r['overhead_pct']:+.1f}%",
+                    "",
+                )
             elif r["what"] == "backbone_bare":
-                table.add_row("bare DINOv2-S (baseline)", f"{r['images']} images, batch {r['batch']}",
-                              f"{r['images_per_s']:.1f} img/s", "")
+                table.add_row(
+                    "bare DINOv2-S (baseline)",
+                    f"{r['images']} images, batch {r['batch']}",
+                    f"{r['images_per_s']:.1f} img/s",
+                    "",
+                )
             elif r["what"] == "sam_amg":
-                table.add_row(f"SAM {r['model']} AMG (random init)", f"{r['image_px'][0]}x{r['image_px'][1]} px",
-                              f"{r['s_per_image']:.2f} s/img, {r['masks_per_image']:.0f} masks", "")
+                table.add_row(
+                    f"SAM {r['model']} AMG (random init)",
+                    f"{r['image_px'][0]}x{r['image_px'][1]} px",
+                    f"{r['s_per_image']:.2f} s/img, {r['masks_per_image']:.0f} masks",
+                    "",
+                )
         console.print(table)
-    console.print(f"  {env['device_name']}, torch {env['torch']}, {env['threads']} threads, "
-                  f"load average {env['load_start']:.1f} -> {env['load_end']:.1f}, {result['seconds']:.0f} s")
+    console.print(
+        f"  {env['device_name']}, torch {env['torch']}, {env['threads']} threads, "
+        f"load average {env['load_start']:.1f} -> {env['load_end']:.1f}, {result['seconds']:.0f} s"
+    )
 
 
-def run(cpu_small: bool = False, only=SECTIONS, compile_: bool = False, workdir: str | None = None,
-        device: str = "auto", log=print) -> dict:
+def run(
+    cpu_small: bool = False,
+    only=SECTIONS,
+    compile_: bool = False,
+    workdir: str | None = None,
+    device: str = "auto",
+    log=print,
+) -> dict:
     import torch
 
     from loftup.pipeline.devices import pick_device
@@ -435,9 +553,13 @@ def _run(cfg, dev, only, compile_, workdir, cpu_small, log) -> dict:
     import torch
 
     t0 = time.perf_counter()
-    env = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-           "load_start": os.getloadavg()[0]}
+    env = {
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "load_start": os.getloadavg()[0],
+    }
     rows = []
     work = Path(workdir or tempfile.mkdtemp(prefix="loftup-gpu-bench-"))
     if "upsampler" in only:
@@ -460,8 +582,12 @@ def _run(cfg, dev, only, compile_, workdir, cpu_small, log) -> dict:
             log("SAM")
             rows.append(bench_sam(cfg, url, shards, dev, log))
     env["load_end"] = os.getloadavg()[0]
-    return {"config": {"dim": cfg["dim"], "cpu_small": cpu_small, "compile": compile_}, "environment": env,
-            "rows": rows, "seconds": time.perf_counter() - t0}
+    return {
+        "config": {"dim": cfg["dim"], "cpu_small": cpu_small, "compile": compile_},
+        "environment": env,
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def main(argv=None) -> int:
@@ -483,8 +609,14 @@ def main(argv=None) -> int:
     if not args.cpu_small and args.device == "auto" and not torch.cuda.is_available():
         print("error: no CUDA device here; run with --cpu-small for the CPU check", file=sys.stderr)
         return 2
-    result = run(args.cpu_small, only, args.compile, args.workdir, args.device,
-                 log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(
+        args.cpu_small,
+        only,
+        args.compile,
+        args.workdir,
+        args.device,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     render(result)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"  rows written to {args.json}")

@@ -63,9 +63,23 @@ def main() -> None:
 
     # masks (sa1b source), one process = one core
     s = run(MasksJob(), store, shards, executor="inline")
-    rows.append(("masks job (sa1b), inline, 1 core", n_images / s.seconds, f"{n_images / s.seconds:.2f} img/s/core", "goal >= 2 img/s/core"))
+    rows.append(
+        (
+            "masks job (sa1b), inline, 1 core",
+            n_images / s.seconds,
+            f"{n_images / s.seconds:.2f} img/s/core",
+            "goal >= 2 img/s/core",
+        )
+    )
     s = run(ImagesJob(), store, shards, executor="inline")
-    rows.append(("images job (224+896 JPEG), inline, 1 core", n_images / s.seconds, f"{n_images / s.seconds:.2f} img/s/core", ""))
+    rows.append(
+        (
+            "images job (224+896 JPEG), inline, 1 core",
+            n_images / s.seconds,
+            f"{n_images / s.seconds:.2f} img/s/core",
+            "",
+        )
+    )
 
     # features: the job versus the bare forward over the same stored images
     model = create_backbone(args.backbone, random_init=True)
@@ -92,11 +106,34 @@ def main() -> None:
     ray_warm = n_images / s.seconds
     ray.shutdown()
     rows.append((f"bare {args.backbone} forward (baseline)", bare_rate, f"{bare_rate:.2f} img/s", ""))
-    rows.append(("features job, inline", inline_rate, f"{inline_rate:.2f} img/s", f"overhead {100 * (bare_rate / inline_rate - 1):+.1f}%"))
-    rows.append(("features job, Ray (incl. Ray start)", ray_rate, f"{ray_rate:.2f} img/s", f"overhead {100 * (bare_rate / ray_rate - 1):+.1f}%"))
-    rows.append(("features job, Ray (warm)", ray_warm, f"{ray_warm:.2f} img/s", f"overhead {100 * (bare_rate / ray_warm - 1):+.1f}% (goal < 15%)"))
+    rows.append(
+        (
+            "features job, inline",
+            inline_rate,
+            f"{inline_rate:.2f} img/s",
+            f"overhead {100 * (bare_rate / inline_rate - 1):+.1f}%",
+        )
+    )
+    rows.append(
+        (
+            "features job, Ray (incl. Ray start)",
+            ray_rate,
+            f"{ray_rate:.2f} img/s",
+            f"overhead {100 * (bare_rate / ray_rate - 1):+.1f}%",
+        )
+    )
+    rows.append(
+        (
+            "features job, Ray (warm)",
+            ray_warm,
+            f"{ray_warm:.2f} img/s",
+            f"overhead {100 * (bare_rate / ray_warm - 1):+.1f}% (goal < 15%)",
+        )
+    )
 
-    table = Table(title=f"pipeline bench: {n_images} images, 1500 px, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    table = Table(
+        title=f"pipeline bench: {n_images} images, 1500 px, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    )
     for col in ("what", "rate", "vs baseline"):
         table.add_column(col)
     for what, _, rate, note in rows:

@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--backbone", default="hed_vgg16")
     ap.add_argument("--steps", type=int, default=8, help="reduced steps for the images of shard 0")
     ap.add_argument("--views", type=int, default=32, help="reduced views for the images of shard 0")
-    ap.add_argument("--timing-steps", type=int, default=100, help="steps timed at full size on one image of the last shard")
+    ap.add_argument(
+        "--timing-steps", type=int, default=100, help="steps timed at full size on one image of the last shard"
+    )
     ap.add_argument("--timing-views", type=int, default=128, help="views featurised for that image")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     ap.add_argument("--workdir", default=None)
@@ -81,12 +83,18 @@ def main() -> None:
     run(FeaturesJob(backbone=args.backbone, batch_size=8), plain, f"features ({args.backbone})")
     run(PseudoGTJob(backbone=args.backbone, png=False), plain, "pseudogt")
     reduced = {"steps": args.steps, "views": args.views, "pca_views": min(50, args.views)}
-    run(ImplicitJob(backbone=args.backbone, dense=True, images_per_shard=args.images_per_tar, recipe=reduced),
-        [(0, None)], f"implicit, reduced recipe ({args.views} views, {args.steps} steps), dense")
+    run(
+        ImplicitJob(backbone=args.backbone, dense=True, images_per_shard=args.images_per_tar, recipe=reduced),
+        [(0, None)],
+        f"implicit, reduced recipe ({args.views} views, {args.steps} steps), dense",
+    )
     timing = {"steps": args.timing_steps, "views": args.timing_views, "pca_views": min(50, args.timing_views)}
     if last > 0:
-        run(ImplicitJob(backbone=args.backbone, images_per_shard=1, recipe=timing), [(last, None)],
-            f"implicit, timing run ({args.timing_views} views, {args.timing_steps} of 1200 steps)")
+        run(
+            ImplicitJob(backbone=args.backbone, images_per_shard=1, recipe=timing),
+            [(last, None)],
+            f"implicit, timing run ({args.timing_views} views, {args.timing_steps} of 1200 steps)",
+        )
 
     rep = scalability_report(store, backbone=args.backbone)
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
@@ -100,12 +108,18 @@ def main() -> None:
     one, per, ratios = rep["one_pass"], rep["per_image_optimisation"], rep["ratios"]
     console.print(f"per-image optimisation: {human_seconds(per['seconds_per_image'])}/image ({per['seconds_basis']})")
     console.print(f"one-pass pseudo-GT:     {human_seconds(one['seconds_per_image'])}/image (measured)")
-    console.print(f"[bold]time ratio per-image / one-pass: x{ratios['seconds']:.0f}[/bold] (goal >= 1000 on this CPU; paper ~540 on an A100)")
-    console.print(f"[bold]bytes ratio dense per-image / stored factors: x{ratios['bytes_dense']:.0f} (fp16 Zarr), "
-                  f"x{ratios['bytes_dense_fp32']:.0f} (fp32 raw)[/bold] (goal >= 150); compact per-image "
-                  f"{human_bytes(per['bytes_per_image'])} vs factors {human_bytes(one['bytes_per_image'])}")
-    console.print(f"wrote {out / 'report.json'} and {out / 'report.png'}; store {work / 'store'}; "
-                  f"bench {time.time() - t_all:.0f} s; load average {os.getloadavg()}")
+    console.print(
+        f"[bold]time ratio per-image / one-pass: x{ratios['seconds']:.0f}[/bold] (goal >= 1000 on this CPU; paper ~540 on an A100)"
+    )
+    console.print(
+        f"[bold]bytes ratio dense per-image / stored factors: x{ratios['bytes_dense']:.0f} (fp16 Zarr), "
+        f"x{ratios['bytes_dense_fp32']:.0f} (fp32 raw)[/bold] (goal >= 150); compact per-image "
+        f"{human_bytes(per['bytes_per_image'])} vs factors {human_bytes(one['bytes_per_image'])}"
+    )
+    console.print(
+        f"wrote {out / 'report.json'} and {out / 'report.png'}; store {work / 'store'}; "
+        f"bench {time.time() - t_all:.0f} s; load average {os.getloadavg()}"
+    )
 
 
 if __name__ == "__main__":

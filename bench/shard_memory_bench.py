@@ -174,8 +174,14 @@ def lookups(path: Path, ids, count: int, seed: int = 0) -> dict:
         lat_f.append(t1 - t0)
         lat_m.append(t2 - t1)
     f_ms, m_ms = np.array(lat_f) * 1e3, np.array(lat_m) * 1e3
-    return {"f50": np.percentile(f_ms, 50), "f95": np.percentile(f_ms, 95), "m50": np.percentile(m_ms, 50),
-            "m95": np.percentile(m_ms, 95), "b50": np.percentile(f_ms + m_ms, 50), "first": f_ms[0] + m_ms[0]}
+    return {
+        "f50": np.percentile(f_ms, 50),
+        "f95": np.percentile(f_ms, 95),
+        "m50": np.percentile(m_ms, 50),
+        "m95": np.percentile(m_ms, 95),
+        "b50": np.percentile(f_ms + m_ms, 50),
+        "first": f_ms[0] + m_ms[0],
+    }
 
 
 def raw_zarr_p50(path: Path, ids, count: int) -> float:
@@ -224,7 +230,10 @@ def main() -> None:
 
     console = Console(width=220)
     sizes = sorted(int(s) for s in args.sizes.split(","))
-    per_job = {j: sorted(int(s) for s in (getattr(args, f"{j}_sizes") or args.sizes).split(",")) for j in ("images", "masks", "features")}
+    per_job = {
+        j: sorted(int(s) for s in (getattr(args, f"{j}_sizes") or args.sizes).split(","))
+        for j in ("images", "masks", "features")
+    }
     sizes = sorted(set(sizes) | {k for v in per_job.values() for k in v})
     fsizes = per_job["features"]
     # Finished runs are kept in the workdir, so an interrupted bench resumes where it stopped.
@@ -261,13 +270,26 @@ def main() -> None:
         peaks["features (writer, synthetic)"].append((k, r["peak_mb"], r["seconds"]))
         console.print(f"synthetic {k:6d} images: peak {r['peak_mb']:8.0f} MB, {r['seconds']:6.1f} s")
 
-    t = Table(title=f"peak RSS per shard task (inline, whole process), sizes {sizes}; baseline = issue 16, one-shot writers")
-    for c in ("job", "peak MB at each size", "slope MB/image (sizes >= 1,024 if 2+)", f"at {args.real:,}", "baseline slope",
-              "baseline at 11,186",
-              "goal", "declared memory="):
+    t = Table(
+        title=f"peak RSS per shard task (inline, whole process), sizes {sizes}; baseline = issue 16, one-shot writers"
+    )
+    for c in (
+        "job",
+        "peak MB at each size",
+        "slope MB/image (sizes >= 1,024 if 2+)",
+        f"at {args.real:,}",
+        "baseline slope",
+        "baseline at 11,186",
+        "goal",
+        "declared memory=",
+    ):
         t.add_column(c, justify="right" if c != "job" else "left")
-    declared = {"images": ImagesJob().memory_bytes(), "masks": MasksJob().memory_bytes(),
-                "features": FeaturesJob().memory_bytes(), "features (writer, synthetic)": None}
+    declared = {
+        "images": ImagesJob().memory_bytes(),
+        "masks": MasksJob().memory_bytes(),
+        "features": FeaturesJob().memory_bytes(),
+        "features (writer, synthetic)": None,
+    }
     synth = dict((n, m) for n, m, _ in peaks["features (writer, synthetic)"])
     for label, rows in peaks.items():
         ns, mb = [r[0] for r in rows], [r[1] for r in rows]
@@ -284,8 +306,14 @@ def main() -> None:
             label,
             ", ".join(f"{m:.0f} @{n}" for n, m in zip(ns, mb)),
             f"{slope:.4f}",
-            f"{at_real / 1024:.2f} GB" + (" (measured)" if ns[-1] == args.real else
-                                          " (+ writer growth)" if label == "features" and args.real in synth else ""),
+            f"{at_real / 1024:.2f} GB"
+            + (
+                " (measured)"
+                if ns[-1] == args.real
+                else " (+ writer growth)"
+                if label == "features" and args.real in synth
+                else ""
+            ),
             "-" if b_slope is None else f"{b_slope:.2f}",
             "-" if b_real is None else f"~{b_real:.1f} GB ({b_note})",
             f"< {GOAL_GB[label]} GB",
@@ -307,18 +335,38 @@ def main() -> None:
             shutil.rmtree(path)
         _, ids, n_masks, t_m, t_f = build_real_store(mask_store, feat_store, path, args.real, shard_images)
         out[name] = (lookups(path, ids, args.lookups), raw_zarr_p50(path, ids, args.lookups), n_masks, t_m, t_f)
-    lt = Table(title=f"random access, one shard of {args.real:,} images ({out['new'][2]:,} masks), fresh store, "
-                     f"{args.lookups} lookups; baseline p50 = 20 ms (issue 16, features + masks)")
-    for c in ("layout", "features p50", "features p95", "masks p50", "masks p95", "both p50", "first lookup",
-              "plain zarr get p50 (no index cache)"):
+    lt = Table(
+        title=f"random access, one shard of {args.real:,} images ({out['new'][2]:,} masks), fresh store, "
+        f"{args.lookups} lookups; baseline p50 = 20 ms (issue 16, features + masks)"
+    )
+    for c in (
+        "layout",
+        "features p50",
+        "features p95",
+        "masks p50",
+        "masks p95",
+        "both p50",
+        "first lookup",
+        "plain zarr get p50 (no index cache)",
+    ):
         lt.add_column(c, justify="right" if c != "layout" else "left")
     for name, (r, raw, *_rest) in out.items():
         label = "1,024-image Zarr shards (this build)" if name == "new" else f"one {args.real:,}-image Zarr shard"
-        lt.add_row(label, f"{r['f50']:.2f} ms", f"{r['f95']:.2f} ms", f"{r['m50']:.2f} ms", f"{r['m95']:.2f} ms",
-                   f"{r['b50']:.2f} ms", f"{r['first']:.1f} ms", f"{raw:.2f} ms")
+        lt.add_row(
+            label,
+            f"{r['f50']:.2f} ms",
+            f"{r['f95']:.2f} ms",
+            f"{r['m50']:.2f} ms",
+            f"{r['m95']:.2f} ms",
+            f"{r['b50']:.2f} ms",
+            f"{r['first']:.1f} ms",
+            f"{raw:.2f} ms",
+        )
     console.print(lt)
-    console.print(f"real-size store written in {out['new'][3]:.1f} s (masks) + {out['new'][4]:.1f} s (features); "
-                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; workdir {work}")
+    console.print(
+        f"real-size store written in {out['new'][3]:.1f} s (masks) + {out['new'][4]:.1f} s (features); "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; workdir {work}"
+    )
 
 
 if __name__ == "__main__":

@@ -87,11 +87,11 @@ def explicit_blocked(student, teacher, border: float, rows: int = 1024) -> float
     total = 0.0
     n = (h - 2 * bh) * (w - 2 * bw)
     for b in range(student.shape[0]):
-        s = F.normalize(student[b, :, bh:h - bh, bw:w - bw].float(), dim=0).flatten(1)
-        t = F.normalize(teacher[b, :, bh:h - bh, bw:w - bw].float(), dim=0).flatten(1)
+        s = F.normalize(student[b, :, bh : h - bh, bw : w - bw].float(), dim=0).flatten(1)
+        t = F.normalize(teacher[b, :, bh : h - bh, bw : w - bw].float(), dim=0).flatten(1)
         acc = 0.0
         for r in range(0, n, rows):
-            diff = s[:, r:r + rows].t() @ s - t[:, r:r + rows].t() @ t
+            diff = s[:, r : r + rows].t() @ s - t[:, r : r + rows].t() @ t
             acc += float(diff.double().pow(2).sum())
         total += acc / n / n
     return total / student.shape[0]
@@ -134,8 +134,22 @@ def worker(args) -> dict:
 
 
 def run_worker(form: str, size: int, chans: int, grad: bool, warmup: bool, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", form, "--size", str(size), "--chans", str(chans),
-           "--threads", str(threads)] + (["--grad"] if grad else []) + (["--warmup"] if warmup else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            form,
+            "--size",
+            str(size),
+            "--chans",
+            str(chans),
+            "--threads",
+            str(threads),
+        ]
+        + (["--grad"] if grad else [])
+        + (["--warmup"] if warmup else [])
+    )
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
@@ -155,8 +169,21 @@ def stage1_checkpoint(url: str, work: Path, log) -> str:
     ckpt = work / "stage2_bench_init" / "stage1.safetensors"
     if not ckpt.exists():
         t0 = time.perf_counter()
-        train(Stage1Config(store=url, out=str(ckpt.parent), backbone=BACKBONE, pca_dim=64, size=112, random_init=True,
-                           max_steps=1, batch_size=8, workers=0, progress=False, device="cpu"))
+        train(
+            Stage1Config(
+                store=url,
+                out=str(ckpt.parent),
+                backbone=BACKBONE,
+                pca_dim=64,
+                size=112,
+                random_init=True,
+                max_steps=1,
+                batch_size=8,
+                workers=0,
+                progress=False,
+                device="cpu",
+            )
+        )
         log(f"stage 1 init (PCA-64, 1 step) in {time.perf_counter() - t0:.0f} s")
     return str(ckpt)
 
@@ -165,9 +192,24 @@ def stage2_timings(url: str, init: str, work: Path, steps: int, tag: str) -> dic
     from loftup.training.stage2 import Stage2Config, train
 
     out = work / f"stage2_bench_{tag}"
-    cfg = Stage2Config(init=init, store=url, out=str(out), backbone=BACKBONE, random_init=True, sizes=[224],
-                       hr=None, batch_size=2, crops=2, max_steps=steps, workers=0, progress=False,
-                       log_every=10_000, checkpoint_every=10_000, device="cpu", seed=0)
+    cfg = Stage2Config(
+        init=init,
+        store=url,
+        out=str(out),
+        backbone=BACKBONE,
+        random_init=True,
+        sizes=[224],
+        hr=None,
+        batch_size=2,
+        crops=2,
+        max_steps=steps,
+        workers=0,
+        progress=False,
+        log_every=10_000,
+        checkpoint_every=10_000,
+        device="cpu",
+        seed=0,
+    )
     t0 = time.perf_counter()
     result = train(cfg)
     return {"timings": result["timings"], "wall": time.perf_counter() - t0, "steps": result["steps"]}
@@ -195,7 +237,7 @@ def teacher_split(url: str, init: str, repeats: int) -> dict:
     vfm = create_backbone(BACKBONE, random_init=True)
     img = batch["image"].float().div_(255)
     s, crops = batch["s"], batch["crops"]
-    crop_imgs = torch.stack([img[k // 2, :, c.top:c.top + s, c.left:c.left + s] for k, c in enumerate(crops)])
+    crop_imgs = torch.stack([img[k // 2, :, c.top : c.top + s, c.left : c.left + s] for k, c in enumerate(crops)])
     with torch.no_grad():
         lr = projection(vfm(crop_imgs))
         out = teacher(lr, normalise_float(crop_imgs))
@@ -246,7 +288,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="build the store here, or reuse the one already there")
     ap.add_argument("--steps", type=int, default=None, help="timed Stage 2 steps after the first (default 2, quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--explicit-224", action="store_true", help="also run the library's explicit loss at s=224 (~17 GB)")
+    ap.add_argument(
+        "--explicit-224", action="store_true", help="also run the library's explicit loss at s=224 (~17 GB)"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer steps; no blocked explicit check at 224")
     ap.add_argument("--worker", choices=("gram", "explicit", "blocked"), help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=518, help=argparse.SUPPRESS)
@@ -274,8 +318,10 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-stage2-bench-"))
     t_run = time.perf_counter()
     load0 = os.getloadavg()[0]
-    console.print(f"torch {torch.__version__}, {threads} torch threads, {os.cpu_count()} cores, "
-                  f"load average {load0:.1f} at start; workdir {work}")
+    console.print(
+        f"torch {torch.__version__}, {threads} torch threads, {os.cpu_count()} cores, "
+        f"load average {load0:.1f} at start; workdir {work}"
+    )
     steps = args.steps or (1 if args.quick else 2)
 
     # (a) ------------------------------------------------------------------------------------
@@ -286,23 +332,44 @@ def main() -> None:
     console.print(f"[dim]stage 2 runs done ({time.perf_counter() - t_run:.0f} s)[/]")
     steady = {k: max(0.0, (more["timings"][k] - first["timings"][k]) / steps) for k in PHASES}
     total = sum(steady.values())
-    split = Table(title=f"(a) one Stage 2 step: dim 64 (PCA-64 Stage 1 init), s = 224, HR 896, batch 2, 2 crops/image; "
-                        f"{threads} torch threads; steady = (run of {1 + steps} steps - run of 1) / {steps}")
+    split = Table(
+        title=f"(a) one Stage 2 step: dim 64 (PCA-64 Stage 1 init), s = 224, HR 896, batch 2, 2 crops/image; "
+        f"{threads} torch threads; steady = (run of {1 + steps} steps - run of 1) / {steps}"
+    )
     mean = {k: more["timings"][k] / more["steps"] for k in PHASES}
     for col in ("phase", "first step (s)", f"mean of {1 + steps} (s)", "steady step (s)", "share", "what it covers"):
         split.add_column(col, overflow="fold")
     for k in PHASES:
-        split.add_row(k, f"{first['timings'][k]:.2f}", f"{mean[k]:.2f}", f"{steady[k]:.2f}",
-                      f"{100 * steady[k] / max(total, 1e-9):.0f}%", PHASE_NOTES[k])
-    split.add_row("total", f"{sum(first['timings'].values()):.2f}", f"{sum(mean.values()):.2f}", f"{total:.2f}", "100%",
-                  f"{2 / max(total, 1e-9):.2f} samples/s; run walls {first['wall']:.0f} s / {more['wall']:.0f} s (model builds, checkpoints)")
+        split.add_row(
+            k,
+            f"{first['timings'][k]:.2f}",
+            f"{mean[k]:.2f}",
+            f"{steady[k]:.2f}",
+            f"{100 * steady[k] / max(total, 1e-9):.0f}%",
+            PHASE_NOTES[k],
+        )
+    split.add_row(
+        "total",
+        f"{sum(first['timings'].values()):.2f}",
+        f"{sum(mean.values()):.2f}",
+        f"{total:.2f}",
+        "100%",
+        f"{2 / max(total, 1e-9):.2f} samples/s; run walls {first['wall']:.0f} s / {more['wall']:.0f} s (model builds, checkpoints)",
+    )
     ts = teacher_split(url, init, repeats=1 if args.quick else 2)
     for name, sec in ts["timings"].items():
         where = "teacher" if "copy" not in name else "fork-join probe"
-        split.add_row(f"  {where}: {name}", "", "", f"{sec * 1e3:.2f} ms" if sec < 0.1 else f"{sec:.2f}", "",
-                      f"{ts['crops']} crops, dim {ts['dim']}, {ts['masks_per_crop']:.0f} masks/crop, region n = {ts['n']}; "
-                      "separate measurement, best of repeats" if where == "teacher" else
-                      "same bytes at 1 and N threads: a gap = cores shared with other processes")
+        split.add_row(
+            f"  {where}: {name}",
+            "",
+            "",
+            f"{sec * 1e3:.2f} ms" if sec < 0.1 else f"{sec:.2f}",
+            "",
+            f"{ts['crops']} crops, dim {ts['dim']}, {ts['masks_per_crop']:.0f} masks/crop, region n = {ts['n']}; "
+            "separate measurement, best of repeats"
+            if where == "teacher"
+            else "same bytes at 1 and N threads: a gap = cores shared with other processes",
+        )
     console.print(split)
 
     # (b) ------------------------------------------------------------------------------------
@@ -310,11 +377,27 @@ def main() -> None:
     n518 = n_pixels(518)
     for grad in (False, True):
         r = run_worker("gram", 518, 384, grad, warmup=not args.quick, threads=threads)
-        rows.append(("gram (affinity_loss)", "518", n518, "fwd+bwd" if grad else "forward", r,
-                     "+ the 412 MB gradient of the student input" if grad else "inputs: 2 x 412 MB, not counted"))
-    explicit_bytes = n518 ** 2 * 4
-    rows.append(("explicit N x N float32", "518", n518, "one N x N matrix", {"computed_bytes": explicit_bytes},
-                 f"computed, not allocated; the library's explicit form holds 4 of them: {4 * explicit_bytes / 1e9:.0f} GB"))
+        rows.append(
+            (
+                "gram (affinity_loss)",
+                "518",
+                n518,
+                "fwd+bwd" if grad else "forward",
+                r,
+                "+ the 412 MB gradient of the student input" if grad else "inputs: 2 x 412 MB, not counted",
+            )
+        )
+    explicit_bytes = n518**2 * 4
+    rows.append(
+        (
+            "explicit N x N float32",
+            "518",
+            n518,
+            "one N x N matrix",
+            {"computed_bytes": explicit_bytes},
+            f"computed, not allocated; the library's explicit form holds 4 of them: {4 * explicit_bytes / 1e9:.0f} GB",
+        )
+    )
     n224 = n_pixels(224)
     g224 = run_worker("gram", 224, 384, False, warmup=True, threads=threads)
     rows.append(("gram (affinity_loss)", "224", n224, "forward", g224, ""))
@@ -325,15 +408,25 @@ def main() -> None:
         e224 = run_worker("explicit", 224, 384, False, warmup=False, threads=threads)
         rows.append(("explicit (affinity_loss_explicit)", "224", n224, "forward", e224, _agree(g224, e224)))
     else:
-        rows.append(("explicit (affinity_loss_explicit)", "224", n224, "not run", {"computed_bytes": 4 * n224 ** 2 * 4},
-                     "4 N x N float32 matrices (a_s, a_t, difference, square); --explicit-224 runs it"))
+        rows.append(
+            (
+                "explicit (affinity_loss_explicit)",
+                "224",
+                n224,
+                "not run",
+                {"computed_bytes": 4 * n224**2 * 4},
+                "4 N x N float32 matrices (a_s, a_t, difference, square); --explicit-224 runs it",
+            )
+        )
     g112 = run_worker("gram", 112, 384, False, warmup=True, threads=threads)
     e112 = run_worker("explicit", 112, 384, False, warmup=True, threads=threads)
     rows.append(("gram (affinity_loss)", "112", n_pixels(112), "forward", g112, ""))
     rows.append(("explicit (affinity_loss_explicit)", "112", n_pixels(112), "forward", e112, _agree(g112, e112)))
 
-    mem = Table(title=f"(b) affinity loss, C = 384, border 0.1, batch 1 ({threads} torch threads; "
-                      "peak = VmHWM - VmRSS before the call, in a fresh process)")
+    mem = Table(
+        title=f"(b) affinity loss, C = 384, border 0.1, batch 1 ({threads} torch threads; "
+        "peak = VmHWM - VmRSS before the call, in a fresh process)"
+    )
     for col in ("form", "s", "N pixels", "pass", "time (s)", "peak memory", "loss value", "notes"):
         mem.add_column(col, overflow="fold")
     for form, s, n, what, r, note in rows:
@@ -344,8 +437,10 @@ def main() -> None:
         else:
             mem.add_row(form, s, f"{n:,}", what, f"{r['seconds']:.2f}", _gb(r["peak_bytes"]), f"{r['value']:.6g}", note)
     console.print(mem)
-    console.print(f"In the trainer the loss sees each crop's student region, n x n with n = floor(s * s / HR): at s = 518, "
-                  f"HR 896, n = 299 and N = {n_pixels(299):,} per crop, batch x 2 crops of them.")
+    console.print(
+        f"In the trainer the loss sees each crop's student region, n x n with n = floor(s * s / HR): at s = 518, "
+        f"HR 896, n = 299 and N = {n_pixels(299):,} per crop, batch x 2 crops of them."
+    )
     console.print(f"total {time.perf_counter() - t_run:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
 
 

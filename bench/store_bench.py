@@ -78,7 +78,9 @@ def main() -> None:
         parts = []
         for new, k in zip(new_ids, pick):
             t = by_src[int(src_ids[k])]
-            parts.append(t.set_column(t.schema.get_field_index("image_id"), "image_id", pa.array(np.full(t.num_rows, new))))
+            parts.append(
+                t.set_column(t.schema.get_field_index("image_id"), "image_id", pa.array(np.full(t.num_rows, new)))
+            )
         table = pa.concat_tables(parts)
         n_masks += table.num_rows
         t0 = time.perf_counter()
@@ -122,11 +124,23 @@ def main() -> None:
     t.add_column("measure")
     t.add_column("value", justify="right")
     t.add_column("baseline / goal", justify="right")
-    t.add_row("feature bytes / image", f"{feat_bytes / n:,.0f} B", f"raw fp16 {raw:,} B; ratio {feat_bytes / n / raw:.3f} (goal within 5%: <= 1.05)")
-    t.add_row("mask bytes / mask (all columns)", f"{mask_bytes / n_masks:,.0f} B", "design estimate ~250 B (original RLE only)")
+    t.add_row(
+        "feature bytes / image",
+        f"{feat_bytes / n:,.0f} B",
+        f"raw fp16 {raw:,} B; ratio {feat_bytes / n / raw:.3f} (goal within 5%: <= 1.05)",
+    )
+    t.add_row(
+        "mask bytes / mask (all columns)",
+        f"{mask_bytes / n_masks:,.0f} B",
+        "design estimate ~250 B (original RLE only)",
+    )
     for col in ("counts", "rle_224", "rle_896"):
         t.add_row(f"  of which {col}", f"{col_bytes.get(col, 0) / per_mask_file:,.0f} B", "")
-    t.add_row("feature write throughput", f"{feat_bytes / 2**20 / t_feat:,.1f} MB/s", f"raw {n * raw / 2**20 / t_feat:,.1f} MB/s")
+    t.add_row(
+        "feature write throughput",
+        f"{feat_bytes / 2**20 / t_feat:,.1f} MB/s",
+        f"raw {n * raw / 2**20 / t_feat:,.1f} MB/s",
+    )
     t.add_row("mask write throughput", f"{mask_bytes / 2**20 / t_mask:,.1f} MB/s", f"{n_masks / t_mask:,.0f} masks/s")
     t.add_row("features + 224 masks, p50", f"{np.percentile(lat_ms, 50):.2f} ms", "goal < 20 ms")
     t.add_row("features + 224 masks, p95", f"{np.percentile(lat_ms, 95):.2f} ms", "")

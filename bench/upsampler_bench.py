@@ -83,8 +83,9 @@ def _build(method: str, out: int, grid: int):
     if method == "backbone":
         import timm
 
-        vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, dynamic_img_size=True,
-                                num_classes=0).eval()
+        vit = timm.create_model(
+            "vit_small_patch14_dinov2", pretrained=False, dynamic_img_size=True, num_classes=0
+        ).eval()
         x = torch.rand(1, 3, grid * PATCH, grid * PATCH)
         return (lambda: vit.forward_features(x)), (grid * grid + 1) * DIM * 4  # + class token
     lr = torch.randn(1, DIM, grid, grid)
@@ -132,9 +133,19 @@ def worker(method: str, out: int, grid: int, threads: int) -> dict:
             spent += times[-1]
     best = min(times[1:]) if len(times) > 1 else first
     best_cpu = min(cpus[1:]) if len(cpus) > 1 else first_cpu
-    return {"method": method, "out": out, "grid": grid, "time_s": best, "cpu_s": best_cpu, "first_s": first,
-            "runs": len(times), "peak_bytes": max(0, anon.peak - base_anon) * 1024,
-            "maxrss_bytes": max(0, maxrss - base_rss) * 1024, "output_bytes": out_bytes, "exact_peak": exact}
+    return {
+        "method": method,
+        "out": out,
+        "grid": grid,
+        "time_s": best,
+        "cpu_s": best_cpu,
+        "first_s": first,
+        "runs": len(times),
+        "peak_bytes": max(0, anon.peak - base_anon) * 1024,
+        "maxrss_bytes": max(0, maxrss - base_rss) * 1024,
+        "output_bytes": out_bytes,
+        "exact_peak": exact,
+    }
 
 
 def loftup_flops(model, height: int, width: int, tokens: int) -> float:
@@ -183,11 +194,24 @@ def efficiency_worker(sizes: list[int], threads: int, repeats: int = 2) -> dict:
                 bounded_t.append(t)
             flops = loftup_flops(model, out, out, grid * grid)
             err = ((bounded - dense).norm() / dense.norm()).item()
-            rows.append({"out": out, "grid": grid, "plan": list(plan), "gflop": flops / 1e9,
-                         "dense_s": min(dense_t), "bounded_s": min(bounded_t), "rel_err": err})
+            rows.append(
+                {
+                    "out": out,
+                    "grid": grid,
+                    "plan": list(plan),
+                    "gflop": flops / 1e9,
+                    "dense_s": min(dense_t),
+                    "bounded_s": min(bounded_t),
+                    "rel_err": err,
+                }
+            )
         matmul.append(2 * 2048**3 / best(lambda: a @ b, 5)[0])
-    return {"matmul_gflops": max(matmul) / 1e9, "matmul_runs": [m / 1e9 for m in matmul], "rows": rows,
-            "threads": threads}
+    return {
+        "matmul_gflops": max(matmul) / 1e9,
+        "matmul_runs": [m / 1e9 for m in matmul],
+        "rows": rows,
+        "threads": threads,
+    }
 
 
 def render_efficiency(res: dict, load: tuple[float, float]) -> None:
@@ -195,20 +219,43 @@ def render_efficiency(res: dict, load: tuple[float, float]) -> None:
     from rich.table import Table
 
     peak = res["matmul_gflops"]
-    table = Table(title=f"LoftUp dim {DIM} compute efficiency, float32 CPU, {res['threads']} threads, one process "
-                        f"(bare 2048^3 matmul: {peak:.0f} GFLOP/s, best of runs {', '.join(f'{m:.0f}' for m in res['matmul_runs'])})")
-    for col in ("output", "lr grid", "model GFLOP", "dense s", "dense % of matmul", "bounded (tile, chunk)", "bounded s",
-                "bounded % of matmul", "bounded / dense", "rel. error vs dense"):
+    table = Table(
+        title=f"LoftUp dim {DIM} compute efficiency, float32 CPU, {res['threads']} threads, one process "
+        f"(bare 2048^3 matmul: {peak:.0f} GFLOP/s, best of runs {', '.join(f'{m:.0f}' for m in res['matmul_runs'])})"
+    )
+    for col in (
+        "output",
+        "lr grid",
+        "model GFLOP",
+        "dense s",
+        "dense % of matmul",
+        "bounded (tile, chunk)",
+        "bounded s",
+        "bounded % of matmul",
+        "bounded / dense",
+        "rel. error vs dense",
+    ):
         table.add_column(col, justify="right")
     for r in res["rows"]:
         d, b = r["gflop"] / r["dense_s"], r["gflop"] / r["bounded_s"]
-        table.add_row(str(r["out"]), f"{r['grid']}x{r['grid']}", f"{r['gflop']:.0f}", f"{r['dense_s']:.2f}",
-                      f"{100 * d / peak:.0f}%", f"{r['plan'][0]}, {r['plan'][1]}", f"{r['bounded_s']:.2f}",
-                      f"{100 * b / peak:.0f}%", f"{r['bounded_s'] / r['dense_s']:.2f}", f"{r['rel_err']:.1e}")
+        table.add_row(
+            str(r["out"]),
+            f"{r['grid']}x{r['grid']}",
+            f"{r['gflop']:.0f}",
+            f"{r['dense_s']:.2f}",
+            f"{100 * d / peak:.0f}%",
+            f"{r['plan'][0]}, {r['plan'][1]}",
+            f"{r['bounded_s']:.2f}",
+            f"{100 * b / peak:.0f}%",
+            f"{r['bounded_s'] / r['dense_s']:.2f}",
+            f"{r['rel_err']:.1e}",
+        )
     console = Console(width=160)
     console.print(table)
-    console.print(f"  goal: bounded >= 80% of the matmul rate with rel. error < 1e-5; 1-min load average "
-                  f"{load[0]:.1f} at start, {load[1]:.1f} at end ({os.cpu_count()} cores)")
+    console.print(
+        f"  goal: bounded >= 80% of the matmul rate with rel. error < 1e-5; 1-min load average "
+        f"{load[0]:.1f} at start, {load[1]:.1f} at end ({os.cpu_count()} cores)"
+    )
 
 
 def plan(quick: bool) -> list[tuple[str, int, int]]:
@@ -231,8 +278,16 @@ def plan(quick: bool) -> list[tuple[str, int, int]]:
 
 def measure(config, threads: int) -> dict:
     method, out, grid = config
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, str(out), str(grid),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        method,
+        str(out),
+        str(grid),
+        "--threads",
+        str(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -250,17 +305,45 @@ def render(results: list[dict], threads: int, wall: float) -> None:
 
     by = {(r["method"], r["out"]): r for r in results}
     backbone = {r["grid"]: r for r in results if r["method"] == "backbone"}
-    table = Table(title=f"LoftUp upsampler, dim {DIM}, batch 1, float32 CPU, {threads} threads "
-                        f"(one subprocess per row; measured in one run of {wall / 60:.1f} min)")
-    for col in ("output", "lr grid", "method", "time s", "cpu s", "peak MB", "output MB", "peak beyond output MB",
-                "maxrss delta MB", "time / backbone", "time / bilinear"):
+    table = Table(
+        title=f"LoftUp upsampler, dim {DIM}, batch 1, float32 CPU, {threads} threads "
+        f"(one subprocess per row; measured in one run of {wall / 60:.1f} min)"
+    )
+    for col in (
+        "output",
+        "lr grid",
+        "method",
+        "time s",
+        "cpu s",
+        "peak MB",
+        "output MB",
+        "peak beyond output MB",
+        "maxrss delta MB",
+        "time / backbone",
+        "time / bilinear",
+    ):
         table.add_column(col, justify="left" if col == "method" else "right")
-    names = {"backbone": "DINOv2-S/14 forward", "bilinear": "bilinear", "loftup_dense": "LoftUp dense",
-             "loftup_bounded": "LoftUp bounded"}
+    names = {
+        "backbone": "DINOv2-S/14 forward",
+        "bilinear": "bilinear",
+        "loftup_dense": "LoftUp dense",
+        "loftup_bounded": "LoftUp bounded",
+    }
     for r in results:
         if "error" in r:
-            table.add_row(str(r["out"]), f"{r['grid']}x{r['grid']}", names[r["method"]], "error", r["error"][:60],
-                          "", "", "", "", "", "")
+            table.add_row(
+                str(r["out"]),
+                f"{r['grid']}x{r['grid']}",
+                names[r["method"]],
+                "error",
+                r["error"][:60],
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            )
             continue
         bb, bil = backbone.get(r["grid"]), by.get(("bilinear", r["out"]))
         is_up = r["method"].startswith("loftup")
@@ -268,10 +351,19 @@ def render(results: list[dict], threads: int, wall: float) -> None:
         label = names[r["method"]]
         if r["method"] == "backbone":
             label += f" @{r['grid'] * PATCH}"
-        table.add_row(str(r["out"]) if r["method"] != "backbone" else f"({r['grid'] * PATCH} in)",
-                      f"{r['grid']}x{r['grid']}", label, f"{r['time_s']:.3f}", f"{r['cpu_s']:.3f}", _mb(r["peak_bytes"]),
-                      _mb(r["output_bytes"]), _mb(r["peak_bytes"] - r["output_bytes"]), _mb(r["maxrss_bytes"]),
-                      ratio(bb), ratio(bil))
+        table.add_row(
+            str(r["out"]) if r["method"] != "backbone" else f"({r['grid'] * PATCH} in)",
+            f"{r['grid']}x{r['grid']}",
+            label,
+            f"{r['time_s']:.3f}",
+            f"{r['cpu_s']:.3f}",
+            _mb(r["peak_bytes"]),
+            _mb(r["output_bytes"]),
+            _mb(r["peak_bytes"] - r["output_bytes"]),
+            _mb(r["maxrss_bytes"]),
+            ratio(bb),
+            ratio(bil),
+        )
     console = Console(width=160)
     console.print(table)
     notes = []
@@ -279,12 +371,16 @@ def render(results: list[dict], threads: int, wall: float) -> None:
         r = by.get(("loftup_bounded", out))
         if r and "peak_bytes" in r:
             beyond = r["peak_bytes"] - r["output_bytes"]
-            notes.append(f"bounded peak beyond output at {out}: {beyond / 1e9:.2f} GB "
-                         f"({'meets' if beyond < GOAL_BYTES else 'MISSES'} the < 1.5 GB goal)")
+            notes.append(
+                f"bounded peak beyond output at {out}: {beyond / 1e9:.2f} GB "
+                f"({'meets' if beyond < GOAL_BYTES else 'MISSES'} the < 1.5 GB goal)"
+            )
     for out in (224, 448):
         d, b = by.get(("loftup_dense", out)), by.get(("loftup_bounded", out))
         if d and b and "time_s" in d and "time_s" in b:
-            notes.append(f"bounded/dense at {out}: wall {b['time_s'] / d['time_s']:.2f}, cpu {b['cpu_s'] / d['cpu_s']:.2f}")
+            notes.append(
+                f"bounded/dense at {out}: wall {b['time_s'] / d['time_s']:.2f}, cpu {b['cpu_s'] / d['cpu_s']:.2f}"
+            )
     if not all(r.get("exact_peak", True) for r in results):
         notes.append("clear_refs unavailable: peaks are ru_maxrss deltas from process start state")
     for n in notes:
@@ -310,9 +406,24 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
-    print(f"measuring compute efficiency (matmul, dense, bounded at {args.efficiency_sizes}) ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--efficiency-worker", "--threads",
-                           str(args.threads), "--efficiency-sizes", args.efficiency_sizes], capture_output=True, text=True)
+    print(
+        f"measuring compute efficiency (matmul, dense, bounded at {args.efficiency_sizes}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--efficiency-worker",
+            "--threads",
+            str(args.threads),
+            "--efficiency-sizes",
+            args.efficiency_sizes,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         print(f"error: efficiency run failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
         return 1
@@ -329,8 +440,10 @@ def main(argv=None) -> int:
         results.append(measure(config, args.threads))
     render(results, args.threads, time.perf_counter() - t0)
     # Other jobs on a shared machine inflate wall times; the load average says how much.
-    print(f"  1-min load average: {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end "
-          f"({os.cpu_count()} cores); 'cpu s' is this process's CPU time, less sensitive to other jobs")
+    print(
+        f"  1-min load average: {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end "
+        f"({os.cpu_count()} cores); 'cpu s' is this process's CPU time, less sensitive to other jobs"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"efficiency": efficiency, "rows": results}, fh, indent=2)

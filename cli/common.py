@@ -65,7 +65,9 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
         _fail(error_line(exc), 2)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:  # nothing was renamed into place, so the store is consistent
-            _fail(f"disk full while writing ({exc.filename or 'output'}); completed shards are kept, rerun to resume", 2)
+            _fail(
+                f"disk full while writing ({exc.filename or 'output'}); completed shards are kept, rerun to resume", 2
+            )
         if exc.errno == errno.EPIPE:  # `loftup-store masks ... | head`
             sys.exit(1)
         raise

@@ -12,17 +12,26 @@ from loftup.storage.errors import LoftupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
-ShardsOpt = typer.Option(..., "--shards", help="Shards to process, e.g. '0-99,120,200-210' (shard n is sa_<n:06d>.tar).")
+ShardsOpt = typer.Option(
+    ..., "--shards", help="Shards to process, e.g. '0-99,120,200-210' (shard n is sa_<n:06d>.tar)."
+)
 StoreOpt = typer.Option(..., "--store", help="Store root: a local path or an fsspec URL.")
 RootOpt = typer.Option(..., "--sa1b-root", help="Directory holding the SA-1B tars sa_000000.tar ...")
-RayOpt = typer.Option(None, "--ray-address", help="Ray cluster to use ('auto' or HOST:PORT). Default: start an embedded local instance.")
+RayOpt = typer.Option(
+    None, "--ray-address", help="Ray cluster to use ('auto' or HOST:PORT). Default: start an embedded local instance."
+)
 ExecOpt = typer.Option("ray", "--executor", help="'ray' (default) or 'inline' (single process, for debugging).")
 CpuOpt = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each shard task.")
-GpuOpt = typer.Option(None, "--gpus-per-task", help="GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0.")
+GpuOpt = typer.Option(
+    None, "--gpus-per-task", help="GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0."
+)
 NumCpuOpt = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray instance (default: all).")
-RetryOpt = typer.Option(3, "--max-retries", help="Retries of a shard task whose worker died (crash, OOM kill, preemption).")
+RetryOpt = typer.Option(
+    3, "--max-retries", help="Retries of a shard task whose worker died (crash, OOM kill, preemption)."
+)
 MemOpt = typer.Option(
-    None, "--memory-per-task",
+    None,
+    "--memory-per-task",
     help="GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none).",
 )
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
@@ -45,8 +54,19 @@ def _finish(summary) -> None:
         raise typer.Exit(1)
 
 
-def _run(job, store, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite,
-         memory_per_task=None):
+def _run(
+    job,
+    store,
+    shard_list,
+    executor,
+    ray_address,
+    num_cpus,
+    cpus_per_task,
+    gpus_per_task,
+    max_retries,
+    overwrite,
+    memory_per_task=None,
+):
     from loftup.pipeline.runner import run_job
 
     summary = run_job(
@@ -90,15 +110,29 @@ def _photo_list(photos: str | None, exclude: str | None, photos_dir: str | None)
 def sample_data(
     out: Optional[Path] = typer.Argument(None, help="Directory to write sa_000000.tar ... into."),
     tars: int = typer.Option(2, help="Number of tars."),
-    images_per_tar: int = typer.Option(8, help="Images per tar (real photos, augmented when more are asked than exist)."),
+    images_per_tar: int = typer.Option(
+        8, help="Images per tar (real photos, augmented when more are asked than exist)."
+    ),
     short_side: int = typer.Option(1500, help="Short side of the written images (SA-1B: 1500)."),
     seed: int = typer.Option(0, help="Seed for augmentation, ids and quirks."),
     first_shard: int = typer.Option(0, help="Number of the first tar."),
-    fault: list[str] = typer.Option([], help="Inject a fault into the last tar: corrupt_jpeg, missing_json, broken_json, truncated_tar."),
-    photos: Optional[str] = typer.Option(None, help="Comma list of photos to use (default all; see `loftup-pipeline sample-data --list-photos`)."),
-    exclude_photos: Optional[str] = typer.Option(None, help="Comma list of photos to leave out (e.g. the ones held out for evaluation)."),
-    list_photos: bool = typer.Option(False, "--list-photos", help="Print the photos that load on this machine and exit."),
-    photos_dir: Optional[Path] = typer.Option(None, "--photos-dir", help="Use the JPEG/PNG photos of this folder (Felzenszwalb segments as masks) instead of the package photos."),
+    fault: list[str] = typer.Option(
+        [], help="Inject a fault into the last tar: corrupt_jpeg, missing_json, broken_json, truncated_tar."
+    ),
+    photos: Optional[str] = typer.Option(
+        None, help="Comma list of photos to use (default all; see `loftup-pipeline sample-data --list-photos`)."
+    ),
+    exclude_photos: Optional[str] = typer.Option(
+        None, help="Comma list of photos to leave out (e.g. the ones held out for evaluation)."
+    ),
+    list_photos: bool = typer.Option(
+        False, "--list-photos", help="Print the photos that load on this machine and exit."
+    ),
+    photos_dir: Optional[Path] = typer.Option(
+        None,
+        "--photos-dir",
+        help="Use the JPEG/PNG photos of this folder (Felzenszwalb segments as masks) instead of the package photos.",
+    ),
 ):
     """Write small SA-1B-format tars from real photos (package photos, or a folder of your own)."""
     from loftup.sample_data import photo_names, write_sample_shards
@@ -110,8 +144,15 @@ def sample_data(
     if out is None:
         raise LoftupError("sample-data: give the output directory (OUT)")
     paths = write_sample_shards(
-        out, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed, first_shard=first_shard,
-        faults=tuple(fault), photos=_photo_list(photos, exclude_photos, pdir), photos_dir=pdir,
+        out,
+        tars=tars,
+        images_per_tar=images_per_tar,
+        short_side=short_side,
+        seed=seed,
+        first_shard=first_shard,
+        faults=tuple(fault),
+        photos=_photo_list(photos, exclude_photos, pdir),
+        photos_dir=pdir,
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
@@ -122,13 +163,24 @@ def masks(
     shards: str = ShardsOpt,
     sa1b_root: str = RootOpt,
     store: str = StoreOpt,
-    source: str = typer.Option("sa1b", help="Mask source: sa1b (the tar's annotations), sam (SAM automatic generation), felzenszwalb (CPU demo)."),
-    sizes: str = typer.Option("224,896", help="Training geometries the masks are re-encoded into (short side + centre crop)."),
-    sam_checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint file (sam_vit_h_4b8939.pth, ...) for --source sam."),
-    sam_model: str = typer.Option("auto", help="SAM model type: vit_h, vit_l, vit_b, or auto (read from the checkpoint)."),
+    source: str = typer.Option(
+        "sa1b",
+        help="Mask source: sa1b (the tar's annotations), sam (SAM automatic generation), felzenszwalb (CPU demo).",
+    ),
+    sizes: str = typer.Option(
+        "224,896", help="Training geometries the masks are re-encoded into (short side + centre crop)."
+    ),
+    sam_checkpoint: Optional[str] = typer.Option(
+        None, help="SAM checkpoint file (sam_vit_h_4b8939.pth, ...) for --source sam."
+    ),
+    sam_model: str = typer.Option(
+        "auto", help="SAM model type: vit_h, vit_l, vit_b, or auto (read from the checkpoint)."
+    ),
     sam_random_init: bool = typer.Option(False, help="SAM with random weights (tests and demos only)."),
     points_per_side: Optional[int] = typer.Option(None, help="SAM: point grid per side (default 32, as SA-1B)."),
-    crop_n_layers: Optional[int] = typer.Option(None, help="SAM: multi-crop layers (default 2, as SA-1B; 0 is 3x cheaper)."),
+    crop_n_layers: Optional[int] = typer.Option(
+        None, help="SAM: multi-crop layers (default 2, as SA-1B; 0 is 3x cheaper)."
+    ),
     pred_iou_thresh: Optional[float] = typer.Option(None, help="SAM: predicted-IoU threshold (default 0.88)."),
     stability_score_thresh: Optional[float] = typer.Option(None, help="SAM: stability-score threshold (default 0.95)."),
     max_side: Optional[int] = typer.Option(None, help="sam/felzenszwalb: downscale the image to this long side first."),
@@ -154,13 +206,29 @@ def masks(
         opts["max_side"] = max_side
     if source == "sam":
         opts.update(checkpoint=sam_checkpoint, random_init=sam_random_init, model_type=sam_model)
-        for key, value in (("points_per_side", points_per_side), ("crop_n_layers", crop_n_layers),
-                           ("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh)):
+        for key, value in (
+            ("points_per_side", points_per_side),
+            ("crop_n_layers", crop_n_layers),
+            ("pred_iou_thresh", pred_iou_thresh),
+            ("stability_score_thresh", stability_score_thresh),
+        ):
             if value is not None:
                 opts[key] = value
     size_t = _sizes(sizes)
     job = MasksJob(source=source, source_options=opts, sizes=size_t)
-    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
+    _run(
+        job,
+        _open(store, sizes=size_t),
+        shard_list,
+        executor,
+        ray_address,
+        num_cpus,
+        cpus_per_task,
+        gpus_per_task,
+        max_retries,
+        overwrite,
+        memory_per_task,
+    )
 
 
 @app.command()
@@ -185,14 +253,28 @@ def images(
     shard_list = resolve_shards(shards, sa1b_root)
     size_t = _sizes(sizes)
     job = ImagesJob(sizes=size_t, quality=quality)
-    _run(job, _open(store, sizes=size_t), shard_list, executor, ray_address, num_cpus, cpus_per_task, 0.0, max_retries, overwrite, memory_per_task)
+    _run(
+        job,
+        _open(store, sizes=size_t),
+        shard_list,
+        executor,
+        ray_address,
+        num_cpus,
+        cpus_per_task,
+        0.0,
+        max_retries,
+        overwrite,
+        memory_per_task,
+    )
 
 
 @app.command()
 def features(
     shards: str = ShardsOpt,
     store: str = StoreOpt,
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone from the registry (loftup-pipeline backbones lists them)."),
+    backbone: str = typer.Option(
+        "dinov2_vits14", help="Backbone from the registry (loftup-pipeline backbones lists them)."
+    ),
     res: int = typer.Option(224, help="Input resolution of the backbone (a multiple of its patch size)."),
     weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
     random_init: bool = typer.Option(False, help="Random weights (tests and demos only)."),
@@ -213,8 +295,22 @@ def features(
 
     st = _open(store, create=False)
     shard_list = [(s, None) for s in parse_shards(shards)]
-    job = FeaturesJob(backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device)
-    _run(job, st, shard_list, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
+    job = FeaturesJob(
+        backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device
+    )
+    _run(
+        job,
+        st,
+        shard_list,
+        executor,
+        ray_address,
+        num_cpus,
+        cpus_per_task,
+        gpus_per_task,
+        max_retries,
+        overwrite,
+        memory_per_task,
+    )
 
 
 @app.command()
@@ -226,7 +322,9 @@ def pseudogt(
     geometry: int = typer.Option(224, help="Stored mask geometry = pseudo-GT size."),
     alpha: float = typer.Option(0.8, help="Mask refinement strength (Eq. 1)."),
     max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
-    limit: Optional[int] = typer.Option(None, help="At most this many images per shard (pseudo-GT is ~38 MB/image at 224x224x384 fp16)."),
+    limit: Optional[int] = typer.Option(
+        None, help="At most this many images per shard (pseudo-GT is ~38 MB/image at 224x224x384 fp16)."
+    ),
     png_dir: Optional[str] = typer.Option(None, help="Where to write PNGs (default: inside a local store)."),
     no_png: bool = typer.Option(False, help="Do not write PNGs."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
@@ -244,9 +342,30 @@ def pseudogt(
     from loftup.training.materialise import PseudoGTJob
 
     st = _open(store, create=False)
-    job = PseudoGTJob(backbone=backbone, res=res, geometry=geometry, alpha=alpha, max_masks=max_masks, limit=limit,
-                      png=not no_png, png_dir=png_dir, device=device)
-    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite, memory_per_task)
+    job = PseudoGTJob(
+        backbone=backbone,
+        res=res,
+        geometry=geometry,
+        alpha=alpha,
+        max_masks=max_masks,
+        limit=limit,
+        png=not no_png,
+        png_dir=png_dir,
+        device=device,
+    )
+    _run(
+        job,
+        st,
+        [(s, None) for s in parse_shards(shards)],
+        executor,
+        ray_address,
+        num_cpus,
+        cpus_per_task,
+        gpus_per_task,
+        max_retries,
+        overwrite,
+        memory_per_task,
+    )
 
 
 @app.command()
@@ -257,10 +376,14 @@ def implicit(
     res: int = typer.Option(224, help="Backbone input size = size of the optimised map."),
     weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
     random_init: bool = typer.Option(False, help="Random backbone weights (tests and demos only)."),
-    images_per_shard: Optional[int] = typer.Option(None, help="Optimise only the first N images of each shard (~1 min each on an A100)."),
+    images_per_shard: Optional[int] = typer.Option(
+        None, help="Optimise only the first N images of each shard (~1 min each on an A100)."
+    ),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps per image (FeatUp: 1200)."),
     views: Optional[int] = typer.Option(None, help="Jittered views per image (FeatUp: 3000)."),
-    dense: bool = typer.Option(False, "--dense", help="Also store the full-resolution map (fp16 Zarr, one chunk per image)."),
+    dense: bool = typer.Option(
+        False, "--dense", help="Also store the full-resolution map (fp16 Zarr, one chunk per image)."
+    ),
     device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
     ray_address: Optional[str] = RayOpt,
     executor: str = ExecOpt,
@@ -277,10 +400,29 @@ def implicit(
 
     recipe = {k: v for k, v in (("steps", steps), ("views", views)) if v is not None}
     st = _open(store, create=False)
-    job = ImplicitJob(backbone=backbone, res=res, weights=weights, random_init=random_init, images_per_shard=images_per_shard,
-                      dense=dense, recipe=recipe, device=device)
-    _run(job, st, [(s, None) for s in parse_shards(shards)], executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries, overwrite,
-         memory_per_task)
+    job = ImplicitJob(
+        backbone=backbone,
+        res=res,
+        weights=weights,
+        random_init=random_init,
+        images_per_shard=images_per_shard,
+        dense=dense,
+        recipe=recipe,
+        device=device,
+    )
+    _run(
+        job,
+        st,
+        [(s, None) for s in parse_shards(shards)],
+        executor,
+        ray_address,
+        num_cpus,
+        cpus_per_task,
+        gpus_per_task,
+        max_retries,
+        overwrite,
+        memory_per_task,
+    )
 
 
 @app.command()

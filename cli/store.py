@@ -36,8 +36,17 @@ def print_status(st) -> None:
     for job, s in sorted(st.summary().items()):
         secs = s.get("seconds", 0.0)
         rate = s.get("images", 0) / secs if secs else 0.0
-        t.add_row(job, str(s.get("shards", 0)), str(s.get("failed_shards", 0)), str(s.get("images", 0)),
-                  str(s.get("masks", "") or ""), str(s.get("failures", 0)), _human(s.get("bytes", 0)), f"{secs:.1f}", f"{rate:.2f}")
+        t.add_row(
+            job,
+            str(s.get("shards", 0)),
+            str(s.get("failed_shards", 0)),
+            str(s.get("images", 0)),
+            str(s.get("masks", "") or ""),
+            str(s.get("failures", 0)),
+            _human(s.get("bytes", 0)),
+            f"{secs:.1f}",
+            f"{rate:.2f}",
+        )
     console.print(t)
 
 
@@ -54,8 +63,11 @@ def status(store: str = StoreArg):
 
 
 @app.command()
-def errors(store: str = StoreArg, job: Optional[str] = typer.Option(None, help="Only this job."),
-           limit: int = typer.Option(50, help="Rows to print.")):
+def errors(
+    store: str = StoreArg,
+    job: Optional[str] = typer.Option(None, help="Only this job."),
+    limit: int = typer.Option(50, help="Rows to print."),
+):
     """Per-image failures, and shards that failed as a whole (stage 'shard'), recorded by the jobs."""
     table = _open(store).errors(job)
     t = Table(title=f"{table.num_rows} errors")
@@ -72,7 +84,9 @@ def masks(
     image_id: Optional[int] = typer.Option(None, help="Only this image."),
     shard: Optional[int] = typer.Option(None, help="Only this shard."),
     min_area: Optional[int] = typer.Option(None, help="Only masks at least this large (original pixels)."),
-    columns: str = typer.Option("image_id,ann_id,order,area,bbox,predicted_iou,stability_score,source", help="Columns to show."),
+    columns: str = typer.Option(
+        "image_id,ann_id,order,area,bbox,predicted_iou,stability_score,source", help="Columns to show."
+    ),
     out: Optional[Path] = typer.Option(None, help="Write the selection to this Parquet file instead of printing."),
     limit: int = typer.Option(20, help="Rows to print."),
 ):
@@ -92,8 +106,10 @@ def masks(
     st = _open(store)
     unknown = [c for c in cols if c not in st.mask_schema.names and c != "shard"]
     if unknown:
-        raise typer.BadParameter(f"unknown column(s) {', '.join(unknown)}; the mask table has {', '.join(st.mask_schema.names)}, shard",
-                                 param_hint="--columns")
+        raise typer.BadParameter(
+            f"unknown column(s) {', '.join(unknown)}; the mask table has {', '.join(st.mask_schema.names)}, shard",
+            param_hint="--columns",
+        )
     table = st.masks_dataset().to_table(columns=cols, filter=expr)
     if out:
         pq.write_table(table, out)
@@ -108,8 +124,12 @@ def masks(
 
 
 @app.command()
-def verify(store: str = StoreArg,
-           deep: bool = typer.Option(False, "--deep", help="Also re-hash every file and read every page and chunk (checksums).")):
+def verify(
+    store: str = StoreArg,
+    deep: bool = typer.Option(
+        False, "--deep", help="Also re-hash every file and read every page and chunk (checksums)."
+    ),
+):
     """Check every committed shard against its marker (files, sizes, rows) and find uncommitted data. Exit 1 on any problem."""
     from loftup.storage.verify import verify_store
 
@@ -118,8 +138,11 @@ def verify(store: str = StoreArg,
         for p in problems:
             console.print(f"[red]{p}")
         raise typer.Exit(1)
-    console.print("[green]store verified" + (" (deep: every checksum)" if deep else "")
-                  + ": every committed shard is complete and consistent")
+    console.print(
+        "[green]store verified"
+        + (" (deep: every checksum)" if deep else "")
+        + ": every committed shard is complete and consistent"
+    )
 
 
 @app.command()
@@ -157,7 +180,9 @@ def show(
 def report(
     store: str = StoreArg,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON to this path."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also write a log-scale chart (both methods against number of images)."),
+    png: Optional[Path] = typer.Option(
+        None, "--png", help="Also write a log-scale chart (both methods against number of images)."
+    ),
     backbone: Optional[str] = typer.Option(None, help="Which per-image-optimised feature set (default: the first)."),
     res: Optional[int] = typer.Option(None, help="Its backbone input size."),
 ):
@@ -167,12 +192,19 @@ def report(
     rep = scalability_report(_open(store), backbone=backbone, res=res)
     per = rep["per_image_optimisation"]
     t = Table(title=f"scalability of {rep['features']} in {rep['store']}")
-    for col in ("", "one-pass pseudo-GT (ours, measured)", "per-image optimisation (ours, measured)", "paper (A100), reference"):
+    for col in (
+        "",
+        "one-pass pseudo-GT (ours, measured)",
+        "per-image optimisation (ours, measured)",
+        "paper (A100), reference",
+    ):
         t.add_column(col)
     for row in report_rows(rep):
         t.add_row(*row)
     console.print(t)
-    console.print(f"per-image seconds: {per['seconds_basis']}; devices {', '.join(per['device_names'] or per['devices'])}")
+    console.print(
+        f"per-image seconds: {per['seconds_basis']}; devices {', '.join(per['device_names'] or per['devices'])}"
+    )
     if json_out:
         json_out.write_text(json.dumps(rep, indent=1, default=str) + "\n")
         console.print(f"wrote {json_out}")

@@ -77,8 +77,18 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None)
             summary(result)
         _summary(name.replace("stage", "stage "), result)
 
-    params.append(inspect.Parameter("allow_missing", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
-        False, "--allow-missing", help="Train on the --shards that are finished; skip the others instead of stopping.")))
+    params.append(
+        inspect.Parameter(
+            "allow_missing",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(
+                False,
+                "--allow-missing",
+                help="Train on the --shards that are finished; skip the others instead of stopping.",
+            ),
+        )
+    )
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = doc
     command.__name__ = name
@@ -100,19 +110,33 @@ def _stage2_summary(result: dict) -> None:
     result["timings"] = {k: round(v, 2) for k, v in result.get("timings", {}).items()}
 
 
-_config_command("stage1", "stage1", "Stage1Config",
-                "Stage 1: mask-refined bicubic pseudo-GT built on the fly from stored features and masks.")
-_config_command("stage2", "stage2", "Stage2Config",
-                "Stage 2: self-distillation from an EMA teacher on HR crops, the VFM run live.", _stage2_summary)
+_config_command(
+    "stage1",
+    "stage1",
+    "Stage1Config",
+    "Stage 1: mask-refined bicubic pseudo-GT built on the fly from stored features and masks.",
+)
+_config_command(
+    "stage2",
+    "stage2",
+    "Stage2Config",
+    "Stage 2: self-distillation from an EMA teacher on HR crops, the VFM run live.",
+    _stage2_summary,
+)
 
 
-evaluate_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                           help="The paper's probes on the official dataset layouts, every upsampler under one protocol.")
+evaluate_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The paper's probes on the official dataset layouts, every upsampler under one protocol.",
+)
 app.add_typer(evaluate_app, name="evaluate")
 
 _UPSAMPLER_HELP = "Baselines to run (repeatable): bilinear, bicubic, nearest, lowres."
-_CHECKPOINT_HELP = ("A LoftUp checkpoint (repeatable): ours (.safetensors), a released .pth/.bin, or official:NAME "
-                    "(dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2; from the local HF cache).")
+_CHECKPOINT_HELP = (
+    "A LoftUp checkpoint (repeatable): ours (.safetensors), a released .pth/.bin, or official:NAME "
+    "(dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2; from the local HF cache)."
+)
 _MATCH_HELP = "Also run each baseline in every checkpoint's own PCA projection (named BASELINE@CHECKPOINT)."
 
 
@@ -120,8 +144,13 @@ def _run_evaluation(task: str, protocol, upsampler, checkpoint, match_projection
     from loftup.training.evaluation import build_upsamplers, evaluate
     from loftup.training.evaluation.report import markdown
 
-    ups = build_upsamplers(list(upsampler or []), [str(c) for c in checkpoint or []], target_space=target_space,
-                           match_projection=match_projection, device="cpu")
+    ups = build_upsamplers(
+        list(upsampler or []),
+        [str(c) for c in checkpoint or []],
+        target_space=target_space,
+        match_projection=match_projection,
+        device="cpu",
+    )
     console.print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.as_dict().items()))
     result = evaluate(task, ups, protocol=protocol, out=out, device=device, **kwargs)
     print(markdown(task, result))
@@ -139,7 +168,9 @@ def evaluate_seg(
     upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
     checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
     match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option("layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."),
+    target_space: str = typer.Option(
+        "layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."
+    ),
     size: int = typer.Option(224, help="Resize + centre-crop size of images, labels, guidance and output."),
     backbone_res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
     epochs: int = typer.Option(10, help="Probe epochs."),
@@ -156,9 +187,24 @@ def evaluate_seg(
     from loftup.training.evaluation import SegProtocol
 
     protocol = SegProtocol(size=size, backbone_res=backbone_res, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    _run_evaluation("seg", protocol, upsampler, checkpoint, match_projection, target_space, device, out, dataset=dataset,
-                    root=root, backbone=backbone, weights=weights, random_init=random_init, train_split=train_split,
-                    split=split, workers=workers)
+    _run_evaluation(
+        "seg",
+        protocol,
+        upsampler,
+        checkpoint,
+        match_projection,
+        target_space,
+        device,
+        out,
+        dataset=dataset,
+        root=root,
+        backbone=backbone,
+        weights=weights,
+        random_init=random_init,
+        train_split=train_split,
+        split=split,
+        workers=workers,
+    )
 
 
 @evaluate_app.command("davis")
@@ -171,7 +217,9 @@ def evaluate_davis(
     upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
     checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
     match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option("layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."),
+    target_space: str = typer.Option(
+        "layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."
+    ),
     size: int = typer.Option(224, help="Frames resized to SIZE x SIZE; features upsampled to SIZE/2."),
     backbone_res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
     context: int = typer.Option(7, help="Previous predictions used besides the first frame."),
@@ -186,10 +234,31 @@ def evaluate_davis(
     """DAVIS 2017 label propagation (LiFT/LoftUp protocol): J, F and J&F as the official toolkit."""
     from loftup.training.evaluation import DavisProtocol
 
-    protocol = DavisProtocol(size=size, backbone_res=backbone_res, context=context, temperature=temperature,
-                             radius=radius, topk=topk, boundary_tolerance=boundary_tolerance)
-    _run_evaluation("davis", protocol, upsampler, checkpoint, match_projection, target_space, device, out, root=root,
-                    split=split, backbone=backbone, weights=weights, random_init=random_init, save_masks=save_masks)
+    protocol = DavisProtocol(
+        size=size,
+        backbone_res=backbone_res,
+        context=context,
+        temperature=temperature,
+        radius=radius,
+        topk=topk,
+        boundary_tolerance=boundary_tolerance,
+    )
+    _run_evaluation(
+        "davis",
+        protocol,
+        upsampler,
+        checkpoint,
+        match_projection,
+        target_space,
+        device,
+        out,
+        root=root,
+        split=split,
+        backbone=backbone,
+        weights=weights,
+        random_init=random_init,
+        save_masks=save_masks,
+    )
 
 
 @evaluate_app.command("masks")
@@ -200,7 +269,9 @@ def evaluate_masks(
     upsampler: list[str] = typer.Option(["bilinear", "bicubic"], help=_UPSAMPLER_HELP),
     checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
     match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option("layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."),
+    target_space: str = typer.Option(
+        "layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."
+    ),
     res: int = typer.Option(224, help="Backbone input size of the stored features."),
     geometry: int = typer.Option(224, help="Stored image/mask geometry to read."),
     size: int = typer.Option(224, help="Evaluation resolution."),
@@ -218,8 +289,19 @@ def evaluate_masks(
     st = open_store(store)
     ids = np.concatenate([st.image_ids(s) for s in _ints(shards)])[:limit]
     protocol = MasksProtocol(size=size, res=res, geometry=geometry, max_masks=max_masks)
-    _run_evaluation("masks", protocol, upsampler, checkpoint, match_projection, target_space, device, out, store=st,
-                    image_ids=ids, backbone=backbone)
+    _run_evaluation(
+        "masks",
+        protocol,
+        upsampler,
+        checkpoint,
+        match_projection,
+        target_space,
+        device,
+        out,
+        store=st,
+        image_ids=ids,
+        backbone=backbone,
+    )
 
 
 @evaluate_app.command("make-tiny-data")
@@ -234,7 +316,9 @@ def evaluate_make_tiny_data(
     """Write a tiny dataset in an official layout from installed photos with real labels (demos, tests)."""
     from loftup.training.evaluation.datasets import make_tiny_dataset, make_tiny_davis
 
-    path = make_tiny_davis(out, frames=frames) if layout == "davis" else make_tiny_dataset(layout, out, train, val, seed)
+    path = (
+        make_tiny_davis(out, frames=frames) if layout == "davis" else make_tiny_dataset(layout, out, train, val, seed)
+    )
     console.print(f"wrote a tiny {layout} dataset to {path}")
 
 
@@ -242,8 +326,14 @@ def evaluate_make_tiny_data(
 def upsample(
     image: Path = typer.Argument(..., help="Image file to upsample the features of."),
     checkpoint: Optional[Path] = typer.Option(None, help="Our checkpoint (stage1/stage2 .safetensors)."),
-    official: Optional[str] = typer.Option(None, help="A released LoftUp: dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2 (local HF cache) or its .bin path."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone for the low-res features (default: the one the upsampler was trained for, else dinov2_vits14)."),
+    official: Optional[str] = typer.Option(
+        None,
+        help="A released LoftUp: dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2 (local HF cache) or its .bin path.",
+    ),
+    backbone: Optional[str] = typer.Option(
+        None,
+        help="Backbone for the low-res features (default: the one the upsampler was trained for, else dinov2_vits14).",
+    ),
     weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
     random_init: bool = typer.Option(False, help="Random backbone weights (demos)."),
     backbone_res: int = typer.Option(224, help="Backbone input size."),
@@ -255,8 +345,16 @@ def upsample(
     from loftup.training.inference import upsample_image
 
     result = upsample_image(
-        image, checkpoint=checkpoint, official=official, backbone=backbone, weights=weights, random_init=random_init,
-        backbone_res=backbone_res, size=size, out_dir=out, fmt=fmt,
+        image,
+        checkpoint=checkpoint,
+        official=official,
+        backbone=backbone,
+        weights=weights,
+        random_init=random_init,
+        backbone_res=backbone_res,
+        size=size,
+        out_dir=out,
+        fmt=fmt,
     )
     _summary("upsample", {k: str(v) for k, v in result.items()})
 

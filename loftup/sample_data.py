@@ -311,8 +311,6 @@ def target_size(h: int, w: int, short_side: int) -> tuple[int, int]:
     return (short_side, nw) if h <= w else (nh, short_side)
 
 
-
-
 def _change_points(labels: np.ndarray, out_h: int, out_w: int):
     """Where the column-major scan of the upscaled label map changes label.
 
@@ -460,8 +458,12 @@ def _annotations(rles, H: int, W: int, rng: np.random.Generator, next_ann_id) ->
         crop = full
         if rng.random() < 0.35:
             inside = [
-                c for c in grid
-                if c[0] <= box[0] and c[1] <= box[1] and box[0] + box[2] <= c[0] + c[2] and box[1] + box[3] <= c[1] + c[3]
+                c
+                for c in grid
+                if c[0] <= box[0]
+                and c[1] <= box[1]
+                and box[0] + box[2] <= c[0] + c[2]
+                and box[1] + box[3] <= c[1] + c[3]
             ]
             if inside:
                 crop = inside[int(rng.integers(len(inside)))]
@@ -493,7 +495,9 @@ def _annotations(rles, H: int, W: int, rng: np.random.Generator, next_ann_id) ->
     return anns
 
 
-def _render(name: str, augment_rng, short_side: int, photos_dir: str | None = None) -> tuple[bytes, int, int, list[dict]]:
+def _render(
+    name: str, augment_rng, short_side: int, photos_dir: str | None = None
+) -> tuple[bytes, int, int, list[dict]]:
     """JPEG bytes, size and RLEs (counts str) of one image; augmented when a rng is given."""
     from PIL import Image
 
@@ -713,8 +717,15 @@ def build_sample_store(
 
     root = Path(root)
     tars_dir = Path(tars_dir) if tars_dir is not None else root.with_name(root.name + "_tars")
-    write_sample_shards(tars_dir, tars=tars, images_per_tar=images_per_tar, short_side=short_side, seed=seed,
-                        photos=photos, photos_dir=photos_dir)
+    write_sample_shards(
+        tars_dir,
+        tars=tars,
+        images_per_tar=images_per_tar,
+        short_side=short_side,
+        seed=seed,
+        photos=photos,
+        photos_dir=photos_dir,
+    )
     store = open_store(root, create=True, geometries=sizes)
     shards = resolve_shards(f"0-{tars - 1}", tars_dir)
     unknown = set(jobs) - {"masks", "images", "features"}
@@ -726,8 +737,9 @@ def build_sample_store(
     if "images" in jobs:
         planned.append((ImagesJob(sizes=tuple(sizes)), shards))
     if "features" in jobs:
-        planned.append((FeaturesJob(backbone=backbone, res=res, random_init=True, batch_size=4),
-                        [(s, None) for s, _ in shards]))
+        planned.append(
+            (FeaturesJob(backbone=backbone, res=res, random_init=True, batch_size=4), [(s, None) for s, _ in shards])
+        )
     for job, todo in planned:
         summary = run_job(job, store, todo, executor="inline")
         if summary.failed:

@@ -100,7 +100,11 @@ class MasksJob(Job):
         from loftup.pipeline.mask_sources import mask_source_config
 
         # The resolved source config (defaults included), so a change of defaults redoes shards.
-        return {"job": self.name, "source": mask_source_config(self.source, **self.source_options), "sizes": list(self.sizes)}
+        return {
+            "job": self.name,
+            "source": mask_source_config(self.source, **self.source_options),
+            "sizes": list(self.sizes),
+        }
 
     def check(self, store) -> None:
         _check_sizes(store, self.sizes)
@@ -273,7 +277,9 @@ class FeaturesJob(Job):
         self.source_size(store)
         known = store.manifest.get("backbones", {}).get(f"{self.backbone}@{self.res}")
         if known and known.get("dim") != info["dim"]:
-            raise StoreError(f"store has {self.backbone}@{self.res} with dim {known.get('dim')}, backbone gives {info['dim']}")
+            raise StoreError(
+                f"store has {self.backbone}@{self.res} with dim {known.get('dim')}, backbone gives {info['dim']}"
+            )
 
     def memory_bytes(self) -> int:
         from loftup.pipeline.backbones import backbone_info
@@ -297,7 +303,11 @@ class FeaturesJob(Job):
         info = backbone_info(self.backbone)
         grid = self.res // info["patch"]
         manifest.setdefault("backbones", {})[f"{self.backbone}@{self.res}"] = {
-            **info, "res": self.res, "grid": [grid, grid], "random_init": self.random_init, "weights": self.weights,
+            **info,
+            "res": self.res,
+            "grid": [grid, grid],
+            "random_init": self.random_init,
+            "weights": self.weights,
         }
         return super().record(manifest)
 
@@ -314,7 +324,9 @@ class FeaturesJob(Job):
         if key not in _BACKBONES:
             # A Ray worker runs many shards: build (and read the weights of) a backbone once per process.
             _BACKBONES.clear()
-            _BACKBONES[key] = create_backbone(self.backbone, weights=self.weights, random_init=self.random_init, device=device)
+            _BACKBONES[key] = create_backbone(
+                self.backbone, weights=self.weights, random_init=self.random_init, device=device
+            )
         model = _BACKBONES[key]
         src = self.source_size(store)
         grid = self.res // model.patch

@@ -129,7 +129,9 @@ def _check_options(cls, opts: dict) -> None:
     known = cls.option_names()
     unknown = sorted(set(opts) - set(known))
     if unknown:
-        raise LoftupError(f"mask source {cls.name!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise LoftupError(
+            f"mask source {cls.name!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        )
 
 
 class MaskSource:
@@ -181,8 +183,14 @@ def _cap(items: list, image_id: int, source: str, max_masks: int | None) -> list
     if max_masks is not None:
         items = items[: int(max_masks)]
     if len(items) > ANN_ID_STRIDE:
-        log.warning("%s: image %s has %d masks; keeping the first %d (ann_id = image_id * %d + order)",
-                    source, image_id, len(items), ANN_ID_STRIDE, ANN_ID_STRIDE)
+        log.warning(
+            "%s: image %s has %d masks; keeping the first %d (ann_id = image_id * %d + order)",
+            source,
+            image_id,
+            len(items),
+            ANN_ID_STRIDE,
+            ANN_ID_STRIDE,
+        )
         items = items[:ANN_ID_STRIDE]
     return items
 
@@ -283,8 +291,21 @@ class Sa1bSource(MaskSource):
             h, w = a["segmentation"]["size"]
             points = a["point_coords"]
             rows.append(
-                _row(image_id, a["id"], order, h, w, a["segmentation"]["counts"], a["area"], a["bbox"],
-                     a["predicted_iou"], a["stability_score"], a["crop_box"], points[0] if points else None, self.name)
+                _row(
+                    image_id,
+                    a["id"],
+                    order,
+                    h,
+                    w,
+                    a["segmentation"]["counts"],
+                    a["area"],
+                    a["bbox"],
+                    a["predicted_iou"],
+                    a["stability_score"],
+                    a["crop_box"],
+                    points[0] if points else None,
+                    self.name,
+                )
             )
         return rows
 
@@ -332,8 +353,15 @@ def segments_to_masks(labels: np.ndarray) -> list[dict]:
         bbox = _sam_bbox(x0.min(), np.where(one_col, y0, 0).min(), x1.max(), np.where(one_col, y1, h - 1).max(), False)
         longest = int(np.argmax(n))
         px, py = divmod(int(s[longest] + n[longest] // 2), h)
-        out.append({"label": int(lab), "counts": coco["counts"].decode("ascii"), "area": int(n.sum()),
-                    "bbox": bbox, "point": [px + 0.5, py + 0.5]})
+        out.append(
+            {
+                "label": int(lab),
+                "counts": coco["counts"].decode("ascii"),
+                "area": int(n.sum()),
+                "bbox": bbox,
+                "point": [px + 0.5, py + 0.5],
+            }
+        )
     out.sort(key=lambda m: (-m["area"], m["label"]))
     return out
 
@@ -351,15 +379,26 @@ class FelzenszwalbSource(MaskSource):
     column-major run (always inside the mask).
     """
 
-    def __init__(self, scale: float = 300.0, sigma: float = 0.8, min_size: int = 150,
-                 max_side: int | None = 512, max_masks: int | None = None):
+    def __init__(
+        self,
+        scale: float = 300.0,
+        sigma: float = 0.8,
+        min_size: int = 150,
+        max_side: int | None = 512,
+        max_masks: int | None = None,
+    ):
         self.scale, self.sigma, self.min_size = float(scale), float(sigma), int(min_size)
         self.max_side = None if max_side is None else int(max_side)
         self.max_masks = None if max_masks is None else int(max_masks)
 
     def options(self) -> dict:
-        return {"scale": self.scale, "sigma": self.sigma, "min_size": self.min_size,
-                "max_side": self.max_side, "max_masks": self.max_masks}
+        return {
+            "scale": self.scale,
+            "sigma": self.sigma,
+            "min_size": self.min_size,
+            "max_side": self.max_side,
+            "max_masks": self.max_masks,
+        }
 
     def label_map(self, image) -> np.ndarray:
         """int32 ``H x W`` segment labels at the image's original size."""
@@ -381,8 +420,21 @@ class FelzenszwalbSource(MaskSource):
         segs = _cap(segments_to_masks(labels), image_id, self.name, self.max_masks)
         full = [0.0, 0.0, float(w), float(h)]
         return [
-            _row(image_id, image_id * ANN_ID_STRIDE + k, k, h, w, m["counts"], m["area"], m["bbox"],
-                 None, None, full, m["point"], self.name)
+            _row(
+                image_id,
+                image_id * ANN_ID_STRIDE + k,
+                k,
+                h,
+                w,
+                m["counts"],
+                m["area"],
+                m["bbox"],
+                None,
+                None,
+                full,
+                m["point"],
+                self.name,
+            )
             for k, m in enumerate(segs)
         ]
 
@@ -455,12 +507,19 @@ def _build_sam(model_type: str, checkpoint: str | None, random_init: bool):
     detected = None if width is None else _SAM_WIDTH_TO_TYPE.get(int(width.shape[0]))
     if model_type == "auto":
         if detected is None:
-            raise WeightsError(f"{checkpoint} is not a SAM checkpoint (no image_encoder.patch_embed.proj.weight of a known width)")
+            raise WeightsError(
+                f"{checkpoint} is not a SAM checkpoint (no image_encoder.patch_embed.proj.weight of a known width)"
+            )
         kind = detected
     else:
         kind = "vit_h" if model_type == "default" else model_type
     model = sam_model_registry[kind](checkpoint=None)
-    load_state_dict_strict(model, state, checkpoint, f"SAM {kind}" + (f" (file looks like {detected})" if detected and detected != kind else ""))
+    load_state_dict_strict(
+        model,
+        state,
+        checkpoint,
+        f"SAM {kind}" + (f" (file looks like {detected})" if detected and detected != kind else ""),
+    )
     return model, kind
 
 
@@ -484,15 +543,28 @@ class SamSource(MaskSource):
     :class:`SamSettings` or dict) and any :class:`SamSettings` field as a keyword.
     """
 
-    def __init__(self, checkpoint: str | None = None, random_init: bool = False, device: str = "auto",
-                 max_side: int | None = None, max_masks: int | None = None,
-                 settings: SamSettings | dict | None = None, **knobs):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        random_init: bool = False,
+        device: str = "auto",
+        max_side: int | None = None,
+        max_masks: int | None = None,
+        settings: SamSettings | dict | None = None,
+        **knobs,
+    ):
         from segment_anything import SamAutomaticMaskGenerator
 
         from loftup.pipeline.devices import pick_device
 
-        self._opts = dict(checkpoint=checkpoint, random_init=random_init, max_side=max_side, max_masks=max_masks,
-                          settings=settings, **knobs)
+        self._opts = dict(
+            checkpoint=checkpoint,
+            random_init=random_init,
+            max_side=max_side,
+            max_masks=max_masks,
+            settings=settings,
+            **knobs,
+        )
         self.settings = self._settings(settings, knobs)
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.random_init = bool(random_init)
@@ -501,7 +573,9 @@ class SamSource(MaskSource):
         self.device = pick_device(device)
         model, self.model_type = _build_sam(self.settings.model_type, self.checkpoint, self.random_init)
         self.model = model.to(self.device).eval()
-        self.generator = SamAutomaticMaskGenerator(self.model, output_mode="coco_rle", **self.settings.generator_kwargs())
+        self.generator = SamAutomaticMaskGenerator(
+            self.model, output_mode="coco_rle", **self.settings.generator_kwargs()
+        )
 
     @staticmethod
     def _settings(settings, knobs: dict) -> SamSettings:
@@ -509,13 +583,17 @@ class SamSource(MaskSource):
         known = {f.name for f in fields(SamSettings)}
         unknown = sorted(set(knobs) - known)
         if unknown:
-            raise LoftupError(f"mask source 'sam': unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise LoftupError(
+                f"mask source 'sam': unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         out = SamSettings(**{**asdict(base), **knobs})
         if out.min_mask_region_area > 0:
             try:
                 import cv2  # noqa: F401
             except ImportError:
-                raise LoftupError("sam: min_mask_region_area > 0 needs OpenCV (pip install opencv-python-headless)") from None
+                raise LoftupError(
+                    "sam: min_mask_region_area > 0 needs OpenCV (pip install opencv-python-headless)"
+                ) from None
         return out
 
     @classmethod
@@ -523,15 +601,18 @@ class SamSource(MaskSource):
         return [*super().option_names(), *(f.name for f in fields(SamSettings))]
 
     @classmethod
-    def describe(cls, checkpoint=None, random_init=False, device="auto", max_side=None, max_masks=None,
-                 settings=None, **knobs) -> dict:
+    def describe(
+        cls, checkpoint=None, random_init=False, device="auto", max_side=None, max_masks=None, settings=None, **knobs
+    ) -> dict:
         # The device is left out: it changes the masks by float noise at most. The checkpoint
         # is identified by path and size (hashing a 2.5 GB vit_h file per run is too slow).
         path = None if checkpoint is None else Path(checkpoint)
         size = path.stat().st_size if path is not None and path.is_file() else None
         return {
-            "source": cls.name, "version": cls.version,
-            "checkpoint": None if path is None else str(path), "checkpoint_bytes": size,
+            "source": cls.name,
+            "version": cls.version,
+            "checkpoint": None if path is None else str(path),
+            "checkpoint_bytes": size,
             "random_init": bool(random_init),
             "max_side": None if max_side is None else int(max_side),
             "max_masks": None if max_masks is None else int(max_masks),
@@ -568,9 +649,26 @@ def sam_records_to_rows(records: list[dict], image_id: int, size: tuple[int, int
             counts, area, bbox = _upscale_rle(counts, (sh, sw), (h, w))
             fx, fy = w / sw, h / sh
             point = None if point is None else [point[0] * fx, point[1] * fy]
-            crop_box = None if crop_box is None else [crop_box[0] * fx, crop_box[1] * fy, crop_box[2] * fx, crop_box[3] * fy]
-        rows.append(_row(image_id, image_id * ANN_ID_STRIDE + order, order, h, w, counts, area, bbox,
-                         r.get("predicted_iou"), r.get("stability_score"), crop_box, point, source))
+            crop_box = (
+                None if crop_box is None else [crop_box[0] * fx, crop_box[1] * fy, crop_box[2] * fx, crop_box[3] * fy]
+            )
+        rows.append(
+            _row(
+                image_id,
+                image_id * ANN_ID_STRIDE + order,
+                order,
+                h,
+                w,
+                counts,
+                area,
+                bbox,
+                r.get("predicted_iou"),
+                r.get("stability_score"),
+                crop_box,
+                point,
+                source,
+            )
+        )
     return rows
 
 
@@ -583,7 +681,11 @@ def _upscale_rle(counts: str, src: tuple[int, int], dst: tuple[int, int]) -> tup
     ys = np.flatnonzero(big.any(axis=1))
     xs = np.flatnonzero(big.any(axis=0))
     empty = len(xs) == 0
-    bbox = _sam_bbox(xs[0] if not empty else 0, ys[0] if not empty else 0,
-                     xs[-1] if not empty else 0, ys[-1] if not empty else 0, empty)
+    bbox = _sam_bbox(
+        xs[0] if not empty else 0,
+        ys[0] if not empty else 0,
+        xs[-1] if not empty else 0,
+        ys[-1] if not empty else 0,
+        empty,
+    )
     return coco["counts"].decode("ascii"), int(big.sum()), bbox
-

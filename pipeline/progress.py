@@ -53,8 +53,10 @@ class ShardProgress:
         recent = window_rate(self.done)
         eta = _eta((total - self.done) / recent) if total and recent > 0 and self.done < total else "-"
         failed = f" ({self.shards_failed} failed)" if self.shards_failed else ""
-        return (f"{self.job}: {self.done}/{total or '?'} images, {recent:.2f} img/s now, {rate:.2f} img/s overall, "
-                f"shards {self.shards_done}/{self.n_shards}{failed}, {self.errors} errors, elapsed {_eta(elapsed)}, ETA {eta}")
+        return (
+            f"{self.job}: {self.done}/{total or '?'} images, {recent:.2f} img/s now, {rate:.2f} img/s overall, "
+            f"shards {self.shards_done}/{self.n_shards}{failed}, {self.errors} errors, elapsed {_eta(elapsed)}, ETA {eta}"
+        )
 
     def __enter__(self):
         self.progress.__enter__()
@@ -73,7 +75,8 @@ class ShardProgress:
         self.progress.update(
             self.task,
             rate=f"{speed:6.1f} img/s",
-            shards=f"{self.shards_done}/{self.n_shards}" + (f" ({self.shards_failed} failed)" if self.shards_failed else ""),
+            shards=f"{self.shards_done}/{self.n_shards}"
+            + (f" ({self.shards_failed} failed)" if self.shards_failed else ""),
             errors=self.errors,
         )
 

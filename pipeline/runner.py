@@ -163,12 +163,36 @@ def run_job(
         raise LoftupError(f"--memory-per-task must be >= 0 GiB, got {memory_per_task}")
     job.check(store)
     with store.lease(job.name):
-        return _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task,
-                           max_retries, overwrite, memory_per_task, console)
+        return _run_leased(
+            job,
+            store,
+            shards,
+            executor,
+            ray_address,
+            num_cpus,
+            cpus_per_task,
+            gpus_per_task,
+            max_retries,
+            overwrite,
+            memory_per_task,
+            console,
+        )
 
 
-def _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
-                overwrite, memory_per_task, console) -> RunSummary:
+def _run_leased(
+    job,
+    store,
+    shards,
+    executor,
+    ray_address,
+    num_cpus,
+    cpus_per_task,
+    gpus_per_task,
+    max_retries,
+    overwrite,
+    memory_per_task,
+    console,
+) -> RunSummary:
     from loftup.pipeline.progress import ShardProgress
 
     store.update_manifest(job.record)
@@ -186,14 +210,27 @@ def _run_leased(job, store, shards, executor, ray_address, num_cpus, cpus_per_ta
         elif executor == "inline":
             for shard, path in todo:
                 try:
-                    summary.done[shard] = process_shard(job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err))
+                    summary.done[shard] = process_shard(
+                        job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err)
+                    )
                     view.finish(shard, summary.done[shard])
                 except Exception as exc:  # as under Ray: one shard's failure never stops the others
                     summary.failed[shard] = error_line(exc)
                     view.fail(shard, summary.failed[shard])
         elif executor == "ray":
-            _run_ray(job, store, todo, summary, view, ray_address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
-                     memory_per_task)
+            _run_ray(
+                job,
+                store,
+                todo,
+                summary,
+                view,
+                ray_address,
+                num_cpus,
+                cpus_per_task,
+                gpus_per_task,
+                max_retries,
+                memory_per_task,
+            )
         else:
             raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
     for shard, reason in summary.failed.items():
@@ -254,8 +291,9 @@ def _node_memory(ray) -> list[float]:
     return [float(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
-def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries,
-             memory_per_task=None):
+def _run_ray(
+    job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries, memory_per_task=None
+):
     ray = init_ray(address, num_cpus)
     from ray.exceptions import RayError, RayTaskError
 
@@ -282,7 +320,10 @@ def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, 
         return process_shard(job, url, shard, path, lambda ok, err: counter.add.remote(shard, ok, err))
 
     remote = ray.remote(task).options(
-        num_cpus=cpus_per_task, num_gpus=gpus_per_task, memory=memory or None, max_retries=max_retries,
+        num_cpus=cpus_per_task,
+        num_gpus=gpus_per_task,
+        memory=memory or None,
+        max_retries=max_retries,
         retry_exceptions=False,
     )
     pending = {}
@@ -315,4 +356,3 @@ def _run_ray(job, store, todo, summary, view, address, num_cpus, cpus_per_task, 
     finally:
         stop.set()
         poller.join(timeout=2)
-

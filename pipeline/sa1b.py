@@ -105,9 +105,17 @@ def _parse_json(data: bytes, stem: str, member: str) -> tuple[dict | None, Sampl
         return None, SampleError(name_id, member, "json", "JSON is not an object"), name_id
     missing = [k for k in ("image", "annotations") if k not in ann]
     if missing:
-        return None, SampleError(name_id, member, "json", f"JSON lacks {' and '.join(repr(k) for k in missing)}"), name_id
+        return (
+            None,
+            SampleError(name_id, member, "json", f"JSON lacks {' and '.join(repr(k) for k in missing)}"),
+            name_id,
+        )
     if not isinstance(ann["image"], dict) or not isinstance(ann["annotations"], list):
-        return None, SampleError(name_id, member, "json", "JSON 'image' must be an object and 'annotations' a list"), name_id
+        return (
+            None,
+            SampleError(name_id, member, "json", "JSON 'image' must be an object and 'annotations' a list"),
+            name_id,
+        )
     image_id = ann["image"].get("image_id", name_id)
     try:
         image_id = int(image_id) if image_id is not None else None
@@ -248,7 +256,9 @@ def _compressed_rle(seg: dict, what: str) -> dict:
     elif isinstance(counts, list):
         from pycocotools import mask as mask_utils
 
-        counts = mask_utils.frPyObjects({"size": size, "counts": [int(c) for c in counts]}, *size)["counts"].decode("ascii")
+        counts = mask_utils.frPyObjects({"size": size, "counts": [int(c) for c in counts]}, *size)["counts"].decode(
+            "ascii"
+        )
     elif not isinstance(counts, str):
         raise ValueError(f"{what}: segmentation counts of type {type(counts).__name__}")
     return {"size": size, "counts": counts}

@@ -270,7 +270,7 @@ def _walk(fs, directory: str) -> dict[str, int]:
     base = directory.rstrip("/") + "/"
     out = {}
     for path, info in found.items():
-        rel = path[len(base):] if path.startswith(base) else path.rsplit("/", 1)[-1]
+        rel = path[len(base) :] if path.startswith(base) else path.rsplit("/", 1)[-1]
         if info.get("type", "file") == "file" and not any(is_temp(part) for part in rel.split("/")):
             out[rel] = int(info.get("size") or 0)
     return out
@@ -286,7 +286,10 @@ def _sha256(fs, path: str) -> str:
 
 def file_digests(fs, directory: str) -> dict[str, dict]:
     """``{relative path: {"size", "sha256"}}`` of every file of a shard's output directory."""
-    return {rel: {"size": size, "sha256": _sha256(fs, f"{directory}/{rel}")} for rel, size in sorted(_walk(fs, directory).items())}
+    return {
+        rel: {"size": size, "sha256": _sha256(fs, f"{directory}/{rel}")}
+        for rel, size in sorted(_walk(fs, directory).items())
+    }
 
 
 def check_files(fs, directory: str, recorded: dict | None, deep: bool = False) -> list[str]:
@@ -373,7 +376,9 @@ SHARD_FAILED = "shard"  # the ``stage`` of the one error row recording a shard t
 
 def record_failed_shard(fs, root: str, job: str, shard: int, reason: str) -> int:
     """Record that ``shard`` failed as a whole (no marker): one error row, replaced on redo."""
-    return write_errors(fs, root, job, shard, [{"image_id": None, "member": None, "stage": SHARD_FAILED, "reason": reason}])
+    return write_errors(
+        fs, root, job, shard, [{"image_id": None, "member": None, "stage": SHARD_FAILED, "reason": reason}]
+    )
 
 
 def error_shards(fs, root: str) -> dict[str, list[int]]:
@@ -389,9 +394,9 @@ def error_shards(fs, root: str) -> dict[str, list[int]]:
 
 def read_errors(fs, root: str, job: str | None = None) -> pa.Table:
     """Every error row (of one job, or all), with ``job`` and ``shard`` columns added."""
-    keys = [job_key(job)] if job is not None else [
-        n for n in _list_names(fs, f"{root}/{ERRORS}") if not n.startswith(".")
-    ]
+    keys = (
+        [job_key(job)] if job is not None else [n for n in _list_names(fs, f"{root}/{ERRORS}") if not n.startswith(".")]
+    )
     tables = []
     for key in sorted(keys):
         directory = f"{root}/{ERRORS}/{key}"
@@ -464,8 +469,10 @@ class Lease:
         if current is not None and current.get("holder") != self.holder:
             age = time.time() - float(current.get("heartbeat", 0) or 0)
             if age < self.stale and not _holder_gone(str(current.get("holder", ""))):
-                raise LoftupError(f"job {self.job} is already running on this store ({current.get('holder')}, "
-                                  f"heartbeat {age:.0f} s ago); wait for it, or remove {self.path} if that run is gone")
+                raise LoftupError(
+                    f"job {self.job} is already running on this store ({current.get('holder')}, "
+                    f"heartbeat {age:.0f} s ago); wait for it, or remove {self.path} if that run is gone"
+                )
         self._write()
         # Two runs that both found the lease stale: the last writer wins, the other one refuses.
         time.sleep(0.05)

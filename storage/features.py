@@ -192,13 +192,20 @@ class FeatureStore:
             group.attrs.update(merged)
 
     # -- writing ---------------------------------------------------------------------------------
-    def writer(self, shard: int, n: int, dim: int, grid, info: dict | None = None,
-               shard_images: int | None = None) -> "FeatureShardWriter":
+    def writer(
+        self, shard: int, n: int, dim: int, grid, info: dict | None = None, shard_images: int | None = None
+    ) -> "FeatureShardWriter":
         """A streaming writer of one shard's ``n`` feature maps (see :class:`FeatureShardWriter`)."""
         return FeatureShardWriter(self, shard, n, dim, grid, info, shard_images or zarr_shard_images(dim, grid))
 
-    def write_shard(self, shard: int, feats: np.ndarray, image_ids: np.ndarray, info: dict | None = None,
-                    shard_images: int | None = None) -> int:
+    def write_shard(
+        self,
+        shard: int,
+        feats: np.ndarray,
+        image_ids: np.ndarray,
+        info: dict | None = None,
+        shard_images: int | None = None,
+    ) -> int:
         """Write one shard's ``(n, C, h, w)`` features and their image ids in one call; returns bytes on disk."""
         feats = np.asarray(feats)
         if feats.ndim != 4 or not np.issubdtype(feats.dtype, np.floating):
@@ -281,7 +288,9 @@ class FeatureStore:
             bad = sorted_ids[k] != ids
         if np.any(bad):
             if len(sorted_ids) == 0:
-                raise NotInStore(f"the store has no {self.kind} of {self.name} (run the {self.kind} job for this backbone and resolution)")
+                raise NotInStore(
+                    f"the store has no {self.kind} of {self.name} (run the {self.kind} job for this backbone and resolution)"
+                )
             raise NotInStore(f"image {int(np.asarray(ids)[bad][0])} has no features in {self.job}")
         return shard_of[k], row_of[k]
 
@@ -296,8 +305,9 @@ class FeatureStore:
         except (StoreError, KeyError):
             raise
         except Exception as exc:  # a chunk failing its CRC32C, a cut shard file
-            raise StoreError(f"cannot read image {image_id} from shard {shard} of {self.job}: damaged "
-                             f"({error_line(exc, 160)})") from None
+            raise StoreError(
+                f"cannot read image {image_id} from shard {shard} of {self.job}: damaged ({error_line(exc, 160)})"
+            ) from None
 
     def get_many(self, image_ids) -> np.ndarray:
         """Features ``(k, C, h, w)`` float16 of several images, in the order given."""
@@ -360,8 +370,7 @@ class FeatureShardWriter:
     subgroup is built under a hidden temp name and renamed into place by :meth:`commit`.
     """
 
-    def __init__(self, fstore: FeatureStore, shard: int, n: int, dim: int, grid, info: dict | None,
-                 shard_images: int):
+    def __init__(self, fstore: FeatureStore, shard: int, n: int, dim: int, grid, info: dict | None, shard_images: int):
         if n < 0 or shard_images < 1:
             raise ValueError(f"need n >= 0 and shard_images >= 1, got {n}, {shard_images}")
         h, w = (int(g) for g in grid)
@@ -415,7 +424,9 @@ class FeatureShardWriter:
         """Append a batch ``(b, C, h, w)`` (cast to float16) and its ``b`` image ids."""
         feats = np.asarray(feats)
         if feats.ndim != 4 or feats.shape[1:] != self.shape[1:] or not np.issubdtype(feats.dtype, np.floating):
-            raise ValueError(f"features must be floating (b, {', '.join(map(str, self.shape[1:]))}), got {feats.dtype} {feats.shape}")
+            raise ValueError(
+                f"features must be floating (b, {', '.join(map(str, self.shape[1:]))}), got {feats.dtype} {feats.shape}"
+            )
         ids = np.asarray(image_ids)
         if ids.shape != (len(feats),) or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
             raise ValueError(f"image_ids must be ({len(feats)},) integers, got {ids.dtype} {ids.shape}")

@@ -36,8 +36,9 @@ IMAGE_SCHEMA = image_schema((224, 896))
 IMAGE_LIMIT_ROWS = 512
 
 
-def image_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None,
-                 limit_rows: int | None = None) -> ShardTableWriter:
+def image_writer(
+    files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None, limit_rows: int | None = None
+) -> ShardTableWriter:
     """Streaming writer of one shard's image file, rows sorted by image_id (repeats refused)."""
     codecs = {n: ("none" if n.startswith("jpeg_") else "zstd") for n in schema.names}
     return files.writer(

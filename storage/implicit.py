@@ -79,7 +79,9 @@ class ImplicitStore:
         return f"{self.shard_dir(shard)}/{COMPACT}"
 
     # -- writing ---------------------------------------------------------------------------------
-    def write_shard(self, shard: int, rows: list[dict], dense: np.ndarray | None = None, info: dict | None = None) -> dict:
+    def write_shard(
+        self, shard: int, rows: list[dict], dense: np.ndarray | None = None, info: dict | None = None
+    ) -> dict:
         """Write one shard: ``rows`` (dicts with the COMPACT_SCHEMA fields) and, when given, the
         dense maps ``(n, C, H, W)`` in the rows' order. Returns the bytes on disk of each part."""
         rows = sorted(rows, key=lambda r: int(r["image_id"]))
@@ -120,7 +122,9 @@ class ImplicitStore:
             raise StoreError(f"no shard {shard} in {self.job}") from None
 
     def image_ids(self, shards=None) -> np.ndarray:
-        parts = [self.table(s, ["image_id"]).column(0).to_numpy() for s in (self.shards() if shards is None else shards)]
+        parts = [
+            self.table(s, ["image_id"]).column(0).to_numpy() for s in (self.shards() if shards is None else shards)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def blobs(self, image_ids) -> list[bytes]:

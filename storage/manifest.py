@@ -49,7 +49,9 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"store at {where} has an unreadable {MANIFEST} ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+        raise StoreError(
+            f"store at {where} has an unreadable {MANIFEST} ({exc.msg if hasattr(exc, 'msg') else exc})"
+        ) from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise StoreError(f"{where} is not a loftup store ({MANIFEST} has no schema_version)")
     version = manifest["schema_version"]

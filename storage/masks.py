@@ -18,7 +18,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from loftup.storage.commit import committed, is_local, parse_shard_name, remove, rename_into_place, shard_name, temp_path
+from loftup.storage.commit import (
+    committed,
+    is_local,
+    parse_shard_name,
+    remove,
+    rename_into_place,
+    shard_name,
+    temp_path,
+)
 from loftup.storage.errors import StoreError
 
 PART = "part-0.parquet"
@@ -155,7 +163,9 @@ class ShardFiles:
             return pf
 
     # -- writing -------------------------------------------------------------------------------
-    def writer(self, shard: int, schema: pa.Schema, sort_keys, row_group: int, limit_rows: int, **kw) -> "ShardTableWriter":
+    def writer(
+        self, shard: int, schema: pa.Schema, sort_keys, row_group: int, limit_rows: int, **kw
+    ) -> "ShardTableWriter":
         """A streaming writer of one shard file (see :class:`ShardTableWriter`)."""
         return ShardTableWriter(self, shard, schema, sort_keys, row_group, limit_rows, **kw)
 
@@ -187,7 +197,9 @@ class ShardFiles:
         return ds.dataset(
             files,
             schema=full,
-            format=ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)),
+            format=ds.ParquetFileFormat(
+                default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+            ),
             filesystem=self._afs,
             partitioning=PARTITIONING,
             partition_base_dir=self.base,
@@ -227,8 +239,9 @@ class ShardFiles:
         return self.parquet_file(path).read(columns=columns)
 
 
-def mask_writer(files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None,
-                limit_rows: int | None = None) -> "ShardTableWriter":
+def mask_writer(
+    files: ShardFiles, shard: int, schema: pa.Schema, row_group: int | None = None, limit_rows: int | None = None
+) -> "ShardTableWriter":
     """Streaming writer of one shard's mask file, rows sorted by (image_id, order)."""
     return files.writer(
         shard,
@@ -266,8 +279,18 @@ class ShardTableWriter:
     Nothing is visible under the final name before :meth:`commit` renames the temp file.
     """
 
-    def __init__(self, files: ShardFiles, shard: int, schema: pa.Schema, sort_keys, row_group: int,
-                 limit_rows: int, what: str = "table", unique: str | None = None, **options):
+    def __init__(
+        self,
+        files: ShardFiles,
+        shard: int,
+        schema: pa.Schema,
+        sort_keys,
+        row_group: int,
+        limit_rows: int,
+        what: str = "table",
+        unique: str | None = None,
+        **options,
+    ):
         if row_group < 1 or limit_rows < row_group:
             raise ValueError(f"need 1 <= row_group <= limit_rows, got {row_group}, {limit_rows}")
         self.files, self.shard, self.schema, self.what = files, int(shard), schema, what
@@ -336,7 +359,9 @@ class ShardTableWriter:
         rows = pa.concat_tables(self._pending)
         full = rows.num_rows if final else rows.num_rows - rows.num_rows % self.row_group
         for start in range(0, full, self.row_group):
-            self._writer.write_table(rows.slice(start, min(self.row_group, full - start)), row_group_size=self.row_group)
+            self._writer.write_table(
+                rows.slice(start, min(self.row_group, full - start)), row_group_size=self.row_group
+            )
             self.row_groups += 1
         rest = rows.slice(full)
         self._pending = [rest] if rest.num_rows else []

@@ -33,8 +33,14 @@ def redact(value):
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {k: (MASK if isinstance(k, str) and _SECRET_KEY.search(k) and isinstance(v, (str, bytes)) and v
-                    else redact(v)) for k, v in value.items()}
+        return {
+            k: (
+                MASK
+                if isinstance(k, str) and _SECRET_KEY.search(k) and isinstance(v, (str, bytes)) and v
+                else redact(v)
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)
     return value

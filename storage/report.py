@@ -26,8 +26,11 @@ SCALE_NAMES = {50_000: "50K", 1_000_000: "1M", 11_000_000: "SA-1B (11M)"}
 # The LoftUp paper's own figures (Sec. "scalability"; A100): reference only, never used in ours.
 PAPER = {
     "source": "LoftUp paper, scalability paragraph and Table 1 (A100)",
-    "per_image_optimisation": {"seconds_per_image": 54.3, "bytes_per_image": 74e6,
-                               "note": "about 1 min and 74 MB (224x224x384 fp32) per image"},
+    "per_image_optimisation": {
+        "seconds_per_image": 54.3,
+        "bytes_per_image": 74e6,
+        "note": "about 1 min and 74 MB (224x224x384 fp32) per image",
+    },
     "one_pass": {"seconds_per_image": 0.1, "note": "under 0.1 s per image"},
     "extrapolation": {"50000": {"gpu_days": 35, "bytes": 3.5e12}},
 }
@@ -98,7 +101,9 @@ def scalability_report(store, backbone: str | None = None, res: int | None = Non
         "masks_bytes_per_image": m_bytes / m_images,
         "devices": sorted({str(m.get("device", "cpu")) for m in fm + pm} | {"cpu"}),
     }
-    one["seconds_per_image"] = one["features_seconds_per_image"] + one["masks_seconds_per_image"] + one["pseudogt_seconds_per_image"]
+    one["seconds_per_image"] = (
+        one["features_seconds_per_image"] + one["masks_seconds_per_image"] + one["pseudogt_seconds_per_image"]
+    )
     one["bytes_per_image"] = one["features_bytes_per_image"] + one["masks_bytes_per_image"]
 
     # -- per-image optimisation ----------------------------------------------------------------
@@ -134,9 +139,13 @@ def scalability_report(store, backbone: str | None = None, res: int | None = Non
     else:
         # Overheads outside featurisation and the steps (backbone build, writes) are added as measured.
         overhead = per["seconds_per_image_as_run"] - per["fit_seconds_per_image"]
-        per["seconds_per_image"] = full["views"] * per["seconds_per_view"] + full["steps"] * per["seconds_per_step"] + overhead
-        per["seconds_basis"] = (f"extrapolated to FeatUp's {full['views']} views x {full['steps']} steps from the measured "
-                                f"seconds per view and per step of runs at (views, steps) = {per['recipe_as_run']}")
+        per["seconds_per_image"] = (
+            full["views"] * per["seconds_per_view"] + full["steps"] * per["seconds_per_step"] + overhead
+        )
+        per["seconds_basis"] = (
+            f"extrapolated to FeatUp's {full['views']} views x {full['steps']} steps from the measured "
+            f"seconds per view and per step of runs at (views, steps) = {per['recipe_as_run']}"
+        )
 
     # -- ratios and extrapolation -------------------------------------------------------------
     ratios = {
@@ -144,17 +153,25 @@ def scalability_report(store, backbone: str | None = None, res: int | None = Non
         "seconds_as_run": per["seconds_per_image_as_run"] / one["seconds_per_image"],
         "bytes_compact": per["bytes_per_image"] / one["bytes_per_image"],
         "bytes_dense": per["dense_bytes_per_image"] / one["bytes_per_image"] if per["dense_bytes_per_image"] else None,
-        "bytes_dense_fp32": per["dense_fp32_bytes_per_image"] / one["bytes_per_image"] if per["dense_fp32_bytes_per_image"] else None,
+        "bytes_dense_fp32": per["dense_fp32_bytes_per_image"] / one["bytes_per_image"]
+        if per["dense_fp32_bytes_per_image"]
+        else None,
     }
     label_one, label_per = _hours_label(set(one["devices"])), _hours_label(set(per["devices"]))
     extrapolation = {}
     for count in SCALES:
         row = {
             "name": SCALE_NAMES[count],
-            "one_pass": {"hours": count * one["seconds_per_image"] / 3600, "hours_unit": label_one,
-                         "bytes": count * one["bytes_per_image"]},
-            "per_image_optimisation": {"hours": count * per["seconds_per_image"] / 3600, "hours_unit": label_per,
-                                       "bytes_compact": count * per["bytes_per_image"]},
+            "one_pass": {
+                "hours": count * one["seconds_per_image"] / 3600,
+                "hours_unit": label_one,
+                "bytes": count * one["bytes_per_image"],
+            },
+            "per_image_optimisation": {
+                "hours": count * per["seconds_per_image"] / 3600,
+                "hours_unit": label_per,
+                "bytes_compact": count * per["bytes_per_image"],
+            },
         }
         if per["dense_bytes_per_image"]:
             row["per_image_optimisation"]["bytes_dense"] = count * per["dense_bytes_per_image"]
@@ -204,25 +221,48 @@ def report_rows(rep: dict) -> list[tuple[str, str, str, str]]:
     paper = rep["paper"]
     rows = [
         ("images measured", str(one["images"]), str(per["images"]), ""),
-        ("seconds / image", human_seconds(one["seconds_per_image"]), human_seconds(per["seconds_per_image"]),
-         f"{paper['one_pass']['seconds_per_image']} s | {paper['per_image_optimisation']['seconds_per_image']} s"),
-        ("  of which", f"features {human_seconds(one['features_seconds_per_image'])}, masks "
-         f"{human_seconds(one['masks_seconds_per_image'])}, pseudo-GT {human_seconds(one['pseudogt_seconds_per_image'])}",
-         f"as run {human_seconds(per['seconds_per_image_as_run'])} at (views, steps) {per['recipe_as_run']}; "
-         f"{human_seconds(per['seconds_per_view'])}/view, {human_seconds(per['seconds_per_step'])}/step", ""),
-        ("bytes / image", f"{human_bytes(one['bytes_per_image'])} (features {human_bytes(one['features_bytes_per_image'])} "
-         f"+ masks {human_bytes(one['masks_bytes_per_image'])})",
-         f"compact {human_bytes(per['bytes_per_image'])}; dense fp16 {human_bytes(per['dense_bytes_per_image'])}; "
-         f"dense fp32 raw {human_bytes(per['dense_fp32_bytes_per_image'])}", "- | 74 MB"),
-        ("ratio per-image / one-pass", "1", f"time x{ratios['seconds']:.0f}; bytes compact x{ratios['bytes_compact']:.1f}, "
-         f"dense fp16 x{_fmt(ratios['bytes_dense'])}, dense fp32 x{_fmt(ratios['bytes_dense_fp32'])}", "time ~x540"),
+        (
+            "seconds / image",
+            human_seconds(one["seconds_per_image"]),
+            human_seconds(per["seconds_per_image"]),
+            f"{paper['one_pass']['seconds_per_image']} s | {paper['per_image_optimisation']['seconds_per_image']} s",
+        ),
+        (
+            "  of which",
+            f"features {human_seconds(one['features_seconds_per_image'])}, masks "
+            f"{human_seconds(one['masks_seconds_per_image'])}, pseudo-GT {human_seconds(one['pseudogt_seconds_per_image'])}",
+            f"as run {human_seconds(per['seconds_per_image_as_run'])} at (views, steps) {per['recipe_as_run']}; "
+            f"{human_seconds(per['seconds_per_view'])}/view, {human_seconds(per['seconds_per_step'])}/step",
+            "",
+        ),
+        (
+            "bytes / image",
+            f"{human_bytes(one['bytes_per_image'])} (features {human_bytes(one['features_bytes_per_image'])} "
+            f"+ masks {human_bytes(one['masks_bytes_per_image'])})",
+            f"compact {human_bytes(per['bytes_per_image'])}; dense fp16 {human_bytes(per['dense_bytes_per_image'])}; "
+            f"dense fp32 raw {human_bytes(per['dense_fp32_bytes_per_image'])}",
+            "- | 74 MB",
+        ),
+        (
+            "ratio per-image / one-pass",
+            "1",
+            f"time x{ratios['seconds']:.0f}; bytes compact x{ratios['bytes_compact']:.1f}, "
+            f"dense fp16 x{_fmt(ratios['bytes_dense'])}, dense fp32 x{_fmt(ratios['bytes_dense_fp32'])}",
+            "time ~x540",
+        ),
     ]
     for count, row in rep["extrapolation"].items():
         o, p = row["one_pass"], row["per_image_optimisation"]
         ref = "35 GPU-days, 3.5 TB" if count == "50000" else ""
-        rows.append((f"{row['name']} images", f"{o['hours']:.3g} {o['hours_unit']}, {human_bytes(o['bytes'])}",
-                     f"{p['hours']:.3g} {p['hours_unit']}, compact {human_bytes(p['bytes_compact'])}, "
-                     f"dense {human_bytes(p.get('bytes_dense'))}", ref))
+        rows.append(
+            (
+                f"{row['name']} images",
+                f"{o['hours']:.3g} {o['hours_unit']}, {human_bytes(o['bytes'])}",
+                f"{p['hours']:.3g} {p['hours_unit']}, compact {human_bytes(p['bytes_compact'])}, "
+                f"dense {human_bytes(p.get('bytes_dense'))}",
+                ref,
+            )
+        )
     return rows
 
 
@@ -240,15 +280,26 @@ def write_png(rep: dict, path) -> None:
     counts = [10**k for k in range(0, 8)] + [11_000_000]
     counts = sorted(set(counts))
     panels = [
-        ("hours", [c * one["seconds_per_image"] / 3600 for c in counts], [c * per["seconds_per_image"] / 3600 for c in counts]),
-        ("bytes", [c * one["bytes_per_image"] for c in counts],
-         [c * (per["dense_bytes_per_image"] or per["bytes_per_image"]) for c in counts]),
+        (
+            "hours",
+            [c * one["seconds_per_image"] / 3600 for c in counts],
+            [c * per["seconds_per_image"] / 3600 for c in counts],
+        ),
+        (
+            "bytes",
+            [c * one["bytes_per_image"] for c in counts],
+            [c * (per["dense_bytes_per_image"] or per["bytes_per_image"]) for c in counts],
+        ),
     ]
     w, h, m = 560, 420, 70
     img = Image.new("RGB", (2 * w, h + 40), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 8), f"Scalability ({rep['features']}): one-pass pseudo-GT (blue) vs per-image optimisation (red); "
-                       f"log-log, measured per-image figures x images", fill="black")
+    draw.text(
+        (10, 8),
+        f"Scalability ({rep['features']}): one-pass pseudo-GT (blue) vs per-image optimisation (red); "
+        f"log-log, measured per-image figures x images",
+        fill="black",
+    )
     for k, (what, a, b) in enumerate(panels):
         ox = k * w
         lo = math.floor(math.log10(min(a + b)))
@@ -270,9 +321,19 @@ def write_png(rep: dict, path) -> None:
             draw.line([x, y1, x, y1 + 4], fill="black")
             if c in (1, 100, 10_000, 1_000_000, 11_000_000):
                 draw.text((x - 14, y1 + 8), "11M" if c == 11_000_000 else f"1e{int(math.log10(c))}", fill="black")
-        draw.text((x0 + 120, y1 + 26), f"images   ({what}, " + ("dense fp16" if what == "bytes" and per["dense_bytes_per_image"]
-                                                              else "compact" if what == "bytes" else "total") + " for per-image)",
-                  fill="black")
+        draw.text(
+            (x0 + 120, y1 + 26),
+            f"images   ({what}, "
+            + (
+                "dense fp16"
+                if what == "bytes" and per["dense_bytes_per_image"]
+                else "compact"
+                if what == "bytes"
+                else "total"
+            )
+            + " for per-image)",
+            fill="black",
+        )
         for series, colour in ((a, (30, 90, 200)), (b, (200, 40, 40))):
             pts = [px(c, v) for c, v in zip(counts, series)]
             draw.line(pts, fill=colour, width=3)

@@ -29,7 +29,10 @@ def _as_coco(rle: dict) -> dict:
 
 def _from_coco(rle: dict) -> dict:
     counts = rle["counts"]
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts.decode() if isinstance(counts, bytes) else counts}
+    return {
+        "size": [int(rle["size"][0]), int(rle["size"][1])],
+        "counts": counts.decode() if isinstance(counts, bytes) else counts,
+    }
 
 
 def encode(mask: np.ndarray) -> dict:

@@ -43,8 +43,10 @@ def verify_store(store, deep: bool = False) -> list[str]:
         for name in commit._list_names(store.fs, base):
             shard = commit.parse_shard_name(name)
             if shard is not None and shard not in markers and commit._walk(store.fs, f"{base}/{name}"):
-                problems.append(f"{job} shard {shard:06d}: data without a marker (not committed, never served; "
-                                f"a rerun of the job redoes it)")
+                problems.append(
+                    f"{job} shard {shard:06d}: data without a marker (not committed, never served; "
+                    f"a rerun of the job redoes it)"
+                )
     return problems
 
 

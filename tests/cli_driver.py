@@ -68,9 +68,14 @@ def main() -> None:
             _, status = os.waitpid(pid, 0)
             out.seek(0)
             err.seek(0)
-            results.append({"rc": os.waitstatus_to_exitcode(status), "out": out.read().decode(errors="replace"),
-                            "err": err.read().decode(errors="replace"),
-                            "seconds": round(time.monotonic() - t0, 2)})
+            results.append(
+                {
+                    "rc": os.waitstatus_to_exitcode(status),
+                    "out": out.read().decode(errors="replace"),
+                    "err": err.read().decode(errors="replace"),
+                    "seconds": round(time.monotonic() - t0, 2),
+                }
+            )
     json.dump(results, sys.stdout)
 
 

@@ -35,7 +35,12 @@ def test_registry_contents_and_static_info():
     names = list_backbones()
     assert names[0] == "dinov2_vits14"
     assert {"dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "hed_vgg16"} <= set(names)
-    expect = {"dinov2_vits14": (14, 384), "dinov2_vitb14": (14, 768), "dinov2_vits14_reg": (14, 384), "hed_vgg16": (16, 512)}
+    expect = {
+        "dinov2_vits14": (14, 384),
+        "dinov2_vitb14": (14, 768),
+        "dinov2_vits14_reg": (14, 384),
+        "hed_vgg16": (16, 512),
+    }
     for name, (patch, dim) in expect.items():
         info = backbone_info(name)
         assert (info["patch"], info["dim"]) == (patch, dim)
@@ -183,7 +188,9 @@ def test_wrong_weight_files_name_the_mismatch(vits, tmp_path):
     sd = dict(vits.vit.state_dict())
     bad_shape = dict(sd, **{"norm.weight": torch.ones(10)})
     torch.save(bad_shape, tmp_path / "a.pth")
-    with pytest.raises(WeightsError, match=r"does not fit dinov2_vits14: wrong shape: norm\.weight file \(10,\) vs model \(384,\)$"):
+    with pytest.raises(
+        WeightsError, match=r"does not fit dinov2_vits14: wrong shape: norm\.weight file \(10,\) vs model \(384,\)$"
+    ):
         create_backbone("dinov2_vits14", weights=tmp_path / "a.pth")
     missing = {k: v for k, v in sd.items() if not k.startswith("blocks.11.")}
     torch.save(missing, tmp_path / "b.pth")
@@ -245,7 +252,9 @@ def test_hed_raw_output_is_relu_conv5(hed):
     with torch.inference_mode():
         r, n = raw(x), hed(x)
     assert r.min() >= 0 and r.max() > 0
-    assert torch.allclose(torch.nn.functional.layer_norm(r.permute(0, 2, 3, 1), (512,), eps=1e-6).permute(0, 3, 1, 2), n, atol=1e-4)
+    assert torch.allclose(
+        torch.nn.functional.layer_norm(r.permute(0, 2, 3, 1), (512,), eps=1e-6).permute(0, 3, 1, 2), n, atol=1e-4
+    )
 
 
 def test_hed_bad_h5_is_a_weights_error(tmp_path):
@@ -274,10 +283,22 @@ def test_copies_and_dtype_casts_keep_working(vits):
 
 
 # ======================================================= every entry: shapes, layouts, features job
-NEW = {"clip_vitb16": (16, 512), "siglip_vitb16": (16, 768), "siglip2_vitb16": (16, 768),
-       "dinov3_vits16": (16, 384), "dinov3_vits16plus": (16, 384), "dinov3_vitb16": (16, 768)}
-ALL = {"dinov2_vits14": (14, 384), "dinov2_vitb14": (14, 768), "dinov2_vits14_reg": (14, 384),
-       "dinov2_vitb14_reg": (14, 768), "hed_vgg16": (16, 512), **NEW}
+NEW = {
+    "clip_vitb16": (16, 512),
+    "siglip_vitb16": (16, 768),
+    "siglip2_vitb16": (16, 768),
+    "dinov3_vits16": (16, 384),
+    "dinov3_vits16plus": (16, 384),
+    "dinov3_vitb16": (16, 768),
+}
+ALL = {
+    "dinov2_vits14": (14, 384),
+    "dinov2_vitb14": (14, 768),
+    "dinov2_vits14_reg": (14, 384),
+    "dinov2_vitb14_reg": (14, 768),
+    "hed_vgg16": (16, 512),
+    **NEW,
+}
 _BUILT: dict = {}
 
 
@@ -318,10 +339,12 @@ def test_missing_new_weights_say_where_the_file_goes(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    expect = {"clip_vitb16": str(tmp_path / "torch" / "ViT-B-16.pt"),
-              "siglip_vitb16": "huggingface-cli download timm/ViT-B-16-SigLIP open_clip_model.safetensors",
-              "siglip2_vitb16": "huggingface-cli download timm/ViT-B-16-SigLIP2 open_clip_model.safetensors",
-              "dinov3_vitb16": str(tmp_path / "hub" / "checkpoints" / "dinov3_vitb16_pretrain_lvd1689m*.pth")}
+    expect = {
+        "clip_vitb16": str(tmp_path / "torch" / "ViT-B-16.pt"),
+        "siglip_vitb16": "huggingface-cli download timm/ViT-B-16-SigLIP open_clip_model.safetensors",
+        "siglip2_vitb16": "huggingface-cli download timm/ViT-B-16-SigLIP2 open_clip_model.safetensors",
+        "dinov3_vitb16": str(tmp_path / "hub" / "checkpoints" / "dinov3_vitb16_pretrain_lvd1689m*.pth"),
+    }
     for name, where in expect.items():
         with pytest.raises(WeightsError) as err:
             create_backbone(name)
@@ -342,18 +365,32 @@ def _openai_clip_visual(seed=0) -> dict:
     def r(*shape, scale=0.02, base=0.0):
         return (base + scale * torch.randn(*shape, generator=g)).half().float()
 
-    sd = {"visual.class_embedding": r(width, scale=0.5), "visual.positional_embedding": r(197, width, scale=0.5),
-          "visual.conv1.weight": r(width, 3, 16, 16), "visual.ln_pre.weight": r(width, scale=0.1, base=1.0),
-          "visual.ln_pre.bias": r(width), "visual.ln_post.weight": r(width, scale=0.1, base=1.0),
-          "visual.ln_post.bias": r(width), "visual.proj": r(width, 512, scale=0.05)}
+    sd = {
+        "visual.class_embedding": r(width, scale=0.5),
+        "visual.positional_embedding": r(197, width, scale=0.5),
+        "visual.conv1.weight": r(width, 3, 16, 16),
+        "visual.ln_pre.weight": r(width, scale=0.1, base=1.0),
+        "visual.ln_pre.bias": r(width),
+        "visual.ln_post.weight": r(width, scale=0.1, base=1.0),
+        "visual.ln_post.bias": r(width),
+        "visual.proj": r(width, 512, scale=0.05),
+    }
     for i in range(layers):
         p = f"visual.transformer.resblocks.{i}."
-        sd |= {p + "attn.in_proj_weight": r(3 * width, width, scale=0.05), p + "attn.in_proj_bias": r(3 * width),
-               p + "attn.out_proj.weight": r(width, width, scale=0.05), p + "attn.out_proj.bias": r(width),
-               p + "ln_1.weight": r(width, scale=0.1, base=1.0), p + "ln_1.bias": r(width),
-               p + "ln_2.weight": r(width, scale=0.1, base=1.0), p + "ln_2.bias": r(width),
-               p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
-               p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width)}
+        sd |= {
+            p + "attn.in_proj_weight": r(3 * width, width, scale=0.05),
+            p + "attn.in_proj_bias": r(3 * width),
+            p + "attn.out_proj.weight": r(width, width, scale=0.05),
+            p + "attn.out_proj.bias": r(width),
+            p + "ln_1.weight": r(width, scale=0.1, base=1.0),
+            p + "ln_1.bias": r(width),
+            p + "ln_2.weight": r(width, scale=0.1, base=1.0),
+            p + "ln_2.bias": r(width),
+            p + "mlp.c_fc.weight": r(4 * width, width),
+            p + "mlp.c_fc.bias": r(4 * width),
+            p + "mlp.c_proj.weight": r(width, 4 * width),
+            p + "mlp.c_proj.bias": r(width),
+        }
     return sd
 
 
@@ -409,8 +446,11 @@ def _torchscript_archive(state: dict, path) -> None:
 
 def test_clip_is_maskclip_of_the_openai_torchscript_release(tmp_path, monkeypatch):
     sd = _openai_clip_visual()
-    text = {"token_embedding.weight": torch.randn(10, 8), "logit_scale": torch.tensor(4.6),
-            "input_resolution": torch.tensor(224)}
+    text = {
+        "token_embedding.weight": torch.randn(10, 8),
+        "logit_scale": torch.tensor(4.6),
+        "input_resolution": torch.tensor(224),
+    }
     _torchscript_archive({k: v.half() for k, v in (sd | text).items()}, tmp_path / "ViT-B-16.pt")
     # Found offline where clip.load puts it ($TORCH_HOME/ViT-B-16.pt), read as TorchScript,
     # converted from OpenAI's layout, text tower ignored.
@@ -436,9 +476,12 @@ def test_siglip_open_clip_and_timm_layouts_load_exactly(name, layout, tmp_path):
     if layout == "open_clip":
         # open_clip's file: the timm trunk under visual.trunk.*, its attention-pool head, the text tower.
         state = {f"visual.trunk.{k}": v for k, v in trunk.items()}
-        state |= {"visual.trunk.attn_pool.latent": torch.zeros(1, 1, 768, dtype=torch.half),
-                  "text.token_embedding.weight": torch.zeros(10, 768, dtype=torch.half),
-                  "logit_scale": torch.zeros(1), "logit_bias": torch.zeros(1)}
+        state |= {
+            "visual.trunk.attn_pool.latent": torch.zeros(1, 1, 768, dtype=torch.half),
+            "text.token_embedding.weight": torch.zeros(10, 768, dtype=torch.half),
+            "logit_scale": torch.zeros(1),
+            "logit_bias": torch.zeros(1),
+        }
     else:
         state = trunk | {"attn_pool.latent": torch.zeros(1, 1, 768, dtype=torch.half)}
     save_file(state, str(tmp_path / "weights.safetensors"))
@@ -527,8 +570,9 @@ def test_every_entry_runs_the_features_job_with_random_init(tmp_path, monkeypatc
     from loftup.pipeline.runner import run_job
     from loftup.sample_data import build_sample_store
 
-    store = build_sample_store(tmp_path / "store", tars=1, images_per_tar=2, short_side=64, sizes=(64,),
-                               jobs=("images",))
+    store = build_sample_store(
+        tmp_path / "store", tars=1, images_per_tar=2, short_side=64, sizes=(64,), jobs=("images",)
+    )
     ids = store.images_table(0, columns=["image_id"]).column("image_id").to_pylist()
     for name, (patch, dim) in ALL.items():
         res = 2 * patch
@@ -536,8 +580,12 @@ def test_every_entry_runs_the_features_job_with_random_init(tmp_path, monkeypatc
         # The job builds create_backbone(name, random_init=True) once per process: hand it the
         # identical module this test already built instead of building a second ViT-B.
         monkeypatch.setattr(jobs, "_BACKBONES", {(name, None, True, "cpu"): model})
-        summary = run_job(FeaturesJob(backbone=name, res=res, random_init=True, batch_size=2, device="cpu"),
-                          store, [(0, None)], executor="inline")
+        summary = run_job(
+            FeaturesJob(backbone=name, res=res, random_init=True, batch_size=2, device="cpu"),
+            store,
+            [(0, None)],
+            executor="inline",
+        )
         assert not summary.failed, summary.failed
         record = store.manifest["backbones"][f"{name}@{res}"]
         assert (record["patch"], record["dim"], record["grid"]) == (patch, dim, [2, 2])

@@ -34,8 +34,10 @@ def hed():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {layout: make_tiny_dataset(layout, root / layout, n_train=8, n_val=4, seed=0)
-            for layout in ("voc", "cocostuff27", "cityscapes", "folder")}
+    return {
+        layout: make_tiny_dataset(layout, root / layout, n_train=8, n_val=4, seed=0)
+        for layout in ("voc", "cocostuff27", "cityscapes", "folder")
+    }
 
 
 def test_readers_map_each_layout_to_its_classes(tiny):
@@ -49,7 +51,9 @@ def test_readers_map_each_layout_to_its_classes(tiny):
     city = open_seg_dataset("cityscapes", tiny["cityscapes"], "val")
     folder = open_seg_dataset("folder", tiny["folder"], "val")
     assert len(voc) == len(coco) == len(city) == len(folder) == 4
-    coco_person, coco_kitchen, coco_furniture = (COCOSTUFF27_CLASSES.index(n) for n in ("person", "kitchen", "furniture-things"))
+    coco_person, coco_kitchen, coco_furniture = (
+        COCOSTUFF27_CLASSES.index(n) for n in ("person", "kitchen", "furniture-things")
+    )
     for i in range(len(voc)):
         _, v = voc.read(i)
         _, c = coco.read(i)
@@ -58,7 +62,9 @@ def test_readers_map_each_layout_to_its_classes(tiny):
         assert v.shape == c.shape == s.shape == f.shape == (image.height, image.width)
         labelled = v >= 0
         assert (~labelled).any(), "the VOC layout keeps its void band"
-        assert set(np.unique(v[labelled])) <= {VOC[n] for n in ("background", "bottle", "chair", "diningtable", "person")}
+        assert set(np.unique(v[labelled])) <= {
+            VOC[n] for n in ("background", "bottle", "chair", "diningtable", "person")
+        }
         assert np.array_equal(f, v)
         # Same crops, other layouts: the person pixels agree, things land in their COCO super-categories,
         # the background is unlabelled in COCO-Stuff and void in Cityscapes.
@@ -73,8 +79,16 @@ def test_readers_map_each_layout_to_its_classes(tiny):
 @pytest.mark.timeout(600)
 def test_seg_probe_end_to_end_on_a_voc_layout(tiny, hed, tmp_path):
     protocol = SegProtocol(size=56, backbone_res=112, epochs=10, lr=1e-2, batch_size=4)  # tiny-data schedule
-    res = evaluate("seg", [baseline("bilinear"), baseline("lowres")], protocol=protocol, dataset="voc", root=tiny["voc"],
-                   backbone=hed, out=tmp_path, progress=False)
+    res = evaluate(
+        "seg",
+        [baseline("bilinear"), baseline("lowres")],
+        protocol=protocol,
+        dataset="voc",
+        root=tiny["voc"],
+        backbone=hed,
+        out=tmp_path,
+        progress=False,
+    )
     # Independent majority-class baseline on the same val pixels (labels resized as the probe sees them).
     from loftup.training.evaluation.probe import SegTorchDataset
 
@@ -99,8 +113,15 @@ def test_seg_probe_end_to_end_on_a_voc_layout(tiny, hed, tmp_path):
 @pytest.mark.timeout(600)
 def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_path):
     root = make_tiny_davis(tmp_path / "davis", frames=3, still=True)
-    res = evaluate("davis", [baseline("bilinear")], protocol=DavisProtocol(size=112), root=root, backbone=hed,
-                   out=tmp_path / "out", progress=False)
+    res = evaluate(
+        "davis",
+        [baseline("bilinear")],
+        protocol=DavisProtocol(size=112),
+        root=root,
+        backbone=hed,
+        out=tmp_path / "out",
+        progress=False,
+    )
     r = res["bilinear"]
     assert r["objects"] == 6 and set(r["per_sequence"]) == {"voc-room", "arc-shelf"}
     # The only loss is the 56 x 56 label grid the propagation works on.
@@ -111,11 +132,18 @@ def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_p
 @pytest.mark.timeout(600)
 def test_moving_video_scores_and_bilinear_beats_the_feature_grid(hed, tmp_path):
     root = make_tiny_davis(tmp_path / "davis", frames=3)
-    res = evaluate("davis", [baseline("bilinear"), baseline("lowres")], protocol=DavisProtocol(size=112, context=1),
-                   root=root, backbone=hed, progress=False)
+    res = evaluate(
+        "davis",
+        [baseline("bilinear"), baseline("lowres")],
+        protocol=DavisProtocol(size=112, context=1),
+        root=root,
+        backbone=hed,
+        progress=False,
+    )
     for name in ("bilinear", "lowres"):
         assert 0.0 < res[name]["J_mean"] < 1.0 and res[name]["JF_mean"] == pytest.approx(
-            (res[name]["J_mean"] + res[name]["F_mean"]) / 2)
+            (res[name]["J_mean"] + res[name]["F_mean"]) / 2
+        )
     assert res["bilinear"]["JF_mean"] > res["lowres"]["JF_mean"]
     assert res["_protocol"]["context"] == 1
 
@@ -130,18 +158,57 @@ def _cli(monkeypatch, capsys, *args):
 
 
 def test_cli_errors_are_one_line(monkeypatch, capsys, tiny, tmp_path):
-    code, out = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "pascal", "--root", str(tiny["voc"]),
-                     "--backbone", BACKBONE)
+    code, out = _cli(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        "seg",
+        "--dataset",
+        "pascal",
+        "--root",
+        str(tiny["voc"]),
+        "--backbone",
+        BACKBONE,
+    )
     assert code == 2 and out.err.strip().splitlines()[-1] == (
-        "error: unknown dataset layout 'pascal'; choose from cocostuff27, cityscapes, voc, folder")
-    code, out = _cli(monkeypatch, capsys, "evaluate", "davis", "--root", str(tmp_path / "missing"), "--backbone", BACKBONE)
+        "error: unknown dataset layout 'pascal'; choose from cocostuff27, cityscapes, voc, folder"
+    )
+    code, out = _cli(
+        monkeypatch, capsys, "evaluate", "davis", "--root", str(tmp_path / "missing"), "--backbone", BACKBONE
+    )
     assert code == 2 and out.err.strip().splitlines()[-1].startswith("error: image list not found")
-    code, out = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "voc", "--root", str(tiny["voc"]),
-                     "--backbone", BACKBONE, "--upsampler", "lanczos")
+    code, out = _cli(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        "seg",
+        "--dataset",
+        "voc",
+        "--root",
+        str(tiny["voc"]),
+        "--backbone",
+        BACKBONE,
+        "--upsampler",
+        "lanczos",
+    )
     assert code == 2 and "unknown upsampler 'lanczos'" in out.err and "Traceback" not in out.err
-    code, out = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "voc", "--root", str(tiny["voc"]),
-                     "--backbone", BACKBONE, "--checkpoint", str(tmp_path / "nope.safetensors"))
-    assert code == 2 and out.err.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nope.safetensors'} not found"
+    code, out = _cli(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        "seg",
+        "--dataset",
+        "voc",
+        "--root",
+        str(tiny["voc"]),
+        "--backbone",
+        BACKBONE,
+        "--checkpoint",
+        str(tmp_path / "nope.safetensors"),
+    )
+    assert (
+        code == 2 and out.err.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nope.safetensors'} not found"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -156,9 +223,32 @@ def test_cli_seg_with_a_checkpoint_and_its_projection(monkeypatch, capsys, tiny,
     projection = FeatureProjection.fit(torch.randn(4, 512, 7, 7), 16)
     save_model(LoftUp(16), tmp_path / "tiny_loftup.safetensors", extra={"backbone": BACKBONE}, projection=projection)
     out = tmp_path / "eval"
-    code, printed = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "folder", "--root", str(tiny["folder"]),
-                         "--backbone", BACKBONE, "--size", "56", "--backbone-res", "112", "--epochs", "1", "--lr", "1e-2",
-                         "--workers", "0", "--checkpoint", str(tmp_path / "tiny_loftup.safetensors"), "--out", str(out))
+    code, printed = _cli(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        "seg",
+        "--dataset",
+        "folder",
+        "--root",
+        str(tiny["folder"]),
+        "--backbone",
+        BACKBONE,
+        "--size",
+        "56",
+        "--backbone-res",
+        "112",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--workers",
+        "0",
+        "--checkpoint",
+        str(tmp_path / "tiny_loftup.safetensors"),
+        "--out",
+        str(out),
+    )
     assert code in (0, None), printed.err
     res = json.loads((out / "results.json").read_text())
     assert [k for k in res if not k.startswith("_")] == ["bilinear", "bilinear@tiny_loftup", "tiny_loftup"]
@@ -166,6 +256,20 @@ def test_cli_seg_with_a_checkpoint_and_its_projection(monkeypatch, capsys, tiny,
     assert res["_protocol"]["epochs"] == 1 and "| tiny_loftup |" in printed.out
     # A checkpoint trained for another backbone is refused in one line.
     save_model(LoftUp(16), tmp_path / "other.safetensors", extra={"backbone": "dinov2_vits14"}, projection=projection)
-    code, printed = _cli(monkeypatch, capsys, "evaluate", "seg", "--dataset", "folder", "--root", str(tiny["folder"]),
-                         "--backbone", BACKBONE, "--checkpoint", str(tmp_path / "other.safetensors"))
-    assert code == 2 and printed.err.strip().splitlines()[-1].endswith("was trained on backbone 'dinov2_vits14', not 'hed_vgg16'")
+    code, printed = _cli(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        "seg",
+        "--dataset",
+        "folder",
+        "--root",
+        str(tiny["folder"]),
+        "--backbone",
+        BACKBONE,
+        "--checkpoint",
+        str(tmp_path / "other.safetensors"),
+    )
+    assert code == 2 and printed.err.strip().splitlines()[-1].endswith(
+        "was trained on backbone 'dinov2_vits14', not 'hed_vgg16'"
+    )

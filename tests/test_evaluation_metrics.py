@@ -80,8 +80,10 @@ def test_j_and_f_match_brute_force_on_small_masks():
         gt = np.zeros((h, w), bool)
         pred = np.zeros((h, w), bool)
         y, x = rng.integers(2, 10, size=2)
-        gt[y:y + rng.integers(5, 10), x:x + rng.integers(5, 12)] = True
-        pred[y + rng.integers(-3, 4):y + rng.integers(4, 12), max(0, x + rng.integers(-3, 4)):x + rng.integers(4, 14)] = True
+        gt[y : y + rng.integers(5, 10), x : x + rng.integers(5, 12)] = True
+        pred[
+            y + rng.integers(-3, 4) : y + rng.integers(4, 12), max(0, x + rng.integers(-3, 4)) : x + rng.integers(4, 14)
+        ] = True
         if trial == 0:
             pred[:] = False  # an empty prediction: F = 0, J = 0
         assert np.array_equal(boundary_map(gt), _brute_boundary(gt))
@@ -102,8 +104,12 @@ def test_j_and_f_match_brute_force_on_small_masks():
 
 
 def test_davis_means_are_over_objects_not_sequences():
-    summary = davis_summary({"one": {1: {"J": 0.2, "F": 0.4}},
-                             "three": {1: {"J": 1.0, "F": 1.0}, 2: {"J": 0.6, "F": 0.8}, 3: {"J": 0.6, "F": 0.6}}})
+    summary = davis_summary(
+        {
+            "one": {1: {"J": 0.2, "F": 0.4}},
+            "three": {1: {"J": 1.0, "F": 1.0}, 2: {"J": 0.6, "F": 0.8}, 3: {"J": 0.6, "F": 0.6}},
+        }
+    )
     assert summary["J_mean"] == pytest.approx(0.6) and summary["F_mean"] == pytest.approx(0.7)
     assert summary["JF_mean"] == pytest.approx(0.65) and summary["objects"] == 4
     assert summary["per_sequence"]["three"]["J_mean"] == pytest.approx(2.2 / 3)
@@ -116,8 +122,10 @@ def _dense_propagation(target, sources, segs, temperature, radius, k):
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     yy, xx = yy.reshape(-1), xx.reshape(-1)
     near = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
-    aff = torch.cat([torch.exp(t.T @ torch.nn.functional.normalize(s.reshape(c, -1), dim=0) / temperature) * near
-                     for s in sources], 1)
+    aff = torch.cat(
+        [torch.exp(t.T @ torch.nn.functional.normalize(s.reshape(c, -1), dim=0) / temperature) * near for s in sources],
+        1,
+    )
     labels = torch.cat([s.reshape(s.shape[0], -1) for s in segs], 1)
     kth = aff.topk(k, dim=1).values[:, -1:]
     aff = torch.where(aff >= kth, aff, torch.zeros_like(aff))

@@ -29,8 +29,9 @@ DIM, GRID = 384, 16
 def run_cases(cases: list[tuple[str, list[str]]]) -> list[dict]:
     """Run (script, args) cases, each in its own process (see cli_driver.py)."""
     payload = json.dumps([{"script": s, "args": [str(a) for a in args]} for s, args in cases])
-    proc = subprocess.run([sys.executable, str(DRIVER)], input=payload, capture_output=True, text=True, env=ENV,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER)], input=payload, capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -77,32 +78,101 @@ def _cases(w):
     return [
         # (script, args, exit code, text that must be on stderr)
         ("loftup-pipeline", ["masks", "--shards", "0", "--sa1b-root", t], 2, "Missing option '--store'"),
-        ("loftup-pipeline", ["features", "--shards", "0", "--store", s, "--res", "abc"], 2, "Invalid value for '--res'"),
+        (
+            "loftup-pipeline",
+            ["features", "--shards", "0", "--store", s, "--res", "abc"],
+            2,
+            "Invalid value for '--res'",
+        ),
         ("loftup-pipeline", ["nosuchcmd"], 2, "No such command"),
         ("loftup-store", ["nosuchcmd"], 2, "No such command"),
         ("loftup-train", ["stage1", "--out", r / "o"], 2, "Missing option '--store'"),
-        ("loftup-pipeline", ["masks", "--shards", "0-3", "--sa1b-root", t, "--store", r / "s_fail", "--executor", "inline",
-                             "--sizes", "224"], 1, "truncated"),
+        (
+            "loftup-pipeline",
+            [
+                "masks",
+                "--shards",
+                "0-3",
+                "--sa1b-root",
+                t,
+                "--store",
+                r / "s_fail",
+                "--executor",
+                "inline",
+                "--sizes",
+                "224",
+            ],
+            1,
+            "truncated",
+        ),
         ("loftup-pipeline", ["masks", "--shards", "9", "--sa1b-root", t, "--store", s], 2, "sa_000009.tar"),
-        ("loftup-pipeline", ["features", "--shards", "0", "--store", s, "--backbone", "dinov2_vits14", "--res", "56",
-                             "--weights", r / "nope.pth", "--executor", "inline"], 1, "nope.pth"),
+        (
+            "loftup-pipeline",
+            [
+                "features",
+                "--shards",
+                "0",
+                "--store",
+                s,
+                "--backbone",
+                "dinov2_vits14",
+                "--res",
+                "56",
+                "--weights",
+                r / "nope.pth",
+                "--executor",
+                "inline",
+            ],
+            1,
+            "nope.pth",
+        ),
         ("loftup-pipeline", ["status", "--store", r / "nostore"], 2, "no store at"),
         ("loftup-pipeline", ["sample-data", r / "sd", "--fault", "exploding"], 2, "unknown fault"),
         ("loftup-store", ["info", r / "nostore"], 2, "no store at"),
-        ("loftup-store", ["show", s, "--image-id", "999", "--out", r / "x.png"], 2, "image 999 is not in the image store"),
-        ("loftup-store", ["show", s, "--image-id", "IMG", "--backbone", "vit_s16", "--out", r / "x.png"], 2,
-         "no features of vit_s16@224"),
+        (
+            "loftup-store",
+            ["show", s, "--image-id", "999", "--out", r / "x.png"],
+            2,
+            "image 999 is not in the image store",
+        ),
+        (
+            "loftup-store",
+            ["show", s, "--image-id", "IMG", "--backbone", "vit_s16", "--out", r / "x.png"],
+            2,
+            "no features of vit_s16@224",
+        ),
         ("loftup-store", ["masks", s, "--columns", "image_id,nosuchcol"], 2, "nosuchcol"),
-        ("loftup-train", ["stage1", "--store", s, "--out", r / "run_zero", "--resume", "--batch-size", "2", *tiny], 2,
-         "run_zero/last.pt"),
-        ("loftup-train", ["stage1", "--store", s, "--out", r / "o1", "--batch-size", "64", *tiny], 2,
-         "fewer than one global batch of 64"),
+        (
+            "loftup-train",
+            ["stage1", "--store", s, "--out", r / "run_zero", "--resume", "--batch-size", "2", *tiny],
+            2,
+            "run_zero/last.pt",
+        ),
+        (
+            "loftup-train",
+            ["stage1", "--store", s, "--out", r / "o1", "--batch-size", "64", *tiny],
+            2,
+            "fewer than one global batch of 64",
+        ),
         ("loftup-train", ["stage1", "--store", s, "--out", r / "o2", "--shards", "1,7", *tiny], 2, "7 (finish them"),
-        ("loftup-train", ["stage2", "--init", r / "bad" / "garbage.safetensors", "--store", s, "--out", r / "o3",
-                          "--random-init"], 2, "garbage.json"),
-        ("loftup-train", ["upsample", r / "photo.png", "--checkpoint", r / "bad" / "zero.safetensors"], 2,
-         "zero.safetensors"),
-        ("loftup-train", ["evaluate", "masks", "--store", s, "--shards", "0", "--backbone", "vit_s16"], 2, "vit_s16@224"),
+        (
+            "loftup-train",
+            ["stage2", "--init", r / "bad" / "garbage.safetensors", "--store", s, "--out", r / "o3", "--random-init"],
+            2,
+            "garbage.json",
+        ),
+        (
+            "loftup-train",
+            ["upsample", r / "photo.png", "--checkpoint", r / "bad" / "zero.safetensors"],
+            2,
+            "zero.safetensors",
+        ),
+        (
+            "loftup-train",
+            ["evaluate", "masks", "--store", s, "--shards", "0", "--backbone", "vit_s16"],
+            2,
+            "vit_s16@224",
+        ),
         # after the failed masks run above: its failed shards show in status and errors
         ("loftup-store", ["status", r / "s_fail"], 0, "masks"),
         ("loftup-store", ["errors", r / "s_fail"], 0, "sa_000002.tar"),
@@ -112,10 +182,13 @@ def _cases(w):
 def test_every_command_failure_path_exit_code_one_line_no_traceback(world):
     st = open_store(world["store"])
     image_id = int(st.image_ids(0)[0])
-    cases = [(sc, [str(image_id) if a == "IMG" else a for a in args], code, text) for sc, args, code, text in _cases(world)]
+    cases = [
+        (sc, [str(image_id) if a == "IMG" else a for a in args], code, text) for sc, args, code, text in _cases(world)
+    ]
     results = run_cases([(sc, args) for sc, args, _, _ in cases])
     Path(os.environ.get("LOFTUP_FAULTS_TIMES", os.devnull)).write_text(
-        json.dumps([(c[0], str(c[1][:2]), r["seconds"]) for c, r in zip(cases, results)]))
+        json.dumps([(c[0], str(c[1][:2]), r["seconds"]) for c, r in zip(cases, results)])
+    )
     for (script, args, code, text), res in zip(cases, results):
         where = f"{script} {' '.join(map(str, args))}\nstdout: {res['out'][-800:]}\nstderr: {res['err'][-1500:]}"
         assert res["rc"] == code, where
@@ -145,9 +218,28 @@ def test_ctrl_c_prints_one_line_and_exits_130(world, tmp_path):
     for s in range(20):
         (tars / f"sa_{s:06d}.tar").symlink_to(world["tars"] / "sa_000000.tar")
     store = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-m", "loftup.cli.pipeline", "masks", "--shards", "0-19", "--sa1b-root",
-                             str(tars), "--store", str(store), "--executor", "inline", "--sizes", "224"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loftup.cli.pipeline",
+            "masks",
+            "--shards",
+            "0-19",
+            "--sa1b-root",
+            str(tars),
+            "--store",
+            str(store),
+            "--executor",
+            "inline",
+            "--sizes",
+            "224",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     marker = store / "_status" / "masks" / "shard=000000.json"
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -404,8 +496,11 @@ def test_lease_of_a_killed_run_on_this_host_is_taken_over_at_once(small_store):
     store, shards = small_store
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     holder = f"{socket.gethostname()}:{int(dead.stdout)}:feedbeef"
-    commit.atomic_write(store.fs, commit.lease_path(store.root, "masks"),
-                        json.dumps({"holder": holder, "job": "masks", "heartbeat": time.time()}).encode())
+    commit.atomic_write(
+        store.fs,
+        commit.lease_path(store.root, "masks"),
+        json.dumps({"holder": holder, "job": "masks", "heartbeat": time.time()}).encode(),
+    )
     assert run_job(MasksJob(sizes=(224,)), store, shards, executor="inline").skipped == [0, 1]
 
 

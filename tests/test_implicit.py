@@ -25,8 +25,17 @@ from loftup.training.materialise import PseudoGTJob
 
 RES = 56  # DINOv2-S/14 grid 4x4: the whole recipe at toy scale
 # Toy scale; lr 1e-2 so that 40 steps move the network as far as FeatUp's 1200 at 2e-3 would.
-TINY = dict(views=12, pca_views=6, proj_dim=8, featurize_batch=12, kernel_size=17, steps=40, views_per_step=3, max_pad=6,
-            lr=1e-2)
+TINY = dict(
+    views=12,
+    pca_views=6,
+    proj_dim=8,
+    featurize_batch=12,
+    kernel_size=17,
+    steps=40,
+    views_per_step=3,
+    max_pad=6,
+    lr=1e-2,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,7 +126,9 @@ def test_optimiser_lowers_loss_and_explains_the_views(store, backbone):
     # The views are the live backbone's: view 0 recomputed independently, channel-normed, projected.
     with torch.no_grad():
         p = fit.params
-        v0 = backbone(_featup_jitter(x, cfg.max_pad, float(p["zoom"][0]), int(p["x"][0]), int(p["y"][0]), bool(p["flip"][0])))
+        v0 = backbone(
+            _featup_jitter(x, cfg.max_pad, float(p["zoom"][0]), int(p["x"][0]), int(p["y"][0]), bool(p["flip"][0]))
+        )
         v0 = F.layer_norm(v0.permute(0, 2, 3, 1), (384,)).permute(0, 3, 1, 2)
         torch.testing.assert_close(fit.unprojector.project(v0)[0], fit.views[0], atol=1e-3, rtol=1e-3)
     # The same seed and zero steps give the network at initialisation.
@@ -132,7 +143,9 @@ def test_optimiser_lowers_loss_and_explains_the_views(store, backbone):
             both = torch.cat([hr.square().sum(1, keepdim=True).sqrt(), hr], 1)
             errs = []
             for i in range(cfg.views):
-                j = _featup_jitter(both, cfg.max_pad, float(p["zoom"][i]), int(p["x"][i]), int(p["y"][i]), bool(p["flip"][i]))
+                j = _featup_jitter(
+                    both, cfg.max_pad, float(p["zoom"][i]), int(p["x"][i]), int(p["y"][i]), bool(p["flip"][i])
+                )
                 errs.append((fit.downsampler(j)[:, 1:] - fit.views[i : i + 1]).square().mean())
         return float(torch.stack(errs).mean())
 
@@ -186,7 +199,9 @@ def test_report_sums_markers_and_files(store, tmp_path, capsys, monkeypatch):
         scalability_report(store)
     assert not run_job(PseudoGTJob(res=RES, png=False, limit=1), store, [(0, None)], executor="inline").failed
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    monkeypatch.setattr(sys, "argv", ["loftup-store", "report", store.url, "--json", str(out_json), "--png", str(out_png)])
+    monkeypatch.setattr(
+        sys, "argv", ["loftup-store", "report", store.url, "--json", str(out_json), "--png", str(out_png)]
+    )
     from loftup.cli.common import run
 
     with pytest.raises(SystemExit) as exit_info:
@@ -198,10 +213,18 @@ def test_report_sums_markers_and_files(store, tmp_path, capsys, monkeypatch):
     # Recomputed here from the markers and the files on disk.
     root = store.root
     mk = lambda job: list(store.done_shards(job).values())
-    f, m, p, i = mk("features/dinov2_vits14@56"), mk("masks"), mk("pseudogt/dinov2_vits14@56"), mk("implicit/dinov2_vits14@56")
+    f, m, p, i = (
+        mk("features/dinov2_vits14@56"),
+        mk("masks"),
+        mk("pseudogt/dinov2_vits14@56"),
+        mk("implicit/dinov2_vits14@56"),
+    )
     n_f = sum(x["images"] for x in f)
-    sec_one = (sum(x["seconds"] for x in f) / n_f + sum(x["seconds"] for x in m) / sum(x["images"] for x in m)
-               + sum(x["pseudogt_seconds"] for x in p) / sum(x["images"] for x in p))
+    sec_one = (
+        sum(x["seconds"] for x in f) / n_f
+        + sum(x["seconds"] for x in m) / sum(x["images"] for x in m)
+        + sum(x["pseudogt_seconds"] for x in p) / sum(x["images"] for x in p)
+    )
     bytes_one = _du(f"{root}/features/dinov2_vits14@56/shard=000000") / n_f + _du(f"{root}/masks/shard=000000") / 2
     n_i = sum(x["images"] for x in i)
     shard = f"{root}/implicit/dinov2_vits14@56/shard=000000"
@@ -218,7 +241,9 @@ def test_report_sums_markers_and_files(store, tmp_path, capsys, monkeypatch):
     assert per["dense_fp32_bytes_per_image"] == 4 * 384 * RES * RES
     assert rep["ratios"]["seconds"] == pytest.approx(full / sec_one)
     row = rep["extrapolation"]["1000000"]
-    assert row["one_pass"]["hours"] == pytest.approx(1e6 * sec_one / 3600) and row["one_pass"]["hours_unit"] == "CPU-hours"
+    assert (
+        row["one_pass"]["hours"] == pytest.approx(1e6 * sec_one / 3600) and row["one_pass"]["hours_unit"] == "CPU-hours"
+    )
     assert row["per_image_optimisation"]["bytes_dense"] == pytest.approx(1e6 * dense)
     assert set(rep["extrapolation"]) == {"50000", "1000000", "11000000"} and rep["paper"]["per_image_optimisation"]
 
@@ -231,7 +256,9 @@ def test_report_cli_names_the_missing_job(tmp_store, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         run(store_cli.app)
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and err == [f"error: no per-image optimisation in {tmp_store.url}: run `loftup-pipeline implicit` first"]
+    assert exit_info.value.code == 2 and err == [
+        f"error: no per-image optimisation in {tmp_store.url}: run `loftup-pipeline implicit` first"
+    ]
 
 
 def test_verify_checks_implicit_shards(store):
@@ -260,7 +287,9 @@ def test_one_bad_image_is_an_error_row(store, monkeypatch):
     s = run_job(job, store, [(0, None)], executor="inline", overwrite=True)
     assert not s.failed and s.done[0]["images"] == 1 and s.done[0]["errors"] == 1
     errs = store.errors(job.name).to_pylist()
-    assert [(e["image_id"], e["stage"]) for e in errs] == [(bad, "implicit")] and "simulated failure" in errs[0]["reason"]
+    assert [(e["image_id"], e["stage"]) for e in errs] == [(bad, "implicit")] and "simulated failure" in errs[0][
+        "reason"
+    ]
     assert s.done[0]["dense_bytes"] == 0 and not implicit_store(store, "dinov2_vits14", RES).has_dense(0)
 
 
@@ -277,8 +306,21 @@ def test_stage1_trains_on_stored_implicit_features(store, tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(im.ImplicitTargets, "__call__", spy)
-    cfg = Stage1Config(store=store.url, out=str(tmp_path / "run"), res=RES, size=RES, target="implicit", pca_dim=8,
-                       batch_size=2, max_steps=2, workers=0, progress=False, device="cpu", recipe="paper", log_every=1)
+    cfg = Stage1Config(
+        store=store.url,
+        out=str(tmp_path / "run"),
+        res=RES,
+        size=RES,
+        target="implicit",
+        pca_dim=8,
+        batch_size=2,
+        max_steps=2,
+        workers=0,
+        progress=False,
+        device="cpu",
+        recipe="paper",
+        log_every=1,
+    )
     result = train(cfg)
     assert result["steps"] == 2 and len(seen) == 2
     ids = store.image_ids(0).tolist()
@@ -290,8 +332,17 @@ def test_stage1_trains_on_stored_implicit_features(store, tmp_path, monkeypatch)
         expect = F.layer_norm(projection(hr).permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
         torch.testing.assert_close(target, expect, atol=1e-5, rtol=1e-5)
     with pytest.raises(StoreError, match="run `loftup-pipeline implicit"):
-        train(replace(cfg, out=str(tmp_path / "run2"), backbone="dinov2_vits14", res=RES, shards=[0], target="implicit",
-                      store=str(_store_without_implicit(tmp_path, store))))
+        train(
+            replace(
+                cfg,
+                out=str(tmp_path / "run2"),
+                backbone="dinov2_vits14",
+                res=RES,
+                shards=[0],
+                target="implicit",
+                store=str(_store_without_implicit(tmp_path, store)),
+            )
+        )
 
 
 def _store_without_implicit(tmp_path, store):
@@ -306,11 +357,29 @@ def test_cli_user_errors_are_one_line(store, capsys, monkeypatch):
     from loftup.cli import pipeline as pipeline_cli
     from loftup.cli.common import run
 
-    for extra, message in ((["--dense"], "error: --dense keeps ~37 MB per image in memory until the shard is written: "
-                                         "give --images-per-shard"),
-                           (["--res", "50"], "error: --res 50 is not a multiple of dinov2_vits14's patch size 14")):
-        monkeypatch.setattr(sys, "argv", ["loftup-pipeline", "implicit", "--shards", "0", "--store", store.url,
-                                          "--random-init", "--executor", "inline", *extra])
+    for extra, message in (
+        (
+            ["--dense"],
+            "error: --dense keeps ~37 MB per image in memory until the shard is written: give --images-per-shard",
+        ),
+        (["--res", "50"], "error: --res 50 is not a multiple of dinov2_vits14's patch size 14"),
+    ):
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "loftup-pipeline",
+                "implicit",
+                "--shards",
+                "0",
+                "--store",
+                store.url,
+                "--random-init",
+                "--executor",
+                "inline",
+                *extra,
+            ],
+        )
         with pytest.raises(SystemExit) as exit_info:
             run(pipeline_cli.app)
         assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]

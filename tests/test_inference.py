@@ -48,8 +48,9 @@ def test_upsample_with_our_checkpoint(photo, tmp_path, fmt):
     model = LoftUp(16).eval()
     ckpt = save_model(model, tmp_path / "m.safetensors", extra={"backbone": "patchconv"})
     net = PatchConv()
-    res = upsample_image(photo, checkpoint=ckpt, backbone=net, size=48, backbone_res=35, out_dir=tmp_path / "o",
-                         fmt=fmt)
+    res = upsample_image(
+        photo, checkpoint=ckpt, backbone=net, size=48, backbone_res=35, out_dir=tmp_path / "o", fmt=fmt
+    )
     assert res["shape"] == (16, 48, 48) and res["lr_grid"] == (4, 4) and res["backbone_res"] == 32
     if fmt == "npy":
         feats = torch.from_numpy(np.load(res["features"]))
@@ -79,13 +80,15 @@ def test_upsample_with_registered_backbone(photo, tmp_path):
     torch.manual_seed(0)
     official = tmp_path / "official.pth"
     torch.save({"state_dict": LoftUp(384).state_dict()}, official)
-    res = upsample_image(photo, official=official, backbone="dinov2_vits14", random_init=True, size=56,
-                         backbone_res=56, out_dir=tmp_path)
+    res = upsample_image(
+        photo, official=official, backbone="dinov2_vits14", random_init=True, size=56, backbone_res=56, out_dir=tmp_path
+    )
     assert res["shape"] == (384, 56, 56) and res["lr_grid"] == (4, 4)
     assert res["picture"].exists()
 
 
 # -- pictures -----------------------------------------------------------------------------------
+
 
 def test_pca_rgb_shares_one_fit_and_upsamples_small_maps():
     g = torch.Generator().manual_seed(0)

@@ -133,7 +133,10 @@ def test_random_projection_released_unit_columns_and_paper_scale():
 
 def test_projected_mse_is_the_mse_of_both_projections_by_hand():
     g = torch.Generator().manual_seed(3)
-    pred, target = torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64), torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64)
+    pred, target = (
+        torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64),
+    )
     proj = random_projection(2, 6, 3, generator=g, dtype=torch.float64)
     expect = 0.0
     for b in range(2):
@@ -147,7 +150,10 @@ def test_projected_mse_is_the_mse_of_both_projections_by_hand():
     assert projected_mse(pred, target, proj).item() == pytest.approx(expect, rel=1e-10)
     # unit columns make the projected MSE the plain per-channel MSE in expectation (C/dim less than N(0,1/dim))
     big_p, big_t = torch.randn(4, 48, 16, 16), torch.randn(4, 48, 16, 16)
-    vals = [projected_mse(big_p, big_t, random_projection(4, 48, 64, generator=torch.Generator().manual_seed(k))) for k in range(8)]
+    vals = [
+        projected_mse(big_p, big_t, random_projection(4, 48, 64, generator=torch.Generator().manual_seed(k)))
+        for k in range(8)
+    ]
     assert torch.stack(vals).mean().item() == pytest.approx(F.mse_loss(big_p, big_t).item(), rel=0.05)
     with pytest.raises(ValueError, match="differ"):
         projected_mse(pred, target[:, :3], proj)
@@ -156,8 +162,12 @@ def test_projected_mse_is_the_mse_of_both_projections_by_hand():
 def test_total_variation_is_featups_squared_differences_over_bchw():
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     a = x.numpy()
-    ref = sum((a[b, c, i + 1, j] - a[b, c, i, j]) ** 2 for b in range(2) for c in range(3) for i in range(4) for j in range(4))
-    ref += sum((a[b, c, i, j + 1] - a[b, c, i, j]) ** 2 for b in range(2) for c in range(3) for i in range(5) for j in range(3))
+    ref = sum(
+        (a[b, c, i + 1, j] - a[b, c, i, j]) ** 2 for b in range(2) for c in range(3) for i in range(4) for j in range(4)
+    )
+    ref += sum(
+        (a[b, c, i, j + 1] - a[b, c, i, j]) ** 2 for b in range(2) for c in range(3) for i in range(5) for j in range(3)
+    )
     assert total_variation(x).item() == pytest.approx(ref / (2 * 3 * 5 * 4), rel=1e-12)
     assert total_variation(torch.full((1, 2, 4, 4), 3.0)).item() == 0.0
 
@@ -232,7 +242,10 @@ def test_attention_downsampler_matches_featup_by_hand():
 
 def test_uncertainty_nll_and_mse_reconstruction_by_hand_clamped_at_zero():
     g = torch.Generator().manual_seed(5)
-    down, target = torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64)
+    down, target = (
+        torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, 3, 3, generator=g, dtype=torch.float64),
+    )
     proj = random_projection(2, 6, 4, generator=g, dtype=torch.float64)
     err = (torch.einsum("bchw,bcd->bdhw", down, proj) - torch.einsum("bchw,bcd->bdhw", target, proj)) ** 2
     assert reconstruction_loss(down, target, proj).item() == pytest.approx(err.mean().item(), rel=1e-12)

@@ -51,12 +51,36 @@ def _synthetic_sa1b(h=40, w=60):
     yy, xx = np.mgrid[:h, :w]
     masks = [(xx - 30) ** 2 + (yy - 20) ** 2 < 150, (xx > 5) & (xx < 25) & (yy > 3), (yy + xx) % 7 == 0]
     anns = [
-        {"id": 901, "segmentation": _encode(masks[0]), "area": int(masks[0].sum()), "bbox": [18, 8.0, 24, 24.5],
-         "predicted_iou": 1.0234, "stability_score": 0.97, "crop_box": [0, 0, w, h], "point_coords": [[30, 20.5]]},
-        {"id": 17, "segmentation": _encode(masks[1]), "area": int(masks[1].sum()), "bbox": [6.0, 4, 18, 35],
-         "predicted_iou": 0.91, "stability_score": 1, "crop_box": [0.0, 0.0, 30.5, 20], "point_coords": [[10.25, 9]]},
-        {"id": 5000, "segmentation": _encode(masks[2]), "area": int(masks[2].sum()), "bbox": [0, 0, 59, 39],
-         "predicted_iou": 0.88, "stability_score": 0.951, "crop_box": [15, 10, 30, 20], "point_coords": [[14, 0]]},
+        {
+            "id": 901,
+            "segmentation": _encode(masks[0]),
+            "area": int(masks[0].sum()),
+            "bbox": [18, 8.0, 24, 24.5],
+            "predicted_iou": 1.0234,
+            "stability_score": 0.97,
+            "crop_box": [0, 0, w, h],
+            "point_coords": [[30, 20.5]],
+        },
+        {
+            "id": 17,
+            "segmentation": _encode(masks[1]),
+            "area": int(masks[1].sum()),
+            "bbox": [6.0, 4, 18, 35],
+            "predicted_iou": 0.91,
+            "stability_score": 1,
+            "crop_box": [0.0, 0.0, 30.5, 20],
+            "point_coords": [[10.25, 9]],
+        },
+        {
+            "id": 5000,
+            "segmentation": _encode(masks[2]),
+            "area": int(masks[2].sum()),
+            "bbox": [0, 0, 59, 39],
+            "predicted_iou": 0.88,
+            "stability_score": 0.951,
+            "crop_box": [15, 10, 30, 20],
+            "point_coords": [[14, 0]],
+        },
     ]
     return {"image": {"image_id": 42, "width": w, "height": h, "file_name": "sa_42.jpg"}, "annotations": anns}, masks
 
@@ -165,7 +189,9 @@ def test_felzenszwalb_masks_partition_the_image_exactly():
         cover += m
     assert (cover == 1).all()  # disjoint and covering
     assert [r["area"] for r in rows] == sorted((r["area"] for r in rows), reverse=True)
-    capped = create_mask_source("felzenszwalb", scale=100, min_size=20, max_side=64, max_masks=2).masks_for(image, None, 3)
+    capped = create_mask_source("felzenszwalb", scale=100, min_size=20, max_side=64, max_masks=2).masks_for(
+        image, None, 3
+    )
     assert [r["counts"] for r in capped] == [r["counts"] for r in rows[:2]]
     with pytest.raises(ValueError, match="needs the decoded image"):
         src.masks_for(None, {"annotations": []}, 3)
@@ -199,8 +225,13 @@ def test_sam_random_vit_b_one_small_image():
 
     torch.manual_seed(0)
     src = create_mask_source(
-        "sam", random_init=True, device="cpu", points_per_side=4, crop_n_layers=0,
-        pred_iou_thresh=0.0, stability_score_thresh=0.0,
+        "sam",
+        random_init=True,
+        device="cpu",
+        points_per_side=4,
+        crop_n_layers=0,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
     )
     gen = src.generator
     assert (gen.pred_iou_thresh, gen.stability_score_thresh, gen.crop_n_layers) == (0.0, 0.0, 0)
@@ -230,10 +261,24 @@ def test_sam_records_from_a_shrunk_image_are_scaled_back():
     small[5:12, 3:9] = True
     empty = np.zeros((20, 30), bool)
     records = [
-        {"segmentation": _encode(small), "area": int(small.sum()), "bbox": _sam_bbox(small), "predicted_iou": 0.9,
-         "point_coords": [[5.0, 8.0]], "stability_score": 0.96, "crop_box": [0, 0, 30, 20]},
-        {"segmentation": _encode(empty), "area": 0, "bbox": [0, 0, 0, 0], "predicted_iou": 0.1,
-         "point_coords": [[1.0, 1.0]], "stability_score": 0.0, "crop_box": [0, 0, 30, 20]},
+        {
+            "segmentation": _encode(small),
+            "area": int(small.sum()),
+            "bbox": _sam_bbox(small),
+            "predicted_iou": 0.9,
+            "point_coords": [[5.0, 8.0]],
+            "stability_score": 0.96,
+            "crop_box": [0, 0, 30, 20],
+        },
+        {
+            "segmentation": _encode(empty),
+            "area": 0,
+            "bbox": [0, 0, 0, 0],
+            "predicted_iou": 0.1,
+            "point_coords": [[1.0, 1.0]],
+            "stability_score": 0.0,
+            "crop_box": [0, 0, 30, 20],
+        },
     ]
     same = sam_records_to_rows(records, 5, (20, 30))
     assert same[0]["counts"] == records[0]["segmentation"]["counts"] and same[0]["bbox"] == _sam_bbox(small)

@@ -114,7 +114,9 @@ def test_config_hash_covers_the_values():
 
 def test_user_errors_are_one_line(store, monkeypatch):
     job = PseudoGTJob(png=False)
-    with pytest.raises(StoreError, match=r"shard 5: no features/dinov2_vits14@224 .*loftup-pipeline features.*no masks"):
+    with pytest.raises(
+        StoreError, match=r"shard 5: no features/dinov2_vits14@224 .*loftup-pipeline features.*no masks"
+    ):
         job.run_shard(store, 5, None, lambda ok, err: None)
     summary = materialise(store, [5], png=False)
     assert list(summary.failed) == [5] and "loftup-pipeline features" in summary.failed[5]

@@ -11,10 +11,17 @@ import torch.nn.functional as F
 
 from loftup.storage.errors import LoftupError, WeightsError
 from loftup.training.baselines import create_upsampler, list_upsamplers
-from loftup.training.checkpoint import (from_official, load_model, load_official, save_model,
-                                        to_official_state_dict)
-from loftup.training.model import (CPU_CONV_TILE, CPU_QUERY_CHUNK, MEMORY_FRACTION, DeviceSpec, LoftUp,
-                                   bounded_bytes, dense_bytes, plan_execution)
+from loftup.training.checkpoint import from_official, load_model, load_official, save_model, to_official_state_dict
+from loftup.training.model import (
+    CPU_CONV_TILE,
+    CPU_QUERY_CHUNK,
+    MEMORY_FRACTION,
+    DeviceSpec,
+    LoftUp,
+    bounded_bytes,
+    dense_bytes,
+    plan_execution,
+)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "loftup_official_state_dict_dinov2s.json"
 
@@ -47,6 +54,7 @@ def rel_err(a, b):
 
 # -- released layout -------------------------------------------------------------------------
 
+
 def test_state_dict_equals_released_layout():
     entries = json.loads(REFERENCE.read_text())["entries"]
     expected = {e["key"]: (tuple(e["shape"]), e["dtype"]) for e in entries}
@@ -58,6 +66,7 @@ def test_state_dict_equals_released_layout():
 def _reference_forward(sd, lr, img, heads=4):
     """The released forward written out from its description with plain tensor ops
     (batch-wide min-max, (F, n) reading of the phases, explicit softmax attention)."""
+
     def ln(x, prefix, eps=1e-5):
         return F.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
 
@@ -98,7 +107,7 @@ def _reference_forward(sd, lr, img, heads=4):
         qn, kn = ln(q, p + "0.norm_q"), ln(kv, p + "0.norm_kv")
         split = lambda t: t.view(b, -1, heads, dh).transpose(1, 2)  # noqa: E731
         qh, kh, vh = split(qn @ wq.T + bq), split(kn @ wk.T + bk), split(kn @ wv.T + bv)
-        att = torch.softmax(qh @ kh.transpose(-1, -2) / dh ** 0.5, -1) @ vh
+        att = torch.softmax(qh @ kh.transpose(-1, -2) / dh**0.5, -1) @ vh
         att = att.transpose(1, 2).reshape(b, -1, width)
         q = q + att @ sd[p + "0.attention.out_proj.weight"].T + sd[p + "0.attention.out_proj.bias"]
         f = F.gelu(ln(q, p + "1.net.0") @ sd[p + "1.net.1.weight"].T + sd[p + "1.net.1.bias"])
@@ -157,6 +166,7 @@ def test_official_mismatch_names_the_keys(tmp_path):
 
 # -- image scaling, sizes, grids ----------------------------------------------------------------
 
+
 def test_image_scaling_per_image_vs_batch():
     lr, img = inputs(b=3)
     img[1] = img[1] * 3 + 2  # a very different range for one image
@@ -164,22 +174,25 @@ def test_image_scaling_per_image_vs_batch():
     batch = make_model(image_scaling="batch")
     with torch.no_grad():
         together = per_image(lr, img)
-        alone = torch.cat([per_image(lr[i:i + 1], img[i:i + 1]) for i in range(3)])
+        alone = torch.cat([per_image(lr[i : i + 1], img[i : i + 1]) for i in range(3)])
         assert rel_err(together, alone) < 1e-6
         released = batch(lr, img)
-        released_alone = torch.cat([batch(lr[i:i + 1], img[i:i + 1]) for i in range(3)])
+        released_alone = torch.cat([batch(lr[i : i + 1], img[i : i + 1]) for i in range(3)])
         # Same weights: single-image calls agree whatever the scaling mode...
         assert rel_err(released_alone, alone) < 1e-6
     # ...but batching changes the released module's output.
     assert rel_err(released, released_alone) > 1e-2
 
 
-@pytest.mark.parametrize("grid,size,output_size", [
-    ((5, 7), (24, 30), None),
-    ((16, 16), (28, 28), 23),
-    ((3, 9), (20, 40), (19, 41)),
-    ((8, 8), (32, 32), (64, 48)),
-])
+@pytest.mark.parametrize(
+    "grid,size,output_size",
+    [
+        ((5, 7), (24, 30), None),
+        ((16, 16), (28, 28), 23),
+        ((3, 9), (20, 40), (19, 41)),
+        ((8, 8), (32, 32), (64, 48)),
+    ],
+)
 def test_any_grid_and_output_size(grid, size, output_size):
     model = make_model()
     lr, img = inputs(grid=grid, size=size)
@@ -197,15 +210,18 @@ def test_any_grid_and_output_size(grid, size, output_size):
         assert z.mean(1).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("size,tile,chunk", [
-    ((16, 16), 8, 7),
-    ((33, 47), 16, 37),
-    ((64, 40), 32, 100),
-    ((31, 17), 30, 1000),
-    ((20, 21), 1, 5),
-    ((40, 40), 0, 333),  # chunked attention without tiling
-    ((40, 40), 13, 0),   # tiling with whole-tile attention
-])
+@pytest.mark.parametrize(
+    "size,tile,chunk",
+    [
+        ((16, 16), 8, 7),
+        ((33, 47), 16, 37),
+        ((64, 40), 32, 100),
+        ((31, 17), 30, 1000),
+        ((20, 21), 1, 5),
+        ((40, 40), 0, 333),  # chunked attention without tiling
+        ((40, 40), 13, 0),  # tiling with whole-tile attention
+    ],
+)
 def test_bounded_equals_dense(size, tile, chunk):
     model = make_model()
     lr, img = inputs(size=size)
@@ -236,22 +252,25 @@ def test_automatic_plan():
 GB = 2**30
 
 
-@pytest.mark.parametrize("device,size,bpv,expect", [
-    # CPU: cache-sized tiles whatever the memory; a starved machine halves them.
-    (DeviceSpec("cpu", 16 * GB), 224, 4, (128, 4096)),
-    (DeviceSpec("cpu", 16 * GB), 2048, 4, (128, 4096)),
-    (DeviceSpec("cpu", 200 * 2**20), 224, 4, (32, 256)),
-    # GPU: dense whenever it fits...
-    (DeviceSpec("cuda", 22 * GB), 448, 4, None),
-    (DeviceSpec("cuda", 22 * GB), 896, 4, None),
-    (DeviceSpec("cuda", 75 * GB), 2048, 2, None),
-    # ...else the largest tile and chunk that fit.
-    (DeviceSpec("cuda", 22 * GB), 2048, 4, (512, 131072)),
-    (DeviceSpec("cuda", 22 * GB), 2048, 2, (1024, 65536)),
-    (DeviceSpec("cuda", 75 * GB), 4096, 4, (1024, 262144)),
-    # Not even the output fits: the smallest GPU plan (the allocation will say so).
-    (DeviceSpec("cuda", 1 * GB), 896, 4, (64, 4096)),
-])
+@pytest.mark.parametrize(
+    "device,size,bpv,expect",
+    [
+        # CPU: cache-sized tiles whatever the memory; a starved machine halves them.
+        (DeviceSpec("cpu", 16 * GB), 224, 4, (128, 4096)),
+        (DeviceSpec("cpu", 16 * GB), 2048, 4, (128, 4096)),
+        (DeviceSpec("cpu", 200 * 2**20), 224, 4, (32, 256)),
+        # GPU: dense whenever it fits...
+        (DeviceSpec("cuda", 22 * GB), 448, 4, None),
+        (DeviceSpec("cuda", 22 * GB), 896, 4, None),
+        (DeviceSpec("cuda", 75 * GB), 2048, 2, None),
+        # ...else the largest tile and chunk that fit.
+        (DeviceSpec("cuda", 22 * GB), 2048, 4, (512, 131072)),
+        (DeviceSpec("cuda", 22 * GB), 2048, 2, (1024, 65536)),
+        (DeviceSpec("cuda", 75 * GB), 4096, 4, (1024, 262144)),
+        # Not even the output fits: the smallest GPU plan (the allocation will say so).
+        (DeviceSpec("cuda", 1 * GB), 896, 4, (64, 4096)),
+    ],
+)
 def test_plan_execution_sizes(device, size, bpv, expect):
     plan = plan_execution(device, size, size, bytes_per_value=bpv)
     assert plan == expect
@@ -272,10 +291,17 @@ def test_plans_grow_with_free_memory():
     assert sizes[0] != sizes[-1]
 
 
-@pytest.mark.parametrize("device", [
-    DeviceSpec("cpu", 2**40), DeviceSpec("cpu", 2**21), DeviceSpec("cuda", 2**40),
-    DeviceSpec("cuda", 2**24), DeviceSpec("cuda", 2**22), DeviceSpec("cuda", 2**20),
-])
+@pytest.mark.parametrize(
+    "device",
+    [
+        DeviceSpec("cpu", 2**40),
+        DeviceSpec("cpu", 2**21),
+        DeviceSpec("cuda", 2**40),
+        DeviceSpec("cuda", 2**24),
+        DeviceSpec("cuda", 2**22),
+        DeviceSpec("cuda", 2**20),
+    ],
+)
 def test_every_plan_equals_dense(device):
     """Whatever a device's plan (scaled down to test sizes by its memory), outputs equal dense."""
     model = make_model()
@@ -352,6 +378,7 @@ def test_gradients_reach_every_parameter():
 
 # -- our checkpoints ------------------------------------------------------------------------------
 
+
 def test_checkpoint_round_trip(tmp_path):
     from loftup.training.projection import FeatureProjection
 
@@ -374,6 +401,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 # -- baselines ------------------------------------------------------------------------------------
+
 
 def test_baselines_share_the_call_signature():
     lr, img = inputs()

@@ -65,7 +65,9 @@ def test_sa1b_masks_equal_pycocotools_and_geometry(built_store, sample_shards):
         assert row["ann_id"] == ann["id"]
         seg = ann["segmentation"]
         full = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
-        stored = mask_utils.decode({"size": [row["height"], row["width"]], "counts": row["counts"].encode()}).astype(bool)
+        stored = mask_utils.decode({"size": [row["height"], row["width"]], "counts": row["counts"].encode()}).astype(
+            bool
+        )
         np.testing.assert_array_equal(stored, full)
         for size in (224, 896):
             rows_i, cols_i = source_index(full.shape[0], full.shape[1], size)
@@ -154,9 +156,29 @@ def test_truncated_tar_fails_only_its_shard(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, sample_shards):
-    p = _cli("loftup.cli.pipeline", "masks", "--shards", "3-1", "--sa1b-root", str(sample_shards), "--store", str(tmp_path / "s"), check=False)
+    p = _cli(
+        "loftup.cli.pipeline",
+        "masks",
+        "--shards",
+        "3-1",
+        "--sa1b-root",
+        str(sample_shards),
+        "--store",
+        str(tmp_path / "s"),
+        check=False,
+    )
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "3-1" in p.stderr
-    p = _cli("loftup.cli.pipeline", "masks", "--shards", "0-5", "--sa1b-root", str(sample_shards), "--store", str(tmp_path / "s"), check=False)
+    p = _cli(
+        "loftup.cli.pipeline",
+        "masks",
+        "--shards",
+        "0-5",
+        "--sa1b-root",
+        str(sample_shards),
+        "--store",
+        str(tmp_path / "s"),
+        check=False,
+    )
     assert p.returncode == 2 and "sa_000002.tar" in p.stderr and "Traceback" not in p.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text(json.dumps({"schema_version": 99}))
@@ -177,7 +199,18 @@ def test_ray_worker_killed_mid_shard_then_rerun_is_exact(tmp_path, sample_shards
     run_job(MasksJob(), ref, resolve_shards("0-1", sample_shards), executor="inline")
 
     flag = tmp_path / "killed.flag"
-    args = ("loftup.cli.pipeline", "masks", "--shards", "0-1", "--sa1b-root", str(sample_shards), "--store", str(tmp_path / "s"), "--num-cpus", "2")
+    args = (
+        "loftup.cli.pipeline",
+        "masks",
+        "--shards",
+        "0-1",
+        "--sa1b-root",
+        str(sample_shards),
+        "--store",
+        str(tmp_path / "s"),
+        "--num-cpus",
+        "2",
+    )
     _cli(*args, env={"LOFTUP_CHAOS_KILL": f"2:{flag}"})
     assert flag.exists(), "the chaos hook never fired"
     st = open_store(tmp_path / "s")
@@ -190,7 +223,18 @@ def test_killed_driver_then_rerun_is_exact(tmp_path, sample_shards):
     ref = open_store(tmp_path / "ref", create=True)
     run_job(ImagesJob(), ref, resolve_shards("0-1", sample_shards), executor="inline")
     flag = tmp_path / "killed.flag"
-    args = ("loftup.cli.pipeline", "images", "--shards", "0-1", "--sa1b-root", str(sample_shards), "--store", str(tmp_path / "s"), "--executor", "inline")
+    args = (
+        "loftup.cli.pipeline",
+        "images",
+        "--shards",
+        "0-1",
+        "--sa1b-root",
+        str(sample_shards),
+        "--store",
+        str(tmp_path / "s"),
+        "--executor",
+        "inline",
+    )
     p = _cli(*args, env={"LOFTUP_CHAOS_KILL": f"6:{flag}"}, check=False)
     assert p.returncode == -9 and flag.exists()
     st = open_store(tmp_path / "s")
@@ -207,18 +251,54 @@ def test_ray_cluster_address_path(tmp_path, sample_shards):
     port = 6391
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     env = {**os.environ, "RAY_ACCEPT_CLUSTER_DEFAULTS": "1"}
-    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard", "false",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=180)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--num-cpus",
+            "2",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=180,
+    )
     try:
-        p = _cli("loftup.cli.pipeline", "masks", "--shards", "0-1", "--sa1b-root", str(sample_shards),
-                 "--store", str(tmp_path / "s"), "--ray-address", "auto")
+        p = _cli(
+            "loftup.cli.pipeline",
+            "masks",
+            "--shards",
+            "0-1",
+            "--sa1b-root",
+            str(sample_shards),
+            "--store",
+            str(tmp_path / "s"),
+            "--ray-address",
+            "auto",
+        )
         st = open_store(tmp_path / "s")
         assert sorted(st.done_shards("masks")) == [0, 1]
         assert "summary" in p.stderr
         # Without --ray-address the job stays embedded even though a cluster runs on this host
         # (ray.init would otherwise attach to it and refuse --num-cpus with a traceback).
-        p = _cli("loftup.cli.pipeline", "images", "--shards", "0", "--sa1b-root", str(sample_shards),
-                 "--store", str(tmp_path / "s"), "--num-cpus", "1")
+        p = _cli(
+            "loftup.cli.pipeline",
+            "images",
+            "--shards",
+            "0",
+            "--sa1b-root",
+            str(sample_shards),
+            "--store",
+            str(tmp_path / "s"),
+            "--num-cpus",
+            "1",
+        )
         assert sorted(st.done_shards("images")) == [0] and "Traceback" not in p.stderr
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

@@ -45,7 +45,9 @@ def real_store(tmp_path_factory):
     shards = resolve_shards(f"0-{HELD_OUT}", root / "sa1b")
     for job in (ImagesJob(), MasksJob()):
         assert not run_job(job, store, shards, executor="inline").failed
-    assert not run_job(FeaturesJob(backbone=BACKBONE, batch_size=16), store, [(s, None) for s, _ in shards], executor="inline").failed
+    assert not run_job(
+        FeaturesJob(backbone=BACKBONE, batch_size=16), store, [(s, None) for s, _ in shards], executor="inline"
+    ).failed
     return store
 
 
@@ -54,10 +56,29 @@ def stage1_run(real_store, tmp_path_factory):
     from loftup.training.stage1 import Stage1Config, train
 
     out = tmp_path_factory.mktemp("stage1")
-    return train(Stage1Config(store=real_store.url, out=str(out), backbone=BACKBONE, shards=list(range(TRAIN_TARS)), pca_dim=64,
-                              size=56, max_masks=60, batch_size=4, max_steps=600, lr=2e-3, lr_schedule="cosine",
-                              warmup_steps=50, bn_recalibrate=32, workers=0, progress=False, log_every=50, device="cpu",
-                              recipe="paper", grad_clip=1.0))
+    return train(
+        Stage1Config(
+            store=real_store.url,
+            out=str(out),
+            backbone=BACKBONE,
+            shards=list(range(TRAIN_TARS)),
+            pca_dim=64,
+            size=56,
+            max_masks=60,
+            batch_size=4,
+            max_steps=600,
+            lr=2e-3,
+            lr_schedule="cosine",
+            warmup_steps=50,
+            bn_recalibrate=32,
+            workers=0,
+            progress=False,
+            log_every=50,
+            device="cpu",
+            recipe="paper",
+            grad_clip=1.0,
+        )
+    )
 
 
 def _evaluate(store, checkpoints: dict, size: int) -> dict:
@@ -68,8 +89,15 @@ def _evaluate(store, checkpoints: dict, size: int) -> dict:
     ckpts = [replace(resolve_checkpoint(path), name=name) for name, path in checkpoints.items()]
     # The baselines see the checkpoints' own PCA channels, so the comparison is on equal features.
     ups = [replace(baseline(n), projection=ckpts[0].projection) for n in ("bilinear", "bicubic")] + ckpts
-    res = evaluate("masks", ups, protocol=MasksProtocol(size=size), store=store, image_ids=store.image_ids(HELD_OUT),
-                   backbone=BACKBONE, progress=False)
+    res = evaluate(
+        "masks",
+        ups,
+        protocol=MasksProtocol(size=size),
+        store=store,
+        image_ids=store.image_ids(HELD_OUT),
+        backbone=BACKBONE,
+        progress=False,
+    )
     return {u.name: res[u.name]["prototype_miou"] for u in ups}
 
 
@@ -92,10 +120,28 @@ def test_stage2_after_stage1_beats_bilinear_on_held_out_images(real_store, stage
     from loftup.training.stage2 import train as train2
 
     out = tmp_path_factory.mktemp("stage2")
-    s2 = train2(Stage2Config(init=stage1_run["checkpoint"], store=real_store.url, out=str(out), backbone=BACKBONE,
-                             shards=list(range(TRAIN_TARS)), hr=448, sizes=[112, 160], max_masks=60, batch_size=2,
-                             max_steps=30, lr=1e-4, ema_every=5, workers=0, progress=False, log_every=5, device="cpu",
-                             recipe="paper", grad_clip=1.0))
+    s2 = train2(
+        Stage2Config(
+            init=stage1_run["checkpoint"],
+            store=real_store.url,
+            out=str(out),
+            backbone=BACKBONE,
+            shards=list(range(TRAIN_TARS)),
+            hr=448,
+            sizes=[112, 160],
+            max_masks=60,
+            batch_size=2,
+            max_steps=30,
+            lr=1e-4,
+            ema_every=5,
+            workers=0,
+            progress=False,
+            log_every=5,
+            device="cpu",
+            recipe="paper",
+            grad_clip=1.0,
+        )
+    )
     ckpts = {"stage1": stage1_run["checkpoint"], "stage2": s2["checkpoint"]}
     at56, at112 = _evaluate(real_store, ckpts, size=56), _evaluate(real_store, ckpts, size=112)
     print(json.dumps({"56": at56, "112": at112}, indent=2))

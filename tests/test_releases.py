@@ -19,9 +19,15 @@ from loftup.training.releases import RELEASES, find_release
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "loftup_official_state_dict_dinov2s.json"
-EXPECT = {"dinov2s": ("dinov2_vits14", 384), "dinov2s_reg": ("dinov2_vits14_reg", 384),
-          "dinov2b": ("dinov2_vitb14", 768), "dinov2b_reg": ("dinov2_vitb14_reg", 768),
-          "clip": ("clip_vitb16", 512), "siglip": ("siglip_vitb16", 768), "siglip2": ("siglip2_vitb16", 768)}
+EXPECT = {
+    "dinov2s": ("dinov2_vits14", 384),
+    "dinov2s_reg": ("dinov2_vits14_reg", 384),
+    "dinov2b": ("dinov2_vitb14", 768),
+    "dinov2b_reg": ("dinov2_vitb14_reg", 768),
+    "clip": ("clip_vitb16", 512),
+    "siglip": ("siglip_vitb16", 768),
+    "siglip2": ("siglip2_vitb16", 768),
+}
 
 
 def _released_state(dim: int, seed: int) -> dict[str, torch.Tensor]:
@@ -133,7 +139,9 @@ def test_missing_and_wrong_releases_are_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=r"checkpoint .*absent\.pth not found"):
         resolve_upsampler(tmp_path / "absent.pth")
     # A 384-d file stored under the 768-d release's name.
-    torch.save(_released_state(384, 0), _hf_cache_file(tmp_path / "empty", "haiwen/loftup-dinov2b", "pytorch_model.bin"))
+    torch.save(
+        _released_state(384, 0), _hf_cache_file(tmp_path / "empty", "haiwen/loftup-dinov2b", "pytorch_model.bin")
+    )
     with pytest.raises(WeightsError, match="holds a 384-d upsampler, but dinov2b is 768-d"):
         LoftUp.from_pretrained("dinov2b")
 
@@ -162,8 +170,23 @@ def test_upsample_cli_with_official_name_uses_its_backbone(offline_cache, tmp_pa
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "im.png")
-    code, _, err = _cli(["upsample", tmp_path / "im.png", "--official", "dinov2s", "--random-init",
-                         "--backbone-res", 28, "--size", 32, "--out", tmp_path / "out"], monkeypatch, capsys)
+    code, _, err = _cli(
+        [
+            "upsample",
+            tmp_path / "im.png",
+            "--official",
+            "dinov2s",
+            "--random-init",
+            "--backbone-res",
+            28,
+            "--size",
+            32,
+            "--out",
+            tmp_path / "out",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     got = load_file(str(tmp_path / "out" / "im_loftup32.safetensors"))["features"]
     # The same computation by hand: dinov2_vits14 (the release's backbone) on the 28 px crop.
@@ -179,8 +202,11 @@ def test_upsample_cli_with_official_name_uses_its_backbone(offline_cache, tmp_pa
         expect = ref.eval()(net(tensor(resize_image(src, 28))), normalise_float(tensor(resize_image(src, 32))))[0]
     assert got.shape == (384, 32, 32)
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
-    code, _, err = _cli(["upsample", tmp_path / "im.png", "--official", "dinov2s", "--backbone", "clip_vitb16",
-                         "--random-init"], monkeypatch, capsys)
+    code, _, err = _cli(
+        ["upsample", tmp_path / "im.png", "--official", "dinov2s", "--backbone", "clip_vitb16", "--random-init"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 2 and err.strip().count("\n") == 0
     assert "dinov2s was trained on backbone 'dinov2_vits14', not 'clip_vitb16'" in err
     code, _, err = _cli(["upsample", tmp_path / "im.png", "--official", "dinov4", "--random-init"], monkeypatch, capsys)
@@ -190,10 +216,12 @@ def test_upsample_cli_with_official_name_uses_its_backbone(offline_cache, tmp_pa
 def test_public_imports_are_lazy():
     import subprocess
 
-    code = ("import sys, loftup; assert 'torch' not in sys.modules, 'import loftup pulled torch'; "
-            "from loftup import open_store; assert 'torch' not in sys.modules, 'open_store pulled torch'; "
-            "from loftup import LoftUp, create_backbone; from loftup.training import LoftUp as L2; "
-            "assert L2 is LoftUp and callable(create_backbone); print('ok')")
+    code = (
+        "import sys, loftup; assert 'torch' not in sys.modules, 'import loftup pulled torch'; "
+        "from loftup import open_store; assert 'torch' not in sys.modules, 'open_store pulled torch'; "
+        "from loftup import LoftUp, create_backbone; from loftup.training import LoftUp as L2; "
+        "assert L2 is LoftUp and callable(create_backbone); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
@@ -222,8 +250,11 @@ def test_backbones_command_lists_every_entry_with_patch_dim_and_weights(monkeypa
     with pytest.raises(SystemExit) as done:
         pipeline.main()
     assert done.value.code in (0, None)
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in buf.getvalue().splitlines() if line.startswith("│")}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+        for line in buf.getvalue().splitlines()
+        if line.startswith("│")
+    }
     assert set(rows) == set(list_backbones()) and len(rows) == 11
     for name, cells in rows.items():
         info = backbone_info(name)

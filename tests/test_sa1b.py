@@ -51,7 +51,10 @@ def _doc(image_id, h=16, w=24, n=2):
                 "point_coords": [[2 * k + 1.5, k + 1]],
             }
         )
-    return {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"}, "annotations": anns}
+    return {
+        "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
+        "annotations": anns,
+    }
 
 
 def _js(doc):
@@ -229,7 +232,10 @@ def test_normalise_annotation_types_and_order():
     # An uncompressed RLE (list counts) comes back compressed; missing area/bbox get computed.
     flat = mask.flatten(order="F").astype(int)
     change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]])) != 0)
-    doc["annotations"][2]["segmentation"] = {"size": ["16", 24], "counts": np.diff(np.concatenate([[0], change])).tolist()}
+    doc["annotations"][2]["segmentation"] = {
+        "size": ["16", 24],
+        "counts": np.diff(np.concatenate([[0], change])).tolist(),
+    }
     del doc["annotations"][2]["area"], doc["annotations"][2]["bbox"]
     out = normalise_annotation(doc)
     assert [a["id"] for a in out] == [1000, 1003, 1006]

@@ -81,7 +81,9 @@ def test_sa1b_quirks(sample_shards):
     tars = sorted(sample_shards.glob("sa_*.tar"))
     assert [t.name for t in tars] == ["sa_000000.tar", "sa_000001.tar"]
     names = [tarfile.open(t).getnames() for t in tars]
-    assert any(n.startswith("./") or n == "." for n in names[0]) and all(n.endswith((".jpg", ".json")) or n == "." for n in names[0])
+    assert any(n.startswith("./") or n == "." for n in names[0]) and all(
+        n.endswith((".jpg", ".json")) or n == "." for n in names[0]
+    )
     assert not any(n.startswith("./") or n == "." for n in names[1])
     stems = [n.replace("./", "") for n in names[0] if n != "."]
     assert any(a.endswith(".json") and b == a[:-5] + ".jpg" for a, b in zip(stems, stems[1:])), "a json before its jpg"
@@ -291,7 +293,18 @@ def test_cli_entry(tmp_path, capsys):
     from loftup.cli.common import run
     from loftup.cli.pipeline import app
 
-    args = ["sample-data", str(tmp_path), "--tars", "1", "--images-per-tar", "1", "--short-side", "32", "--first-shard", "3"]
+    args = [
+        "sample-data",
+        str(tmp_path),
+        "--tars",
+        "1",
+        "--images-per-tar",
+        "1",
+        "--short-side",
+        "32",
+        "--first-shard",
+        "3",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run(app, args)
     assert exit_info.value.code == 0

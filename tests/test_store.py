@@ -398,7 +398,9 @@ def test_features_zarr_layout(tmp_path):
     blosc = [c for c in inner if c["name"] == "blosc"][0]["configuration"]
     assert blosc["cname"] == "zstd" and blosc["clevel"] == 3 and blosc["shuffle"] in ("shuffle", "bitshuffle")
     # one Zarr shard file for the whole block
-    assert sorted(p.name for p in (tmp_path / "s/features/hed_vgg16@224/shard=000123/features/c").rglob("*") if p.is_file()) == ["0"]
+    assert sorted(
+        p.name for p in (tmp_path / "s/features/hed_vgg16@224/shard=000123/features/c").rglob("*") if p.is_file()
+    ) == ["0"]
     ids = zarr.open_array(str(tmp_path / "s/features/hed_vgg16@224/shard=000123/image_ids"), mode="r")
     np.testing.assert_array_equal(ids[:], np.arange(6) + 1000)
 
@@ -464,7 +466,15 @@ def test_markers_and_summary(store):
     assert m["job"] == "masks" and m["shard"] == 1 and m["masks"] == 1100 and m["versions"] == {"loftup": "0.1"}
     assert list(store.done_shards("masks")) == [0, 1]
     assert store.summary() == {
-        "masks": {"shards": 2, "failed_shards": 0, "images": 22, "failures": 1, "bytes": 3000, "seconds": 3.75, "masks": 2000},
+        "masks": {
+            "shards": 2,
+            "failed_shards": 0,
+            "images": 22,
+            "failures": 1,
+            "bytes": 3000,
+            "seconds": 3.75,
+            "masks": 2000,
+        },
         job: {"shards": 1, "failed_shards": 0, "images": 10, "failures": 0, "bytes": 1966080, "seconds": 3.0},
     }
     with pytest.raises(ValueError):

@@ -27,12 +27,24 @@ def _mask_table(image_ids, seed=0) -> pa.Table:
     rows = []
     for image_id in image_ids:
         for order in range(int(rng.integers(1, 7))):
-            rows.append({
-                "image_id": int(image_id), "ann_id": int(image_id) * 10 + order, "order": order, "height": 8,
-                "width": 6, "counts": f"c{image_id}.{order}.{rng.integers(1 << 30)}", "rle_4": f"r{image_id}.{order}",
-                "area": int(rng.integers(1, 48)), "bbox": [0.0, 1.0, 2.0, 3.0], "predicted_iou": 0.5,
-                "stability_score": 0.9, "crop_box": [0.0, 0.0, 6.0, 8.0], "point": [1.0, 2.0], "source": "sa1b",
-            })
+            rows.append(
+                {
+                    "image_id": int(image_id),
+                    "ann_id": int(image_id) * 10 + order,
+                    "order": order,
+                    "height": 8,
+                    "width": 6,
+                    "counts": f"c{image_id}.{order}.{rng.integers(1 << 30)}",
+                    "rle_4": f"r{image_id}.{order}",
+                    "area": int(rng.integers(1, 48)),
+                    "bbox": [0.0, 1.0, 2.0, 3.0],
+                    "predicted_iou": 0.5,
+                    "stability_score": 0.9,
+                    "crop_box": [0.0, 0.0, 6.0, 8.0],
+                    "point": [1.0, 2.0],
+                    "source": "sa1b",
+                }
+            )
     return pa.Table.from_pylist(rows, schema=mask_schema(SIZES))
 
 
@@ -60,7 +72,7 @@ def test_mask_writer_bounded_and_identical_to_one_shot(tmp_path, shuffled):
     final = store._mask_files.path(5)
     with store.mask_writer(5, row_group=7, limit_rows=20) as w:
         for start in range(0, len(ids), 2):  # two images per add, as a tar read in batches
-            part = table.filter(pa.compute.is_in(table["image_id"], pa.array(ids[start:start + 2])))
+            part = table.filter(pa.compute.is_in(table["image_id"], pa.array(ids[start : start + 2])))
             w.add(part)
             # Nothing is visible before the commit; memory never holds more than the limit.
             assert not os.path.exists(final) and store._mask_files.files() == {}
@@ -104,13 +116,20 @@ def test_feature_writer_zarr_shards_bit_identical(tmp_path):
     feats[0, 0, 0, :3] = [np.inf, -0.0, 1e-8]  # fp16 edge values survive the same way
     ids = rng.permutation(np.arange(100, 100 + n))
     # Today's one-shot write: one Zarr shard holding the whole tar's block.
-    ref = zarr.create_array(str(tmp_path / "ref"), shape=(n, c, h, w), dtype="float16", chunks=(1, c, h, w),
-                            shards=(n, c, h, w), compressors=_codec(), fill_value=0.0)
+    ref = zarr.create_array(
+        str(tmp_path / "ref"),
+        shape=(n, c, h, w),
+        dtype="float16",
+        chunks=(1, c, h, w),
+        shards=(n, c, h, w),
+        compressors=_codec(),
+        fill_value=0.0,
+    )
     ref[...] = feats.astype(np.float16)
     fs = store.features("bb", 224)
     with fs.writer(3, n, c, (h, w), info={"patch": 14}, shard_images=4) as wr:
         for start in range(0, n, 3):
-            wr.add(feats[start:start + 3], ids[start:start + 3])
+            wr.add(feats[start : start + 3], ids[start : start + 3])
             assert wr.buffered_images < 4 and fs.shards() == []  # invisible until committed
     assert wr.peak_images < 4
     store.write_marker(fs.job, 3, {})  # the commit: readers serve committed shards only
@@ -163,7 +182,10 @@ def test_jobs_stream_into_multi_part_shards(tmp_path, sample_shards, monkeypatch
     monkeypatch.setattr(features, "ZARR_SHARD_IMAGES", 2)
     many = build(tmp_path / "many")
     for name in ("masks", "images"):
-        a, b = one._mask_files if name == "masks" else one._image_files, many._mask_files if name == "masks" else many._image_files
+        a, b = (
+            one._mask_files if name == "masks" else one._image_files,
+            many._mask_files if name == "masks" else many._image_files,
+        )
         assert pq.read_metadata(a.files()[0]).num_row_groups == 1
         assert pq.read_metadata(b.files()[0]).num_row_groups > 1
         assert a.read(0).equals(b.read(0))
@@ -202,7 +224,23 @@ def test_task_memory_sized_from_the_job_and_overridable(tmp_path, sample_shards)
         task_memory(MasksJob(source="sam"), None, [GiB], embedded=False)
     with pytest.raises(LoftupError, match="no Ray node offers that much"):
         task_memory(f224, 32, nodes, embedded=False)
-    p = subprocess.run([sys.executable, "-m", "loftup.cli.pipeline", "images", "--shards", "0", "--sa1b-root",
-                        str(sample_shards), "--store", str(tmp_path / "s"), "--memory-per-task", "-1"],
-                       capture_output=True, text=True, timeout=50)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loftup.cli.pipeline",
+            "images",
+            "--shards",
+            "0",
+            "--sa1b-root",
+            str(sample_shards),
+            "--store",
+            str(tmp_path / "s"),
+            "--memory-per-task",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     assert p.returncode == 2 and "--memory-per-task must be >= 0 GiB" in p.stderr and "Traceback" not in p.stderr

@@ -31,9 +31,23 @@ def train_store(sample_shards, tmp_path_factory):
 def _stage1_cfg(store, out, **kw):
     from loftup.training.stage1 import Stage1Config
 
-    base = dict(store=store.url, out=str(out), pca_dim=16, size=56, max_masks=10, batch_size=2, lr=1e-3, workers=0,
-                checkpoint_every=1000, log_every=1, progress=False, device="cpu", model={"heads": 2}, random_init=True,
-                recon_jitters=2)
+    base = dict(
+        store=store.url,
+        out=str(out),
+        pca_dim=16,
+        size=56,
+        max_masks=10,
+        batch_size=2,
+        lr=1e-3,
+        workers=0,
+        checkpoint_every=1000,
+        log_every=1,
+        progress=False,
+        device="cpu",
+        model={"heads": 2},
+        random_init=True,
+        recon_jitters=2,
+    )
     return Stage1Config(**{**base, **kw})
 
 
@@ -140,10 +154,38 @@ def test_stage1_resume_is_exact(train_store, tmp_path):
     np.testing.assert_allclose(lrs, expect, rtol=1e-9)
     # --resume with another config: one line naming the fields, exit code 2, nothing trained
     before = (tmp_path / "b" / "last.pt").stat().st_mtime_ns
-    p = subprocess.run([sys.executable, "-m", "loftup.cli.train", "stage1", "--store", train_store.url, "--out",
-                        str(tmp_path / "b"), "--pca-dim", "16", "--size", "56", "--max-masks", "10", "--batch-size", "2",
-                        "--lr", "0.002", "--tv-weight", "0.5", "--resume", "--random-init", "--device", "cpu"],
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loftup.cli.train",
+            "stage1",
+            "--store",
+            train_store.url,
+            "--out",
+            str(tmp_path / "b"),
+            "--pca-dim",
+            "16",
+            "--size",
+            "56",
+            "--max-masks",
+            "10",
+            "--batch-size",
+            "2",
+            "--lr",
+            "0.002",
+            "--tv-weight",
+            "0.5",
+            "--resume",
+            "--random-init",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --resume: the config differs"), p.stderr
@@ -159,18 +201,37 @@ def test_recipes_resolve_released_and_paper_terms():
     from loftup.training.stage2 import Stage2Config
 
     rel = resolve(Stage1Config(store="s", out="o"), R1)
-    assert (rel.tv_weight, rel.recon_weight, rel.recon_jitters, rel.proj_unit, rel.recon_uncertainty) == (0.001, 1.0, 4, True, True)
+    assert (rel.tv_weight, rel.recon_weight, rel.recon_jitters, rel.proj_unit, rel.recon_uncertainty) == (
+        0.001,
+        1.0,
+        4,
+        True,
+        True,
+    )
     assert [clips_at(rel, k) for k in (0, 9, 10, 500)] == [True, True, False, False] and rel.grad_clip == 1e-4
     paper = resolve(Stage1Config(store="s", out="o", recipe="paper"), R1)
     assert (paper.tv_weight, paper.recon_weight, paper.proj_unit, paper.grad_clip) == (0.0, 0.0, False, 0.0)
     assert not clips_at(paper, 0)
-    assert resolve(Stage1Config(store="s", out="o", recipe="paper", tv_weight=0.2), R1).tv_weight == 0.2  # explicit wins
+    assert (
+        resolve(Stage1Config(store="s", out="o", recipe="paper", tv_weight=0.2), R1).tv_weight == 0.2
+    )  # explicit wins
     rel2 = resolve(Stage2Config(store="s", out="o", init="i"), R2)
-    assert (rel2.weight_decay, rel2.tv_weight, rel2.recon_weight, rel2.recon_jitters, rel2.ema_warmup, rel2.teacher_train) == \
-        (0.01, 0.05, 1.0, 2, True, True)
+    assert (
+        rel2.weight_decay,
+        rel2.tv_weight,
+        rel2.recon_weight,
+        rel2.recon_jitters,
+        rel2.ema_warmup,
+        rel2.teacher_train,
+    ) == (0.01, 0.05, 1.0, 2, True, True)
     paper2 = resolve(Stage2Config(store="s", out="o", init="i", recipe="paper"), R2)
-    assert (paper2.weight_decay, paper2.tv_weight, paper2.recon_weight, paper2.ema_warmup, paper2.teacher_train) == \
-        (0.0, 0.0, 0.0, False, False)
+    assert (paper2.weight_decay, paper2.tv_weight, paper2.recon_weight, paper2.ema_warmup, paper2.teacher_train) == (
+        0.0,
+        0.0,
+        0.0,
+        False,
+        False,
+    )
     from loftup.storage.errors import LoftupError
 
     with pytest.raises(LoftupError, match="unknown recipe 'featup'"):
@@ -219,8 +280,18 @@ def test_bad_lr_schedule_is_a_clear_error(train_store, tmp_path):
 
 def _torchrun(args, tmp_path, nproc=2):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533",
-           "-m", "loftup.cli.train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        "29533",
+        "-m",
+        "loftup.cli.train",
+        *args,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -232,9 +303,35 @@ def _rank_digests(run: Path) -> list[str]:
 
 def test_stage1_ddp_gloo_two_ranks_identical(train_store, tmp_path):
     run = tmp_path / "ddp"
-    _torchrun(["stage1", "--store", train_store.url, "--out", str(run), "--pca-dim", "16", "--size", "56", "--max-masks", "10",
-               "--batch-size", "4", "--max-steps", "3", "--workers", "0", "--device", "cpu", "--log-every", "1",
-               "--random-init", "--recon-jitters", "1"], tmp_path)
+    _torchrun(
+        [
+            "stage1",
+            "--store",
+            train_store.url,
+            "--out",
+            str(run),
+            "--pca-dim",
+            "16",
+            "--size",
+            "56",
+            "--max-masks",
+            "10",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--log-every",
+            "1",
+            "--random-init",
+            "--recon-jitters",
+            "1",
+        ],
+        tmp_path,
+    )
     d = _rank_digests(run)
     assert d[0] == d[1]
     cfg = (run / "config.json").read_text()
@@ -274,7 +371,7 @@ def test_stage2_crop_masks_are_the_crops_of_the_stored_masks(train_store):
         expect = full[:, c.top : c.top + 224, c.left : c.left + 224]
         assert int(valid[k].sum()) == len(rles)
         np.testing.assert_array_equal(masks[k, : len(rles)].numpy(), expect)
-        assert not masks[k, len(rles):].any()
+        assert not masks[k, len(rles) :].any()
 
 
 def test_teacher_equal_to_student_gives_zero_loss_and_shift_does_not():
@@ -319,8 +416,12 @@ def test_ema_update_and_released_warmup_schedule():
         assert ema_decay_at(k, 0.99) == pytest.approx(expect, rel=1e-12)
     # the loop calls after_step(step) with step optimizer steps done: copy after step 1, then every 10
     student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    fake = SimpleNamespace(cfg=SimpleNamespace(ema_warmup=True, ema_every=10, ema_decay=0.99), student=student,
-                           teacher=teacher, timings={"backward": 0.0})
+    fake = SimpleNamespace(
+        cfg=SimpleNamespace(ema_warmup=True, ema_every=10, ema_decay=0.99),
+        student=student,
+        teacher=teacher,
+        timings={"backward": 0.0},
+    )
     seen = []
     for step in range(1, 32):
         before = teacher.weight.detach().clone()
@@ -329,7 +430,12 @@ def test_ema_update_and_released_warmup_schedule():
         if not torch.equal(before, teacher.weight):
             decay = ((teacher.weight - student.weight) / (before - student.weight)).mean().item()
             seen.append((step, round(decay, 6)))
-    assert seen == [(1, 0.0), (11, round(1 - 11 ** (-2 / 3), 6)), (21, round(1 - 21 ** (-2 / 3), 6)), (31, round(1 - 31 ** (-2 / 3), 6))]
+    assert seen == [
+        (1, 0.0),
+        (11, round(1 - 11 ** (-2 / 3), 6)),
+        (21, round(1 - 21 ** (-2 / 3), 6)),
+        (31, round(1 - 31 ** (-2 / 3), 6)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +450,23 @@ def stage1_ckpt(train_store, tmp_path_factory):
 def _stage2_cfg(store, init, out, **kw):
     from loftup.training.stage2 import Stage2Config
 
-    base = dict(init=str(init), store=store.url, out=str(out), random_init=True, hr=224, sizes=[56, 84], max_masks=10,
-                batch_size=2, lr=1e-3, ema_every=2, workers=0, checkpoint_every=1000, log_every=1, progress=False, device="cpu")
+    base = dict(
+        init=str(init),
+        store=store.url,
+        out=str(out),
+        random_init=True,
+        hr=224,
+        sizes=[56, 84],
+        max_masks=10,
+        batch_size=2,
+        lr=1e-3,
+        ema_every=2,
+        workers=0,
+        checkpoint_every=1000,
+        log_every=1,
+        progress=False,
+        device="cpu",
+    )
     return Stage2Config(**{**base, **kw})
 
 
@@ -393,9 +514,35 @@ def test_stage2_rejects_init_of_another_backbone(train_store, stage1_ckpt, tmp_p
 
 def test_stage2_ddp_gloo_two_ranks_identical(train_store, stage1_ckpt, tmp_path):
     run = tmp_path / "ddp2"
-    _torchrun(["stage2", "--init", str(stage1_ckpt), "--store", train_store.url, "--out", str(run), "--random-init",
-               "--hr", "224", "--sizes", "56,84", "--max-masks", "10", "--batch-size", "2", "--max-steps", "2",
-               "--workers", "0", "--device", "cpu", "--ema-every", "1"], tmp_path)
+    _torchrun(
+        [
+            "stage2",
+            "--init",
+            str(stage1_ckpt),
+            "--store",
+            train_store.url,
+            "--out",
+            str(run),
+            "--random-init",
+            "--hr",
+            "224",
+            "--sizes",
+            "56,84",
+            "--max-masks",
+            "10",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--ema-every",
+            "1",
+        ],
+        tmp_path,
+    )
     d = _rank_digests(run)
     assert d[0] == d[1]
 
@@ -413,27 +560,37 @@ def test_retention_by_hand_and_upsample_writes_lowres_and_bilinear(stage1_ckpt, 
 
     g = torch.Generator().manual_seed(0)
     up, low = torch.randn(1, 5, 8, 8, generator=g), torch.randn(1, 5, 2, 2, generator=g)
-    cells = [F.cosine_similarity(up[0, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].mean((1, 2)), low[0, :, i, j], dim=0)
-             for i in range(2) for j in range(2)]
+    cells = [
+        F.cosine_similarity(up[0, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].mean((1, 2)), low[0, :, i, j], dim=0)
+        for i in range(2)
+        for j in range(2)
+    ]
     assert retention(up, low) == pytest.approx(torch.stack(cells).mean().item(), rel=1e-6)
     assert retention(F.interpolate(low, size=(8, 8), mode="nearest"), low) == pytest.approx(1.0, abs=1e-6)
 
     Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
     net = create_backbone("dinov2_vits14", random_init=True)
-    res = upsample_image(tmp_path / "astronaut.png", checkpoint=stage1_ckpt, backbone=net, size=56, out_dir=tmp_path / "up")
+    res = upsample_image(
+        tmp_path / "astronaut.png", checkpoint=stage1_ckpt, backbone=net, size=56, out_dir=tmp_path / "up"
+    )
     saved = load_file(str(res["features"]))
     assert saved["features"].shape == (16, 56, 56) and saved["bilinear"].shape == (16, 56, 56)
     # lowres: the backbone's features, projected as the checkpoint projects them, layer-normalised
     _, meta = load_model(stage1_ckpt, with_meta=True)
     from loftup.storage.geometry import resize_image
 
-    img = torch.from_numpy(np.asarray(resize_image(Image.open(tmp_path / "astronaut.png").convert("RGB"), 224),
-                                      dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    img = torch.from_numpy(
+        np.asarray(resize_image(Image.open(tmp_path / "astronaut.png").convert("RGB"), 224), dtype=np.float32) / 255
+    ).permute(2, 0, 1)[None]
     with torch.no_grad():
         expect = layer_norm_target(meta["projection_module"](net(img)))[0]
     torch.testing.assert_close(saved["lowres"], expect, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(saved["bilinear"], F.interpolate(expect[None], size=(56, 56), mode="bilinear",
-                                                                align_corners=False)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        saved["bilinear"],
+        F.interpolate(expect[None], size=(56, 56), mode="bilinear", align_corners=False)[0],
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert res["retention_loftup"] == pytest.approx(retention(saved["features"], saved["lowres"]), abs=1e-4)
     assert res["retention_bilinear"] == pytest.approx(retention(saved["bilinear"], saved["lowres"]), abs=1e-4)
     assert res["retention_bilinear"] > 0.9

@@ -36,8 +36,9 @@ class InterpolationUpsampler(nn.Module):
             raise ValueError(f"unknown interpolation mode {mode!r}")
         self.mode = mode
 
-    def forward(self, lr_feats: torch.Tensor, image: torch.Tensor,
-                output_size: int | Sequence[int] | None = None) -> torch.Tensor:
+    def forward(
+        self, lr_feats: torch.Tensor, image: torch.Tensor, output_size: int | Sequence[int] | None = None
+    ) -> torch.Tensor:
         size = target_size(image, output_size)
         if self.mode == "nearest":
             return F.interpolate(lr_feats, size=size, mode="nearest")

@@ -20,16 +20,26 @@ from loftup.storage.commit import atomic_write
 from loftup.storage.errors import LoftupError, WeightsError, error_line
 from loftup.training.model import LoftUp
 
-__all__ = ["save_model", "load_model", "read_config", "from_official", "to_official_state_dict", "load_official",
-           "resolve_upsampler", "OFFICIAL_SOURCE"]
+__all__ = [
+    "save_model",
+    "load_model",
+    "read_config",
+    "from_official",
+    "to_official_state_dict",
+    "load_official",
+    "resolve_upsampler",
+    "OFFICIAL_SOURCE",
+]
 
 FORMAT = "loftup-model"
 FORMAT_VERSION = 1
 PROJECTION_PREFIX = "projection."
 _LOCAL = LocalFileSystem()
-OFFICIAL_SOURCE = ("the authors' releases (https://github.com/andrehuang/loftup: haiwen/loftup-* on the HF hub, "
-                   "e.g. haiwen/loftup-dinov2s/pytorch_model.bin; `loftup-train upsample --official NAME` finds "
-                   "them in the HF cache)")
+OFFICIAL_SOURCE = (
+    "the authors' releases (https://github.com/andrehuang/loftup: haiwen/loftup-* on the HF hub, "
+    "e.g. haiwen/loftup-dinov2s/pytorch_model.bin; `loftup-train upsample --official NAME` finds "
+    "them in the HF cache)"
+)
 
 
 def _paths(path) -> tuple[Path, Path]:
@@ -52,8 +62,14 @@ def save_model(model: LoftUp, path, extra: Mapping | None = None, projection=Non
     weights, config_path = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "class": type(model).__name__,
-            "config": dict(model.config), "extra": dict(extra or {}), "projection": None}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "class": type(model).__name__,
+        "config": dict(model.config),
+        "extra": dict(extra or {}),
+        "projection": None,
+    }
     if projection is not None:
         for key, value in projection.state_dict().items():
             state[f"{PROJECTION_PREFIX}{key}"] = value.detach().to("cpu").contiguous()
@@ -95,9 +111,11 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
     try:
         model = LoftUp(**config)
     except (TypeError, ValueError) as exc:
-        raise WeightsError(f"checkpoint config {weights.with_suffix('.json')} does not build a LoftUp ({error_line(exc, 120)})") from None
+        raise WeightsError(
+            f"checkpoint config {weights.with_suffix('.json')} does not build a LoftUp ({error_line(exc, 120)})"
+        ) from None
     state = read_state_dict(weights)
-    proj_state = {k[len(PROJECTION_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PROJECTION_PREFIX)}
+    proj_state = {k[len(PROJECTION_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(PROJECTION_PREFIX)}
     _load_strict(model, state, str(weights))
     model = model.to(device).eval()
     if not with_meta:
@@ -123,9 +141,9 @@ def _normalise_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     out = {}
     for key, value in state_dict.items():
         if key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         if key.startswith("model.1.norm."):
-            key = "channelnorm.norm." + key[len("model.1.norm."):]
+            key = "channelnorm.norm." + key[len("model.1.norm.") :]
         out[key] = value
     return out
 
@@ -133,16 +151,23 @@ def _normalise_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 def _infer_config(state: Mapping[str, torch.Tensor]) -> dict:
     def need(key):
         if key not in state:
-            raise WeightsError(f"not a LoftUp state dict in the released layout: missing {key!r} "
-                               f"(got {len(state)} keys, e.g. {sorted(state)[:3]})")
+            raise WeightsError(
+                f"not a LoftUp state dict in the released layout: missing {key!r} "
+                f"(got {len(state)} keys, e.g. {sorted(state)[:3]})"
+            )
         return state[key]
 
     dim = need("upsampler.final_conv.0.weight").shape[0]
     img_biases = need("upsampler.fourier_feat.1.biases")
     lr_biases = need("upsampler.lr_pe.biases")
     blocks = len({k.split(".")[3] for k in state if k.startswith("upsampler.ca_transformer.layers.")})
-    return {"dim": int(dim), "num_freqs_img": int(img_biases.shape[-1]), "num_freqs_lr": int(lr_biases.shape[-1]),
-            "extra": 4 * int(lr_biases.shape[-1]), "blocks": blocks}
+    return {
+        "dim": int(dim),
+        "num_freqs_img": int(img_biases.shape[-1]),
+        "num_freqs_lr": int(lr_biases.shape[-1]),
+        "extra": 4 * int(lr_biases.shape[-1]),
+        "blocks": blocks,
+    }
 
 
 def _load_strict(model: LoftUp, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
@@ -179,8 +204,9 @@ def load_official(path, image_scaling: str = "image", heads: int = 4, device: st
     or .safetensors) into a ``LoftUp`` in eval mode."""
     path = Path(path)
     if not path.exists():
-        raise WeightsError(f"official LoftUp checkpoint {path} not found: download it from {OFFICIAL_SOURCE} "
-                           f"and pass its path")
+        raise WeightsError(
+            f"official LoftUp checkpoint {path} not found: download it from {OFFICIAL_SOURCE} and pass its path"
+        )
     raw = read_state_dict(path)
     model = from_official(_unwrap(raw, str(path)), image_scaling=image_scaling, heads=heads)
     return model.to(device)
@@ -202,7 +228,7 @@ def resolve_upsampler(spec, device: str | torch.device = "cpu", image_scaling: s
     if release is not None:
         return load_release(release.name, device=device, image_scaling=image_scaling), None, release.backbone
     if text.startswith("official:"):
-        path = Path(text[len("official:"):])
+        path = Path(text[len("official:") :])
         if not path.exists():
             from loftup.training.releases import RELEASES
 

@@ -58,18 +58,26 @@ def build_index(store, jobs: list[str], shards: list[int] | None = None) -> Stor
     if shards is not None:
         missing = sorted(set(shards) - done)
         if missing:
-            shown = ", ".join(str(m) for m in missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
-            raise StoreError(f"--shards names shards that {store.url} has not finished for {', '.join(jobs)}: {shown} "
-                             f"(finish them, or pass --allow-missing to train without them)")
+            shown = ", ".join(str(m) for m in missing[:20]) + (
+                f" ... ({len(missing)} in all)" if len(missing) > 20 else ""
+            )
+            raise StoreError(
+                f"--shards names shards that {store.url} has not finished for {', '.join(jobs)}: {shown} "
+                f"(finish them, or pass --allow-missing to train without them)"
+            )
     chosen = sorted(done if shards is None else done & set(shards))
     if not chosen:
-        raise StoreError(f"no shard is finished for all of {jobs} in {store.url}" + (f" among {shards}" if shards else ""))
+        raise StoreError(
+            f"no shard is finished for all of {jobs} in {store.url}" + (f" among {shards}" if shards else "")
+        )
     for s in chosen:  # a damaged shard stops training here, named, instead of deep inside a batch
         for job in jobs:
             problems = store.shard_problems(job, s)
             if problems:
-                raise StoreError(f"shard {s} of {job} in {store.url} is damaged ({'; '.join(problems[:2])}); "
-                                 f"rerun `loftup-pipeline {job.split('/')[0]}` on it to redo it")
+                raise StoreError(
+                    f"shard {s} of {job} in {store.url} is damaged ({'; '.join(problems[:2])}); "
+                    f"rerun `loftup-pipeline {job.split('/')[0]}` on it to redo it"
+                )
     ids, shard_of = [], []
     for s in chosen:
         sid = np.asarray(store.image_ids(s), dtype=np.int64)
@@ -87,8 +95,10 @@ def _naming_damage(store_url: str, index: StoreIndex, row: int):
         raise
     except Exception as exc:
         shard, image_id = int(index.shards[row]), int(index.image_ids[row])
-        raise StoreError(f"cannot read image {image_id} of shard {shard} in {store_url} ({error_line(exc, 160)}); "
-                         f"`loftup-store verify --deep` lists the damage, a rerun of the pipeline job repairs it") from None
+        raise StoreError(
+            f"cannot read image {image_id} of shard {shard} in {store_url} ({error_line(exc, 160)}); "
+            f"`loftup-store verify --deep` lists the damage, a rerun of the pipeline job repairs it"
+        ) from None
 
 
 def present_shards(store_url: str, shards: list[int], jobs: list[str]) -> tuple[list[int], list[int]]:
@@ -108,7 +118,9 @@ def check_features(store, backbone: str, res: int):
     known = store.manifest.get("backbones", {})
     if key not in known and not store.done_shards(f"features/{key}"):
         have = ", ".join(sorted(known)) or "none"
-        raise StoreError(f"store {store.url} has no features for {key} (has: {have}); run `loftup-pipeline features --backbone {backbone} --res {res}`")
+        raise StoreError(
+            f"store {store.url} has no features for {key} (has: {have}); run `loftup-pipeline features --backbone {backbone} --res {res}`"
+        )
 
 
 class ShardAwareSampler(Sampler[int]):
@@ -117,8 +129,25 @@ class ShardAwareSampler(Sampler[int]):
     ``start`` skips that many of this rank's samples (exact resume mid-epoch).
     """
 
-    def __init__(self, index: StoreIndex, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1, start: int = 0, shuffle: bool = True):
-        self.index, self.seed, self.epoch, self.rank, self.world, self.start, self.shuffle = index, seed, epoch, rank, world, start, shuffle
+    def __init__(
+        self,
+        index: StoreIndex,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        shuffle: bool = True,
+    ):
+        self.index, self.seed, self.epoch, self.rank, self.world, self.start, self.shuffle = (
+            index,
+            seed,
+            epoch,
+            rank,
+            world,
+            start,
+            shuffle,
+        )
 
     def order(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -149,8 +178,17 @@ class Stage1Dataset(Dataset):
     reconstruction term runs the backbone on it).
     """
 
-    def __init__(self, store_url: str, index: StoreIndex, backbone: str, res: int, geometry: int = 224, size: int | None = None,
-                 max_masks: int = 150, full_image: bool = False):
+    def __init__(
+        self,
+        store_url: str,
+        index: StoreIndex,
+        backbone: str,
+        res: int,
+        geometry: int = 224,
+        size: int | None = None,
+        max_masks: int = 150,
+        full_image: bool = False,
+    ):
         self.store_url, self.index, self.backbone, self.res = store_url, index, backbone, res
         self.geometry, self.size, self.max_masks, self.full_image = geometry, size or geometry, max_masks, full_image
         self._store = None
@@ -293,7 +331,13 @@ class Stage2BatchSampler(Sampler[list]):
     resumed run draws the same sizes and crops as an uninterrupted one."""
 
     def __init__(self, sampler: ShardAwareSampler, batch_size: int, sizes: list[int], seed: int, first_step: int = 0):
-        self.sampler, self.batch_size, self.sizes, self.seed, self.first_step = sampler, batch_size, sizes, seed, first_step
+        self.sampler, self.batch_size, self.sizes, self.seed, self.first_step = (
+            sampler,
+            batch_size,
+            sizes,
+            seed,
+            first_step,
+        )
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -311,7 +355,15 @@ class Stage2BatchSampler(Sampler[list]):
 class Stage2Dataset(Dataset):
     """Per (row, s, seed): the HR image and, for each crop, its position and its masks at s x s."""
 
-    def __init__(self, store_url: str, index: StoreIndex, geometry: int = 896, hr: int | None = None, crops: int = 2, max_masks: int = 150):
+    def __init__(
+        self,
+        store_url: str,
+        index: StoreIndex,
+        geometry: int = 896,
+        hr: int | None = None,
+        crops: int = 2,
+        max_masks: int = 150,
+    ):
         self.store_url, self.index, self.geometry, self.hr = store_url, index, geometry, hr or geometry
         self.crops, self.max_masks = crops, max_masks
         self._store = None
@@ -345,8 +397,13 @@ class Stage2Dataset(Dataset):
             bits = _packed_masks([rle.resample(r, rows, cols) for r in rles], s, s)
             crops.append(c)
             masks.append(torch.from_numpy(bits))
-        return {"image_id": image_id, "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), "s": s,
-                "crops": crops, "mask_bits": masks}
+        return {
+            "image_id": image_id,
+            "image": torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(),
+            "s": s,
+            "crops": crops,
+            "mask_bits": masks,
+        }
 
 
 def collate_stage2(samples: list[dict]) -> dict:

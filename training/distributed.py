@@ -59,7 +59,9 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """DDP around ``model`` when there is more than one rank, the model itself otherwise."""
     if not d.enabled:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+    )
 
 
 def cpu_threads(d: Dist, workers: int) -> None:

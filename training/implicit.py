@@ -102,7 +102,9 @@ def sample_jitter(n: int, size: tuple[int, int], cfg: ImplicitConfig, gen: torch
     offsets (x rows, y columns) into the padded and zoomed map, horizontal flip."""
     h, w = size
     u = torch.rand(n, 3, generator=gen, dtype=torch.float64)
-    zoom = torch.where(u[:, 0] < cfg.zoom_prob, 1.0 + u[:, 1] * (cfg.max_zoom - 1.0), torch.ones(n, dtype=torch.float64))
+    zoom = torch.where(
+        u[:, 0] < cfg.zoom_prob, 1.0 + u[:, 1] * (cfg.max_zoom - 1.0), torch.ones(n, dtype=torch.float64)
+    )
     flip = (u[:, 2] < 0.5) & cfg.flips
     span_h = ((h + 2 * cfg.max_pad) * zoom).floor().long() - h + 1
     span_w = ((w + 2 * cfg.max_pad) * zoom).floor().long() - w + 1
@@ -137,7 +139,9 @@ def jitter_batch(maps: torch.Tensor, params: dict, idx, pad: int) -> torch.Tenso
     """The jitters ``idx`` of ``params`` applied to one map (1, C, H, W) -> (len(idx), C, H, W)."""
     return torch.cat(
         [
-            apply_jitter(maps, pad, float(params["zoom"][i]), int(params["x"][i]), int(params["y"][i]), bool(params["flip"][i]))
+            apply_jitter(
+                maps, pad, float(params["zoom"][i]), int(params["x"][i]), int(params["y"][i]), bool(params["flip"][i])
+            )
             for i in idx
         ]
     )
@@ -154,7 +158,9 @@ def magnitude(t: torch.Tensor) -> torch.Tensor:
 def total_variation(t: torch.Tensor) -> torch.Tensor:
     """FeatUp's TV: squared neighbour differences summed, divided by b*c*h*w."""
     b, c, h, w = t.shape
-    return ((t[:, :, 1:] - t[:, :, :-1]).square().sum() + (t[:, :, :, 1:] - t[:, :, :, :-1]).square().sum()) / (b * c * h * w)
+    return ((t[:, :, 1:] - t[:, :, :-1]).square().sum() + (t[:, :, :, 1:] - t[:, :, :, :-1]).square().sum()) / (
+        b * c * h * w
+    )
 
 
 def gaussian_blur(t: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
@@ -180,8 +186,14 @@ class ImplicitNetwork(nn.Module):
     """Per-pixel network on Fourier features of (y, x, r, g, b): 5 * n_freqs * 2 + 3 inputs
     (303 for 30 frequencies) -> width -> width -> width, dropout and channel norms as FeatUp."""
 
-    def __init__(self, out_dim: int = 128, n_freqs: int = 30, freq_log_min: float = -2.0, freq_log_max: float = 10.0,
-                 dropout: float = 0.2):
+    def __init__(
+        self,
+        out_dim: int = 128,
+        n_freqs: int = 30,
+        freq_log_min: float = -2.0,
+        freq_log_max: float = 10.0,
+        dropout: float = 0.2,
+    ):
         super().__init__()
         self.n_freqs = n_freqs
         self.register_buffer("freqs", torch.exp(torch.linspace(freq_log_min, freq_log_max, n_freqs)), persistent=False)
@@ -208,8 +220,9 @@ class ImplicitNetwork(nn.Module):
         lo = flat.min(1).values.view(1, 3, 1, 1)
         hi = flat.max(1).values.view(1, 3, 1, 1)
         rgb = (image - lo) / (hi - lo).clamp_min(1e-4) - 0.5
-        gy, gx = torch.meshgrid(torch.linspace(-1, 1, h, device=image.device), torch.linspace(-1, 1, w, device=image.device),
-                                indexing="ij")
+        gy, gx = torch.meshgrid(
+            torch.linspace(-1, 1, h, device=image.device), torch.linspace(-1, 1, w, device=image.device), indexing="ij"
+        )
         coords = torch.stack([gy, gx])[None].expand(b, 2, h, w)
         five = torch.cat([coords, rgb], 1).unsqueeze(1)  # (b, 1, 5, h, w)
         scaled = five * self.freqs.view(1, -1, 1, 1, 1)  # (b, F, 5, h, w)
@@ -350,7 +363,9 @@ def featurize_views(image01: torch.Tensor, backbone, cfg: ImplicitConfig, gen: t
     return torch.cat(out), params, unproj
 
 
-def build_modules(dim: int, grid: tuple[int, int], cfg: ImplicitConfig, device) -> tuple[ImplicitNetwork, AttentionDownsampler, nn.Module | None]:
+def build_modules(
+    dim: int, grid: tuple[int, int], cfg: ImplicitConfig, device
+) -> tuple[ImplicitNetwork, AttentionDownsampler, nn.Module | None]:
     net = ImplicitNetwork(dim, cfg.n_freqs, cfg.freq_log_min, cfg.freq_log_max, cfg.dropout).to(device)
     down = AttentionDownsampler(dim + 1, cfg.kernel_size, grid, cfg).to(device)
     scale = None
@@ -362,7 +377,9 @@ def build_modules(dim: int, grid: tuple[int, int], cfg: ImplicitConfig, device) 
     return net, down, scale
 
 
-def step_loss(net, down, scale, image01, views, params, idx, cfg: ImplicitConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(
+    net, down, scale, image01, views, params, idx, cfg: ImplicitConfig, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's loss on the views ``idx``: (total, reconstruction term)."""
     hr = net(image01)
     hr_mag = magnitude(hr)
@@ -385,7 +402,9 @@ def step_loss(net, down, scale, image01, views, params, idx, cfg: ImplicitConfig
     return loss, rec
 
 
-def fit_image(image01: torch.Tensor, backbone, cfg: ImplicitConfig, image_id: int = 0, device="cpu", log=None) -> FitResult:
+def fit_image(
+    image01: torch.Tensor, backbone, cfg: ImplicitConfig, image_id: int = 0, device="cpu", log=None
+) -> FitResult:
     """Optimise FeatUp's implicit representation of one image ``image01`` (1, 3, H, W) in [0, 1]
     (the backbone's input size). ``log(step, loss)`` is called every 10 steps when given."""
     device = torch.device(device)
@@ -450,7 +469,9 @@ def reconstruction_error(network, downsampler, image01, views, params, idx, max_
 # compact per-image format
 
 
-def to_compact(network: ImplicitNetwork, unprojector: Unprojector, cfg: ImplicitConfig, extra: dict | None = None) -> bytes:
+def to_compact(
+    network: ImplicitNetwork, unprojector: Unprojector, cfg: ImplicitConfig, extra: dict | None = None
+) -> bytes:
     """safetensors bytes: ``network.*`` and ``unprojector.*`` tensors (float32) with the recipe
     and shapes as metadata. About 0.5 MB for C = 384..512 (FeatUp saves the same two parts)."""
     from safetensors.torch import save
@@ -477,9 +498,9 @@ def from_compact(blob: bytes, device="cpu") -> tuple[ImplicitNetwork, Unprojecto
     cfg = ImplicitConfig.from_dict(json.loads(meta["config"]))
     tensors = load(blob)
     net = ImplicitNetwork(int(meta["out_dim"]), cfg.n_freqs, cfg.freq_log_min, cfg.freq_log_max, cfg.dropout)
-    net.load_state_dict({k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")})
+    net.load_state_dict({k[len("network.") :]: v for k, v in tensors.items() if k.startswith("network.")})
     unproj = Unprojector(int(meta["in_dim"]), int(meta["out_dim"]))
-    unproj.load_state_dict({k[len("unprojector."):]: v for k, v in tensors.items() if k.startswith("unprojector.")})
+    unproj.load_state_dict({k[len("unprojector.") :]: v for k, v in tensors.items() if k.startswith("unprojector.")})
     return net.to(device).eval(), unproj.to(device), meta
 
 
@@ -575,7 +596,9 @@ class ImplicitTargets:
     def __call__(self, image_ids, size: int, projection=None) -> torch.Tensor:
         hr = self.maps(image_ids)
         if hr.shape[-1] != size:
-            hr = F.interpolate(hr, size=(size, size), mode="bilinear", align_corners=False, antialias=size < hr.shape[-1])
+            hr = F.interpolate(
+                hr, size=(size, size), mode="bilinear", align_corners=False, antialias=size < hr.shape[-1]
+            )
         if projection is not None:
             hr = projection(hr)
         return F.layer_norm(hr.permute(0, 2, 3, 1), hr.shape[1:2]).permute(0, 3, 1, 2)
@@ -588,6 +611,8 @@ def restrict_index(index, targets: ImplicitTargets):
 
     keep = np.isin(index.image_ids, targets.image_ids())
     if not keep.any():
-        raise StoreError(f"no per-image-optimised features of {targets.backbone}@{targets.res} for the chosen images; "
-                         f"run `loftup-pipeline implicit --backbone {targets.backbone} --res {targets.res}` first")
+        raise StoreError(
+            f"no per-image-optimised features of {targets.backbone}@{targets.res} for the chosen images; "
+            f"run `loftup-pipeline implicit --backbone {targets.backbone} --res {targets.res}` first"
+        )
     return StoreIndex(index.image_ids[keep], index.shards[keep])

@@ -62,7 +62,9 @@ class ImplicitJob(Job):
     def source_size(self, store) -> int:
         bigger = [s for s in sorted(store.geometries) if s >= self.res]
         if not bigger:
-            raise StoreError(f"implicit at {self.res} needs stored images of at least that size; store has {sorted(store.geometries)}")
+            raise StoreError(
+                f"implicit at {self.res} needs stored images of at least that size; store has {sorted(store.geometries)}"
+            )
         return bigger[0]
 
     def check(self, store) -> None:
@@ -74,13 +76,17 @@ class ImplicitJob(Job):
         recipe = self.resolved_recipe()
         for key in ("steps", "views", "views_per_step", "pca_views"):
             if int(recipe[key]) < (0 if key == "steps" else 1):
-                raise LoftupError(f"implicit recipe: {key} must be {'>= 0' if key == 'steps' else '>= 1'}, got {recipe[key]}")
+                raise LoftupError(
+                    f"implicit recipe: {key} must be {'>= 0' if key == 'steps' else '>= 1'}, got {recipe[key]}"
+                )
         if recipe["kernel_size"] > self.res:
             raise LoftupError(f"implicit recipe: kernel_size {recipe['kernel_size']} exceeds the input size {self.res}")
         if self.images_per_shard is not None and int(self.images_per_shard) < 0:
             raise LoftupError(f"--images-per-shard must be >= 0, got {self.images_per_shard}")
         if self.dense and self.images_per_shard is None:
-            raise LoftupError("--dense keeps ~37 MB per image in memory until the shard is written: give --images-per-shard")
+            raise LoftupError(
+                "--dense keeps ~37 MB per image in memory until the shard is written: give --images-per-shard"
+            )
         self.source_size(store)
 
     def memory_bytes(self) -> int:
@@ -131,8 +137,12 @@ class ImplicitJob(Job):
                 fit = fit_image(image01, backbone, cfg, image_id=image_id, device=device)
                 if not np.isfinite(fit.losses[-1] if fit.losses else 0.0):
                     raise FloatingPointError(f"loss is {fit.losses[-1]} after {len(fit.losses)} steps")
-                blob = to_compact(fit.network, fit.unprojector, cfg, extra={"image_id": image_id, "backbone": self.backbone,
-                                                                              "res": self.res, "grid": [grid, grid]})
+                blob = to_compact(
+                    fit.network,
+                    fit.unprojector,
+                    cfg,
+                    extra={"image_id": image_id, "backbone": self.backbone, "res": self.res, "grid": [grid, grid]},
+                )
                 t1 = time.perf_counter()
                 if self.dense:
                     dense.append(render(fit.network, fit.unprojector, image01).to(torch.float16).cpu().numpy())
@@ -145,15 +155,26 @@ class ImplicitJob(Job):
             totals["optimise"] += fit.optimise_seconds
             totals["views"] += cfg.views
             totals["steps"] += cfg.steps
-            rows.append({
-                "image_id": image_id, "blob": blob, "seconds": t1 - t0,
-                "featurize_seconds": fit.featurize_seconds, "optimise_seconds": fit.optimise_seconds,
-                "views": cfg.views, "steps": cfg.steps,
-                "loss_first": fit.losses[0] if fit.losses else None, "loss_last": fit.losses[-1] if fit.losses else None,
-            })
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "blob": blob,
+                    "seconds": t1 - t0,
+                    "featurize_seconds": fit.featurize_seconds,
+                    "optimise_seconds": fit.optimise_seconds,
+                    "views": cfg.views,
+                    "steps": cfg.steps,
+                    "loss_first": fit.losses[0] if fit.losses else None,
+                    "loss_last": fit.losses[-1] if fit.losses else None,
+                }
+            )
             progress(1, 0)
-        info = {"backbone": self.backbone, "res": self.res, "what": "per-image-optimised HR features (FeatUp implicit)",
-                "space": "channel LayerNorm of the backbone features" if cfg.channel_norm else "backbone features"}
+        info = {
+            "backbone": self.backbone,
+            "res": self.res,
+            "what": "per-image-optimised HR features (FeatUp implicit)",
+            "space": "channel LayerNorm of the backbone features" if cfg.channel_norm else "backbone features",
+        }
         sizes = implicit_store(store, self.backbone, self.res).write_shard(
             shard, rows, np.stack(dense) if self.dense and dense else None, info=info
         )

@@ -23,8 +23,10 @@ def load_upsampler(checkpoint=None, official=None, device="cpu"):
     ``official`` is a release name (``dinov2s``, ``haiwen/loftup-dinov2s``, found in the local
     HF cache) or a released-layout file; ``checkpoint`` any spec ``resolve_upsampler`` takes."""
     if checkpoint is None and official is None:
-        raise LoftupError("no upsampler weights: pass a checkpoint of ours (--checkpoint stage1.safetensors / "
-                          "stage2.safetensors from `loftup-train`) or a released LoftUp (--official dinov2s or X.pth)")
+        raise LoftupError(
+            "no upsampler weights: pass a checkpoint of ours (--checkpoint stage1.safetensors / "
+            "stage2.safetensors from `loftup-train`) or a released LoftUp (--official dinov2s or X.pth)"
+        )
     if checkpoint is not None and official is not None:
         raise LoftupError("pass either a checkpoint of ours or an official one, not both")
     from loftup.training.checkpoint import load_official, resolve_upsampler
@@ -70,9 +72,19 @@ def _write_features(tensors: dict, path: Path, fmt: str, meta: dict) -> None:
         fh.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata={k: str(v) for k, v in meta.items()}))
 
 
-def upsample_image(image_path, checkpoint=None, official=None, backbone=None, weights=None,
-                   random_init: bool = False, size: int = 448, backbone_res: int = 224,
-                   out_dir="upsampled", fmt: str = "safetensors", device="cpu") -> dict:
+def upsample_image(
+    image_path,
+    checkpoint=None,
+    official=None,
+    backbone=None,
+    weights=None,
+    random_init: bool = False,
+    size: int = 448,
+    backbone_res: int = 224,
+    out_dir="upsampled",
+    fmt: str = "safetensors",
+    device="cpu",
+) -> dict:
     """Upsample the features of one image and write them plus a PCA picture.
 
     The image is resized (short side) and centre-cropped to ``size`` x ``size`` (the same
@@ -134,8 +146,10 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone=None, we
         if projection is not None:
             feats = projection(feats)
         if feats.shape[1] != model.dim:
-            raise LoftupError(f"the upsampler takes {model.dim}-d features but {backbone_name} gives "
-                              f"{feats.shape[1]}: use the backbone it was trained for")
+            raise LoftupError(
+                f"the upsampler takes {model.dim}-d features but {backbone_name} gives "
+                f"{feats.shape[1]}: use the backbone it was trained for"
+            )
         guide = normalise_float(_to_tensor(hr_img).to(device))
         t0 = time.perf_counter()
         hr = model(feats, guide)
@@ -153,13 +167,30 @@ def upsample_image(image_path, checkpoint=None, official=None, backbone=None, we
     stem = f"{image_path.stem}_loftup{size}"
     feat_path = out_dir / f"{stem}.{fmt}"
     hr_cpu, lr_n, bil_n = hr[0].to("cpu"), lowres[0].cpu(), bilinear[0].cpu()
-    _write_features({"features": hr_cpu, "lowres": lr_n, "bilinear": bil_n}, feat_path, fmt,
-                    {"image": image_path.name, "backbone": backbone_name, "backbone_res": res, "size": size})
-    kept = {"retention_loftup": round(retention(hr_cpu, lr_n), 4), "retention_bilinear": round(retention(bil_n, lr_n), 4)}
+    _write_features(
+        {"features": hr_cpu, "lowres": lr_n, "bilinear": bil_n},
+        feat_path,
+        fmt,
+        {"image": image_path.name, "backbone": backbone_name, "backbone_res": res, "size": size},
+    )
+    kept = {
+        "retention_loftup": round(retention(hr_cpu, lr_n), 4),
+        "retention_bilinear": round(retention(bil_n, lr_n), 4),
+    }
     lr_rgb, hr_rgb, bil_rgb = pca_rgb([lr_n, hr_cpu, bil_n], fit_on=0)
     h, w = feats.shape[-2:]
-    png = save_panels([hr_img, lr_rgb, hr_rgb, bil_rgb],
-                      ["input", f"low-res {h}x{w}", f"LoftUp {size}", f"bilinear {size}"],
-                      out_dir / f"{stem}.png")
-    return {"features": feat_path, "picture": png, "shape": tuple(hr_cpu.shape), "lr_grid": (int(h), int(w)),
-            "backbone": backbone_name, "backbone_res": res, **kept, **{k: round(v, 3) for k, v in timings.items()}}
+    png = save_panels(
+        [hr_img, lr_rgb, hr_rgb, bil_rgb],
+        ["input", f"low-res {h}x{w}", f"LoftUp {size}", f"bilinear {size}"],
+        out_dir / f"{stem}.png",
+    )
+    return {
+        "features": feat_path,
+        "picture": png,
+        "shape": tuple(hr_cpu.shape),
+        "lr_grid": (int(h), int(w)),
+        "backbone": backbone_name,
+        "backbone_res": res,
+        **kept,
+        **{k: round(v, 3) for k, v in timings.items()},
+    }

@@ -30,8 +30,15 @@ from loftup.training.run_dir import RunDir, seed_all, set_rng_state
 REQUIRED = dataclasses.MISSING
 
 
-def option(default: Any = REQUIRED, help: str = "", *, factory=None, resumable: bool = False, cli: bool = True,
-           parse: str | None = None):
+def option(
+    default: Any = REQUIRED,
+    help: str = "",
+    *,
+    factory=None,
+    resumable: bool = False,
+    cli: bool = True,
+    parse: str | None = None,
+):
     """A config field with its help text. ``resumable``: may differ on ``--resume`` (how long to
     run, logging, workers). ``parse="ints"``: the CLI takes it as text like ``0-89`` or ``224,336``."""
     meta = {"help": help, "resumable": resumable, "cli": cli, "parse": parse}
@@ -46,7 +53,9 @@ class TrainConfig:
 
     store: str = option(help="Store written by loftup-pipeline.")
     out: str = option(help="Run directory: config.json, metrics.jsonl, last.pt, <stage>.safetensors.")
-    recipe: str = option("released", help="released (the authors' training code, default) or paper (the paper's main loss alone).")
+    recipe: str = option(
+        "released", help="released (the authors' training code, default) or paper (the paper's main loss alone)."
+    )
     backbone: str = option("dinov2_vits14", help="Backbone whose features are upsampled.")
     weights: str | None = option(None, help="Backbone weights file (when the backbone runs live).")
     random_init: bool = option(False, help="Random backbone weights (tests and demos).")
@@ -56,24 +65,34 @@ class TrainConfig:
     max_steps: int | None = option(None, help="Stop after this many steps (overrides epochs).", resumable=True)
     lr_schedule: str = option("constant", help="constant (released) or cosine (decays to 0 over decay_steps).")
     warmup_steps: int = option(0, help="Linear warm-up steps before the schedule.")
-    decay_steps: int | None = option(None, help="Cosine horizon in steps (default: this run's steps; set it when a run will be resumed longer).")
-    grad_clip: float | None = option(None, help="Gradient-norm clip (released: 1e-4, for the first clip_steps steps only; 0 = off).")
+    decay_steps: int | None = option(
+        None, help="Cosine horizon in steps (default: this run's steps; set it when a run will be resumed longer)."
+    )
+    grad_clip: float | None = option(
+        None, help="Gradient-norm clip (released: 1e-4, for the first clip_steps steps only; 0 = off)."
+    )
     clip_steps: int | None = option(None, help="Clip only the first N steps (released: 10; 0 = every step).")
     tv_weight: float | None = option(None, help="Total-variation weight (FeatUp TV).")
     recon_weight: float | None = option(None, help="FeatUp multi-view reconstruction weight (runs the backbone live).")
     recon_jitters: int | None = option(None, help="Jittered views per step for the reconstruction.")
-    recon_uncertainty: bool | None = option(None, help="Reconstruction as a Gaussian NLL with a learned uncertainty (FeatUp's ScaleNet).")
+    recon_uncertainty: bool | None = option(
+        None, help="Reconstruction as a Gaussian NLL with a learned uncertainty (FeatUp's ScaleNet)."
+    )
     max_pad: int = option(8, help="Reconstruction jitter: reflect-pad up to N px (of the backbone input) per side.")
     max_zoom: float = option(0.1, help="Reconstruction jitter: zoom 1 +/- this per axis.")
     proj_dim: int = option(64, help="Dims of the fresh random projection of the losses.")
-    proj_unit: bool | None = option(None, help="Random projection with unit-norm columns (released) instead of N(0, 1/dim) entries.")
+    proj_unit: bool | None = option(
+        None, help="Random projection with unit-norm columns (released) instead of N(0, 1/dim) entries."
+    )
     shards: list[int] | None = option(None, help="Train on these shards only, e.g. '0-89'.", parse="ints")
     seed: int = option(0, help="Seed for init, data order, projections and jitters.")
     workers: int = option(2, help="DataLoader workers per rank.", resumable=True)
     checkpoint_every: int = option(200, help="Write last.pt every N steps.", resumable=True)
     log_every: int = option(10, help="Log metrics every N steps.", resumable=True)
     device: str = option("auto", help="auto, cpu or cuda.", resumable=True)
-    resume: bool = option(False, help="Continue exactly from OUT/last.pt (the config must match the run's).", resumable=True)
+    resume: bool = option(
+        False, help="Continue exactly from OUT/last.pt (the config must match the run's).", resumable=True
+    )
     progress: bool = option(True, help="Show a progress bar.", resumable=True, cli=False)
 
 
@@ -159,7 +178,9 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         recipe.load_state(state)
         step, epoch, offset = state["step"], state["epoch"], state["offset"]
         set_rng_state(state["rng"])
-    run.save_config({"stage": recipe.name, **asdict(cfg), "world_size": d.world, "total_steps": total_steps, **recipe.info})
+    run.save_config(
+        {"stage": recipe.name, **asdict(cfg), "world_size": d.world, "total_steps": total_steps, **recipe.info}
+    )
 
     def checkpoint():
         run.save_state({**recipe.state(), "step": step, "epoch": epoch, "offset": offset})
@@ -191,8 +212,13 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         if step % cfg.log_every == 0 or step == total_steps:
             now = time.time()
             last = {k: distributed.all_mean(v.item(), d) for k, v in terms.items()}
-            last |= {"step": step, "epoch": epoch, "loss": sum(last.values()), "lr": lr,
-                     "samples_per_s": seen_last / max(now - t_last, 1e-9)}
+            last |= {
+                "step": step,
+                "epoch": epoch,
+                "loss": sum(last.values()),
+                "lr": lr,
+                "samples_per_s": seen_last / max(now - t_last, 1e-9),
+            }
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
             run.log(last)

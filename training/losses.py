@@ -56,9 +56,7 @@ def _unit_pixels(x: torch.Tensor, border: float) -> torch.Tensor:
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
     if student.shape != teacher.shape:
-        raise ValueError(
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape"
-        )
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
 
 
 def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, border: float = 0.1) -> torch.Tensor:
@@ -98,9 +96,7 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, border: float = 
         return (per_image / float(n) ** 2).mean()
 
 
-def affinity_loss_explicit(
-    student: torch.Tensor, teacher: torch.Tensor, border: float = 0.1
-) -> torch.Tensor:
+def affinity_loss_explicit(student: torch.Tensor, teacher: torch.Tensor, border: float = 0.1) -> torch.Tensor:
     """The same loss through explicit (B, N, N) affinity matrices: a test/bench oracle only."""
     _check_pair(student, teacher)
     with torch.autocast(device_type=student.device.type, enabled=False):
@@ -114,8 +110,15 @@ def affinity_loss_explicit(
 # --------------------------------------------------------------------------- stage 1
 
 
-def random_projection(batch: int, chans: int, dim: int = 64, generator: torch.Generator | None = None,
-                      unit: bool = True, dtype=torch.float32, device=None) -> torch.Tensor:
+def random_projection(
+    batch: int,
+    chans: int,
+    dim: int = 64,
+    generator: torch.Generator | None = None,
+    unit: bool = True,
+    dtype=torch.float32,
+    device=None,
+) -> torch.Tensor:
     """A fresh Gaussian projection per image, (B, C, dim).
 
     unit=True (released): each column is scaled to unit norm, so a projected squared error is
@@ -244,8 +247,9 @@ class ScaleNet(nn.Module):
         return torch.exp(self.net(x) + 0.1).clamp_min(1e-4)
 
 
-def reconstruction_loss(down: torch.Tensor, target: torch.Tensor, proj: torch.Tensor,
-                        scales: torch.Tensor | None = None) -> torch.Tensor:
+def reconstruction_loss(
+    down: torch.Tensor, target: torch.Tensor, proj: torch.Tensor, scales: torch.Tensor | None = None
+) -> torch.Tensor:
     """One jitter's FeatUp reconstruction term, clamped at >= 0 as the released scripts do.
 
     down: the downsampled jittered prediction, target: the backbone's features of the jittered

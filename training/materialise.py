@@ -62,6 +62,7 @@ class PseudoGTJob(Job):
 
     def upstream(self) -> tuple[str, ...]:
         return ("masks", f"features/{self.backbone}@{self.res}") + (("images",) if self.png else ())
+
     def config(self) -> dict:
         cfg = super().config()
         cfg.pop("device")
@@ -116,7 +117,9 @@ class PseudoGTJob(Job):
                 f"rerun `loftup-pipeline masks --shards {shard} --sizes ...` including {self.geometry}"
             )
         if self.png and store.marker("images", shard) is None:
-            raise StoreError(f"shard {shard}: PNGs need the stored images; run `loftup-pipeline images` or pass --no-png")
+            raise StoreError(
+                f"shard {shard}: PNGs need the stored images; run `loftup-pipeline images` or pass --no-png"
+            )
         return feats_marker, masks_marker
 
     def png_shard_dir(self, store, shard: int) -> Path:

@@ -98,8 +98,16 @@ def _host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def dense_bytes(height: int, width: int, *, batch: int = 1, channels: int = 404, fourier: int = 203,
-                hidden: int = 384, bytes_per_value: int = 4) -> int:
+def dense_bytes(
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    channels: int = 404,
+    fourier: int = 203,
+    hidden: int = 384,
+    bytes_per_value: int = 4,
+) -> int:
     """Working memory of a no-grad dense forward beyond its output (an upper estimate).
 
     Conv stage: the Fourier features and their norm, then conv output and BatchNorm output;
@@ -112,20 +120,41 @@ def dense_bytes(height: int, width: int, *, batch: int = 1, channels: int = 404,
     return pixels * max(conv, attention) * bytes_per_value
 
 
-def bounded_bytes(tile: int, chunk: int, *, batch: int = 1, channels: int = 404, fourier: int = 203,
-                  hidden: int = 384, keys: int = 1024, heads: int = 4, bytes_per_value: int = 4) -> int:
+def bounded_bytes(
+    tile: int,
+    chunk: int,
+    *,
+    batch: int = 1,
+    channels: int = 404,
+    fourier: int = 203,
+    hidden: int = 384,
+    keys: int = 1024,
+    heads: int = 4,
+    bytes_per_value: int = 4,
+) -> int:
     """Working memory of the bounded path for one tile and chunk, beyond the output tensor."""
     t = tile
-    conv = (2 * (t + 2 * HALO) ** 2 * fourier + (t + HALO) ** 2 * channels + t * t * channels)
+    conv = 2 * (t + 2 * HALO) ** 2 * fourier + (t + HALO) ** 2 * channels + t * t * channels
     chunk = min(chunk, t * t)
     attention = chunk * (6 * channels + hidden + heads * min(keys, 512))
     tile_out = t * t * (hidden + channels)  # the tile's results before they reach the output
     return batch * (conv + attention + tile_out) * bytes_per_value
 
 
-def plan_execution(device: DeviceSpec, height: int, width: int, *, batch: int = 1, channels: int = 404,
-                   fourier: int = 203, hidden: int = 384, keys: int = 1024, heads: int = 4,
-                   bytes_per_value: int = 4, allow_dense: bool = True) -> tuple[int, int] | None:
+def plan_execution(
+    device: DeviceSpec,
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    channels: int = 404,
+    fourier: int = 203,
+    hidden: int = 384,
+    keys: int = 1024,
+    heads: int = 4,
+    bytes_per_value: int = 4,
+    allow_dense: bool = True,
+) -> tuple[int, int] | None:
     """(conv_tile, query_chunk) for an eval forward of this size on ``device``, None = dense.
 
     ``channels`` is the model's width (dim + 20), ``fourier`` its Fourier feature count,
@@ -133,7 +162,13 @@ def plan_execution(device: DeviceSpec, height: int, width: int, *, batch: int = 
     bf16 autocast. The output tensor itself is not counted: every path must hold it.
     ``allow_dense=False`` gives the bounded plan even where the dense path would fit.
     """
-    sizes = {"batch": batch, "channels": channels, "fourier": fourier, "hidden": hidden, "bytes_per_value": bytes_per_value}
+    sizes = {
+        "batch": batch,
+        "channels": channels,
+        "fourier": fourier,
+        "hidden": hidden,
+        "bytes_per_value": bytes_per_value,
+    }
     budget = MEMORY_FRACTION * device.free_bytes - batch * hidden * height * width * 4
     side = max(height, width)
     if device.kind == "cpu":
@@ -219,8 +254,13 @@ class FourierFeatures(nn.Module):
     input-minor, n = 2 + extra), then the extra channels themselves when ``append_inputs``.
     """
 
-    def __init__(self, extra_channels: int, num_freqs: int, freq_range: Sequence[float] = (-2.0, 10.0),
-                 append_inputs: bool = True):
+    def __init__(
+        self,
+        extra_channels: int,
+        num_freqs: int,
+        freq_range: Sequence[float] = (-2.0, 10.0),
+        append_inputs: bool = True,
+    ):
         super().__init__()
         self.n_inputs = 2 + extra_channels
         self.extra_channels = extra_channels
@@ -233,8 +273,9 @@ class FourierFeatures(nn.Module):
     def out_channels(self) -> int:
         return 2 * self.n_inputs * self.num_freqs + (self.extra_channels if self.append_inputs else 0)
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None,
-                cols: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Features for map ``x`` (B, extra or any, H, W); ``rows``/``cols`` override the
         default coordinates ``linspace(-1, 1)`` (a tile passes its slice of the full grid)."""
         b, _, h, w = x.shape
@@ -258,7 +299,6 @@ class FourierFeatures(nn.Module):
         if self.append_inputs:
             out.append(x)
         return torch.cat(out, dim=1)
-
 
     def forward_nhwc(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The same features channels-last: ``x`` (B, H, W, extra) -> (B, H, W, out_channels)."""
@@ -299,8 +339,8 @@ class CrossAttentionBlock(nn.Module):
     def _in_proj(self, x: torch.Tensor, part: int, pad: int) -> torch.Tensor:
         """One of q/k/v (part 0/1/2) from the packed weights, as (B, heads, n, head[+pad])."""
         width, heads = self.attention.embed_dim, self.attention.num_heads
-        w = self.attention.in_proj_weight[part * width:(part + 1) * width]
-        b = self.attention.in_proj_bias[part * width:(part + 1) * width]
+        w = self.attention.in_proj_weight[part * width : (part + 1) * width]
+        b = self.attention.in_proj_bias[part * width : (part + 1) * width]
         if pad:
             w = F.pad(w.view(heads, -1, width), (0, 0, 0, pad)).view(-1, width)
             b = F.pad(b.view(heads, -1), (0, pad)).view(-1)
@@ -319,7 +359,7 @@ class CrossAttentionBlock(nn.Module):
         pad = k.shape[-1] - mha.head_dim
         q = self._in_proj(self.norm_q(query), 0, pad)
         dropout = mha.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=mha.head_dim ** -0.5)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=mha.head_dim**-0.5)
         out = out.transpose(-3, -2).flatten(-2)
         w = mha.out_proj.weight
         if pad:
@@ -376,9 +416,17 @@ class CrossAttentionTransformer(nn.Module):
 class LoftUpCore(nn.Module):
     """The released ``upsampler`` module: takes channel-normalised low-res features."""
 
-    def __init__(self, dim: int, num_freqs_img: int = 20, freq_range: Sequence[float] = (-2.0, 10.0),
-                 num_freqs_lr: int = 5, heads: int = 4, blocks: int = 2, dropout: float = 0.0,
-                 image_scaling: str = "image"):
+    def __init__(
+        self,
+        dim: int,
+        num_freqs_img: int = 20,
+        freq_range: Sequence[float] = (-2.0, 10.0),
+        num_freqs_lr: int = 5,
+        heads: int = 4,
+        blocks: int = 2,
+        dropout: float = 0.0,
+        image_scaling: str = "image",
+    ):
         super().__init__()
         self.dim = dim
         self.lr_pe = FourierFeatures(0, num_freqs_lr, freq_range, append_inputs=False)
@@ -412,8 +460,9 @@ class LoftUpCore(nn.Module):
         return self.final_conv(q.transpose(1, 2).reshape(b, c, h, w))
 
     @torch.no_grad()
-    def forward_bounded(self, lr_feats: torch.Tensor, image: torch.Tensor, conv_tile: int,
-                        query_chunk: int) -> torch.Tensor:
+    def forward_bounded(
+        self, lr_feats: torch.Tensor, image: torch.Tensor, conv_tile: int, query_chunk: int
+    ) -> torch.Tensor:
         """Eval-mode forward in tiles (2-px halo) and query chunks; equals ``forward``.
 
         Tiles are balanced (a 224 image with tile 128 runs as 2 x 2 tiles of 112) and kept
@@ -436,13 +485,21 @@ class LoftUpCore(nn.Module):
             y1 = min(H, y0 + th)
             for x0 in range(0, W, tw):
                 x1 = min(W, x0 + tw)
-                q = conv_fn(rgb[:, y0:y1 + 2 * HALO, x0:x1 + 2 * HALO], rows[y0:y1 + 2 * HALO],
-                            cols[x0:x1 + 2 * HALO], convs, y0, x0, H, W)
+                q = conv_fn(
+                    rgb[:, y0 : y1 + 2 * HALO, x0 : x1 + 2 * HALO],
+                    rows[y0 : y1 + 2 * HALO],
+                    cols[x0 : x1 + 2 * HALO],
+                    convs,
+                    y0,
+                    x0,
+                    H,
+                    W,
+                )
                 tokens = q.reshape(b, -1, self.width)
                 n = tokens.shape[1]
                 res = torch.empty(b, n, self.dim, dtype=out.dtype, device=out.device)
                 for s in range(0, n, query_chunk):
-                    res[:, s:s + query_chunk] = chunk_fn(tokens[:, s:s + query_chunk], kvs)
+                    res[:, s : s + query_chunk] = chunk_fn(tokens[:, s : s + query_chunk], kvs)
                 out[:, :, y0:y1, x0:x1] = res.view(b, y1 - y0, x1 - x0, self.dim).permute(0, 3, 1, 2)
         return out
 
@@ -511,26 +568,42 @@ class LoftUp(nn.Module):
     The output keeps the features' dtype.
     """
 
-    def __init__(self, dim: int, num_freqs_img: int = 20, freq_range: Sequence[float] = (-2, 10),
-                 num_freqs_lr: int = 5, extra: int = 20, heads: int = 4, blocks: int = 2,
-                 dropout: float = 0.0, image_scaling: str = "image", query_chunk: int | None = None,
-                 conv_tile: int | None = None, autocast: torch.dtype | None = torch.bfloat16):
+    def __init__(
+        self,
+        dim: int,
+        num_freqs_img: int = 20,
+        freq_range: Sequence[float] = (-2, 10),
+        num_freqs_lr: int = 5,
+        extra: int = 20,
+        heads: int = 4,
+        blocks: int = 2,
+        dropout: float = 0.0,
+        image_scaling: str = "image",
+        query_chunk: int | None = None,
+        conv_tile: int | None = None,
+        autocast: torch.dtype | None = torch.bfloat16,
+    ):
         super().__init__()
         if extra != 4 * num_freqs_lr:
-            raise ValueError(f"extra (the grid-encoding width) must be 4 * num_freqs_lr = {4 * num_freqs_lr}, "
-                             f"got {extra}")
+            raise ValueError(
+                f"extra (the grid-encoding width) must be 4 * num_freqs_lr = {4 * num_freqs_lr}, got {extra}"
+            )
         if (dim + extra) % heads:
             raise ValueError(f"dim + extra = {dim + extra} is not divisible by heads = {heads}")
         self.config = {
-            "dim": int(dim), "num_freqs_img": int(num_freqs_img),
+            "dim": int(dim),
+            "num_freqs_img": int(num_freqs_img),
             "freq_range": [float(freq_range[0]), float(freq_range[1])],
-            "num_freqs_lr": int(num_freqs_lr), "extra": int(extra), "heads": int(heads),
-            "blocks": int(blocks), "dropout": float(dropout), "image_scaling": image_scaling,
+            "num_freqs_lr": int(num_freqs_lr),
+            "extra": int(extra),
+            "heads": int(heads),
+            "blocks": int(blocks),
+            "dropout": float(dropout),
+            "image_scaling": image_scaling,
         }
         self.dim = dim
         self.channelnorm = ChannelNorm(dim)
-        self.upsampler = LoftUpCore(dim, num_freqs_img, freq_range, num_freqs_lr, heads, blocks, dropout,
-                                    image_scaling)
+        self.upsampler = LoftUpCore(dim, num_freqs_img, freq_range, num_freqs_lr, heads, blocks, dropout, image_scaling)
         self.query_chunk = query_chunk
         self.conv_tile = conv_tile
         self.autocast = autocast
@@ -553,8 +626,14 @@ class LoftUp(nn.Module):
         self.conv_tile = conv_tile
         return self
 
-    def plan(self, height: int, width: int, batch: int = 1, device: DeviceSpec | str | torch.device | None = None,
-             lr_tokens: int = 1024) -> tuple[int, int] | None:
+    def plan(
+        self,
+        height: int,
+        width: int,
+        batch: int = 1,
+        device: DeviceSpec | str | torch.device | None = None,
+        lr_tokens: int = 1024,
+    ) -> tuple[int, int] | None:
         """(conv_tile, query_chunk) of an eval forward of this size, or None for the dense path.
 
         ``device``: a :class:`DeviceSpec` or a device (default: the model's); pinned sizes
@@ -569,9 +648,18 @@ class LoftUp(nn.Module):
             if not isinstance(device, DeviceSpec):
                 device = DeviceSpec.of(device if device is not None else self.channelnorm.norm.weight.device)
             amp = device.kind != "cpu" and self.autocast is not None and self.autocast.itemsize == 2
-            auto = plan_execution(device, height, width, batch=batch, channels=self.upsampler.width,
-                                  fourier=self.upsampler.fourier_feat[1].out_channels, hidden=self.dim,
-                                  keys=lr_tokens, heads=self.config["heads"], bytes_per_value=2 if amp else 4)
+            auto = plan_execution(
+                device,
+                height,
+                width,
+                batch=batch,
+                channels=self.upsampler.width,
+                fourier=self.upsampler.fourier_feat[1].out_channels,
+                hidden=self.dim,
+                keys=lr_tokens,
+                heads=self.config["heads"],
+                bytes_per_value=2 if amp else 4,
+            )
             if chunk is None and tile is None:
                 return auto
             auto_tile, auto_chunk = auto or (max(height, width), height * width)
@@ -586,15 +674,19 @@ class LoftUp(nn.Module):
         (off by default; ``kwargs`` go to ``torch.compile``). Parameter names are unchanged."""
         core = self.upsampler
         core.compile(**kwargs)
-        core._compiled = {"tile": torch.compile(core._conv_tile, **kwargs),
-                          "chunk": torch.compile(core._chunk, **kwargs)}
+        core._compiled = {
+            "tile": torch.compile(core._conv_tile, **kwargs),
+            "chunk": torch.compile(core._chunk, **kwargs),
+        }
         return self
 
-    def forward(self, lr_feats: torch.Tensor, image: torch.Tensor,
-                output_size: int | Sequence[int] | None = None) -> torch.Tensor:
+    def forward(
+        self, lr_feats: torch.Tensor, image: torch.Tensor, output_size: int | Sequence[int] | None = None
+    ) -> torch.Tensor:
         if lr_feats.dim() != 4 or image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"expected lr_feats (B,C,h,w) and image (B,3,H,W), got {tuple(lr_feats.shape)} "
-                             f"and {tuple(image.shape)}")
+            raise ValueError(
+                f"expected lr_feats (B,C,h,w) and image (B,3,H,W), got {tuple(lr_feats.shape)} and {tuple(image.shape)}"
+            )
         if lr_feats.shape[1] != self.dim:
             raise ValueError(f"this LoftUp takes {self.dim}-d features, got {lr_feats.shape[1]}")
         if lr_feats.shape[0] != image.shape[0]:
@@ -605,8 +697,12 @@ class LoftUp(nn.Module):
                 image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=False)
         image = image.to(lr_feats.dtype)
         device = lr_feats.device
-        if (not self.training and self.autocast is not None and device.type != "cpu"
-                and not torch.is_autocast_enabled(device.type)):
+        if (
+            not self.training
+            and self.autocast is not None
+            and device.type != "cpu"
+            and not torch.is_autocast_enabled(device.type)
+        ):
             with torch.autocast(device.type, dtype=self.autocast):
                 return self._forward(lr_feats, image).to(lr_feats.dtype)
         return self._forward(lr_feats, image)
@@ -616,8 +712,7 @@ class LoftUp(nn.Module):
         plan = None
         # The bounded path keeps no autograd graph: inputs that want gradients go dense.
         if not (torch.is_grad_enabled() and (lr_feats.requires_grad or image.requires_grad)):
-            plan = self.plan(*image.shape[-2:], batch=image.shape[0],
-                             lr_tokens=lr_feats.shape[-2] * lr_feats.shape[-1])
+            plan = self.plan(*image.shape[-2:], batch=image.shape[0], lr_tokens=lr_feats.shape[-2] * lr_feats.shape[-1])
         if plan is None:
             return self.upsampler(lr, image)
         return self.upsampler.forward_bounded(lr, image, *plan)

@@ -53,8 +53,10 @@ class TrainProgress:
         with self.lock:
             step, loss = self.step, self.loss
         now = window_rate(step)
-        return (f"{self.title}: step {step}/{self.total}, {now:.3f} step/s now, {self.rate():.3f} step/s overall, "
-                f"loss {loss:.4f}, elapsed {_eta(elapsed)}, ETA {self._eta(now or self.rate())}")
+        return (
+            f"{self.title}: step {step}/{self.total}, {now:.3f} step/s now, {self.rate():.3f} step/s overall, "
+            f"loss {loss:.4f}, elapsed {_eta(elapsed)}, ETA {self._eta(now or self.rate())}"
+        )
 
     def update(self, step: int, loss: float) -> None:
         if not self.enabled:
@@ -63,8 +65,9 @@ class TrainProgress:
             self.step, self.loss = step, float(loss)
         if self.live:
             rate = self.rate()
-            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:5.2f} step/s",
-                                 eta=self._eta(rate))
+            self.progress.update(
+                self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:5.2f} step/s", eta=self._eta(rate)
+            )
 
     def close(self) -> None:
         if not self.enabled:

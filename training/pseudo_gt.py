@@ -46,10 +46,7 @@ def _check_inputs(features, masks, valid):
         raise ValueError(f"features must be (B,C,H,W), got {tuple(features.shape)}")
     b, _, h, w = features.shape
     if masks.dim() != 4 or masks.shape[0] != b or tuple(masks.shape[2:]) != (h, w):
-        raise ValueError(
-            f"masks must be (B,M,H,W) = ({b},M,{h},{w}) matching the features, "
-            f"got {tuple(masks.shape)}"
-        )
+        raise ValueError(f"masks must be (B,M,H,W) = ({b},M,{h},{w}) matching the features, got {tuple(masks.shape)}")
     n_masks = masks.shape[1]
     if valid is None:
         valid = torch.ones(b, n_masks, dtype=torch.bool, device=masks.device)
@@ -135,9 +132,7 @@ def _region_ids(masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def _refine_regions(
-    features: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, alpha: float
-) -> torch.Tensor:
+def _refine_regions(features: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
     """Exact Eq. 1 through the regions of the mask arrangement.
 
     Pixels of one region (same image, same set of masks) receive the same affine updates:
@@ -274,9 +269,7 @@ def _decoder():
     return decode
 
 
-def masks_from_rles(
-    rles: Sequence[Sequence[dict]], size, max_masks: int = 150
-) -> tuple[torch.Tensor, torch.Tensor]:
+def masks_from_rles(rles: Sequence[Sequence[dict]], size, max_masks: int = 150) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode per-image lists of COCO RLEs into padded (B,M,H,W) bool masks and (B,M) valid.
 
     Annotation order is kept and at most `max_masks` masks per image are used; M is the
@@ -294,10 +287,7 @@ def masks_from_rles(
             continue
         for rle in image_rles:
             if tuple(int(v) for v in rle["size"]) != (height, width):
-                raise ValueError(
-                    f"RLE of size {list(rle['size'])} given where masks of {height}x{width} "
-                    "are expected"
-                )
+                raise ValueError(f"RLE of size {list(rle['size'])} given where masks of {height}x{width} are expected")
         decoded = decode(image_rles)
         masks[b, : len(image_rles)] = torch.from_numpy(np.ascontiguousarray(decoded))
         valid[b, : len(image_rles)] = True

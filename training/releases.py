@@ -31,15 +31,18 @@ class Release:
         return f"loftup_{self.name}"
 
 
-RELEASES: dict[str, Release] = {r.name: r for r in (
-    Release("dinov2s", "dinov2_vits14", 384, "haiwen/loftup-dinov2s"),
-    Release("dinov2s_reg", "dinov2_vits14_reg", 384, "haiwen/loftup-dinov2s_reg"),
-    Release("dinov2b", "dinov2_vitb14", 768, "haiwen/loftup-dinov2b"),
-    Release("dinov2b_reg", "dinov2_vitb14_reg", 768, "haiwen/loftup-dinov2b_reg"),
-    Release("clip", "clip_vitb16", 512, "haiwen/loftup-clip"),
-    Release("siglip", "siglip_vitb16", 768, "haiwen/loftup-siglip"),
-    Release("siglip2", "siglip2_vitb16", 768, "haiwen/loftup-siglip2"),
-)}
+RELEASES: dict[str, Release] = {
+    r.name: r
+    for r in (
+        Release("dinov2s", "dinov2_vits14", 384, "haiwen/loftup-dinov2s"),
+        Release("dinov2s_reg", "dinov2_vits14_reg", 384, "haiwen/loftup-dinov2s_reg"),
+        Release("dinov2b", "dinov2_vitb14", 768, "haiwen/loftup-dinov2b"),
+        Release("dinov2b_reg", "dinov2_vitb14_reg", 768, "haiwen/loftup-dinov2b_reg"),
+        Release("clip", "clip_vitb16", 512, "haiwen/loftup-clip"),
+        Release("siglip", "siglip_vitb16", 768, "haiwen/loftup-siglip"),
+        Release("siglip2", "siglip2_vitb16", 768, "haiwen/loftup-siglip2"),
+    )
+}
 
 
 def find_release(spec: str) -> Release | None:
@@ -65,7 +68,8 @@ def release_file(release: Release) -> Path:
         raise WeightsError(
             f"{release.repo_id}/{release.filename} is not in the local HF cache: on a machine with network run "
             f"`huggingface-cli download {release.repo_id} {release.filename}` (same HF_HUB_CACHE), "
-            f"or download it and pass its path")
+            f"or download it and pass its path"
+        )
     return hit
 
 

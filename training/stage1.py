@@ -29,10 +29,24 @@ from loftup.training.loop import option
 from loftup.training.target_space import layer_norm_target
 
 RECIPES = {
-    "released": dict(tv_weight=0.001, recon_weight=1.0, recon_jitters=4, recon_uncertainty=True, proj_unit=True,
-                     grad_clip=1e-4, clip_steps=10),
-    "paper": dict(tv_weight=0.0, recon_weight=0.0, recon_jitters=4, recon_uncertainty=False, proj_unit=False,
-                  grad_clip=0.0, clip_steps=0),
+    "released": dict(
+        tv_weight=0.001,
+        recon_weight=1.0,
+        recon_jitters=4,
+        recon_uncertainty=True,
+        proj_unit=True,
+        grad_clip=1e-4,
+        clip_steps=10,
+    ),
+    "paper": dict(
+        tv_weight=0.0,
+        recon_weight=0.0,
+        recon_jitters=4,
+        recon_uncertainty=False,
+        proj_unit=False,
+        grad_clip=0.0,
+        clip_steps=0,
+    ),
 }
 TARGETS = ("mask-bicubic", "bicubic", "implicit")
 
@@ -42,13 +56,18 @@ class Stage1Config(loop.TrainConfig):
     res: int = option(224, help="Backbone input size of the stored features.")
     geometry: int = option(224, help="Stored image/mask geometry to read.")
     size: int = option(224, help="Prediction and pseudo-GT size (56 or 112 for cheap CPU runs).")
-    target: str = option("mask-bicubic", help="Pseudo-GT: mask-bicubic (Eq. 1), bicubic (no masks) or implicit (the stored "
-                                            "per-image-optimised maps of `loftup-pipeline implicit`).")
+    target: str = option(
+        "mask-bicubic",
+        help="Pseudo-GT: mask-bicubic (Eq. 1), bicubic (no masks) or implicit (the stored "
+        "per-image-optimised maps of `loftup-pipeline implicit`).",
+    )
     alpha: float = option(0.8, help="Mask refinement strength (Eq. 1).")
     pca_dim: int | None = option(None, help="Upsample a PCA of the features with this many channels (CPU runs).")
     lr: float = option(1e-4, help="NAdam learning rate.")
     weight_decay: float = option(0.0, help="NAdam weight decay (released: 0).")
-    bn_recalibrate: int = option(0, help="Recompute BatchNorm statistics of the exported weights over N batches (0 = off).")
+    bn_recalibrate: int = option(
+        0, help="Recompute BatchNorm statistics of the exported weights over N batches (0 = off)."
+    )
     model: dict = option(factory=dict, help="Extra LoftUp constructor arguments.", cli=False)
 
 
@@ -92,8 +111,16 @@ class Stage1:
 
             self.implicit = ImplicitTargets(store, cfg.backbone, cfg.res, d.device)
             self.index = restrict_index(self.index, self.implicit)
-        self.dataset = Stage1Dataset(store.url, self.index, cfg.backbone, cfg.res, geometry=cfg.geometry, size=cfg.size,
-                                     max_masks=cfg.max_masks, full_image=cfg.recon_weight > 0)
+        self.dataset = Stage1Dataset(
+            store.url,
+            self.index,
+            cfg.backbone,
+            cfg.res,
+            geometry=cfg.geometry,
+            size=cfg.size,
+            max_masks=cfg.max_masks,
+            full_image=cfg.recon_weight > 0,
+        )
         self.steps_per_epoch = (len(self.index) // d.world) // self.per_rank
         if self.steps_per_epoch == 0:
             raise LoftupError(f"{len(self.index)} images are fewer than one global batch of {cfg.batch_size}")
@@ -108,11 +135,15 @@ class Stage1:
         if cfg.recon_weight:
             from loftup.pipeline.backbones import create_backbone
 
-            self.backbone = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=d.device)
+            self.backbone = create_backbone(
+                cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=d.device
+            )
             self.backbone.requires_grad_(False)
             h = int(fs.get(int(self.index.image_ids[0])).shape[-2])  # the backbone's grid at res
             if cfg.size < h:
-                raise LoftupError(f"--size {cfg.size} is below the feature grid {h}: nothing to downsample for the reconstruction")
+                raise LoftupError(
+                    f"--size {cfg.size} is below the feature grid {h}: nothing to downsample for the reconstruction"
+                )
             self.aux["downsampler"] = AttentionDownsampler(dim, max(1, round(cfg.size / h)))
             if cfg.recon_uncertainty:
                 self.aux["scale_net"] = ScaleNet(dim)
@@ -130,12 +161,20 @@ class Stage1:
 
         cfg, d = self.cfg, self.d
         sampler = ShardAwareSampler(self.index, seed=cfg.seed, epoch=epoch, rank=d.rank, world=d.world, start=offset)
-        return DataLoader(self.dataset, batch_size=self.per_rank, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
-                          drop_last=True, pin_memory=d.device.type == "cuda", persistent_workers=False,
-                          prefetch_factor=4 if cfg.workers else None,
-                          # its own seed stream: starting a loader must not draw from the global RNG,
-                          # or a resumed run's dropout draws would shift
-                          generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        return DataLoader(
+            self.dataset,
+            batch_size=self.per_rank,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=d.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if cfg.workers else None,
+            # its own seed stream: starting a loader must not draw from the global RNG,
+            # or a resumed run's dropout draws would shift
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+        )
 
     def batches(self, epoch: int, offset: int, step: int):
         return iter(self.loader(epoch, offset))
@@ -158,8 +197,15 @@ class Stage1:
     def step(self, batch, step: int) -> dict[str, torch.Tensor]:
         from loftup.pipeline.devices import autocast
         from loftup.training.data import batch_masks
-        from loftup.training.losses import (apply_jitter, draw_jitter, project, projected_mse, random_projection,
-                                            reconstruction_loss, total_variation)
+        from loftup.training.losses import (
+            apply_jitter,
+            draw_jitter,
+            project,
+            projected_mse,
+            random_projection,
+            reconstruction_loss,
+            total_variation,
+        )
 
         cfg = self.cfg
         feats, image = self.inputs(batch)
@@ -183,7 +229,9 @@ class Stage1:
         if cfg.recon_weight:
             full = batch["image_full"].to(self.d.device).float().div_(255)
             if full.shape[-1] != cfg.res:
-                full = F.interpolate(full, size=(cfg.res, cfg.res), mode="bilinear", antialias=True, align_corners=False)
+                full = F.interpolate(
+                    full, size=(cfg.res, cfg.res), mode="bilinear", antialias=True, align_corners=False
+                )
             recon = 0.0
             for i in range(cfg.recon_jitters):
                 jit = draw_jitter(gen, cfg.max_pad, cfg.max_zoom)
@@ -197,7 +245,9 @@ class Stage1:
                 recon = recon + reconstruction_loss(down, lr_jit, proj, scales) / cfg.recon_jitters
             terms["recon"] = cfg.recon_weight * recon
         elif cfg.tv_weight:
-            terms["tv"] = cfg.tv_weight * total_variation(project(pred, fresh_projection()).square().sum(1, keepdim=True))
+            terms["tv"] = cfg.tv_weight * total_variation(
+                project(pred, fresh_projection()).square().sum(1, keepdim=True)
+            )
         terms["mse"] = projected_mse(pred, target, fresh_projection())
         return terms
 
@@ -206,7 +256,11 @@ class Stage1:
 
     # -- state and export ------------------------------------------------------------------
     def state(self) -> dict:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "aux": self.aux.state_dict()}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "aux": self.aux.state_dict(),
+        }
         if self.projection is not None:
             state["projection"] = self.projection.state_dict()
         return state
@@ -228,8 +282,9 @@ class Stage1:
         if cfg.bn_recalibrate:
             # On a copy: last.pt keeps the training state, so a resumed run stays exact.
             out = copy.deepcopy(self.model)
-            n = recalibrate_batchnorm(out, (self.inputs(b) for b in self.loader(0, 0)), cfg.bn_recalibrate,
-                                      (cfg.size, cfg.size))
+            n = recalibrate_batchnorm(
+                out, (self.inputs(b) for b in self.loader(0, 0)), cfg.bn_recalibrate, (cfg.size, cfg.size)
+            )
             run.log({"step": step, "bn_recalibrated_batches": n})
             if d.enabled:
                 distributed.broadcast_buffers(out)
@@ -237,9 +292,22 @@ class Stage1:
             distributed.write_weights_digest(out, run.path, d)
         path = run.path / "stage1.safetensors"
         if d.master:
-            save_model(out, path, projection=self.projection,
-                       extra={"stage": 1, "backbone": cfg.backbone, "res": cfg.res, "size": cfg.size, "alpha": cfg.alpha,
-                              "target": cfg.target, "recipe": cfg.recipe, "steps": step, "bn_recalibrate": cfg.bn_recalibrate})
+            save_model(
+                out,
+                path,
+                projection=self.projection,
+                extra={
+                    "stage": 1,
+                    "backbone": cfg.backbone,
+                    "res": cfg.res,
+                    "size": cfg.size,
+                    "alpha": cfg.alpha,
+                    "target": cfg.target,
+                    "recipe": cfg.recipe,
+                    "steps": step,
+                    "bn_recalibrate": cfg.bn_recalibrate,
+                },
+            )
         return str(path)
 
 

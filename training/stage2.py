@@ -31,10 +31,30 @@ from loftup.training.data import normalise_float
 from loftup.training.loop import option
 
 RECIPES = {
-    "released": dict(tv_weight=0.05, recon_weight=1.0, recon_jitters=2, recon_uncertainty=True, proj_unit=True,
-                     grad_clip=1e-4, clip_steps=10, weight_decay=0.01, ema_warmup=True, teacher_train=True),
-    "paper": dict(tv_weight=0.0, recon_weight=0.0, recon_jitters=2, recon_uncertainty=False, proj_unit=False,
-                  grad_clip=0.0, clip_steps=0, weight_decay=0.0, ema_warmup=False, teacher_train=False),
+    "released": dict(
+        tv_weight=0.05,
+        recon_weight=1.0,
+        recon_jitters=2,
+        recon_uncertainty=True,
+        proj_unit=True,
+        grad_clip=1e-4,
+        clip_steps=10,
+        weight_decay=0.01,
+        ema_warmup=True,
+        teacher_train=True,
+    ),
+    "paper": dict(
+        tv_weight=0.0,
+        recon_weight=0.0,
+        recon_jitters=2,
+        recon_uncertainty=False,
+        proj_unit=False,
+        grad_clip=0.0,
+        clip_steps=0,
+        weight_decay=0.0,
+        ema_warmup=False,
+        teacher_train=False,
+    ),
 }
 
 
@@ -43,14 +63,17 @@ class Stage2Config(loop.TrainConfig):
     init: str = option(help="Stage 1 checkpoint (RUN_DIR/stage1.safetensors).")
     geometry: int = option(896, help="Stored HR geometry to read.")
     hr: int | None = option(None, help="Resize the HR image to this size (cheaper CPU runs); default: the geometry.")
-    sizes: list[int] = option(factory=lambda: [224, 336, 448, 518], help="Student input sizes s (multiples of the patch size).",
-                              parse="ints")
+    sizes: list[int] = option(
+        factory=lambda: [224, 336, 448, 518], help="Student input sizes s (multiples of the patch size).", parse="ints"
+    )
     crops: int = option(2, help="Teacher crops per image.")
     alpha: float = option(0.5, help="Mask refinement of the teacher output.")
     ema_decay: float = option(0.99, help="EMA decay of the teacher (the cap of the warm-up).")
     ema_every: int = option(10, help="Update the teacher every N steps.")
     ema_warmup: bool | None = option(None, help="Warm the EMA decay up as 1 - (1 + k)^(-2/3) (ema-pytorch; released).")
-    teacher_train: bool | None = option(None, help="Run the teacher in train mode (BatchNorm on the crop batch; released).")
+    teacher_train: bool | None = option(
+        None, help="Run the teacher in train mode (BatchNorm on the crop batch; released)."
+    )
     border: float = option(0.1, help="Border fraction dropped by the affinity loss.")
     affinity_weight: float = option(20.0, help="Weight of the affinity loss.")
     lr: float = option(1e-3, help="AdamW learning rate.")
@@ -86,9 +109,7 @@ def teacher_targets(teacher_out: torch.Tensor, crops: list, n: int) -> torch.Ten
 
 def student_regions(student_out: torch.Tensor, crops: list, per_image: int, n: int) -> torch.Tensor:
     """The n x n student pixels each crop covers, stacked in crop order (K,C,n,n)."""
-    return torch.stack(
-        [student_out[k // per_image, :, c.r0 : c.r0 + n, c.c0 : c.c0 + n] for k, c in enumerate(crops)]
-    )
+    return torch.stack([student_out[k // per_image, :, c.r0 : c.r0 + n, c.c0 : c.c0 + n] for k, c in enumerate(crops)])
 
 
 def load_init(path: str, backbone: str):
@@ -150,13 +171,16 @@ class Stage2:
         self.hr = cfg.hr or cfg.geometry
         if max(cfg.sizes) > self.hr:
             raise LoftupError(f"student sizes {cfg.sizes} must not exceed the HR size {self.hr}")
-        self.dataset = Stage2Dataset(store.url, self.index, geometry=cfg.geometry, hr=self.hr, crops=cfg.crops,
-                                     max_masks=cfg.max_masks)
+        self.dataset = Stage2Dataset(
+            store.url, self.index, geometry=cfg.geometry, hr=self.hr, crops=cfg.crops, max_masks=cfg.max_masks
+        )
         self.steps_per_epoch = (len(self.index) // d.world) // self.per_rank
         if self.steps_per_epoch == 0:
             raise LoftupError(f"{len(self.index)} images are fewer than one global batch of {cfg.batch_size}")
         self.info = {"images": len(self.index)}
-        self.timings = dict.fromkeys(("data", "vfm_student", "vfm_crops", "teacher", "student", "loss", "backward"), 0.0)
+        self.timings = dict.fromkeys(
+            ("data", "vfm_student", "vfm_crops", "teacher", "student", "loss", "backward"), 0.0
+        )
 
     def batches(self, epoch: int, offset: int, step: int):
         from torch.utils.data import DataLoader
@@ -166,11 +190,17 @@ class Stage2:
         cfg, d = self.cfg, self.d
         sampler = ShardAwareSampler(self.index, seed=cfg.seed, epoch=epoch, rank=d.rank, world=d.world, start=offset)
         batches = Stage2BatchSampler(sampler, self.per_rank, cfg.sizes, seed=cfg.seed * 1009 + d.rank, first_step=step)
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_stage2,
-                            pin_memory=d.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
-                            # its own seed stream: starting a loader must not draw from the global RNG,
-                            # or a resumed run's dropout draws would shift
-                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=cfg.workers,
+            collate_fn=collate_stage2,
+            pin_memory=d.device.type == "cuda",
+            prefetch_factor=4 if cfg.workers else None,
+            # its own seed stream: starting a loader must not draw from the global RNG,
+            # or a resumed run's dropout draws would shift
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+        )
         return self._timed(iter(loader))
 
     def _timed(self, it):
@@ -198,8 +228,14 @@ class Stage2:
     def step(self, batch, step: int) -> dict[str, torch.Tensor]:
         from loftup.pipeline.devices import autocast
         from loftup.training.data import batch_masks
-        from loftup.training.losses import (affinity_loss, apply_jitter, draw_jitter, random_projection,
-                                            reconstruction_loss, total_variation)
+        from loftup.training.losses import (
+            affinity_loss,
+            apply_jitter,
+            draw_jitter,
+            random_projection,
+            reconstruction_loss,
+            total_variation,
+        )
         from loftup.training.pseudo_gt import mask_refine
         from loftup.training.stage1 import layer_norm_target
 
@@ -209,7 +245,9 @@ class Stage2:
         hr_img = batch["image"].to(dev, non_blocking=True).float().div_(255)
         lr_student = self.lowres(hr_img, size=s)
         t1 = time.perf_counter()
-        crop_imgs = torch.stack([hr_img[k // cfg.crops, :, c.top : c.top + s, c.left : c.left + s] for k, c in enumerate(crops)])
+        crop_imgs = torch.stack(
+            [hr_img[k // cfg.crops, :, c.top : c.top + s, c.left : c.left + s] for k, c in enumerate(crops)]
+        )
         lr_crops = self.lowres(crop_imgs)
         t2 = time.perf_counter()
         with torch.no_grad(), autocast(dev):
@@ -234,14 +272,22 @@ class Stage2:
                 jit = draw_jitter(gen, cfg.max_pad, cfg.max_zoom)
                 lr_jit = layer_norm_target(self.lowres(apply_jitter(img_s, jit, s)))
                 hr_jit = apply_jitter(s_out, jit, s)
-                proj = random_projection(s_out.shape[0], s_out.shape[1], min(cfg.proj_dim, s_out.shape[1]), generator=gen,
-                                         unit=cfg.proj_unit, device=dev)
+                proj = random_projection(
+                    s_out.shape[0],
+                    s_out.shape[1],
+                    min(cfg.proj_dim, s_out.shape[1]),
+                    generator=gen,
+                    unit=cfg.proj_unit,
+                    device=dev,
+                )
                 down = self.aux["downsampler"](hr_jit, lr_jit.shape[-2:])
                 scales = self.aux["scale_net"](lr_jit) if "scale_net" in self.aux else None
                 recon = recon + reconstruction_loss(down, lr_jit, proj, scales) / cfg.recon_jitters
             terms["recon"] = cfg.recon_weight * recon
         t5 = time.perf_counter()
-        for k, v in zip(("vfm_student", "vfm_crops", "teacher", "student", "loss"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        for k, v in zip(
+            ("vfm_student", "vfm_crops", "teacher", "student", "loss"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+        ):
             tm[k] += v
         self._t_backward = t5
         return terms
@@ -265,8 +311,12 @@ class Stage2:
 
     # -- state and export ------------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "aux": self.aux.state_dict()}
+        return {
+            "model": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "aux": self.aux.state_dict(),
+        }
 
     def load_state(self, state: dict) -> None:
         self.student.load_state_dict(state["model"])
@@ -285,8 +335,14 @@ class Stage2:
         self.info["timings"] = dict(self.timings)
         path = run.path / "stage2.safetensors"
         if d.master:
-            extra = {"stage": 2, "backbone": cfg.backbone, "steps": step, "sizes": cfg.sizes, "alpha": cfg.alpha,
-                     "recipe": cfg.recipe}
+            extra = {
+                "stage": 2,
+                "backbone": cfg.backbone,
+                "steps": step,
+                "sizes": cfg.sizes,
+                "alpha": cfg.alpha,
+                "recipe": cfg.recipe,
+            }
             save_model(self.student, path, extra=extra, projection=self.projection)
             save_model(self.teacher, run.path / "stage2_teacher.safetensors", extra=extra, projection=self.projection)
         return str(path)

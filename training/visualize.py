@@ -50,8 +50,8 @@ def _project(fmap: np.ndarray, mean: np.ndarray, axes: np.ndarray) -> np.ndarray
     offset = axes @ mean
     rows = max(1, _BLOCK_ELEMENTS // (c * w))
     for r0 in range(0, h, rows):
-        block = fmap[:, r0:r0 + rows].astype(np.float64).reshape(c, -1)
-        out[r0:r0 + rows] = ((axes @ block).T - offset).reshape(-1, w, 3)
+        block = fmap[:, r0 : r0 + rows].astype(np.float64).reshape(c, -1)
+        out[r0 : r0 + rows] = ((axes @ block).T - offset).reshape(-1, w, 3)
     return out
 
 
@@ -100,21 +100,23 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def save_panels(panels: Sequence, titles: Sequence[str] | None, path, height: int | None = None,
-                gap: int = 6) -> Path:
+def save_panels(panels: Sequence, titles: Sequence[str] | None, path, height: int | None = None, gap: int = 6) -> Path:
     """Write ``panels`` (HxWx3 uint8 arrays or PIL images) side by side with a title above
     each to one PNG at ``path``. Panels are scaled (nearest) to a common ``height``
     (default: the tallest panel). Returns the path."""
-    images = [p.convert("RGB") if isinstance(p, Image.Image) else Image.fromarray(np.asarray(p, np.uint8))
-              for p in panels]
+    images = [
+        p.convert("RGB") if isinstance(p, Image.Image) else Image.fromarray(np.asarray(p, np.uint8)) for p in panels
+    ]
     if not images:
         raise ValueError("no panels to save")
     titles = list(titles) if titles is not None else [""] * len(images)
     if len(titles) != len(images):
         raise ValueError(f"{len(images)} panels but {len(titles)} titles")
     target = height or max(im.height for im in images)
-    images = [im if im.height == target else
-              im.resize((max(1, round(im.width * target / im.height)), target), Image.NEAREST) for im in images]
+    images = [
+        im if im.height == target else im.resize((max(1, round(im.width * target / im.height)), target), Image.NEAREST)
+        for im in images
+    ]
     font_size = max(12, min(32, target // 16))
     font = _font(font_size)
     bar = font_size + 2 * gap if any(titles) else 0
@@ -140,11 +142,14 @@ def palette(n: int) -> np.ndarray:
     i = np.floor(hues * 6).astype(int) % 6
     f = hues * 6 - np.floor(hues * 6)
     p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
-    table = np.stack([
-        np.select([i == 0, i == 1, i == 2, i == 3, i == 4, i == 5], [val, q, p, p, t, val]),
-        np.select([i == 0, i == 1, i == 2, i == 3, i == 4, i == 5], [t, val, val, q, p, p]),
-        np.select([i == 0, i == 1, i == 2, i == 3, i == 4, i == 5], [p, p, t, val, val, q]),
-    ], 1)
+    table = np.stack(
+        [
+            np.select([i == 0, i == 1, i == 2, i == 3, i == 4, i == 5], [val, q, p, p, t, val]),
+            np.select([i == 0, i == 1, i == 2, i == 3, i == 4, i == 5], [t, val, val, q, p, p]),
+            np.select([i == 0, i == 1, i == 2, i == 3, i == 4, i == 5], [p, p, t, val, val, q]),
+        ],
+        1,
+    )
     return (table * 255 + 0.5).astype(np.uint8)
 
 

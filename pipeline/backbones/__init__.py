@@ -13,11 +13,24 @@ and knows where each publisher's file goes (``KNOWN_WEIGHTS``); nothing is downl
 :class:`~loftup.storage.errors.WeightsError` with one line saying what to do.
 """
 
-from loftup.pipeline.backbones.registry import (DEFAULT_BACKBONE, IMAGENET_MEAN, IMAGENET_STD, Backbone,
-                                                BackboneSpec, backbone_info, create_backbone, list_backbones,
-                                                register_backbone)
-from loftup.pipeline.backbones.weights import (KNOWN_WEIGHTS, find_cached, load_state_dict_strict, read_state_dict,
-                                               unwrap_state_dict)
+from loftup.pipeline.backbones.registry import (
+    DEFAULT_BACKBONE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneSpec,
+    backbone_info,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
+from loftup.pipeline.backbones.weights import (
+    KNOWN_WEIGHTS,
+    find_cached,
+    load_state_dict_strict,
+    read_state_dict,
+    unwrap_state_dict,
+)
 from loftup.pipeline.backbones.dinov2 import DinoV2  # noqa: E402  (registers on import)
 from loftup.pipeline.backbones.hed_vgg16 import HedVGG16, hed_weights_path  # noqa: E402
 from loftup.pipeline.backbones.clip import MaskClip  # noqa: E402
@@ -25,7 +38,24 @@ from loftup.pipeline.backbones.siglip import SigLip  # noqa: E402
 from loftup.pipeline.backbones.dinov3 import DinoV3  # noqa: E402
 
 __all__ = [
-    "Backbone", "BackboneSpec", "DEFAULT_BACKBONE", "DinoV2", "DinoV3", "HedVGG16", "IMAGENET_MEAN", "IMAGENET_STD",
-    "KNOWN_WEIGHTS", "MaskClip", "SigLip", "backbone_info", "create_backbone", "find_cached", "hed_weights_path",
-    "list_backbones", "load_state_dict_strict", "read_state_dict", "register_backbone", "unwrap_state_dict",
+    "Backbone",
+    "BackboneSpec",
+    "DEFAULT_BACKBONE",
+    "DinoV2",
+    "DinoV3",
+    "HedVGG16",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "KNOWN_WEIGHTS",
+    "MaskClip",
+    "SigLip",
+    "backbone_info",
+    "create_backbone",
+    "find_cached",
+    "hed_weights_path",
+    "list_backbones",
+    "load_state_dict_strict",
+    "read_state_dict",
+    "register_backbone",
+    "unwrap_state_dict",
 ]

@@ -19,8 +19,15 @@ import torch.nn.functional as F
 
 from loftup.pipeline.backbones.dinov2 import bind_pos_interp
 from loftup.pipeline.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone
-from loftup.pipeline.backbones.weights import (KNOWN_WEIGHTS, first_line, load_state_dict_strict, read_state_dict,
-                                               resolve_weights, unwrap_state_dict, weights_record)
+from loftup.pipeline.backbones.weights import (
+    KNOWN_WEIGHTS,
+    first_line,
+    load_state_dict_strict,
+    read_state_dict,
+    resolve_weights,
+    unwrap_state_dict,
+    weights_record,
+)
 from loftup.storage.errors import LoftupError, WeightsError
 
 __all__ = ["MaskClip"]
@@ -36,8 +43,14 @@ _INPUT_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, C
 class MaskClip(Backbone):
     """OpenAI CLIP ViT-B/16 image tower -> MaskCLIP patch embeddings (B, 512, H/16, W/16)."""
 
-    def __init__(self, spec: BackboneSpec, vit: nn.Module, weights: dict, pos_interp: str = "official",
-                 input_norm: str = "imagenet"):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        vit: nn.Module,
+        weights: dict,
+        pos_interp: str = "official",
+        input_norm: str = "imagenet",
+    ):
         if input_norm not in _INPUT_NORMS:
             raise LoftupError(f"input_norm must be one of {', '.join(_INPUT_NORMS)}, got {input_norm!r}")
         bind_pos_interp(vit, pos_interp)
@@ -54,8 +67,8 @@ class MaskClip(Backbone):
             t = block(t)
         last = vit.blocks[-1]
         d = t.shape[-1]
-        v = F.linear(last.norm1(t), last.attn.qkv.weight[2 * d:], last.attn.qkv.bias[2 * d:])
-        v = last.attn.proj(v)[:, vit.num_prefix_tokens:]
+        v = F.linear(last.norm1(t), last.attn.qkv.weight[2 * d :], last.attn.qkv.bias[2 * d :])
+        v = last.attn.proj(v)[:, vit.num_prefix_tokens :]
         out = vit.head(vit.norm(v))  # head = CLIP's proj (no bias)
         return out.reshape(b, h // self.patch, w // self.patch, -1).permute(0, 3, 1, 2)
 
@@ -84,11 +97,11 @@ def _load_clip_file(vit: nn.Module, path: Path, name: str) -> None:
     patch=16,
     dim=512,
     normalisation="RGB in [0,1], (x - ImageNet mean) / ImageNet std as the authors' CLIP featurizer "
-                  "(input_norm='clip': OpenAI CLIP mean/std)",
+    "(input_norm='clip': OpenAI CLIP mean/std)",
     tokens="MaskCLIP: last block's value path (ln_1, v-projection, out-projection; no attention, no residual), "
-           "cls dropped, ln_post, @ proj -> 512-d; position grid resized as the official DINOv2",
+    "cls dropped, ln_post, @ proj -> 512-d; position grid resized as the official DINOv2",
     weights_hint=f"{KNOWN_WEIGHTS['clip_vitb16'].file} ({KNOWN_WEIGHTS['clip_vitb16'].publisher}) at "
-                 f"{KNOWN_WEIGHTS['clip_vitb16'].where()}, or timm/vit_base_patch16_clip_224.openai in the HF cache",
+    f"{KNOWN_WEIGHTS['clip_vitb16'].where()}, or timm/vit_base_patch16_clip_224.openai in the HF cache",
 )
 def _clip_builder(spec, weights=None, random_init=False, pos_interp="official", input_norm="imagenet"):
     import timm

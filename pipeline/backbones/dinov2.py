@@ -10,8 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loftup.pipeline.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone
-from loftup.pipeline.backbones.weights import (KNOWN_WEIGHTS, first_line, load_state_dict_strict, read_state_dict,
-                                               resolve_weights, unwrap_state_dict, weights_record)
+from loftup.pipeline.backbones.weights import (
+    KNOWN_WEIGHTS,
+    first_line,
+    load_state_dict_strict,
+    read_state_dict,
+    resolve_weights,
+    unwrap_state_dict,
+    weights_record,
+)
 from loftup.storage.errors import LoftupError, WeightsError
 
 __all__ = ["DinoV2", "official_pos_embed"]
@@ -76,15 +83,19 @@ class DinoV2(Backbone):
 
     def __init__(self, spec: BackboneSpec, vit: nn.Module, weights: dict, pos_interp: str = "dinov2"):
         bind_pos_interp(vit, pos_interp)
-        extra = {"timm_model": vit.default_cfg.get("architecture", ""), "native_size": _NATIVE_SIZE,
-                 "num_prefix_tokens": int(vit.num_prefix_tokens), "pos_interp": pos_interp}
+        extra = {
+            "timm_model": vit.default_cfg.get("architecture", ""),
+            "native_size": _NATIVE_SIZE,
+            "num_prefix_tokens": int(vit.num_prefix_tokens),
+            "pos_interp": pos_interp,
+        }
         super().__init__(spec, IMAGENET_MEAN, IMAGENET_STD, weights, extra)
         self.vit = vit
         self.pos_interp = pos_interp
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]
         return tokens.reshape(b, h // self.patch, w // self.patch, -1).permute(0, 3, 1, 2)
 
 
@@ -126,20 +137,32 @@ def _dinov2_builder(spec, weights=None, random_init=False, pos_interp="dinov2"):
     source, path = resolve_weights(spec.name, weights, random_init)
     # With a file, timm's init (trunc_normal_ over every weight) is wasted work: skip it. Random
     # init keeps it, so random-init DINOv2 features stay what existing stores hold.
-    vit = timm.create_model(_TIMM[spec.name], pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"}))
+    vit = timm.create_model(
+        _TIMM[spec.name], pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"})
+    )
     if path is not None:
         _load_dinov2_file(vit, path, spec)
     return DinoV2(spec, vit, weights_record(source, path), pos_interp)
 
 
 _NORM = "RGB in [0,1], (x - ImageNet mean) / ImageNet std"
-_TOKENS = ("last block output after the final LayerNorm; patch tokens only (cls{reg} dropped), "
-           "reshaped to (C, H/14, W/14); position grid resized as the official DINOv2")
+_TOKENS = (
+    "last block output after the final LayerNorm; patch tokens only (cls{reg} dropped), "
+    "reshaped to (C, H/14, W/14); position grid resized as the official DINOv2"
+)
 
-for _name, _dim in (("dinov2_vits14", 384), ("dinov2_vitb14", 768), ("dinov2_vits14_reg", 384), ("dinov2_vitb14_reg", 768)):
+for _name, _dim in (
+    ("dinov2_vits14", 384),
+    ("dinov2_vitb14", 768),
+    ("dinov2_vits14_reg", 384),
+    ("dinov2_vitb14_reg", 768),
+):
     _loc = KNOWN_WEIGHTS[_name]
     register_backbone(
-        _name, patch=14, dim=_dim, normalisation=_NORM,
+        _name,
+        patch=14,
+        dim=_dim,
+        normalisation=_NORM,
         tokens=_TOKENS.format(reg=" + 4 registers" if _name.endswith("_reg") else ""),
         weights_hint=f"{_loc.file} ({_loc.publisher}) at {_loc.where()}, or timm/{_TIMM[_name]}.lvd142m in the HF cache",
     )(_dinov2_builder)

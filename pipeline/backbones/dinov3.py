@@ -14,28 +14,49 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from loftup.pipeline.backbones.registry import (IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec,
-                                                register_backbone, timm_tokens_to_map)
-from loftup.pipeline.backbones.weights import (KNOWN_WEIGHTS, first_line, load_state_dict_strict, read_state_dict,
-                                               resolve_weights, unwrap_state_dict, weights_record)
+from loftup.pipeline.backbones.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneSpec,
+    register_backbone,
+    timm_tokens_to_map,
+)
+from loftup.pipeline.backbones.weights import (
+    KNOWN_WEIGHTS,
+    first_line,
+    load_state_dict_strict,
+    read_state_dict,
+    resolve_weights,
+    unwrap_state_dict,
+    weights_record,
+)
 from loftup.storage.errors import WeightsError
 
 __all__ = ["DinoV3"]
 
-_TIMM = {"dinov3_vits16": "vit_small_patch16_dinov3", "dinov3_vits16plus": "vit_small_plus_patch16_dinov3",
-         "dinov3_vitb16": "vit_base_patch16_dinov3"}
+_TIMM = {
+    "dinov3_vits16": "vit_small_patch16_dinov3",
+    "dinov3_vits16plus": "vit_small_plus_patch16_dinov3",
+    "dinov3_vitb16": "vit_base_patch16_dinov3",
+}
 
 
 class DinoV3(Backbone):
     def __init__(self, spec: BackboneSpec, vit: nn.Module, weights: dict, timm_name: str):
-        extra = {"timm_model": f"{timm_name}.lvd1689m", "num_prefix_tokens": int(vit.num_prefix_tokens),
-                 "pos_interp": "rope"}
+        extra = {
+            "timm_model": f"{timm_name}.lvd1689m",
+            "num_prefix_tokens": int(vit.num_prefix_tokens),
+            "pos_interp": "rope",
+        }
         super().__init__(spec, IMAGENET_MEAN, IMAGENET_STD, weights, extra)
         self.vit = vit
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        return timm_tokens_to_map(self.vit.forward_features(x), self.vit.num_prefix_tokens, h // self.patch, w // self.patch)
+        return timm_tokens_to_map(
+            self.vit.forward_features(x), self.vit.num_prefix_tokens, h // self.patch, w // self.patch
+        )
 
 
 def _read_dinov3_file(path: Path, name: str) -> tuple[dict, bool]:
@@ -48,7 +69,9 @@ def _read_dinov3_file(path: Path, name: str) -> tuple[dict, bool]:
     if proj is not None and tuple(proj.shape[-2:]) != (16, 16):
         raise WeightsError(f"{path} does not fit {name}: patch embedding {tuple(proj.shape)} is not 16x16")
     if "storage_tokens" not in state and "reg_token" not in state:
-        raise WeightsError(f"{path} does not fit {name}: no register tokens (storage_tokens / reg_token), not a DINOv3 ViT")
+        raise WeightsError(
+            f"{path} does not fit {name}: no register tokens (storage_tokens / reg_token), not a DINOv3 ViT"
+        )
     return state, any(bool(b.abs().max() > 0) for b in biases)
 
 
@@ -81,10 +104,12 @@ def _dinov3_builder(spec, weights=None, random_init=False):
 for _name, _dim in (("dinov3_vits16", 384), ("dinov3_vits16plus", 384), ("dinov3_vitb16", 768)):
     _loc = KNOWN_WEIGHTS[_name]
     register_backbone(
-        _name, patch=16, dim=_dim,
+        _name,
+        patch=16,
+        dim=_dim,
         normalisation="RGB in [0,1], (x - ImageNet mean) / ImageNet std (DINOv3 LVD-1689M)",
         tokens="last block output after the final LayerNorm; patch tokens only (cls + 4 registers dropped), "
-               "reshaped to (C, H/16, W/16); RoPE, so any grid without position resizing",
+        "reshaped to (C, H/16, W/16); RoPE, so any grid without position resizing",
         weights_hint=f"{_loc.file} ({_loc.publisher}) at {_loc.where()}, "
-                     f"or timm/{_TIMM[_name]}.lvd1689m in the HF cache",
+        f"or timm/{_TIMM[_name]}.lvd1689m in the HF cache",
     )(_dinov3_builder)

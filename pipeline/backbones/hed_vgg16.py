@@ -10,15 +10,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loftup.pipeline.backbones.registry import Backbone, BackboneSpec, register_backbone
-from loftup.pipeline.backbones.weights import (first_line, load_state_dict_strict, read_state_dict,
-                                               unwrap_state_dict, weights_record)
+from loftup.pipeline.backbones.weights import (
+    first_line,
+    load_state_dict_strict,
+    read_state_dict,
+    unwrap_state_dict,
+    weights_record,
+)
 from loftup.storage.errors import LoftupError, WeightsError
 
 __all__ = ["HedVGG16", "hed_weights_path"]
 
 _HED_MEAN_BGR = (104.00699, 116.66877, 122.67892)
 # (h5 group, convs in block, input channels, output channels)
-_HED_BLOCKS = (("block1", 2, 3, 64), ("block2", 2, 64, 128), ("block3", 3, 128, 256), ("block4", 3, 256, 512), ("block5", 3, 512, 512))
+_HED_BLOCKS = (
+    ("block1", 2, 3, 64),
+    ("block2", 2, 64, 128),
+    ("block3", 3, 128, 256),
+    ("block4", 3, 256, 512),
+    ("block5", 3, 512, 512),
+)
 
 
 class HedVGG16(Backbone):
@@ -38,8 +49,12 @@ class HedVGG16(Backbone):
         if output_norm not in ("layernorm", "none"):
             raise LoftupError(f"output_norm must be 'layernorm' or 'none', got {output_norm!r}")
         mean_rgb = tuple(v / 255.0 for v in reversed(_HED_MEAN_BGR))
-        extra = {"input": "BGR 0..255 minus Caffe mean (104.007, 116.669, 122.679)", "output_norm": output_norm,
-                 "layer": "conv5_3 + ReLU", "pooling": "2x2 max, ceil mode"}
+        extra = {
+            "input": "BGR 0..255 minus Caffe mean (104.007, 116.669, 122.679)",
+            "output_norm": output_norm,
+            "layer": "conv5_3 + ReLU",
+            "pooling": "2x2 max, ceil mode",
+        }
         super().__init__(spec, mean_rgb, (1 / 255.0,) * 3, weights, extra)
         self.output_norm = output_norm
         self.blocks = nn.ModuleList()
@@ -73,7 +88,9 @@ class HedVGG16(Backbone):
         h, w = images.shape[-2:]
         stages = self._stages(self.normalise(images))
         sides = [
-            F.interpolate(dsn(s), size=(h, w), mode="bilinear", align_corners=False) if s.shape[-2:] != (h, w) else dsn(s)
+            F.interpolate(dsn(s), size=(h, w), mode="bilinear", align_corners=False)
+            if s.shape[-2:] != (h, w)
+            else dsn(s)
             for dsn, s in zip(self.dsn, stages)
         ]
         return torch.sigmoid(self.fuse(torch.cat(sides, dim=1))).float()
@@ -103,7 +120,10 @@ def _hed_state_from_h5(path: Path, model: HedVGG16) -> dict[str, torch.Tensor]:
         except KeyError:
             raise WeightsError(f"{path} does not fit hed_vgg16: no kernel/bias under {name}") from None
         # Keras kernels are (kh, kw, in, out); torch wants (out, in, kh, kw).
-        return {f"{key}.weight": torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()), f"{key}.bias": torch.from_numpy(bias)}
+        return {
+            f"{key}.weight": torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()),
+            f"{key}.bias": torch.from_numpy(bias),
+        }
 
     state: dict[str, torch.Tensor] = {}
     try:

@@ -12,8 +12,17 @@ import torch.nn as nn
 
 from loftup.storage.errors import LoftupError
 
-__all__ = ["Backbone", "BackboneSpec", "DEFAULT_BACKBONE", "IMAGENET_MEAN", "IMAGENET_STD", "backbone_info",
-           "create_backbone", "list_backbones", "register_backbone"]
+__all__ = [
+    "Backbone",
+    "BackboneSpec",
+    "DEFAULT_BACKBONE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "backbone_info",
+    "create_backbone",
+    "list_backbones",
+    "register_backbone",
+]
 
 DEFAULT_BACKBONE = "dinov2_vits14"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,12 +109,16 @@ def create_backbone(
     accepted = set(inspect.signature(spec.builder).parameters) - {"spec", "weights", "random_init"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise LoftupError(f"{name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(accepted)) or 'none'}")
+        raise LoftupError(
+            f"{name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(accepted)) or 'none'}"
+        )
     # Random weights come from a fixed seed: every worker, rerun and test gets the same model,
     # so stored features stay reproducible, without touching the caller's RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = spec.builder(spec, weights=None if weights is None else str(weights), random_init=random_init, **options)
+        model = spec.builder(
+            spec, weights=None if weights is None else str(weights), random_init=random_init, **options
+        )
     from loftup.pipeline.devices import pick_device
 
     model.eval().requires_grad_(False)

@@ -14,8 +14,15 @@ import torch
 import torch.nn as nn
 
 from loftup.pipeline.backbones.registry import Backbone, BackboneSpec, register_backbone, timm_tokens_to_map
-from loftup.pipeline.backbones.weights import (KNOWN_WEIGHTS, first_line, load_state_dict_strict, read_state_dict,
-                                               resolve_weights, unwrap_state_dict, weights_record)
+from loftup.pipeline.backbones.weights import (
+    KNOWN_WEIGHTS,
+    first_line,
+    load_state_dict_strict,
+    read_state_dict,
+    resolve_weights,
+    unwrap_state_dict,
+    weights_record,
+)
 from loftup.storage.errors import WeightsError
 
 __all__ = ["SigLip"]
@@ -32,7 +39,9 @@ class SigLip(Backbone):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        return timm_tokens_to_map(self.vit.forward_features(x), self.vit.num_prefix_tokens, h // self.patch, w // self.patch)
+        return timm_tokens_to_map(
+            self.vit.forward_features(x), self.vit.num_prefix_tokens, h // self.patch, w // self.patch
+        )
 
 
 def _load_siglip_file(vit: nn.Module, path: Path, name: str) -> None:
@@ -40,7 +49,7 @@ def _load_siglip_file(vit: nn.Module, path: Path, name: str) -> None:
 
     state = unwrap_state_dict(read_state_dict(path))
     if any(k.startswith("visual.trunk.") for k in state):  # open_clip: keep the image trunk
-        state = {k[len("visual.trunk."):]: v for k, v in state.items() if k.startswith("visual.trunk.")}
+        state = {k[len("visual.trunk.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
     # The attention-pooling head (and any classifier) is not used for patch features.
     state = {k: v for k, v in state.items() if not k.startswith(("attn_pool.", "head.", "fc_norm."))}
     proj = state.get("patch_embed.proj.weight")
@@ -74,9 +83,11 @@ def _siglip_builder(spec, weights=None, random_init=False):
 for _name, _repo in (("siglip_vitb16", "ViT-B-16-SigLIP"), ("siglip2_vitb16", "ViT-B-16-SigLIP2")):
     _loc = KNOWN_WEIGHTS[_name]
     register_backbone(
-        _name, patch=16, dim=768,
+        _name,
+        patch=16,
+        dim=768,
         normalisation="RGB in [0,1], (x - 0.5) / 0.5 (SigLIP)",
         tokens="trunk forward_features: all tokens after the final LayerNorm (no class token), "
-               "reshaped to (C, H/16, W/16); attention-pool head unused",
+        "reshaped to (C, H/16, W/16); attention-pool head unused",
         weights_hint=f"{_loc.file} of open_clip hf-hub:timm/{_repo} in the HF cache, or timm/{_TIMM}.{_TAGS[_name]}",
     )(_siglip_builder)

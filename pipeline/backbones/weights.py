@@ -18,9 +18,20 @@ import torch.nn as nn
 
 from loftup.storage.errors import WeightsError
 
-__all__ = ["KNOWN_WEIGHTS", "WeightLocation", "first_line", "find_cached", "hf_cached", "load_state_dict_strict",
-           "missing_weights_message", "read_state_dict", "resolve_weights", "sha256_file", "unwrap_state_dict",
-           "weights_record"]
+__all__ = [
+    "KNOWN_WEIGHTS",
+    "WeightLocation",
+    "first_line",
+    "find_cached",
+    "hf_cached",
+    "load_state_dict_strict",
+    "missing_weights_message",
+    "read_state_dict",
+    "resolve_weights",
+    "sha256_file",
+    "unwrap_state_dict",
+    "weights_record",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,20 +60,29 @@ class WeightLocation:
 
 def _dinov2(file: str, timm_name: str) -> WeightLocation:
     repo = f"timm/{timm_name}.lvd142m"
-    return WeightLocation(file, "the DINOv2 release", torch_hub=file,
-                          hf=((repo, "model.safetensors"), (repo, "pytorch_model.bin")))
+    return WeightLocation(
+        file, "the DINOv2 release", torch_hub=file, hf=((repo, "model.safetensors"), (repo, "pytorch_model.bin"))
+    )
 
 
 def _open_clip(repo: str, timm_repo: str) -> tuple[tuple[str, str], ...]:
-    return ((repo, "open_clip_model.safetensors"), (repo, "open_clip_pytorch_model.bin"),
-            (timm_repo, "model.safetensors"), (timm_repo, "pytorch_model.bin"))
+    return (
+        (repo, "open_clip_model.safetensors"),
+        (repo, "open_clip_pytorch_model.bin"),
+        (timm_repo, "model.safetensors"),
+        (timm_repo, "pytorch_model.bin"),
+    )
 
 
 def _dinov3(stem: str, timm_name: str) -> WeightLocation:
     # The release files carry a hash suffix (e.g. ...lvd1689m-08c60483.pth): match any.
     repo = f"timm/{timm_name}.lvd1689m"
-    return WeightLocation(f"{stem}-<hash>.pth", "the DINOv3 release (facebookresearch/dinov3)",
-                          torch_hub=f"{stem}*.pth", hf=((repo, "model.safetensors"),))
+    return WeightLocation(
+        f"{stem}-<hash>.pth",
+        "the DINOv3 release (facebookresearch/dinov3)",
+        torch_hub=f"{stem}*.pth",
+        hf=((repo, "model.safetensors"),),
+    )
 
 
 KNOWN_WEIGHTS: dict[str, WeightLocation] = {
@@ -70,14 +90,25 @@ KNOWN_WEIGHTS: dict[str, WeightLocation] = {
     "dinov2_vitb14": _dinov2("dinov2_vitb14_pretrain.pth", "vit_base_patch14_dinov2"),
     "dinov2_vits14_reg": _dinov2("dinov2_vits14_reg4_pretrain.pth", "vit_small_patch14_reg4_dinov2"),
     "dinov2_vitb14_reg": _dinov2("dinov2_vitb14_reg4_pretrain.pth", "vit_base_patch14_reg4_dinov2"),
-    "clip_vitb16": WeightLocation("ViT-B-16.pt", "OpenAI CLIP (clip.load('ViT-B/16'), a TorchScript archive)",
-                                  torch_home="ViT-B-16.pt",
-                                  hf=(("timm/vit_base_patch16_clip_224.openai", "open_clip_pytorch_model.bin"),
-                                      ("timm/vit_base_patch16_clip_224.openai", "model.safetensors"))),
-    "siglip_vitb16": WeightLocation("open_clip_model.safetensors", "open_clip hf-hub:timm/ViT-B-16-SigLIP",
-                                    hf=_open_clip("timm/ViT-B-16-SigLIP", "timm/vit_base_patch16_siglip_224.webli")),
-    "siglip2_vitb16": WeightLocation("open_clip_model.safetensors", "open_clip hf-hub:timm/ViT-B-16-SigLIP2",
-                                     hf=_open_clip("timm/ViT-B-16-SigLIP2", "timm/vit_base_patch16_siglip_224.v2_webli")),
+    "clip_vitb16": WeightLocation(
+        "ViT-B-16.pt",
+        "OpenAI CLIP (clip.load('ViT-B/16'), a TorchScript archive)",
+        torch_home="ViT-B-16.pt",
+        hf=(
+            ("timm/vit_base_patch16_clip_224.openai", "open_clip_pytorch_model.bin"),
+            ("timm/vit_base_patch16_clip_224.openai", "model.safetensors"),
+        ),
+    ),
+    "siglip_vitb16": WeightLocation(
+        "open_clip_model.safetensors",
+        "open_clip hf-hub:timm/ViT-B-16-SigLIP",
+        hf=_open_clip("timm/ViT-B-16-SigLIP", "timm/vit_base_patch16_siglip_224.webli"),
+    ),
+    "siglip2_vitb16": WeightLocation(
+        "open_clip_model.safetensors",
+        "open_clip hf-hub:timm/ViT-B-16-SigLIP2",
+        hf=_open_clip("timm/ViT-B-16-SigLIP2", "timm/vit_base_patch16_siglip_224.v2_webli"),
+    ),
     "dinov3_vits16": _dinov3("dinov3_vits16_pretrain_lvd1689m", "vit_small_patch16_dinov3"),
     "dinov3_vits16plus": _dinov3("dinov3_vits16plus_pretrain_lvd1689m", "vit_small_plus_patch16_dinov3"),
     "dinov3_vitb16": _dinov3("dinov3_vitb16_pretrain_lvd1689m", "vit_base_patch16_dinov3"),
@@ -118,8 +149,10 @@ def find_cached(name: str) -> tuple[str, Path] | None:
 
 def missing_weights_message(name: str) -> str:
     loc = KNOWN_WEIGHTS[name]
-    return (f"no weights for {name}: pass --weights PATH (e.g. {loc.file} from {loc.publisher}), put that file at "
-            f"{loc.where()}, or use --random-init for tests")
+    return (
+        f"no weights for {name}: pass --weights PATH (e.g. {loc.file} from {loc.publisher}), put that file at "
+        f"{loc.where()}, or use --random-init for tests"
+    )
 
 
 def resolve_weights(name: str, weights: str | None, random_init: bool) -> tuple[str, Path | None]:
@@ -207,7 +240,7 @@ def unwrap_state_dict(state: Mapping) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for prefix in ("module.", "_orig_mod.", "backbone."):
         if tensors and all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -215,8 +248,9 @@ def _few(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source, target: str,
-                           assign: bool = False) -> None:
+def load_state_dict_strict(
+    module: nn.Module, state: Mapping[str, torch.Tensor], source, target: str, assign: bool = False
+) -> None:
     """Load every tensor of ``state`` into ``module``, or raise one WeightsError line naming
     the missing, unexpected and wrongly shaped keys. ``assign=True`` makes (copies of) the
     file's tensors the module's own, for a module built on the meta device."""
@@ -231,8 +265,10 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
         problems.append(f"unexpected: {_few(unexpected)}")
     if wrong:
         k = wrong[0]
-        problems.append(f"wrong shape: {k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        + (f" ({len(wrong)} in all)" if len(wrong) > 1 else ""))
+        problems.append(
+            f"wrong shape: {k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            + (f" ({len(wrong)} in all)" if len(wrong) > 1 else "")
+        )
     if problems:
         raise WeightsError(f"{source} does not fit {target}: {'; '.join(problems)}")
     if assign:

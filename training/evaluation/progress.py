@@ -9,8 +9,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class EvalProgress:
-    def __init__(self, title: str, total: int, unit: str = "img", enabled: bool = True, console: Console | None = None,
-                 log_every_s: float = 30.0):
+    def __init__(
+        self,
+        title: str,
+        total: int,
+        unit: str = "img",
+        enabled: bool = True,
+        console: Console | None = None,
+        log_every_s: float = 30.0,
+    ):
         self.title, self.total, self.unit, self.enabled = title, total, unit, enabled
         self.console = console or Console(stderr=True)
         self.done = 0
@@ -18,9 +25,16 @@ class EvalProgress:
         self.log_every_s = log_every_s
         self.bar = None
         if enabled and self.console.is_terminal:
-            self.bar = Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn(), console=self.console)
+            self.bar = Progress(
+                TextColumn(f"[bold]{title}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
             self.bar.start()
             self.task = self.bar.add_task(title, total=total, rate="")
 
@@ -37,11 +51,15 @@ class EvalProgress:
             self.t_log = time.time()
             rate = self.rate()
             eta = (self.total - self.done) / rate if rate else float("inf")
-            self.console.print(f"{self.title}: {self.done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, ETA {eta:.0f} s)")
+            self.console.print(
+                f"{self.title}: {self.done}/{self.total} {self.unit} ({rate:.2f} {self.unit}/s, ETA {eta:.0f} s)"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
         if self.enabled:
-            self.console.print(f"{self.title}: {self.done} {self.unit} in {time.time() - self.t0:.1f} s "
-                               f"({self.rate():.2f} {self.unit}/s)")
+            self.console.print(
+                f"{self.title}: {self.done} {self.unit} in {time.time() - self.t0:.1f} s "
+                f"({self.rate():.2f} {self.unit}/s)"
+            )

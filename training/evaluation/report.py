@@ -42,33 +42,47 @@ def markdown(task: str, payload: dict) -> str:
     lines.append("")
     ups = run.get("upsamplers", {})
     if task == "seg":
-        lines += ["mIoU = mean IoU over the classes that occur in the val labels or in the predictions "
-                  "(`classes` column); pixel accuracy over labelled pixels.", "",
-                  "| upsampler | mIoU | pixel acc. | classes | projection | space | source |",
-                  "|---|---:|---:|---:|---|---|---|"]
+        lines += [
+            "mIoU = mean IoU over the classes that occur in the val labels or in the predictions "
+            "(`classes` column); pixel accuracy over labelled pixels.",
+            "",
+            "| upsampler | mIoU | pixel acc. | classes | projection | space | source |",
+            "|---|---:|---:|---:|---|---|---|",
+        ]
         for n in names:
             r, d = payload[n], ups.get(n, {})
-            lines.append(f"| {n} | {_fmt(r['miou'])} | {_fmt(r['pixel_accuracy'])} | {r['classes_scored']} | "
-                         f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |")
+            lines.append(
+                f"| {n} | {_fmt(r['miou'])} | {_fmt(r['pixel_accuracy'])} | {r['classes_scored']} | "
+                f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |"
+            )
         classes = sorted({c for n in names for c in payload[n]["per_class_iou"]})
         if classes:
-            lines += ["", "Per-class IoU:", "", "| class | " + " | ".join(names) + " |",
-                      "|---|" + "---:|" * len(names)]
+            lines += ["", "Per-class IoU:", "", "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
             for c in classes:
                 lines.append(f"| {c} | " + " | ".join(_fmt(payload[n]["per_class_iou"].get(c)) for n in names) + " |")
     elif task == "davis":
-        lines += ["J: region IoU; F: boundary F-measure; per object over the scored frames, then averaged over "
-                  "all objects (DAVIS 2017 toolkit).", "",
-                  "| upsampler | J&F | J | F | objects | projection | space | source |",
-                  "|---|---:|---:|---:|---:|---|---|---|"]
+        lines += [
+            "J: region IoU; F: boundary F-measure; per object over the scored frames, then averaged over "
+            "all objects (DAVIS 2017 toolkit).",
+            "",
+            "| upsampler | J&F | J | F | objects | projection | space | source |",
+            "|---|---:|---:|---:|---:|---|---|---|",
+        ]
         for n in names:
             r, d = payload[n], ups.get(n, {})
-            lines.append(f"| {n} | {_fmt(r['JF_mean'])} | {_fmt(r['J_mean'])} | {_fmt(r['F_mean'])} | {r['objects']} | "
-                         f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |")
+            lines.append(
+                f"| {n} | {_fmt(r['JF_mean'])} | {_fmt(r['J_mean'])} | {_fmt(r['F_mean'])} | {r['objects']} | "
+                f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |"
+            )
         seqs = sorted({s for n in names for s in payload[n]["per_sequence"]})
         if seqs:
-            lines += ["", "Per sequence (J / F):", "", "| sequence | " + " | ".join(names) + " |",
-                      "|---|" + "---:|" * len(names)]
+            lines += [
+                "",
+                "Per sequence (J / F):",
+                "",
+                "| sequence | " + " | ".join(names) + " |",
+                "|---|" + "---:|" * len(names),
+            ]
             for s in seqs:
                 cells = []
                 for n in names:
@@ -76,11 +90,16 @@ def markdown(task: str, payload: dict) -> str:
                     cells.append("-" if r is None else f"{_fmt(r['J_mean'], 3)} / {_fmt(r['F_mean'], 3)}")
                 lines.append(f"| {s} | " + " | ".join(cells) + " |")
     else:
-        lines += ["| upsampler | prototype mIoU | images | projection | space | source |", "|---|---:|---:|---|---|---|"]
+        lines += [
+            "| upsampler | prototype mIoU | images | projection | space | source |",
+            "|---|---:|---:|---|---|---|",
+        ]
         for n in names:
             r, d = payload[n], ups.get(n, {})
-            lines.append(f"| {n} | {_fmt(r['prototype_miou'])} | {r['images']} | {d.get('projection') or '-'} | "
-                         f"{d.get('target_space', '-')} | {d.get('source', '')} |")
+            lines.append(
+                f"| {n} | {_fmt(r['prototype_miou'])} | {r['images']} | {d.get('projection') or '-'} | "
+                f"{d.get('target_space', '-')} | {d.get('source', '')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +122,11 @@ def write_report(out, task: str, payload: dict, examples=None, n_classes: int | 
         for seq, frames in examples.items():
             for image, gt, preds in frames:
                 n = int(max([gt.max()] + [p.max() for p in preds.values()])) + 1
-                panels = [_blend(image, gt, n, background=0)] + [_blend(image, p, n, background=0) for p in preds.values()]
+                panels = [_blend(image, gt, n, background=0)] + [
+                    _blend(image, p, n, background=0) for p in preds.values()
+                ]
                 k = len(paths["pictures"])
-                paths["pictures"].append(save_panels(panels, ["ground truth", *preds], out / f"davis_{seq}_{k:02d}.png"))
+                paths["pictures"].append(
+                    save_panels(panels, ["ground truth", *preds], out / f"davis_{seq}_{k:02d}.png")
+                )
     return paths

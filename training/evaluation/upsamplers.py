@@ -57,9 +57,16 @@ class EvalUpsampler:
         return self
 
     def describe(self) -> dict:
-        proj = None if self.projection is None else f"PCA {int(self.projection.mean.shape[0])}->{self.projection.out_dim}"
-        return {"kind": self.kind, "source": self.source, "projection": proj,
-                "target_space": self.target_space, "trained_on": self.trained_on}
+        proj = (
+            None if self.projection is None else f"PCA {int(self.projection.mean.shape[0])}->{self.projection.out_dim}"
+        )
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "projection": proj,
+            "target_space": self.target_space,
+            "trained_on": self.trained_on,
+        }
 
     @torch.no_grad()
     def features(self, lr_feats: torch.Tensor, guide: torch.Tensor, size) -> torch.Tensor:
@@ -75,7 +82,9 @@ class EvalUpsampler:
 def baseline(name: str, target_space: str = "layer_norm", projection: nn.Module | None = None) -> EvalUpsampler:
     """``bilinear``, ``bicubic``, ``nearest`` or ``lowres``."""
     if name not in BASELINES:
-        raise LoftupError(f"unknown upsampler {name!r}; choose from {', '.join(BASELINES)} (LoftUp weights: --checkpoint)")
+        raise LoftupError(
+            f"unknown upsampler {name!r}; choose from {', '.join(BASELINES)} (LoftUp weights: --checkpoint)"
+        )
     if target_space not in TARGET_SPACES:
         raise LoftupError(f"unknown target space {target_space!r}; choose from {', '.join(TARGET_SPACES)}")
     if name == "lowres":
@@ -101,8 +110,9 @@ def resolve_checkpoint(spec: str | Path, device="cpu") -> EvalUpsampler:
     model, projection, trained_on = resolve_upsampler(spec, device=device)
     release = find_release(str(spec))
     name = release.hub_entry if release is not None else Path(str(spec)).stem
-    return EvalUpsampler(name, "loftup", model, projection, "layer_norm", source=str(spec),
-                         trained_on=trained_on).freeze()
+    return EvalUpsampler(
+        name, "loftup", model, projection, "layer_norm", source=str(spec), trained_on=trained_on
+    ).freeze()
 
 
 def unique_names(ups: list[EvalUpsampler]) -> list[EvalUpsampler]:
@@ -121,8 +131,9 @@ def unique_names(ups: list[EvalUpsampler]) -> list[EvalUpsampler]:
     return out
 
 
-def build_upsamplers(names: list[str], checkpoints: list, target_space: str = "layer_norm",
-                     match_projection: bool = True, device="cpu") -> list[EvalUpsampler]:
+def build_upsamplers(
+    names: list[str], checkpoints: list, target_space: str = "layer_norm", match_projection: bool = True, device="cpu"
+) -> list[EvalUpsampler]:
     """The CLI's list: each baseline in ``names``, each checkpoint (through ``resolve_checkpoint``)
     and, with ``match_projection``, each baseline again in every distinct projection a checkpoint
     carries (named ``<baseline>@<checkpoint>``), so a PCA-trained LoftUp also meets bilinear on the
@@ -142,4 +153,6 @@ def build_upsamplers(names: list[str], checkpoints: list, target_space: str = "l
 
 def _same_projection(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
+    )
