@@ -47,9 +47,16 @@ def build_store(work: Path, backbone: str, images_per_tar: int):
 
     store_path = work / "store"
     if not (store_path / "manifest.json").exists():
-        write_sample_shards(work / "sa1b", tars=TRAIN_TARS, images_per_tar=images_per_tar, seed=0,
-                            photos=[p for p in photo_names() if p not in HELD_PHOTOS])
-        write_sample_shards(work / "sa1b", tars=1, images_per_tar=16, seed=0, first_shard=TRAIN_TARS, photos=HELD_PHOTOS)
+        write_sample_shards(
+            work / "sa1b",
+            tars=TRAIN_TARS,
+            images_per_tar=images_per_tar,
+            seed=0,
+            photos=[p for p in photo_names() if p not in HELD_PHOTOS],
+        )
+        write_sample_shards(
+            work / "sa1b", tars=1, images_per_tar=16, seed=0, first_shard=TRAIN_TARS, photos=HELD_PHOTOS
+        )
         store = open_store(store_path, create=True)
         shards = resolve_shards(f"0-{TRAIN_TARS}", work / "sa1b")
         for job in (ImagesJob(), MasksJob()):
@@ -58,8 +65,11 @@ def build_store(work: Path, backbone: str, images_per_tar: int):
     return open_store(store_path)
 
 
-def held_out_set(store, backbone: str, size: int, max_masks: int = 60):
-    """Per held-out image: features, images at S and 2S, labels at S and 2S, masks at S."""
+def held_out_set(
+    store, backbone: str, size: int, max_masks: int = 60, shard: int = TRAIN_TARS, limit: int | None = None
+):
+    """Per image of ``shard`` (default: the held-out one): features, images at S and 2S, labels
+    at S and 2S, masks at S."""
     import io
 
     import numpy as np
@@ -72,7 +82,7 @@ def held_out_set(store, backbone: str, size: int, max_masks: int = 60):
 
     fs = store.features(backbone, 224)
     items = []
-    for image_id in store.image_ids(TRAIN_TARS):
+    for image_id in store.image_ids(shard)[:limit]:
         img224 = Image.open(io.BytesIO(store.image_bytes(int(image_id), 224))).convert("RGB")
         rles = store.masks_for(int(image_id), size=224)[:max_masks]
         if not rles:
@@ -82,8 +92,11 @@ def held_out_set(store, backbone: str, size: int, max_masks: int = 60):
             idx = _subsample_index(224, s)
             masks = rle.decode_many([rle.resample(r, idx, idx) for r in rles])
             img = img224.resize((s, s), Image.BICUBIC)
-            item[s] = {"image": normalise(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]),
-                       "labels": label_map(masks), "masks": torch.from_numpy(masks)[None]}
+            item[s] = {
+                "image": normalise(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]),
+                "labels": label_map(masks),
+                "masks": torch.from_numpy(masks)[None],
+            }
         items.append(item)
     return items
 
@@ -107,13 +120,19 @@ def score(items, upsample, projection, size: int, alpha: float = 0.8) -> dict:
             out_2s = upsample(f, it[2 * size]["image"], (2 * size, 2 * size))
             masks = it[size]["masks"]
             target = pseudo_gt(low, masks, torch.ones(masks.shape[:2], dtype=torch.bool), size, alpha=alpha)
-            guide_4s = torch.nn.functional.interpolate(it[2 * size]["image"], size=(4 * size, 4 * size), mode="bilinear",
-                                                       align_corners=False)
+            guide_4s = torch.nn.functional.interpolate(
+                it[2 * size]["image"], size=(4 * size, 4 * size), mode="bilinear", align_corners=False
+            )
             out_4s = upsample(f, guide_4s, (4 * size, 4 * size))
-            rows.append({f"mIoU@{size}": prototype_miou(out_s[0], it[size]["labels"]),
-                         f"mIoU@{2 * size}": prototype_miou(out_2s[0], it[2 * size]["labels"]),
-                         "MSE": float(torch.nn.functional.mse_loss(out_s, target)),
-                         f"ret@{size}": retention(out_s, low), f"ret@{4 * size}": retention(out_4s, low)})
+            rows.append(
+                {
+                    f"mIoU@{size}": prototype_miou(out_s[0], it[size]["labels"]),
+                    f"mIoU@{2 * size}": prototype_miou(out_2s[0], it[2 * size]["labels"]),
+                    "MSE": float(torch.nn.functional.mse_loss(out_s, target)),
+                    f"ret@{size}": retention(out_s, low),
+                    f"ret@{4 * size}": retention(out_4s, low),
+                }
+            )
     return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
 
 
@@ -137,7 +156,12 @@ def main() -> None:
     ap.add_argument("--stage1-steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--stage2-steps", type=int, default=30)
-    ap.add_argument("--stage1", default="{}", help="JSON of extra Stage1Config fields (the CPU-scale recipe is the default)")
+    ap.add_argument(
+        "--train-eval", type=int, default=16, help="also score the curve on this many training crops (0 = off)"
+    )
+    ap.add_argument(
+        "--stage1", default="{}", help="JSON of extra Stage1Config fields (the CPU-scale recipe is the default)"
+    )
     args = ap.parse_args()
 
     import numpy as np
@@ -154,6 +178,10 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-quality-"))
     store = build_store(work, args.backbone, args.images_per_tar)
     items = held_out_set(store, args.backbone, args.size)
+    # Training crops, scored the same way: tells underfitting (both bad) from not generalising.
+    train_items = (
+        held_out_set(store, args.backbone, args.size, shard=0, limit=args.train_eval) if args.train_eval else []
+    )
     shards = list(range(TRAIN_TARS))
     extra = json.loads(args.stage1)
 
@@ -161,7 +189,7 @@ def main() -> None:
         model, meta = load_model(path, with_meta=True)
         return (lambda f, img, sz: model(f, img, output_size=sz)), meta["projection_module"]
 
-    results, curves, timing = {}, {}, {}
+    results, curves, train_curves, timing = {}, {}, {}, {}
     projection = None
     for recipe in args.recipes.split(","):
         for seed in map(int, args.seeds.split(",")):
@@ -171,36 +199,82 @@ def main() -> None:
                 steps.append(args.stage1_steps)
             t = time.time()
             for i, n in enumerate(steps):
-                cfg = dict(store=store.url, out=str(run1), backbone=args.backbone, shards=shards, pca_dim=64, size=args.size,
-                           max_masks=60, batch_size=4, max_steps=n, lr=2e-3, lr_schedule="cosine", warmup_steps=50,
-                           decay_steps=args.stage1_steps, bn_recalibrate=32, recon_jitters=1, seed=seed, recipe=recipe,
-                           workers=0, progress=False, log_every=10, device="cpu", resume=i > 0)
+                cfg = dict(
+                    store=store.url,
+                    out=str(run1),
+                    backbone=args.backbone,
+                    shards=shards,
+                    pca_dim=64,
+                    size=args.size,
+                    max_masks=60,
+                    batch_size=4,
+                    max_steps=n,
+                    lr=2e-3,
+                    lr_schedule="cosine",
+                    warmup_steps=50,
+                    decay_steps=args.stage1_steps,
+                    bn_recalibrate=32,
+                    recon_jitters=1,
+                    seed=seed,
+                    recipe=recipe,
+                    workers=0,
+                    progress=False,
+                    log_every=10,
+                    device="cpu",
+                    resume=i > 0,
+                )
                 train1(Stage1Config(**{**cfg, **extra}))
                 up, projection = model_upsampler(run1 / "stage1.safetensors")
                 curves.setdefault((recipe, n), []).append(score(items, up, projection, args.size))
-                console.print(f"{recipe} seed {seed} stage 1 @ {n} steps ({n * 4} image-steps): {curves[(recipe, n)][-1]}")
+                console.print(
+                    f"{recipe} seed {seed} stage 1 @ {n} steps ({n * 4} image-steps): {curves[(recipe, n)][-1]}"
+                )
+                if train_items:
+                    train_curves.setdefault((recipe, n), []).append(score(train_items, up, projection, args.size))
+                    console.print(f"    on training crops: {train_curves[(recipe, n)][-1]}")
             timing[(recipe, "stage1")] = time.time() - t
             results.setdefault((recipe, "stage 1"), []).append(curves[(recipe, steps[-1])][-1])
             if args.stage2_steps:
                 t = time.time()
-                train2(Stage2Config(init=str(run1 / "stage1.safetensors"), store=store.url, out=str(run2), backbone=args.backbone,
-                                    shards=shards, hr=448, sizes=[112, 160], max_masks=60, batch_size=2,
-                                    max_steps=args.stage2_steps, lr=1e-4, ema_every=5, seed=seed, recipe=recipe, workers=0,
-                                    progress=False, log_every=5, device="cpu"))
+                train2(
+                    Stage2Config(
+                        init=str(run1 / "stage1.safetensors"),
+                        store=store.url,
+                        out=str(run2),
+                        backbone=args.backbone,
+                        shards=shards,
+                        hr=448,
+                        sizes=[112, 160],
+                        max_masks=60,
+                        batch_size=2,
+                        max_steps=args.stage2_steps,
+                        lr=1e-4,
+                        ema_every=5,
+                        seed=seed,
+                        recipe=recipe,
+                        workers=0,
+                        progress=False,
+                        log_every=5,
+                        device="cpu",
+                    )
+                )
                 timing[(recipe, "stage2")] = time.time() - t
                 up, proj2 = model_upsampler(run2 / "stage2.safetensors")
                 results.setdefault((recipe, "stage 1 + 2"), []).append(score(items, up, proj2, args.size))
                 console.print(f"{recipe} seed {seed} stage 1 + 2: {results[(recipe, 'stage 1 + 2')][-1]}")
     bil = bilinear_upsampler()
     baseline = score(items, bil, projection, args.size)
+    train_baseline = score(train_items, bil, projection, args.size) if train_items else None
 
     def fmt(vals, key):
         v = np.array([x[key] for x in vals])
         return f"{v.mean():.4f}" + (f" ± {v.std():.4f}" if len(v) > 1 else "")
 
     keys = list(baseline)
-    table = Table(title=f"held-out ({len(items)} crops of unseen photos {', '.join(HELD_PHOTOS)}; {args.backbone}, PCA 64, "
-                        f"S = {args.size}; seeds {args.seeds}; mean ± std over seeds)")
+    table = Table(
+        title=f"held-out ({len(items)} crops of unseen photos {', '.join(HELD_PHOTOS)}; {args.backbone}, PCA 64, "
+        f"S = {args.size}; seeds {args.seeds}; mean ± std over seeds)"
+    )
     table.add_column("upsampler")
     for k in keys:
         table.add_column(k, justify="right")
@@ -208,8 +282,11 @@ def main() -> None:
     for (recipe, stage), vals in results.items():
         table.add_row(f"{stage} ({recipe})", *[fmt(vals, k) for k in keys])
     console.print(table)
-    curve = Table(title="Stage 1 learning curve on the held-out photos (mean over seeds; bilinear: "
-                        + ", ".join(f"{k} {baseline[k]:.3f}" for k in keys) + ")")
+    curve = Table(
+        title="Stage 1 learning curve on the held-out photos (mean over seeds; bilinear: "
+        + ", ".join(f"{k} {baseline[k]:.3f}" for k in keys)
+        + ")"
+    )
     curve.add_column("recipe")
     curve.add_column("steps (image-steps)", justify="right")
     for k in keys:
@@ -217,10 +294,32 @@ def main() -> None:
     for (recipe, n), vals in curves.items():
         curve.add_row(recipe, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
     console.print(curve)
+    if train_items:
+        tcurve = Table(
+            title=f"the same on {len(train_items)} training crops (bilinear: "
+            + ", ".join(f"{k} {train_baseline[k]:.3f}" for k in keys)
+            + ")"
+        )
+        tcurve.add_column("recipe")
+        tcurve.add_column("steps (image-steps)", justify="right")
+        for k in keys:
+            tcurve.add_column(k, justify="right")
+        for (recipe, n), vals in train_curves.items():
+            tcurve.add_row(recipe, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
+        console.print(tcurve)
     console.print("training seconds (last seed): " + ", ".join(f"{r} {s} {v:.0f}" for (r, s), v in timing.items()))
-    (work / "quality.json").write_text(json.dumps({"bilinear": baseline,
-                                                   "results": {f"{r}|{s}": v for (r, s), v in results.items()},
-                                                   "curves": {f"{r}|{n}": v for (r, n), v in curves.items()}}, indent=1))
+    (work / "quality.json").write_text(
+        json.dumps(
+            {
+                "bilinear": baseline,
+                "results": {f"{r}|{s}": v for (r, s), v in results.items()},
+                "curves": {f"{r}|{n}": v for (r, n), v in curves.items()},
+                "train_bilinear": train_baseline,
+                "train_curves": {f"{r}|{n}": v for (r, n), v in train_curves.items()},
+            },
+            indent=1,
+        )
+    )
     console.print(f"figures in {work / 'quality.json'}; load average {os.getloadavg()[0]:.1f}")
 
 
