@@ -35,6 +35,12 @@ MemOpt = typer.Option(
     help="GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none).",
 )
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
+CheckOpt = typer.Option(
+    "checksums",
+    "--check-skipped",
+    help="How a done shard is checked before it is skipped: 'checksums' (every file re-hashed against its marker) "
+    "or 'sizes' (presence and sizes only, for very large stores). Damaged shards are redone.",
+)
 
 
 def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None):
@@ -66,6 +72,7 @@ def _run(
     max_retries,
     overwrite,
     memory_per_task=None,
+    check_skipped="checksums",
 ):
     from loftup.pipeline.runner import run_job
 
@@ -81,6 +88,7 @@ def _run(
         max_retries=max_retries,
         overwrite=overwrite,
         memory_per_task=memory_per_task,
+        check_skipped=check_skipped,
         console=console,
     )
     _finish(summary)
@@ -192,6 +200,7 @@ def masks(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    check_skipped: str = CheckOpt,
     memory_per_task: Optional[float] = MemOpt,
 ):
     """Class-agnostic masks into the Parquet mask store (original RLE + each training geometry)."""
@@ -228,6 +237,7 @@ def masks(
         max_retries,
         overwrite,
         memory_per_task,
+        check_skipped,
     )
 
 
@@ -244,6 +254,7 @@ def images(
     cpus_per_task: float = CpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    check_skipped: str = CheckOpt,
     memory_per_task: Optional[float] = MemOpt,
 ):
     """Training images at each geometry into the Parquet image store."""
@@ -265,6 +276,7 @@ def images(
         max_retries,
         overwrite,
         memory_per_task,
+        check_skipped,
     )
 
 
@@ -287,6 +299,7 @@ def features(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    check_skipped: str = CheckOpt,
     memory_per_task: Optional[float] = MemOpt,
 ):
     """Low-resolution VFM features of the stored images into the Zarr v3 feature store."""
@@ -310,6 +323,7 @@ def features(
         max_retries,
         overwrite,
         memory_per_task,
+        check_skipped,
     )
 
 
@@ -335,6 +349,7 @@ def pseudogt(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    check_skipped: str = CheckOpt,
     memory_per_task: Optional[float] = MemOpt,
 ):
     """Materialise mask-refined bicubic pseudo-GT for inspection (Zarr) with PNGs of bicubic vs refined."""
@@ -365,6 +380,7 @@ def pseudogt(
         max_retries,
         overwrite,
         memory_per_task,
+        check_skipped,
     )
 
 
@@ -392,6 +408,7 @@ def implicit(
     gpus_per_task: Optional[float] = GpuOpt,
     max_retries: int = RetryOpt,
     overwrite: bool = OverwriteOpt,
+    check_skipped: str = CheckOpt,
     memory_per_task: Optional[float] = MemOpt,
 ):
     """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps)."""
@@ -422,6 +439,7 @@ def implicit(
         max_retries,
         overwrite,
         memory_per_task,
+        check_skipped,
     )
 
 

@@ -31,7 +31,18 @@ def print_status(st) -> None:
     from loftup.storage.redact import redact_text
 
     t = Table(title=f"jobs in {redact_text(st.url)}")
-    for col in ("job", "shards done", "failed shards", "images", "masks", "failures", "bytes", "seconds", "images/s"):
+    for col in (
+        "job",
+        "shards done",
+        "damaged shards",
+        "failed shards",
+        "images",
+        "masks",
+        "failures",
+        "bytes",
+        "seconds",
+        "images/s",
+    ):
         t.add_column(col, justify="right" if col != "job" else "left")
     for job, s in sorted(st.summary().items()):
         secs = s.get("seconds", 0.0)
@@ -39,6 +50,7 @@ def print_status(st) -> None:
         t.add_row(
             job,
             str(s.get("shards", 0)),
+            str(s.get("damaged_shards", 0)),
             str(s.get("failed_shards", 0)),
             str(s.get("images", 0)),
             str(s.get("masks", "") or ""),
@@ -58,7 +70,8 @@ def info(store: str = StoreArg):
 
 @app.command()
 def status(store: str = StoreArg):
-    """Per job: shards done, failed shards, images, per-image failures, bytes, throughput."""
+    """Per job: shards done, damaged shards (files missing or resized since their commit; `verify
+    --deep` also re-hashes them), failed shards, images, per-image failures, bytes, throughput."""
     print_status(_open(store))
 
 

@@ -94,11 +94,23 @@ def process_shard(job: Job, store_url: str, shard: int, tar_path: str | None, se
     return marker
 
 
-def plan_shards(job: Job, store, shards: list[tuple[int, str | None]], overwrite: bool, damaged: dict | None = None):
+SKIP_CHECKS = ("checksums", "sizes")
+
+
+def plan_shards(
+    job: Job,
+    store,
+    shards: list[tuple[int, str | None]],
+    overwrite: bool,
+    damaged: dict | None = None,
+    check: str = "checksums",
+):
     """Split shards into (todo, skipped): a shard is skipped only if its marker matches the
     config and the upstream runs it was built from (a rebuilt input makes it stale), and its
-    files are still those it committed (present, same sizes). Damaged shards, with what is
-    wrong, go into ``damaged`` and are redone."""
+    files are still those it committed: present, same sizes and, with ``check="checksums"``,
+    the same sha256. Damaged shards, with what is wrong, go into ``damaged`` and are redone."""
+    if check not in SKIP_CHECKS:
+        raise LoftupError(f"unknown --check-skipped {check!r}; choose from {', '.join(SKIP_CHECKS)}")
     want = job.config_hash()
     done = store.done_shards(job.name)
     todo, skipped = [], []
@@ -110,7 +122,7 @@ def plan_shards(job: Job, store, shards: list[tuple[int, str | None]], overwrite
             and marker.get("upstream", {}) == upstream_state(job, store, shard)
         )
         if fresh and not overwrite:
-            problems = store.shard_problems(job.name, shard, marker)
+            problems = store.shard_problems(job.name, shard, marker, deep=check == "checksums")
             if problems:
                 fresh = False
                 if damaged is not None:
@@ -150,17 +162,21 @@ def run_job(
     max_retries: int = 3,
     overwrite: bool = False,
     memory_per_task: float | None = None,
+    check_skipped: str = "checksums",
     console=None,
 ) -> RunSummary:
     """Run ``job`` over ``shards`` [(shard, tar path or None)] and return a summary.
 
     ``memory_per_task``: GiB of host memory Ray reserves per shard task (default: the job's own
     estimate, :meth:`Job.memory_bytes`; 0: reserve none), so a node is packed without
-    oversubscribing it. Holds the job's lease on the store throughout: a second run of the same
+    oversubscribing it. ``check_skipped``: how done shards are checked before being skipped
+    (:func:`plan_shards`). Holds the job's lease on the store throughout: a second run of the same
     job refuses.
     """
     if memory_per_task is not None and memory_per_task < 0:
         raise LoftupError(f"--memory-per-task must be >= 0 GiB, got {memory_per_task}")
+    if check_skipped not in SKIP_CHECKS:
+        raise LoftupError(f"unknown --check-skipped {check_skipped!r}; choose from {', '.join(SKIP_CHECKS)}")
     job.check(store)
     with store.lease(job.name):
         return _run_leased(
@@ -175,6 +191,7 @@ def run_job(
             max_retries,
             overwrite,
             memory_per_task,
+            check_skipped,
             console,
         )
 
@@ -191,6 +208,7 @@ def _run_leased(
     max_retries,
     overwrite,
     memory_per_task,
+    check_skipped,
     console,
 ) -> RunSummary:
     from loftup.pipeline.progress import ShardProgress
@@ -198,7 +216,7 @@ def _run_leased(
     store.update_manifest(job.record)
     t0 = time.time()
     damaged: dict[int, str] = {}
-    todo, skipped = plan_shards(job, store, shards, overwrite, damaged)
+    todo, skipped = plan_shards(job, store, shards, overwrite, damaged, check_skipped)
     summary = RunSummary(job=job.name, planned=len(shards), skipped=skipped, damaged=damaged)
     if damaged and console is not None:
         for shard, why in sorted(damaged.items()):

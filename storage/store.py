@@ -210,7 +210,9 @@ class Store:
         return [s for s in commit.error_shards(self.fs, self.root).get(job, []) if s not in done]
 
     def summary(self) -> dict[str, dict]:
-        """Per job: shards done, failed shards, images, per-image failures, bytes, seconds (and masks)."""
+        """Per job: shards done (committed and intact), damaged shards (committed, but a file is
+        missing or has changed size since: the cheap check; ``verify --deep`` re-hashes), failed
+        shards, images, per-image failures, bytes, seconds (and masks)."""
         out = {}
         failed_by_job = commit.error_shards(self.fs, self.root)
         keys = set(commit.status_jobs(self.fs, self.root)) | {commit.job_key(j) for j in failed_by_job}
@@ -223,9 +225,11 @@ class Store:
             failed = [s for s in failed_by_job.get(job, []) if s not in markers]
             if not markers and not failed:
                 continue
+            damaged = [s for s, m in markers.items() if self.shard_problems(job, s, m)]
             values = list(markers.values())
             row = {
-                "shards": len(values),
+                "shards": len(values) - len(damaged),
+                "damaged_shards": len(damaged),
                 "failed_shards": len(failed),
                 "images": int(sum(m.get("images", 0) or 0 for m in values)),
                 "failures": int(sum(m.get("errors", 0) or 0 for m in values)),

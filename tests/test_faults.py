@@ -208,7 +208,7 @@ def test_every_command_failure_path_exit_code_one_line_no_traceback(world):
     assert sorted(reasons) == [2, 3] and "truncated" in reasons[2]
     status = results[-2]["err"] + results[-2]["out"]  # rich tables go to stderr
     masks_line = next(ln for ln in status.splitlines() if ln.strip("│ ").startswith("masks"))
-    assert [c.strip() for c in masks_line.split("│") if c.strip()][1:3] == ["2", "2"]  # done, failed
+    assert [c.strip() for c in masks_line.split("│") if c.strip()][1:4] == ["2", "0", "2"]  # done, damaged, failed
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(world, tmp_path):
@@ -335,6 +335,8 @@ def test_deleted_file_is_reported_refused_by_training_and_redone(small_store):
     want = store.masks_table(0).sort_by([("image_id", "ascending"), ("order", "ascending")])
     (Path(store.root) / "masks" / "shard=000000" / "part-0.parquet").unlink()
     assert any("masks shard 000000: missing file part-0.parquet" in p for p in verify_store(store))
+    row = store.summary()["masks"]
+    assert (row["shards"], row["damaged_shards"]) == (1, 1)  # status no longer counts it as done
     with pytest.raises(StoreError, match="shard 0 of masks .* is damaged"):
         build_index(store, ["images", "masks"], [0, 1])
     summary = run_job(MasksJob(sizes=(224,)), store, shards, executor="inline")
@@ -363,6 +365,8 @@ def test_flipped_bits_fail_reads_and_deep_verify(small_store):
     pf = store._mask_files.parquet_file(store._mask_files.path(0))
     with pytest.raises(OSError, match="CRC"):
         pf.read()  # the Parquet page checksum (write_page_checksum) catches the flip on read
+    with pytest.raises(OSError, match="CRC"):
+        store.masks_dask(["image_id", "rle_224"]).compute()  # the dask view verifies them too
     from loftup.cli.common import run
     from loftup.cli.store import app
 
@@ -372,6 +376,26 @@ def test_flipped_bits_fail_reads_and_deep_verify(small_store):
             run(app, args)
         codes.append(exit_info.value.code)
     assert codes == [0, 1]
+
+
+def test_rerun_redoes_a_shard_whose_bits_flipped_unless_told_to_check_sizes_only(small_store):
+    from loftup.storage.errors import LoftupError
+    from loftup.storage.verify import verify_store
+
+    store, shards = small_store
+    want = store.masks_table(0).sort_by([("image_id", "ascending"), ("order", "ascending")])
+    part = Path(store.root) / "masks" / "shard=000000" / "part-0.parquet"
+    _flip_bit(part, 0.3)
+    quick = run_job(MasksJob(sizes=(224,)), store, shards, executor="inline", check_skipped="sizes")
+    assert quick.done == {} and sorted(quick.skipped) == [0, 1] and quick.damaged == {}
+    summary = run_job(MasksJob(sizes=(224,)), store, shards, executor="inline")  # checksums: the default
+    assert sorted(summary.done) == [0] and summary.skipped == [1]
+    assert "sha256 differs" in summary.damaged[0]
+    store.refresh()
+    assert store.masks_table(0).sort_by([("image_id", "ascending"), ("order", "ascending")]).equals(want)
+    assert verify_store(store, deep=True) == []
+    with pytest.raises(LoftupError, match="--check-skipped 'fast'"):
+        run_job(MasksJob(sizes=(224,)), store, shards, executor="inline", check_skipped="fast")
 
 
 def test_uncommitted_data_is_never_served(small_store):

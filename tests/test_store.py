@@ -468,6 +468,7 @@ def test_markers_and_summary(store):
     assert store.summary() == {
         "masks": {
             "shards": 2,
+            "damaged_shards": 0,
             "failed_shards": 0,
             "images": 22,
             "failures": 1,
@@ -475,7 +476,15 @@ def test_markers_and_summary(store):
             "seconds": 3.75,
             "masks": 2000,
         },
-        job: {"shards": 1, "failed_shards": 0, "images": 10, "failures": 0, "bytes": 1966080, "seconds": 3.0},
+        job: {
+            "shards": 1,
+            "damaged_shards": 0,
+            "failed_shards": 0,
+            "images": 10,
+            "failures": 0,
+            "bytes": 1966080,
+            "seconds": 3.0,
+        },
     }
     with pytest.raises(ValueError):
         store.write_marker("masks", 2, {"job": "images"})
