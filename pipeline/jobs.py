@@ -125,17 +125,13 @@ class MasksJob(Job):
 
     def run_shard(self, store, shard, tar_path, progress):
         from loftup.pipeline.mask_sources import add_geometry_rles, create_mask_source, rows_to_table
-        from loftup.pipeline.sa1b import Sample, decode_jpeg, iter_samples
+        from loftup.pipeline.sa1b import decode_jpeg
 
         source = create_mask_source(self.source, **self.source_options)
         needs_image = self.source != "sa1b"
         rows, errors, n_images, in_batch = [], [], 0, 0
         with store.mask_writer(shard) as writer:
-            for item in iter_samples(tar_path):
-                if not isinstance(item, Sample):
-                    errors.append(item.as_row())
-                    progress(0, 1)
-                    continue
+            for item in _tar_samples(tar_path, errors, progress):
                 try:
                     image = decode_jpeg(item.jpeg) if needs_image else None
                     if item.ann is None and not needs_image:
@@ -143,10 +139,7 @@ class MasksJob(Job):
                     sample_rows = source.masks_for(image, item.ann, item.image_id)
                     add_geometry_rles(sample_rows, self.sizes)
                 except Exception as exc:  # one bad sample never fails the shard
-                    errors.append(
-                        {"image_id": item.image_id, "member": item.file_name, "stage": "masks", "reason": _reason(exc)}
-                    )
-                    progress(0, 1)
+                    _image_failed(errors, progress, item.image_id, item.file_name, "masks", exc)
                     continue
                 rows.extend(sample_rows)
                 n_images += 1
@@ -185,7 +178,7 @@ class ImagesJob(Job):
     def run_shard(self, store, shard, tar_path, progress):
         import pyarrow as pa
 
-        from loftup.pipeline.sa1b import Sample, decode_jpeg, iter_samples
+        from loftup.pipeline.sa1b import decode_jpeg
         from loftup.storage.geometry import resize_image
 
         def new_cols() -> dict[str, list]:
@@ -199,11 +192,7 @@ class ImagesJob(Job):
 
         cols, errors = new_cols(), []
         with store.image_writer(shard) as writer:
-            for item in iter_samples(tar_path):
-                if not isinstance(item, Sample):
-                    errors.append(item.as_row())
-                    progress(0, 1)
-                    continue
+            for item in _tar_samples(tar_path, errors, progress):
                 try:
                     img = decode_jpeg(item.jpeg)
                     encoded = {}
@@ -212,10 +201,7 @@ class ImagesJob(Job):
                         resize_image(img, size).save(buf, format="JPEG", quality=self.quality)
                         encoded[size] = buf.getvalue()
                 except Exception as exc:
-                    errors.append(
-                        {"image_id": item.image_id, "member": item.file_name, "stage": "decode", "reason": _reason(exc)}
-                    )
-                    progress(0, 1)
+                    _image_failed(errors, progress, item.image_id, item.file_name, "decode", exc)
                     continue
                 cols["image_id"].append(item.image_id)
                 cols["file_name"].append(item.file_name)
@@ -262,18 +248,10 @@ class FeaturesJob(Job):
         return cfg
 
     def source_size(self, store) -> int:
-        sizes = sorted(store.geometries)
-        bigger = [s for s in sizes if s >= self.res]
-        if not bigger:
-            raise StoreError(f"features at {self.res} need stored images of at least that size; store has {sizes}")
-        return bigger[0]
+        return _source_size(store, self.res, f"features at {self.res} need")
 
     def check(self, store) -> None:
-        from loftup.pipeline.backbones import backbone_info
-
-        info = backbone_info(self.backbone)
-        if self.res % info["patch"]:
-            raise LoftupError(f"--res {self.res} is not a multiple of {self.backbone}'s patch size {info['patch']}")
+        info = _patch_checked(self.backbone, self.res)
         self.source_size(store)
         known = store.manifest.get("backbones", {}).get(f"{self.backbone}@{self.res}")
         if known and known.get("dim") != info["dim"]:
@@ -398,6 +376,45 @@ def _check_sizes(store, sizes) -> None:
     missing = [s for s in sizes if s not in store.geometries]
     if missing:
         raise StoreError(f"store geometries are {list(store.geometries)}; job asks for {missing}")
+
+
+def _source_size(store, res: int, needs: str) -> int:
+    """The smallest stored image size of at least ``res``; ``needs`` opens the error when there is none."""
+    sizes = sorted(store.geometries)
+    bigger = [s for s in sizes if s >= res]
+    if not bigger:
+        raise StoreError(f"{needs} stored images of at least that size; store has {sizes}")
+    return bigger[0]
+
+
+def _patch_checked(backbone: str, res: int) -> dict:
+    """The backbone's registry info; a LoftupError when ``res`` is not a whole number of its patches."""
+    from loftup.pipeline.backbones import backbone_info
+
+    info = backbone_info(backbone)
+    if res % info["patch"]:
+        raise LoftupError(f"--res {res} is not a multiple of {backbone}'s patch size {info['patch']}")
+    return info
+
+
+def _tar_samples(tar_path, errors: list[dict], progress: Progress):
+    """The usable samples of one tar; each unusable one becomes an error row and an error tick."""
+    from loftup.pipeline.sa1b import Sample, iter_samples
+
+    for item in iter_samples(tar_path):
+        if isinstance(item, Sample):
+            yield item
+        else:
+            errors.append(item.as_row())
+            progress(0, 1)
+
+
+def _image_failed(
+    errors: list[dict], progress: Progress, image_id, member: str | None, stage: str, exc: BaseException
+) -> None:
+    """Record an image that ``stage`` could not handle; the shard goes on without it."""
+    errors.append({"image_id": image_id, "member": member, "stage": stage, "reason": _reason(exc)})
+    progress(0, 1)
 
 
 def _reason(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from loftup.pipeline.jobs import Job, _file_sha256, _reason
+from loftup.pipeline.jobs import Job, _file_sha256, _image_failed, _patch_checked, _source_size
 from loftup.storage.errors import LoftupError, StoreError
 
 # FeatureStore.write_shard takes the dense maps as one in-memory array.
@@ -60,19 +60,10 @@ class ImplicitJob(Job):
         return cfg
 
     def source_size(self, store) -> int:
-        bigger = [s for s in sorted(store.geometries) if s >= self.res]
-        if not bigger:
-            raise StoreError(
-                f"implicit at {self.res} needs stored images of at least that size; store has {sorted(store.geometries)}"
-            )
-        return bigger[0]
+        return _source_size(store, self.res, f"implicit at {self.res} needs")
 
     def check(self, store) -> None:
-        from loftup.pipeline.backbones import backbone_info
-
-        info = backbone_info(self.backbone)
-        if self.res % info["patch"]:
-            raise LoftupError(f"--res {self.res} is not a multiple of {self.backbone}'s patch size {info['patch']}")
+        _patch_checked(self.backbone, self.res)
         recipe = self.resolved_recipe()
         for key in ("steps", "views", "views_per_step", "pca_views"):
             if int(recipe[key]) < (0 if key == "steps" else 1):
@@ -148,8 +139,7 @@ class ImplicitJob(Job):
                     dense.append(render(fit.network, fit.unprojector, image01).to(torch.float16).cpu().numpy())
                 totals["render"] += time.perf_counter() - t1
             except Exception as exc:  # one bad image never fails the shard
-                errors.append({"image_id": image_id, "member": None, "stage": "implicit", "reason": _reason(exc)})
-                progress(0, 1)
+                _image_failed(errors, progress, image_id, None, "implicit", exc)
                 continue
             totals["featurize"] += fit.featurize_seconds
             totals["optimise"] += fit.optimise_seconds
