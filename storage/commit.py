@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -219,6 +220,29 @@ def remove_temps(fs, directory: str, prefix: str = "") -> list[str]:
             if remove(fs, f"{directory}/{name}"):
                 removed.append(name)
     return removed
+
+
+class ShardWriter:
+    """Base of the streaming shard writers: nothing shows under the final name before ``commit``.
+
+    As a context manager it commits when the block ends normally and aborts when it raises, so an
+    exception never leaves a half-written shard where readers look.
+    """
+
+    def commit(self) -> int:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from loftup.storage.commit import (
     parse_shard_name,
     remove,
     replace_dir,
+    ShardWriter,
     shard_name,
     temp_path,
 )
@@ -361,7 +362,7 @@ class FeatureStore:
         return da.concatenate(parts, axis=0)
 
 
-class FeatureShardWriter:
+class FeatureShardWriter(ShardWriter):
     """Streams one shard's features into a Zarr array of Zarr shards of ``shard_images`` images.
 
     Batches of any size are appended in order (``add``); a Zarr shard is encoded and written as
@@ -406,15 +407,6 @@ class FeatureShardWriter:
         except BaseException:
             remove(fstore.fs, self.tmp)
             raise
-
-    def __enter__(self) -> "FeatureShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
     @property
     def buffered_images(self) -> int:

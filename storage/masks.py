@@ -26,6 +26,7 @@ from loftup.storage.commit import (
     parse_shard_name,
     remove,
     rename_into_place,
+    ShardWriter,
     shard_name,
     temp_path,
 )
@@ -271,7 +272,7 @@ def write_masks(files: ShardFiles, shard: int, table: pa.Table, schema: pa.Schem
     return w.nbytes
 
 
-class ShardTableWriter:
+class ShardTableWriter(ShardWriter):
     """Streams one shard's Parquet file, one row group at a time; a context manager.
 
     Rows come in tables of any size (``add``); the file holds them sorted by ``sort_keys``
@@ -319,16 +320,6 @@ class ShardTableWriter:
         self.peak_rows = 0  # most rows ever held in memory between calls
         self.spilled_runs = 0
         self.nbytes = 0
-
-    # -- context ---------------------------------------------------------------------------------
-    def __enter__(self) -> "ShardTableWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
     # -- input -----------------------------------------------------------------------------------
     def add(self, table: pa.Table) -> None:
