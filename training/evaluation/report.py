@@ -33,6 +33,10 @@ def _blend(image: np.ndarray, ids: np.ndarray, n: int, background: int | None = 
     return out.round().astype(np.uint8)
 
 
+def _j_over_f(r: dict | None) -> str:
+    return "-" if r is None else f"{_fmt(r['J_mean'], 3)} / {_fmt(r['F_mean'], 3)}"
+
+
 def markdown(task: str, payload: dict) -> str:
     protocol, run = payload["_protocol"], payload["_run"]
     names = [k for k in payload if not k.startswith("_")]
@@ -41,65 +45,63 @@ def markdown(task: str, payload: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in run.items() if k not in ("upsamplers",)]
     lines.append("")
     ups = run.get("upsamplers", {})
+
+    def summary(metrics: list[str], cells) -> list[str]:
+        # One row per upsampler: its scores, then how it was run, the same columns for every task.
+        out = [
+            "| upsampler | " + " | ".join(metrics) + " | projection | space | source |",
+            "|---|" + "---:|" * len(metrics) + "---|---|---|",
+        ]
+        for n in names:
+            d = ups.get(n, {})
+            out.append(
+                f"| {n} | " + " | ".join(cells(payload[n])) + f" | {d.get('projection') or '-'} | "
+                f"{d.get('target_space', '-')} | {d.get('source', '')} |"
+            )
+        return out
+
+    def breakdown(title: str, label: str, keys, cell) -> list[str]:
+        # Upsamplers side by side, one row per class / sequence.
+        if not keys:
+            return []
+        out = ["", title, "", f"| {label} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        out += [f"| {k} | " + " | ".join(cell(payload[n], k) for n in names) + " |" for k in keys]
+        return out
+
     if task == "seg":
         lines += [
             "mIoU = mean IoU over the classes that occur in the val labels or in the predictions "
             "(`classes` column); pixel accuracy over labelled pixels.",
             "",
-            "| upsampler | mIoU | pixel acc. | classes | projection | space | source |",
-            "|---|---:|---:|---:|---|---|---|",
         ]
-        for n in names:
-            r, d = payload[n], ups.get(n, {})
-            lines.append(
-                f"| {n} | {_fmt(r['miou'])} | {_fmt(r['pixel_accuracy'])} | {r['classes_scored']} | "
-                f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |"
-            )
-        classes = sorted({c for n in names for c in payload[n]["per_class_iou"]})
-        if classes:
-            lines += ["", "Per-class IoU:", "", "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-            for c in classes:
-                lines.append(f"| {c} | " + " | ".join(_fmt(payload[n]["per_class_iou"].get(c)) for n in names) + " |")
+        lines += summary(
+            ["mIoU", "pixel acc.", "classes"],
+            lambda r: [_fmt(r["miou"]), _fmt(r["pixel_accuracy"]), str(r["classes_scored"])],
+        )
+        lines += breakdown(
+            "Per-class IoU:",
+            "class",
+            sorted({c for n in names for c in payload[n]["per_class_iou"]}),
+            lambda r, c: _fmt(r["per_class_iou"].get(c)),
+        )
     elif task == "davis":
         lines += [
             "J: region IoU; F: boundary F-measure; per object over the scored frames, then averaged over "
             "all objects (DAVIS 2017 toolkit).",
             "",
-            "| upsampler | J&F | J | F | objects | projection | space | source |",
-            "|---|---:|---:|---:|---:|---|---|---|",
         ]
-        for n in names:
-            r, d = payload[n], ups.get(n, {})
-            lines.append(
-                f"| {n} | {_fmt(r['JF_mean'])} | {_fmt(r['J_mean'])} | {_fmt(r['F_mean'])} | {r['objects']} | "
-                f"{d.get('projection') or '-'} | {d.get('target_space', '-')} | {d.get('source', '')} |"
-            )
-        seqs = sorted({s for n in names for s in payload[n]["per_sequence"]})
-        if seqs:
-            lines += [
-                "",
-                "Per sequence (J / F):",
-                "",
-                "| sequence | " + " | ".join(names) + " |",
-                "|---|" + "---:|" * len(names),
-            ]
-            for s in seqs:
-                cells = []
-                for n in names:
-                    r = payload[n]["per_sequence"].get(s)
-                    cells.append("-" if r is None else f"{_fmt(r['J_mean'], 3)} / {_fmt(r['F_mean'], 3)}")
-                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        lines += summary(
+            ["J&F", "J", "F", "objects"],
+            lambda r: [_fmt(r["JF_mean"]), _fmt(r["J_mean"]), _fmt(r["F_mean"]), str(r["objects"])],
+        )
+        lines += breakdown(
+            "Per sequence (J / F):",
+            "sequence",
+            sorted({s for n in names for s in payload[n]["per_sequence"]}),
+            lambda r, s: _j_over_f(r["per_sequence"].get(s)),
+        )
     else:
-        lines += [
-            "| upsampler | prototype mIoU | images | projection | space | source |",
-            "|---|---:|---:|---|---|---|",
-        ]
-        for n in names:
-            r, d = payload[n], ups.get(n, {})
-            lines.append(
-                f"| {n} | {_fmt(r['prototype_miou'])} | {r['images']} | {d.get('projection') or '-'} | "
-                f"{d.get('target_space', '-')} | {d.get('source', '')} |"
-            )
+        lines += summary(["prototype mIoU", "images"], lambda r: [_fmt(r["prototype_miou"]), str(r["images"])])
     return "\n".join(lines) + "\n"
 
 
