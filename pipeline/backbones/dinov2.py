@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loftup.pipeline.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone
+from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, create_vit, download_vit, patch_map
 from loftup.pipeline.backbones.weights import (
     KNOWN_WEIGHTS,
-    first_line,
     load_state_dict_strict,
     read_state_dict,
     resolve_weights,
@@ -94,9 +94,7 @@ class DinoV2(Backbone):
         self.pos_interp = pos_interp
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens :]
-        return tokens.reshape(b, h // self.patch, w // self.patch, -1).permute(0, 3, 1, 2)
+        return patch_map(self.vit, x, self.patch)
 
 
 def _load_dinov2_file(vit: nn.Module, path: Path, spec: BackboneSpec) -> None:
@@ -104,42 +102,24 @@ def _load_dinov2_file(vit: nn.Module, path: Path, spec: BackboneSpec) -> None:
 
     state = unwrap_state_dict(read_state_dict(path))
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "dino_head.", "ibot_head."))}
-    # timm would silently resample a patch embedding of another size (e.g. a ViT-S/16 file);
-    # that is a different model, so refuse it here.
     file_regs = "register_tokens" in state or "reg_token" in state
     if file_regs != (vit.reg_token is not None):
         other = f"{spec.name}_reg" if file_regs else spec.name.removesuffix("_reg")
         has = "has register tokens" if file_regs else "has no register tokens"
         raise WeightsError(f"{path} does not fit {spec.name}: the file {has}; use {other}")
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None and tuple(proj.shape[-2:]) != (spec.patch, spec.patch):
-        raise WeightsError(
-            f"{path} does not fit {spec.name}: patch embedding {tuple(proj.shape)} is not {spec.patch}x{spec.patch}"
-        )
-    try:
-        # Converts the facebookresearch layout (mask_token, register_tokens, cls position) to timm's.
-        state = checkpoint_filter_fn(state, vit)
-    except Exception as exc:
-        raise WeightsError(f"{path} does not fit {spec.name}: {first_line(exc)}") from None
+    check_patch_embed(state.get("patch_embed.proj.weight"), spec.patch, path, spec.name)
+    # Converts the facebookresearch layout (mask_token, register_tokens, cls position) to timm's.
+    state = convert_state(checkpoint_filter_fn, state, vit, path, spec.name)
     load_state_dict_strict(vit, state, path, spec.name)
 
 
 def _dinov2_builder(spec, weights=None, random_init=False, pos_interp="dinov2"):
-    import timm
-
     kwargs = dict(dynamic_img_size=True, img_size=_NATIVE_SIZE, num_classes=0)
     if weights == "download":
-        try:
-            vit = timm.create_model(_TIMM[spec.name], pretrained=True, **kwargs)
-        except Exception as exc:
-            raise WeightsError(f"cannot fetch weights for {spec.name} through timm: {first_line(exc)}") from None
+        vit = download_vit(spec.name, _TIMM[spec.name], **kwargs)
         return DinoV2(spec, vit, weights_record("timm-download", None), pos_interp)
     source, path = resolve_weights(spec.name, weights, random_init)
-    # With a file, timm's init (trunc_normal_ over every weight) is wasted work: skip it. Random
-    # init keeps it, so random-init DINOv2 features stay what existing stores hold.
-    vit = timm.create_model(
-        _TIMM[spec.name], pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"})
-    )
+    vit = create_vit(_TIMM[spec.name], path, **kwargs)
     if path is not None:
         _load_dinov2_file(vit, path, spec)
     return DinoV2(spec, vit, weights_record(source, path), pos_interp)

@@ -20,11 +20,10 @@ from loftup.pipeline.backbones.registry import (
     Backbone,
     BackboneSpec,
     register_backbone,
-    timm_tokens_to_map,
 )
+from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, download_vit, patch_map
 from loftup.pipeline.backbones.weights import (
     KNOWN_WEIGHTS,
-    first_line,
     load_state_dict_strict,
     read_state_dict,
     resolve_weights,
@@ -53,10 +52,7 @@ class DinoV3(Backbone):
         self.vit = vit
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        return timm_tokens_to_map(
-            self.vit.forward_features(x), self.vit.num_prefix_tokens, h // self.patch, w // self.patch
-        )
+        return patch_map(self.vit, x, self.patch)
 
 
 def _read_dinov3_file(path: Path, name: str) -> tuple[dict, bool]:
@@ -65,9 +61,7 @@ def _read_dinov3_file(path: Path, name: str) -> tuple[dict, bool]:
     # Meta's qkv bias carries a k part that its bias_mask zeroes: only q and v count.
     biases = [b for k, v in state.items() if k.endswith("attn.qkv.bias") for b in v.chunk(3)[::2]]
     biases += [v for k, v in state.items() if k.endswith(("attn.q_bias", "attn.v_bias"))]
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None and tuple(proj.shape[-2:]) != (16, 16):
-        raise WeightsError(f"{path} does not fit {name}: patch embedding {tuple(proj.shape)} is not 16x16")
+    check_patch_embed(state.get("patch_embed.proj.weight"), 16, path, name)
     if "storage_tokens" not in state and "reg_token" not in state:
         raise WeightsError(
             f"{path} does not fit {name}: no register tokens (storage_tokens / reg_token), not a DINOv3 ViT"
@@ -81,10 +75,7 @@ def _dinov3_builder(spec, weights=None, random_init=False):
 
     timm_name = _TIMM[spec.name]
     if weights == "download":
-        try:
-            vit = timm.create_model(f"{timm_name}.lvd1689m", pretrained=True, num_classes=0)
-        except Exception as exc:
-            raise WeightsError(f"cannot fetch weights for {spec.name} through timm: {first_line(exc)}") from None
+        vit = download_vit(spec.name, f"{timm_name}.lvd1689m", num_classes=0)
         return DinoV3(spec, vit, weights_record("timm-download", None), timm_name)
     source, path = resolve_weights(spec.name, weights, random_init)
     state, qkv_bias = (None, False) if path is None else _read_dinov3_file(path, spec.name)
@@ -93,10 +84,7 @@ def _dinov3_builder(spec, weights=None, random_init=False):
     arch = f"{timm_name}_qkvb" if qkv_bias else timm_name
     vit = timm.create_model(arch, pretrained=False, num_classes=0)
     if state is not None:
-        try:
-            state = checkpoint_filter_fn(state, vit)
-        except Exception as exc:
-            raise WeightsError(f"{path} does not fit {spec.name}: {first_line(exc)}") from None
+        state = convert_state(checkpoint_filter_fn, state, vit, path, spec.name)
         load_state_dict_strict(vit, state, path, spec.name)
     return DinoV3(spec, vit, weights_record(source, path), arch)
 

@@ -13,17 +13,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from loftup.pipeline.backbones.registry import Backbone, BackboneSpec, register_backbone, timm_tokens_to_map
+from loftup.pipeline.backbones.registry import Backbone, BackboneSpec, register_backbone
+from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, create_vit, download_vit, patch_map
 from loftup.pipeline.backbones.weights import (
     KNOWN_WEIGHTS,
-    first_line,
     load_state_dict_strict,
     read_state_dict,
     resolve_weights,
     unwrap_state_dict,
     weights_record,
 )
-from loftup.storage.errors import WeightsError
 
 __all__ = ["SigLip"]
 
@@ -38,10 +37,7 @@ class SigLip(Backbone):
         self.vit = vit
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        return timm_tokens_to_map(
-            self.vit.forward_features(x), self.vit.num_prefix_tokens, h // self.patch, w // self.patch
-        )
+        return patch_map(self.vit, x, self.patch)
 
 
 def _load_siglip_file(vit: nn.Module, path: Path, name: str) -> None:
@@ -52,29 +48,18 @@ def _load_siglip_file(vit: nn.Module, path: Path, name: str) -> None:
         state = {k[len("visual.trunk.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
     # The attention-pooling head (and any classifier) is not used for patch features.
     state = {k: v for k, v in state.items() if not k.startswith(("attn_pool.", "head.", "fc_norm."))}
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None and tuple(proj.shape[-2:]) != (16, 16):
-        raise WeightsError(f"{path} does not fit {name}: patch embedding {tuple(proj.shape)} is not 16x16")
-    try:
-        state = checkpoint_filter_fn(state, vit)
-    except Exception as exc:
-        raise WeightsError(f"{path} does not fit {name}: {first_line(exc)}") from None
+    check_patch_embed(state.get("patch_embed.proj.weight"), 16, path, name)
+    state = convert_state(checkpoint_filter_fn, state, vit, path, name)
     load_state_dict_strict(vit, state, path, name)
 
 
 def _siglip_builder(spec, weights=None, random_init=False):
-    import timm
-
     kwargs = dict(num_classes=0, global_pool="", dynamic_img_size=True)
     if weights == "download":
-        try:
-            vit = timm.create_model(f"{_TIMM}.{_TAGS[spec.name]}", pretrained=True, **kwargs)
-        except Exception as exc:
-            raise WeightsError(f"cannot fetch weights for {spec.name} through timm: {first_line(exc)}") from None
+        vit = download_vit(spec.name, f"{_TIMM}.{_TAGS[spec.name]}", **kwargs)
         return SigLip(spec, vit, weights_record("timm-download", None))
     source, path = resolve_weights(spec.name, weights, random_init)
-    # timm's init is skipped only when a file replaces every tensor (see clip.py).
-    vit = timm.create_model(_TIMM, pretrained=False, **kwargs, **({} if path is None else {"weight_init": "skip"}))
+    vit = create_vit(_TIMM, path, **kwargs)
     if path is not None:
         _load_siglip_file(vit, path, spec.name)
     return SigLip(spec, vit, weights_record(source, path))
