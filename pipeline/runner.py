@@ -228,13 +228,10 @@ def _run_leased(
         elif executor == "inline":
             for shard, path in todo:
                 try:
-                    summary.done[shard] = process_shard(
-                        job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err)
-                    )
-                    view.finish(shard, summary.done[shard])
+                    info = process_shard(job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err))
+                    _shard_done(summary, view, shard, info)
                 except Exception as exc:  # as under Ray: one shard's failure never stops the others
-                    summary.failed[shard] = error_line(exc)
-                    view.fail(shard, summary.failed[shard])
+                    _shard_failed(summary, view, shard, exc)
         elif executor == "ray":
             _run_ray(
                 job,
@@ -256,6 +253,17 @@ def _run_leased(
         store.record_failed_shard(job.name, shard, reason)
     summary.seconds = time.time() - t0
     return summary
+
+
+# A shard's outcome goes to the summary and the progress view alike, whichever executor ran it.
+def _shard_done(summary: RunSummary, view, shard: int, info: dict) -> None:
+    summary.done[shard] = info
+    view.finish(shard, info)
+
+
+def _shard_failed(summary: RunSummary, view, shard: int, exc: BaseException) -> None:
+    summary.failed[shard] = error_line(exc)
+    view.fail(shard, summary.failed[shard])
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):
@@ -362,15 +370,11 @@ def _run_ray(
             for ref in ready:
                 shard = pending.pop(ref)
                 try:
-                    summary.done[shard] = ray.get(ref)
-                    view.finish(shard, summary.done[shard])
+                    _shard_done(summary, view, shard, ray.get(ref))
                 except RayTaskError as exc:
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    summary.failed[shard] = error_line(cause)
-                    view.fail(shard, summary.failed[shard])
+                    _shard_failed(summary, view, shard, exc.cause if getattr(exc, "cause", None) is not None else exc)
                 except RayError as exc:
-                    summary.failed[shard] = error_line(exc)
-                    view.fail(shard, summary.failed[shard])
+                    _shard_failed(summary, view, shard, exc)
     finally:
         stop.set()
         poller.join(timeout=2)
