@@ -128,7 +128,8 @@ def test_stage1_resume_is_exact(train_store, tmp_path):
 
     # warm-up + cosine over 6 steps: the rate is a function of the step, so it resumes too
     # (and precise BN on the exported copy must not leak into last.pt)
-    sched = dict(lr_schedule="cosine", warmup_steps=2, decay_steps=6, bn_recalibrate=2)
+    # hue jitter on too: its draws are a function of (seed, step) as well
+    sched = dict(lr_schedule="cosine", warmup_steps=2, decay_steps=6, bn_recalibrate=2, hue_jitter=90.0)
     straight = train(_stage1_cfg(train_store, tmp_path / "a", max_steps=6, **sched))
     assert straight["steps"] == 6
     train(_stage1_cfg(train_store, tmp_path / "b", max_steps=3, **sched))
@@ -191,6 +192,23 @@ def test_stage1_resume_is_exact(train_store, tmp_path):
     assert len(err) == 1 and err[0].startswith("error: --resume: the config differs"), p.stderr
     assert "lr (0.001 -> 0.002)" in err[0] and "tv_weight (0.001 -> 0.5)" in err[0] and "Traceback" not in p.stderr
     assert (tmp_path / "b" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_hue_rotation_keeps_grey_and_brightness_and_cycles_channels_at_120_degrees():
+    from loftup.training.data import hue_rotate, hue_rotation
+
+    rot = hue_rotation(torch.tensor([0.0, 2 * np.pi / 3, 0.7]))
+    torch.testing.assert_close(rot[0], torch.eye(3))
+    # 120 degrees about the grey axis maps R -> G -> B -> R: a cyclic permutation of the channels
+    torch.testing.assert_close(rot[1], torch.tensor([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rot[2] @ rot[2].T, torch.eye(3), atol=1e-6, rtol=0)  # a rotation
+    x = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    y = hue_rotate(x, 180.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(y.mean(1), x.mean(1), atol=1e-6, rtol=0)  # brightness (grey level) kept
+    grey = x.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(hue_rotate(grey, 180.0, torch.Generator().manual_seed(1)), grey, atol=1e-6, rtol=0)
+    assert (y - x).abs().amax() > 0.05  # and colours did change
+    torch.testing.assert_close(hue_rotate(x, 0.0, torch.Generator().manual_seed(1)), x)
 
 
 def test_recipes_resolve_released_and_paper_terms():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,22 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
 def normalise_float(x01: torch.Tensor) -> torch.Tensor:
     """(B,3,H,W) float in [0, 1] -> ImageNet-normalised, on the tensor's device."""
     return (x01 - IMAGENET_MEAN.to(x01.device)) / IMAGENET_STD.to(x01.device)
+
+
+def hue_rotate(x01: torch.Tensor, max_degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """(B,3,H,W) [0, 1] images, each with its hue rotated by an angle drawn uniformly in
+    +/- ``max_degrees``: a rotation of RGB about the grey axis, which keeps brightness and
+    every edge but changes which colour a surface has."""
+    theta = (torch.rand(x01.shape[0], generator=generator) * 2 - 1) * math.radians(max_degrees)
+    return torch.einsum("bij,bjhw->bihw", hue_rotation(theta).to(x01), x01)
+
+
+def hue_rotation(theta: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) rotations of RGB by ``theta`` (N,) radians about the grey axis (Rodrigues)."""
+    u = torch.full((3,), 1 / math.sqrt(3))
+    cross = torch.tensor([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
+    return c * torch.eye(3) + s * cross + (1 - c) * torch.outer(u, u)
 
 
 @dataclass

@@ -65,6 +65,11 @@ class Stage1Config(loop.TrainConfig):
     pca_dim: int | None = option(None, help="Upsample a PCA of the features with this many channels (CPU runs).")
     lr: float = option(1e-4, help="NAdam learning rate.")
     weight_decay: float = option(0.0, help="NAdam weight decay (released: 0).")
+    hue_jitter: float = option(
+        0.0,
+        help="Rotate the guidance image's hue by up to +/- N degrees per image and step (0 = off, as released). The "
+        "features and the target stay the original image's, so a colour cannot stand in for what the features say.",
+    )
     bn_recalibrate: int = option(
         0, help="Recompute BatchNorm statistics of the exported weights over N batches (0 = off)."
     )
@@ -179,12 +184,18 @@ class Stage1:
     def batches(self, epoch: int, offset: int, step: int):
         return iter(self.loader(epoch, offset))
 
-    def inputs(self, batch):
-        """(features in the model's input space, ImageNet-normalised guidance image)."""
-        from loftup.training.data import normalise
+    def inputs(self, batch, step: int | None = None):
+        """(features in the model's input space, ImageNet-normalised guidance image); with a
+        training ``step``, the image gets that step's augmentation."""
+        from loftup.training.data import hue_rotate, normalise_float
 
         feats = batch["feats"].to(self.d.device, non_blocking=True).float()
-        image = normalise(batch["image"].to(self.d.device, non_blocking=True))
+        image = batch["image"].to(self.d.device, non_blocking=True).float().div_(255)
+        if step is not None and self.cfg.hue_jitter:
+            # Its own stream, so the projections and jitters of the step draw what they always did.
+            gen = torch.Generator().manual_seed(self.cfg.seed * 2_000_029 + step)
+            image = hue_rotate(image, self.cfg.hue_jitter, gen)
+        image = normalise_float(image)
         return (self.projection(feats) if self.projection is not None else feats), image
 
     def lowres(self, images01: torch.Tensor) -> torch.Tensor:
@@ -208,7 +219,7 @@ class Stage1:
         )
 
         cfg = self.cfg
-        feats, image = self.inputs(batch)
+        feats, image = self.inputs(batch, step)
         masks, valid = batch_masks(batch, self.d.device)
         with torch.no_grad():
             if self.implicit is not None:
