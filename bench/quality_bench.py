@@ -145,6 +145,91 @@ def bilinear_upsampler():
     return lambda f, img, size: F.interpolate(layer_norm_target(f), size=size, mode="bilinear", align_corners=False)
 
 
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def plot_curves(runs: list[tuple[str, dict]], png: str) -> None:
+    """One panel per metric: each run's Stage 1 curve on the held-out photos (solid, dots) and on
+    training crops (thin), against image-steps; bilinear on the held-out photos as a grey line.
+    PIL only (the project has no plotting dependency)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    keys = list(runs[0][1]["bilinear"])
+    w, h, m, top = 330, 300, 46, 30
+    legend = 16 * (2 * len(runs) + 2) + 10
+    img = Image.new("RGB", (w * len(keys), top + h + legend), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text(
+        (8, 8),
+        "Stage 1 learning curves: held-out photos (thick, dots), training crops (thin); "
+        "bilinear in grey (thick: held-out, thin: training crops)",
+        fill="black",
+    )
+    series = {}
+    for i, (label, data) in enumerate(runs):
+        for which in ("curves", "train_curves"):
+            for key in keys:
+                pts = sorted(
+                    (int(k.split("|")[1]) * 4, float(np.mean([v[key] for v in vals])))
+                    for k, vals in (data.get(which) or {}).items()
+                )
+                series[(i, which, key)] = pts
+    xmax = max((p[-1][0] for p in series.values() if p), default=1)
+    for j, key in enumerate(keys):
+        ox = j * w
+        base = runs[0][1]["bilinear"][key]
+        train_base = (runs[0][1].get("train_bilinear") or {}).get(key)
+        vals = [v for (i, which, k), pts in series.items() if k == key for _, v in pts] + [base]
+        vals += [train_base] if train_base is not None else []
+        lo, hi = min(vals), max(vals)
+        lo, hi = lo - 0.05 * (hi - lo + 1e-6), hi + 0.05 * (hi - lo + 1e-6)
+        x0, y0, x1, y1 = ox + m, top + 20, ox + w - 12, top + h - 30
+
+        def px(x, y, lo=lo, hi=hi, x0=x0, y0=y0, x1=x1, y1=y1):
+            return x0 + x / xmax * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0)
+
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, top + 4), key, fill="black")
+        for t in np.linspace(lo, hi, 5):
+            _, y = px(0, t)
+            draw.line([x0 - 4, y, x0, y], fill="black")
+            draw.text((ox + 4, y - 6), f"{t:.2f}", fill="black")
+        for t in np.linspace(0, xmax, 4):
+            x, _ = px(t, lo)
+            draw.line([x, y1, x, y1 + 4], fill="black")
+            draw.text((x - 12, y1 + 6), f"{t:.0f}", fill="black")
+        draw.text((x0 + 60, y1 + 18), "image-steps", fill="black")
+        _, yb = px(0, base)
+        draw.line([x0, yb, x1, yb], fill=(150, 150, 150), width=2)
+        if train_base is not None:
+            _, yt = px(0, train_base)
+            draw.line([x0, yt, x1, yt], fill=(150, 150, 150), width=1)
+        for (i, which, k), pts in series.items():
+            if k != key or not pts:
+                continue
+            colour = COLOURS[i % len(COLOURS)]
+            xy = [px(x, y) for x, y in pts]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=3 if which == "curves" else 1)
+            if which == "curves":
+                for x, y in xy:
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    ly = top + h + 6
+    for i, (label, _) in enumerate(runs):
+        colour = COLOURS[i % len(COLOURS)]
+        draw.line([10, ly + 7, 40, ly + 7], fill=colour, width=3)
+        draw.text((48, ly), f"{label}: held-out photos", fill="black")
+        draw.line([10, ly + 23, 40, ly + 23], fill=colour, width=1)
+        draw.text((48, ly + 16), f"{label}: training crops", fill="black")
+        ly += 32
+    draw.line([10, ly + 7, 40, ly + 7], fill=(150, 150, 150), width=2)
+    draw.text((48, ly), "bilinear, held-out photos", fill="black")
+    draw.line([10, ly + 23, 40, ly + 23], fill=(150, 150, 150), width=1)
+    draw.text((48, ly + 16), "bilinear, training crops", fill="black")
+    img.save(png)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="Keeps the store between runs (default: a fresh temp dir).")
@@ -159,10 +244,26 @@ def main() -> None:
     ap.add_argument(
         "--train-eval", type=int, default=16, help="also score the curve on this many training crops (0 = off)"
     )
+    ap.add_argument("--png", default=None, help="write the learning curves as a PNG (with --plot: of those runs)")
+    ap.add_argument(
+        "--plot",
+        nargs="*",
+        default=None,
+        metavar="LABEL=QUALITY_JSON",
+        help="only plot the curves of earlier runs (their quality.json) into --png",
+    )
     ap.add_argument(
         "--stage1", default="{}", help="JSON of extra Stage1Config fields (the CPU-scale recipe is the default)"
     )
     args = ap.parse_args()
+    if args.plot is not None:
+        if not args.png:
+            ap.error("--plot needs --png")
+        plot_curves(
+            [(a.split("=", 1)[0], json.loads(Path(a.split("=", 1)[1]).read_text())) for a in args.plot], args.png
+        )
+        print(f"wrote {args.png}")
+        return
 
     import numpy as np
     from rich.console import Console
@@ -320,6 +421,8 @@ def main() -> None:
             indent=1,
         )
     )
+    if args.png:
+        plot_curves([(args.recipes, json.loads((work / "quality.json").read_text()))], args.png)
     console.print(f"figures in {work / 'quality.json'}; load average {os.getloadavg()[0]:.1f}")
 
 
