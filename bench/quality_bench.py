@@ -16,8 +16,11 @@ per step for the reconstruction instead of 4 (each jitter runs the backbone on t
 Stage 2 at HR 448, s in {112, 160}, batch 2, 30 steps, lr 1e-4, EMA every 5. --stage1 '{...}'
 overrides any Stage 1 field.
 
-Stage 1 is also scored every --eval-every steps of each run (resumed exactly between scores):
-the learning curve against image-steps. The goal (issue 11): Stage 1 above bilinear at both
+Stage 1 is also scored every --eval-every steps of each run (resumed exactly between scores), on
+the held-out photos and on --train-eval training crops: the learning curve against image-steps
+(--png draws it; --plot LABEL=quality.json ... redraws earlier runs side by side). The pseudo-GT's
+own retention is printed beside bilinear: a student that fitted its target exactly would keep
+that much, no more. The goal (issue 11): Stage 1 above bilinear at both
 sizes by more than the seed spread, MSE below bilinear's, retention >= 0.85 at S and >= 0.8 at 4S.
 
     python bench/quality_bench.py                        # 3 seeds x 2 recipes (about an hour on 2 quiet cores)
@@ -134,6 +137,27 @@ def score(items, upsample, projection, size: int, alpha: float = 0.8) -> dict:
                 }
             )
     return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+
+
+def target_retention(items, projection, size: int, alpha: float = 0.8) -> float:
+    """Retention of the pseudo-GT itself (Eq. 1 at ``size``): the most a student that fits its
+    target exactly can keep, since mask averaging moves every cell towards its regions' means."""
+    import numpy as np
+    import torch
+
+    from loftup.training.inference import retention
+    from loftup.training.pseudo_gt import pseudo_gt
+    from loftup.training.target_space import layer_norm_target
+
+    out = []
+    with torch.no_grad():
+        for it in items:
+            low = layer_norm_target(projection(it["feats"]) if projection is not None else it["feats"])
+            masks = it[size]["masks"]
+            out.append(
+                retention(pseudo_gt(low, masks, torch.ones(masks.shape[:2], dtype=torch.bool), size, alpha), low)
+            )
+    return float(np.mean(out))
 
 
 def bilinear_upsampler():
@@ -366,6 +390,9 @@ def main() -> None:
     bil = bilinear_upsampler()
     baseline = score(items, bil, projection, args.size)
     train_baseline = score(train_items, bil, projection, args.size) if train_items else None
+    ceiling = {"held_out": target_retention(items, projection, args.size)}
+    if train_items:
+        ceiling["training_crops"] = target_retention(train_items, projection, args.size)
 
     def fmt(vals, key):
         v = np.array([x[key] for x in vals])
@@ -383,6 +410,10 @@ def main() -> None:
     for (recipe, stage), vals in results.items():
         table.add_row(f"{stage} ({recipe})", *[fmt(vals, k) for k in keys])
     console.print(table)
+    console.print(
+        f"retention of the pseudo-GT itself at {args.size} (the ceiling of a student that fits it): "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in ceiling.items())
+    )
     curve = Table(
         title="Stage 1 learning curve on the held-out photos (mean over seeds; bilinear: "
         + ", ".join(f"{k} {baseline[k]:.3f}" for k in keys)
@@ -416,6 +447,7 @@ def main() -> None:
                 "results": {f"{r}|{s}": v for (r, s), v in results.items()},
                 "curves": {f"{r}|{n}": v for (r, n), v in curves.items()},
                 "train_bilinear": train_baseline,
+                "pseudo_gt_retention": ceiling,
                 "train_curves": {f"{r}|{n}": v for (r, n), v in train_curves.items()},
             },
             indent=1,
