@@ -10,9 +10,10 @@ image and upsampler (training/evaluation/masks.py's prototype mIoU; training/inf
   ret@S, ret@4S     retention: the upsampled map average-pooled onto the low-res grid, mean cosine
                     with the low-res features (same space); bilinear keeps about 0.95
 
-CPU-scale settings for both recipes: Stage 1 at 56 px, batch 4, 600 steps, lr 2e-3 with 50 warm-up
-steps and cosine decay, BatchNorm recalibrated over 32 batches, and (released recipe) one jitter
-per step for the reconstruction instead of 4 (each jitter runs the backbone on the whole batch);
+The CPU-scale recipe (README results) for both recipes: Stage 1 at 56 px, batch 4, 300 steps, lr
+2e-3 with 50 warm-up steps and cosine decay, the guidance image's hue rotated at random (hue_jitter
+180), BatchNorm recalibrated over 32 batches, and (released recipe) one jitter per step for the
+reconstruction instead of 4 (each jitter runs the backbone on the whole batch);
 Stage 2 at HR 448, s in {112, 160}, batch 2, 30 steps, lr 1e-4, EMA every 5. --stage1 '{...}'
 overrides any Stage 1 field.
 
@@ -23,8 +24,9 @@ own retention is printed beside bilinear: a student that fitted its target exact
 that much, no more. The goal (issue 11): Stage 1 above bilinear at both
 sizes by more than the seed spread, MSE below bilinear's, retention >= 0.85 at S and >= 0.8 at 4S.
 
-    python bench/quality_bench.py                        # 3 seeds x 2 recipes (about an hour on 2 quiet cores)
-    python bench/quality_bench.py --seeds 0 --recipes paper --stage1-steps 200 --eval-every 100   # reduced
+    python bench/quality_bench.py                        # 3 seeds x 2 recipes, the CPU-scale recipe
+    python bench/quality_bench.py --seeds 0 --recipes paper --stage1-steps 2400 --eval-every 300 \
+        --stage2-steps 0 --stage1 '{"hue_jitter": 0}' --png curves.png   # the README's long learning curve
 """
 
 from __future__ import annotations
@@ -262,8 +264,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recipes", default="released,paper")
     ap.add_argument("--size", type=int, default=56, help="Stage 1 training size S")
-    ap.add_argument("--stage1-steps", type=int, default=600)
-    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--stage1-steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--stage2-steps", type=int, default=30)
     ap.add_argument(
         "--train-eval", type=int, default=16, help="also score the curve on this many training crops (0 = off)"
@@ -340,6 +342,7 @@ def main() -> None:
                     decay_steps=args.stage1_steps,
                     bn_recalibrate=32,
                     recon_jitters=1,
+                    hue_jitter=180.0,
                     seed=seed,
                     recipe=recipe,
                     workers=0,
