@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HELD_PHOTOS, TRAIN_TARS = ("voc", "arc2017"), 8
 
 
-def build_store(work: Path, backbone: str, images_per_tar: int):
+def build_store(work: Path, backbone: str, images_per_tar: int, photos_dir: str | None = None):
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
     from loftup.sample_data import photo_names, write_sample_shards
@@ -57,7 +57,9 @@ def build_store(work: Path, backbone: str, images_per_tar: int):
             tars=TRAIN_TARS,
             images_per_tar=images_per_tar,
             seed=0,
-            photos=[p for p in photo_names() if p not in HELD_PHOTOS],
+            # Your own training photos (any folder of JPEG/PNG); the held-out tar stays the same.
+            photos=None if photos_dir else [p for p in photo_names() if p not in HELD_PHOTOS],
+            photos_dir=photos_dir,
         )
         write_sample_shards(
             work / "sa1b", tars=1, images_per_tar=16, seed=0, first_shard=TRAIN_TARS, photos=HELD_PHOTOS
@@ -260,6 +262,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="Keeps the store between runs (default: a fresh temp dir).")
     ap.add_argument("--images-per-tar", type=int, default=16)
+    ap.add_argument(
+        "--photos-dir", default=None, help="train on the JPEG/PNG photos of this folder (held-out photos unchanged)"
+    )
     ap.add_argument("--backbone", default="hed_vgg16")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recipes", default="released,paper")
@@ -303,7 +308,7 @@ def main() -> None:
 
     console = Console()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-quality-"))
-    store = build_store(work, args.backbone, args.images_per_tar)
+    store = build_store(work, args.backbone, args.images_per_tar, args.photos_dir)
     items = held_out_set(store, args.backbone, args.size)
     # Training crops, scored the same way: tells underfitting (both bad) from not generalising.
     train_items = (
