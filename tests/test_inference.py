@@ -120,3 +120,9 @@ def test_save_panels_and_overlay(tmp_path):
     assert (arr < 50).any()  # titles drawn in black
     with pytest.raises(ValueError):
         save_panels([img], ["a", "b"], tmp_path / "q.png")
+    # Small outputs are drawn at least 224 px high, each pixel a nearest-neighbour block.
+    tiny = np.arange(56 * 56 * 3, dtype=np.uint8).reshape(56, 56, 3)
+    big = np.asarray(Image.open(save_panels([tiny], None, tmp_path / "t.png", gap=0)).convert("RGB"))
+    assert big.shape == (224, 224, 3)
+    np.testing.assert_array_equal(big[::4, ::4], tiny)
+    np.testing.assert_array_equal(big[3::4, 3::4], tiny)

@@ -100,10 +100,18 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def save_panels(panels: Sequence, titles: Sequence[str] | None, path, height: int | None = None, gap: int = 6) -> Path:
+def save_panels(
+    panels: Sequence,
+    titles: Sequence[str] | None,
+    path,
+    height: int | None = None,
+    gap: int = 6,
+    min_height: int = 224,
+) -> Path:
     """Write ``panels`` (HxWx3 uint8 arrays or PIL images) side by side with a title above
     each to one PNG at ``path``. Panels are scaled (nearest) to a common ``height``
-    (default: the tallest panel). Returns the path."""
+    (default: the tallest panel, at least ``min_height``, so that a 56-px output is still
+    visible, each of its pixels a block). Returns the path."""
     images = [
         p.convert("RGB") if isinstance(p, Image.Image) else Image.fromarray(np.asarray(p, np.uint8)) for p in panels
     ]
@@ -112,7 +120,7 @@ def save_panels(panels: Sequence, titles: Sequence[str] | None, path, height: in
     titles = list(titles) if titles is not None else [""] * len(images)
     if len(titles) != len(images):
         raise ValueError(f"{len(images)} panels but {len(titles)} titles")
-    target = height or max(im.height for im in images)
+    target = height or max(min_height, *(im.height for im in images))
     images = [
         im if im.height == target else im.resize((max(1, round(im.width * target / im.height)), target), Image.NEAREST)
         for im in images
