@@ -112,11 +112,13 @@ def test_stage1_beats_bilinear_on_held_out_images(real_store, stage1_run):
     at56, at112 = _evaluate(real_store, ckpt, size=56), _evaluate(real_store, ckpt, size=112)
     print(json.dumps({"56": at56, "112": at112}, indent=2))
     assert np.isfinite(list(at56.values()) + list(at112.values())).all()
-    # Measured: 0.455 vs bilinear 0.307 and bicubic 0.268 at 56 (the training size); 0.373 vs
-    # 0.291 and 0.258 at 112, a size Stage 1 never saw. Asserted with about a third of the margin.
-    assert at56["stage1"] > at56["bilinear"] + 0.05, at56
-    assert at56["stage1"] > at56["bicubic"] + 0.05, at56
-    assert at112["stage1"] > at112["bilinear"] + 0.03, at112
+    # Measured (seed 0, this fixture): 0.455 vs bilinear 0.307 and bicubic 0.268 at 56, the training
+    # size; seeds 0-2 of the same recipe in bench/quality_bench.py: 0.454, 0.367, 0.375. At 112, a
+    # size Stage 1 never saw, the seeds straddle bilinear (0.375, 0.298, 0.270 vs 0.291): only the
+    # lead over bicubic (0.258) is asserted there. At 56: half the smallest seed's margin.
+    assert at56["stage1"] > at56["bilinear"] + 0.03, at56
+    assert at56["stage1"] > at56["bicubic"] + 0.03, at56
+    assert at112["stage1"] > at112["bicubic"], at112
 
 
 @pytest.mark.timeout(2400)
@@ -151,9 +153,12 @@ def test_stage2_after_stage1_beats_bilinear_on_held_out_images(real_store, stage
     at56, at112 = _evaluate(real_store, ckpts, size=56), _evaluate(real_store, ckpts, size=112)
     print(json.dumps({"56": at56, "112": at112}, indent=2))
     assert np.isfinite(list(at56.values()) + list(at112.values())).all()
-    # Measured: Stage 2 0.430 at 56 and 0.348 at 112, above both baselines at both sizes; 30 CPU
-    # steps of self-distillation do not add to this Stage 1 (0.455, 0.373): they cost it 0.025
-    # at both sizes (README results), so that is not asserted.
+    # Measured (seed 0): Stage 2 0.430 at 56 and 0.348 at 112 against Stage 1's 0.455 and 0.373;
+    # in bench/quality_bench.py's seeds 0-2 Stage 2 moved Stage 1 by -0.008 to +0.035. 30 CPU
+    # steps of self-distillation do not add to this Stage 1 (README results), so that is not
+    # asserted: Stage 2 must keep Stage 1's quality (within 0.05 at both sizes) and its lead
+    # over both baselines at the training size.
+    assert at56["stage2"] > at56["bilinear"] + 0.03, at56
+    assert at56["stage2"] > at56["bicubic"] + 0.03, at56
     for at in (at56, at112):
-        assert at["stage2"] > at["bilinear"] + 0.03, at
-        assert at["stage2"] > at["bicubic"] + 0.03, at
+        assert abs(at["stage2"] - at["stage1"]) < 0.05, at
