@@ -9,7 +9,6 @@ cached footers.
 from __future__ import annotations
 
 import functools
-
 import os
 import threading
 from collections import OrderedDict
