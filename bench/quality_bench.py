@@ -178,8 +178,8 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 def plot_curves(runs: list[tuple[str, dict]], png: str) -> None:
     """One panel per metric: each run's Stage 1 curve on the held-out photos (solid, dots) and on
-    training crops (thin), against image-steps; bilinear on the held-out photos as a grey line.
-    PIL only (the project has no plotting dependency)."""
+    training crops (thin), against image-steps (steps x the bench's batch of 4); bilinear in grey
+    (thick: held-out, thin: training crops). PIL only (the project has no plotting dependency)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
