@@ -422,31 +422,20 @@ def main() -> None:
         f"retention of the pseudo-GT itself at {args.size} (the ceiling of a student that fits it): "
         + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in ceiling.items())
     )
-    curve = Table(
-        title="Stage 1 learning curve on the held-out photos (mean over seeds; bilinear: "
-        + ", ".join(f"{k} {baseline[k]:.3f}" for k in keys)
-        + ")"
-    )
-    curve.add_column("recipe")
-    curve.add_column("steps (image-steps)", justify="right")
-    for k in keys:
-        curve.add_column(k, justify="right")
-    for (recipe, n), vals in curves.items():
-        curve.add_row(recipe, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
-    console.print(curve)
-    if train_items:
-        tcurve = Table(
-            title=f"the same on {len(train_items)} training crops (bilinear: "
-            + ", ".join(f"{k} {train_baseline[k]:.3f}" for k in keys)
-            + ")"
-        )
-        tcurve.add_column("recipe")
-        tcurve.add_column("steps (image-steps)", justify="right")
+
+    def curve_table(title: str, base: dict, data: dict) -> Table:
+        t = Table(title=f"{title} (bilinear: " + ", ".join(f"{k} {base[k]:.3f}" for k in keys) + ")")
+        t.add_column("recipe")
+        t.add_column("steps (image-steps)", justify="right")
         for k in keys:
-            tcurve.add_column(k, justify="right")
-        for (recipe, n), vals in train_curves.items():
-            tcurve.add_row(recipe, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
-        console.print(tcurve)
+            t.add_column(k, justify="right")
+        for (recipe, n), vals in data.items():
+            t.add_row(recipe, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
+        return t
+
+    console.print(curve_table("Stage 1 learning curve on the held-out photos, mean over seeds", baseline, curves))
+    if train_items:
+        console.print(curve_table(f"the same on {len(train_items)} training crops", train_baseline, train_curves))
     console.print("training seconds (last seed): " + ", ".join(f"{r} {s} {v:.0f}" for (r, s), v in timing.items()))
     (work / "quality.json").write_text(
         json.dumps(
