@@ -108,6 +108,12 @@ def _cases(w):
         ("loftup-pipeline", ["masks", "--shards", "9", "--sa1b-root", t, "--store", s], 2, "sa_000009.tar"),
         (
             "loftup-pipeline",
+            ["masks", "--shards", "0", "--sa1b-root", t, "--store", s, "--check-skipped", "fast"],
+            2,
+            "unknown --check-skipped 'fast'",
+        ),
+        (
+            "loftup-pipeline",
             [
                 "features",
                 "--shards",
