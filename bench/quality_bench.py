@@ -24,9 +24,18 @@ own retention is printed beside bilinear: a student that fitted its target exact
 that much, no more. The goal (issue 11): Stage 1 above bilinear at both
 sizes by more than the seed spread, MSE below bilinear's, retention >= 0.85 at S and >= 0.8 at 4S.
 
+--targets trains the same Stage 1 on each pseudo-GT (``loftup-train stage1 --target``): the paper's
+Table 1 at CPU scale. For ``implicit`` the bench first runs ``loftup-pipeline implicit``'s job on
+every training image (FeatUp's recipe shrunk by --implicit-steps/--implicit-views/
+--implicit-batch, dense maps kept); every target then trains on the same images, for the same
+steps, and is scored on the same held-out photos beside bilinear. Each target's own retention is
+printed on the training crops (MSE is always to the mask-bicubic pseudo-GT).
+
     python bench/quality_bench.py                        # 3 seeds x 2 recipes, the CPU-scale recipe
     python bench/quality_bench.py --seeds 0 --recipes paper --stage1-steps 2400 --eval-every 300 \
         --stage2-steps 0 --stage1 '{"hue_jitter": 0}' --png curves.png   # the README's long learning curve
+    python bench/quality_bench.py --images-per-tar 4 --recipes paper --stage2-steps 0 \
+        --targets mask-bicubic,implicit,bicubic                          # the README's CPU-scale Table 1
 """
 
 from __future__ import annotations
@@ -72,11 +81,9 @@ def build_store(work: Path, backbone: str, images_per_tar: int, photos_dir: str 
     return open_store(store_path)
 
 
-def held_out_set(
-    store, backbone: str, size: int, max_masks: int = 60, shard: int = TRAIN_TARS, limit: int | None = None
-):
-    """Per image of ``shard`` (default: the held-out one): features, images at S and 2S, labels
-    at S and 2S, masks at S."""
+def held_out_set(store, backbone: str, size: int, max_masks: int = 60, shards=(TRAIN_TARS,), limit: int | None = None):
+    """Per image of ``shards`` (default: the held-out one), the first ``limit`` in store order:
+    features, images at S and 2S, labels at S and 2S, masks at S."""
     import io
 
     import numpy as np
@@ -89,12 +96,13 @@ def held_out_set(
 
     fs = store.features(backbone, 224)
     items = []
-    for image_id in store.image_ids(shard)[:limit]:
+    ids = np.concatenate([store.image_ids(s) for s in shards])[:limit]
+    for image_id in ids:
         img224 = Image.open(io.BytesIO(store.image_bytes(int(image_id), 224))).convert("RGB")
         rles = store.masks_for(int(image_id), size=224)[:max_masks]
         if not rles:
             continue
-        item = {"feats": torch.from_numpy(np.asarray(fs.get(int(image_id)))).float()[None]}
+        item = {"id": int(image_id), "feats": torch.from_numpy(np.asarray(fs.get(int(image_id)))).float()[None]}
         for s in (size, 2 * size):
             idx = _subsample_index(224, s)
             masks = rle.decode_many([rle.resample(r, idx, idx) for r in rles])
@@ -143,25 +151,45 @@ def score(items, upsample, projection, size: int, alpha: float = 0.8) -> dict:
     return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
 
 
-def target_retention(items, projection, size: int, alpha: float = 0.8) -> float:
-    """Retention of the pseudo-GT itself (Eq. 1 at ``size``): the most a student that fits its
-    target exactly can keep, since mask averaging moves every cell towards its regions' means."""
+def target_retention(items, projection, size: int, alpha: float = 0.8, target: str = "mask-bicubic", implicit=None):
+    """Retention of a pseudo-GT itself at ``size`` (Eq. 1 by default; ``implicit`` an
+    ImplicitTargets for the per-image-optimised maps): the most a student that fits its target
+    exactly can keep, since e.g. mask averaging moves every cell towards its regions' means."""
     import numpy as np
     import torch
 
     from loftup.training.inference import retention
-    from loftup.training.pseudo_gt import pseudo_gt
+    from loftup.training.stage1 import stage1_target
     from loftup.training.target_space import layer_norm_target
 
     out = []
     with torch.no_grad():
         for it in items:
             low = layer_norm_target(projection(it["feats"]) if projection is not None else it["feats"])
-            masks = it[size]["masks"]
-            out.append(
-                retention(pseudo_gt(low, masks, torch.ones(masks.shape[:2], dtype=torch.bool), size, alpha), low)
-            )
+            if target == "implicit":
+                tgt = implicit([it["id"]], size, projection)
+            else:
+                masks = it[size]["masks"]
+                tgt = stage1_target(target, low, masks, torch.ones(masks.shape[:2], dtype=torch.bool), size, alpha)
+            out.append(retention(tgt, low))
     return float(np.mean(out))
+
+
+def run_implicit(store, backbone: str, images_per_tar: int, recipe: dict, console) -> None:
+    """``loftup-pipeline implicit --dense`` on every training image (resumes like the job does)."""
+    from loftup.pipeline.runner import run_job
+    from loftup.training.implicit_job import ImplicitJob
+
+    t = time.time()
+    s = run_job(
+        ImplicitJob(backbone=backbone, dense=True, images_per_shard=images_per_tar, recipe=recipe),
+        store,
+        [(i, None) for i in range(TRAIN_TARS)],
+        executor="inline",
+    )
+    if s.failed:
+        raise SystemExit(f"bench: implicit failed on shards {s.failed}")
+    console.print(f"implicit targets ({recipe}): {s.images} images in {time.time() - t:.0f} s")
 
 
 def bilinear_upsampler():
@@ -286,6 +314,12 @@ def main() -> None:
     ap.add_argument(
         "--stage1", default="{}", help="JSON of extra Stage1Config fields (the CPU-scale recipe is the default)"
     )
+    ap.add_argument(
+        "--targets", default="mask-bicubic", help="Stage 1 pseudo-GTs to compare (mask-bicubic,implicit,bicubic)"
+    )
+    ap.add_argument("--implicit-steps", type=int, default=100, help="implicit target: optimisation steps (FeatUp 1200)")
+    ap.add_argument("--implicit-views", type=int, default=100, help="implicit target: jittered views (FeatUp 3000)")
+    ap.add_argument("--implicit-batch", type=int, default=4, help="implicit target: views per step (FeatUp 10)")
     args = ap.parse_args()
     if args.plot is not None:
         if not args.png:
@@ -312,7 +346,9 @@ def main() -> None:
     items = held_out_set(store, args.backbone, args.size)
     # Training crops, scored the same way: tells underfitting (both bad) from not generalising.
     train_items = (
-        held_out_set(store, args.backbone, args.size, shard=0, limit=args.train_eval) if args.train_eval else []
+        held_out_set(store, args.backbone, args.size, shards=range(TRAIN_TARS), limit=args.train_eval)
+        if args.train_eval
+        else []
     )
     shards = list(range(TRAIN_TARS))
     extra = json.loads(args.stage1)
@@ -322,10 +358,31 @@ def main() -> None:
         return (lambda f, img, sz: model(f, img, output_size=sz)), meta["projection_module"]
 
     results, curves, train_curves, timing = {}, {}, {}, {}
+    targets = args.targets.split(",")
+    implicit = None
+    if "implicit" in targets:
+        run_implicit(
+            store,
+            args.backbone,
+            args.images_per_tar,
+            {
+                "steps": args.implicit_steps,
+                "views": args.implicit_views,
+                "pca_views": min(50, args.implicit_views),
+                "views_per_step": args.implicit_batch,
+            },
+            console,
+        )
+        from loftup.training.implicit import ImplicitTargets
+
+        implicit = ImplicitTargets(store, args.backbone, 224)
     projection = None
-    for recipe in args.recipes.split(","):
+    for recipe, target in [(r, t) for r in args.recipes.split(",") for t in targets]:
+        # One label per run family; with one target the labels (and run folders) stay the recipe's.
+        label = recipe if len(targets) == 1 else f"{recipe}/{target}"
         for seed in map(int, args.seeds.split(",")):
-            run1, run2 = work / f"{recipe}-s{seed}" / "run1", work / f"{recipe}-s{seed}" / "run2"
+            run = work / (f"{recipe}-s{seed}" if target == "mask-bicubic" else f"{recipe}-{target}-s{seed}")
+            run1, run2 = run / "run1", run / "run2"
             steps = list(range(args.eval_every, args.stage1_steps + 1, args.eval_every)) or [args.stage1_steps]
             if steps[-1] != args.stage1_steps:
                 steps.append(args.stage1_steps)
@@ -350,6 +407,7 @@ def main() -> None:
                     hue_jitter=180.0,
                     seed=seed,
                     recipe=recipe,
+                    target=target,
                     workers=0,
                     progress=False,
                     log_every=10,
@@ -358,15 +416,15 @@ def main() -> None:
                 )
                 train1(Stage1Config(**{**cfg, **extra}))
                 up, projection = model_upsampler(run1 / "stage1.safetensors")
-                curves.setdefault((recipe, n), []).append(score(items, up, projection, args.size))
+                curves.setdefault((label, n), []).append(score(items, up, projection, args.size))
                 console.print(
-                    f"{recipe} seed {seed} stage 1 @ {n} steps ({n * 4} image-steps): {curves[(recipe, n)][-1]}"
+                    f"{label} seed {seed} stage 1 @ {n} steps ({n * 4} image-steps): {curves[(label, n)][-1]}"
                 )
                 if train_items:
-                    train_curves.setdefault((recipe, n), []).append(score(train_items, up, projection, args.size))
-                    console.print(f"    on training crops: {train_curves[(recipe, n)][-1]}")
-            timing[(recipe, "stage1")] = time.time() - t
-            results.setdefault((recipe, "stage 1"), []).append(curves[(recipe, steps[-1])][-1])
+                    train_curves.setdefault((label, n), []).append(score(train_items, up, projection, args.size))
+                    console.print(f"    on training crops: {train_curves[(label, n)][-1]}")
+            timing[(label, "stage1")] = time.time() - t
+            results.setdefault((label, "stage 1"), []).append(curves[(label, steps[-1])][-1])
             if args.stage2_steps:
                 t = time.time()
                 train2(
@@ -391,16 +449,22 @@ def main() -> None:
                         device="cpu",
                     )
                 )
-                timing[(recipe, "stage2")] = time.time() - t
+                timing[(label, "stage2")] = time.time() - t
                 up, proj2 = model_upsampler(run2 / "stage2.safetensors")
-                results.setdefault((recipe, "stage 1 + 2"), []).append(score(items, up, proj2, args.size))
-                console.print(f"{recipe} seed {seed} stage 1 + 2: {results[(recipe, 'stage 1 + 2')][-1]}")
+                results.setdefault((label, "stage 1 + 2"), []).append(score(items, up, proj2, args.size))
+                console.print(f"{label} seed {seed} stage 1 + 2: {results[(label, 'stage 1 + 2')][-1]}")
     bil = bilinear_upsampler()
     baseline = score(items, bil, projection, args.size)
     train_baseline = score(train_items, bil, projection, args.size) if train_items else None
     ceiling = {"held_out": target_retention(items, projection, args.size)}
     if train_items:
         ceiling["training_crops"] = target_retention(train_items, projection, args.size)
+    # Every target's own retention on the training crops (the implicit maps exist only there).
+    target_ceiling = {
+        t: target_retention(train_items, projection, args.size, target=t, implicit=implicit)
+        for t in targets
+        if train_items and len(targets) > 1
+    }
 
     def fmt(vals, key):
         v = np.array([x[key] for x in vals])
@@ -415,22 +479,27 @@ def main() -> None:
     for k in keys:
         table.add_column(k, justify="right")
     table.add_row("bilinear", *[f"{baseline[k]:.4f}" for k in keys])
-    for (recipe, stage), vals in results.items():
-        table.add_row(f"{stage} ({recipe})", *[fmt(vals, k) for k in keys])
+    for (label, stage), vals in results.items():
+        table.add_row(f"{stage} ({label})", *[fmt(vals, k) for k in keys])
     console.print(table)
     console.print(
         f"retention of the pseudo-GT itself at {args.size} (the ceiling of a student that fits it): "
         + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in ceiling.items())
     )
+    if target_ceiling:
+        console.print(
+            "each target's own retention on the training crops: "
+            + ", ".join(f"{t} {v:.3f}" for t, v in target_ceiling.items())
+        )
 
     def curve_table(title: str, base: dict, data: dict) -> Table:
         t = Table(title=f"{title} (bilinear: " + ", ".join(f"{k} {base[k]:.3f}" for k in keys) + ")")
-        t.add_column("recipe")
+        t.add_column("run")
         t.add_column("steps (image-steps)", justify="right")
         for k in keys:
             t.add_column(k, justify="right")
-        for (recipe, n), vals in data.items():
-            t.add_row(recipe, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
+        for (label, n), vals in data.items():
+            t.add_row(label, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
         return t
 
     console.print(curve_table("Stage 1 learning curve on the held-out photos, mean over seeds", baseline, curves))
@@ -445,6 +514,7 @@ def main() -> None:
                 "curves": {f"{r}|{n}": v for (r, n), v in curves.items()},
                 "train_bilinear": train_baseline,
                 "pseudo_gt_retention": ceiling,
+                "target_retention": target_ceiling,
                 "train_curves": {f"{r}|{n}": v for (r, n), v in train_curves.items()},
             },
             indent=1,
