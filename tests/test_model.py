@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from loftup.storage.errors import LoftupError, WeightsError
 from loftup.training.baselines import create_upsampler, list_upsamplers
 from loftup.training.checkpoint import from_official, load_model, load_official, save_model, to_official_state_dict
+from loftup.training import model as model_module
 from loftup.training.model import (
     CPU_CONV_TILE,
     CPU_QUERY_CHUNK,
@@ -22,6 +23,7 @@ from loftup.training.model import (
     dense_bytes,
     plan_execution,
 )
+from loftup.training.winograd import conv3x3_valid_nhwc, filter_transform
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "loftup_official_state_dict_dinov2s.json"
 
@@ -232,6 +234,34 @@ def test_bounded_equals_dense(size, tile, chunk):
         assert model.plan(*size) is not None
     assert rel_err(bounded, dense) < 1e-5
     assert (bounded - dense).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 6, 3, 4), (2, 9, 12, 5, 7), (1, 11, 8, 16, 9), (1, 3, 3, 2, 2)])
+def test_winograd_conv_equals_direct_conv(shape):
+    """F(2x2, 3x3) against F.conv2d (float64, so any slip in a transform shows), odd and even sides."""
+    b, h, w, cin, cout = shape
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(b, h, w, cin, generator=g, dtype=torch.float64)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    expect = F.conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
+    got = conv3x3_valid_nhwc(x, filter_transform(weight), bias)
+    assert got.shape == expect.shape
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_bounded_path_on_cpu_uses_winograd_and_writes_channels_last(monkeypatch):
+    model = make_model()
+    lr, img = inputs(size=(33, 47))
+    with torch.no_grad():
+        dense = model.set_memory_bound(0, 0)(lr, img)
+        outs = {}
+        for flag in (True, False):
+            monkeypatch.setattr(model_module, "WINOGRAD", flag)
+            outs[flag] = model.set_memory_bound(37, 16)(lr, img)
+    assert outs[True].is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(outs[True], dense) < 1e-5 and rel_err(outs[False], dense) < 1e-5
+    assert not torch.equal(outs[True], outs[False])  # the two algorithms really both ran
 
 
 def test_automatic_plan():

@@ -11,7 +11,9 @@ Two execution paths compute the same function:
 * the memory-bounded path (eval): the image is processed in tiles with a 2-pixel halo
   for the two 3x3 convolutions (BatchNorm folded in, channels-last), and each tile's
   queries go through the attention blocks in chunks; apart from the output tensor,
-  memory does not grow with the output size.
+  memory does not grow with the output size. On a CPU the 3x3 convolutions run as
+  Winograd F(2x2, 3x3) (training/winograd.py, 2.25x fewer multiplies, working buffers
+  reused across tiles) and the output is written channels-last (no transposing copy).
 
 :func:`plan_execution` picks between them from a :class:`DeviceSpec` (kind and free
 memory): on a GPU the dense path whenever it fits, else the largest tiles and chunks
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loftup.training.winograd import conv3x3_valid_nhwc, filter_transform
 
 __all__ = [
     "ChannelLayerNorm",
@@ -61,6 +65,8 @@ CPU_QUERY_CHUNK = 4096
 # (few, large launches: per-tile overhead dominates there).
 GPU_TILES = (4096, 2048, 1024, 512, 256, 128, 64)
 GPU_MIN_CHUNK = 4096
+# The bounded path's 3x3 convolutions on the CPU by Winograd F(2x2, 3x3) (training/winograd.py).
+WINOGRAD = os.environ.get("LOFTUP_WINOGRAD", "1") != "0"
 # Share of the free memory a plan may use (the rest: allocator slack, the caller's tensors).
 MEMORY_FRACTION = 0.5
 # Kept for callers of the previous API: the CPU defaults.
@@ -477,10 +483,12 @@ class LoftUpCore(nn.Module):
         rows = F.pad(torch.linspace(-1, 1, H, device=image.device), (HALO, HALO))
         cols = F.pad(torch.linspace(-1, 1, W, device=image.device), (HALO, HALO))
         kvs = self.ca_transformer.keys_values(self.tokens(lr_feats))
-        convs = self._fused_convs()
+        convs = self._fused_convs(winograd=image.device.type == "cpu" and WINOGRAD)
         conv_fn = self._compiled.get("tile", self._conv_tile)
         chunk_fn = self._compiled.get("chunk", self._chunk)
-        out = torch.empty(b, self.dim, H, W, dtype=lr_feats.dtype, device=lr_feats.device)
+        # Channels-last, as the tiles come out of the attention: no transposing copy per tile.
+        out = torch.empty(b, H, W, self.dim, dtype=lr_feats.dtype, device=lr_feats.device).permute(0, 3, 1, 2)
+        ws = {} if "tile" not in self._compiled else None  # Winograd buffers, reused across tiles
         for y0 in range(0, H, th):
             y1 = min(H, y0 + th)
             for x0 in range(0, W, tw):
@@ -494,6 +502,7 @@ class LoftUpCore(nn.Module):
                     x0,
                     H,
                     W,
+                    ws,
                 )
                 tokens = q.reshape(b, -1, self.width)
                 n = tokens.shape[1]
@@ -510,17 +519,19 @@ class LoftUpCore(nn.Module):
         t = F.linear(t, proj.weight.view(proj.out_channels, proj.in_channels), proj.bias)
         return F.layer_norm(t, (self.dim,), norm.weight, norm.bias, norm.eps)
 
-    def _fused_convs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The two 3x3 convs with their eval-mode BatchNorm folded in (channels_last weights)."""
+    def _fused_convs(self, winograd: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The two 3x3 convs with their eval-mode BatchNorm folded in: channels_last weights, or
+        with ``winograd`` their F(2x2, 3x3) filter transforms (3-d)."""
         fused = []
         for conv, bn in ((self.first_conv[1], self.first_conv[2]), (self.first_conv[4], self.first_conv[5])):
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
+            weight = conv.weight * scale[:, None, None, None]
+            weight = filter_transform(weight) if winograd else weight.contiguous(memory_format=torch.channels_last)
             bias = (conv.bias - bn.running_mean) * scale + bn.bias
             fused.append((weight, bias))
         return fused
 
-    def _conv_tile(self, rgb, rows, cols, convs, y0: int, x0: int, H: int, W: int) -> torch.Tensor:
+    def _conv_tile(self, rgb, rows, cols, convs, y0: int, x0: int, H: int, W: int, ws=None) -> torch.Tensor:
         """first_conv output (B, h, w, width) of one tile, from its halo-padded inputs.
 
         ``rgb`` (B, h+4, w+4, 3), ``rows``/``cols`` are the tile's slices of the halo-padded
@@ -533,6 +544,11 @@ class LoftUpCore(nn.Module):
         _zero_outside(feats, 1, y0 - HALO, H)
         _zero_outside(feats, 2, x0 - HALO, W)
         (w1, b1), (w2, b2) = convs
+        if w1.dim() == 3:  # Winograd filters (CPU)
+            mid = torch.relu_(conv3x3_valid_nhwc(feats, w1, b1, ws, "1"))
+            _zero_outside(mid, 1, y0 - 1, H)
+            _zero_outside(mid, 2, x0 - 1, W)
+            return torch.relu_(conv3x3_valid_nhwc(mid, w2, b2, ws, "2"))
         mid = torch.relu_(F.conv2d(feats.permute(0, 3, 1, 2), w1, b1))
         # mid covers the tile plus 1 px; its out-of-image ring must be zero for conv2.
         _zero_outside(mid, 2, y0 - 1, H)
