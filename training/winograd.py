@@ -81,7 +81,7 @@ def conv3x3_valid_nhwc(
     m = _buffer(ws, key + "m", x, (16, b * ty * tx, cout))
     torch.bmm(v.view(16, b * ty * tx, c), u, out=m)
     m = m.view(4, 4, b, ty, tx, cout)
-    # Every output of a tile sums M[1, 1] once (A's second column is all ones): the bias goes there.
+    # Every output of a tile sums M[1, 1] once (column 1 of A^T is all ones): the bias goes there.
     m[1, 1] += bias
     # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], along the rows of M, then its columns.
     p = _buffer(ws, key + "p", m, (2, *m.shape[1:]))
