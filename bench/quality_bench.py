@@ -466,7 +466,9 @@ def main() -> None:
         ceiling["training_crops"] = target_retention(train_items, projection, args.size)
     # Every target's own retention on the training crops (the implicit maps exist only there).
     target_ceiling = {
-        t: target_retention(train_items, projection, args.size, target=t, implicit=implicit)
+        t: ceiling["training_crops"]
+        if t == "mask-bicubic"
+        else target_retention(train_items, projection, args.size, target=t, implicit=implicit)
         for t in targets
         if train_items
     }
