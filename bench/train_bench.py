@@ -301,7 +301,7 @@ def bench_train_step(
     recipe: str = "released",
 ) -> dict:
     """Seconds of one Stage 1 optimizer step at global batch 8: the trainer's own step
-    (``Stage1.step``: forward + every loss term of ``recipe``) and ``loop.optimize`` (backward,
+    (``loop.train_step``: ``Stage1.step``, forward + every loss term of ``recipe``, then backward,
     clip when due, NAdam), on batches from the recipe's own loader.
 
     A step of the 384-d model at 224 and batch 8 needs ~20 GB here, so the recipe runs at batch
@@ -313,7 +313,7 @@ def bench_train_step(
     import torch
 
     from loftup.training.distributed import Dist
-    from loftup.training.loop import optimize, resolve
+    from loftup.training.loop import resolve, train_step
     from loftup.training.stage1 import RECIPES, Stage1, Stage1Config
 
     torch.manual_seed(0)
@@ -337,7 +337,7 @@ def bench_train_step(
     batches = r.batches(0, 0, 0)
 
     def one(k):
-        optimize(r, cfg, sum(r.step(next(batches), k).values()), k, Dist())
+        train_step(r, cfg, next(batches), k, Dist())
 
     for k in range(warmup_micro):
         one(k)

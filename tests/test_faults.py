@@ -161,6 +161,20 @@ def _cases(w):
             "fewer than one global batch of 64",
         ),
         ("loftup-train", ["stage1", "--store", s, "--out", r / "o2", "--shards", "1,7", *tiny], 2, "7 (finish them"),
+        # a budget no path fits, and a micro-batch that does not divide the batch: refused before
+        # the first step, nothing written (checked below)
+        (
+            "loftup-train",
+            ["stage1", "--store", s, "--out", r / "o_mem", "--batch-size", "2", "--max-memory", "0.5", *tiny],
+            2,
+            "stage1 at batch 2, 112 px output needs about",
+        ),
+        (
+            "loftup-train",
+            ["stage1", "--store", s, "--out", r / "o_mem", "--batch-size", "2", "--micro-batch", "3", *tiny],
+            2,
+            "--micro-batch 3 must divide the per-rank batch 2",
+        ),
         (
             "loftup-train",
             ["stage2", "--init", r / "bad" / "garbage.safetensors", "--store", s, "--out", r / "o3", "--random-init"],
@@ -204,6 +218,10 @@ def test_every_command_failure_path_exit_code_one_line_no_traceback(world):
             lines = [ln for ln in res["err"].splitlines() if ln.strip()]
             errors = [ln for ln in lines if ln.startswith("error: ")]
             assert len(errors) == 1 and lines[-1] == errors[0], where  # the error is one line, and the last
+
+    mem = next(res["err"] for (_, args, _, _), res in zip(cases, results) if "0.5" in args)
+    assert "GiB even on the bounded path, more than --max-memory 0.5 GiB" in mem
+    assert not (world["root"] / "o_mem").exists()  # refused before the run directory was made
 
     # The truncated (2) and garbage (3) tars failed as a whole: recorded, shown by status/errors.
     st = open_store(world["root"] / "s_fail")

@@ -612,3 +612,103 @@ def test_retention_by_hand_and_upsample_writes_lowres_and_bilinear(stage1_ckpt, 
     assert res["retention_loftup"] == pytest.approx(retention(saved["features"], saved["lowres"]), abs=1e-4)
     assert res["retention_bilinear"] == pytest.approx(retention(saved["bilinear"], saved["lowres"]), abs=1e-4)
     assert res["retention_bilinear"] > 0.9
+
+
+# --------------------------------------------------------------------------- memory (training/memory.py)
+def _grads_and_buffers(recipe, model, batch, step):
+    recipe.optimizer.zero_grad(set_to_none=True)
+    terms = recipe.step(batch, step)
+    loss = sum(terms.values())
+    if loss.requires_grad:  # the plain path over the whole batch leaves the backward to the loop
+        loss.backward()
+    named = list(model.named_parameters()) + [(f"aux.{n}", p) for n, p in recipe.aux.named_parameters()]
+    grads = {n: p.grad.detach().clone() for n, p in named}
+    return {k: float(v.detach()) for k, v in terms.items()}, grads, [b.clone() for b in model.buffers()]
+
+
+def _close(a: dict, b: dict, rtol: float) -> None:
+    scale = max(float(g.abs().max()) for g in a.values())
+    for name, g in a.items():
+        # conv biases in front of a BatchNorm have a true gradient of 0 (rounding noise only)
+        atol = rtol * max(float(g.abs().max()), 1e-3 * scale)
+        torch.testing.assert_close(b[name], g, rtol=0, atol=atol, msg=name)
+
+
+def _gap(a: dict, b: dict, name: str) -> float:
+    return float((a[name] - b[name]).abs().max() / a[name].abs().max())
+
+
+def test_bounded_path_equals_plain_stage1_gradients_terms_and_batchnorm(train_store, tmp_path):
+    """Every parameter's gradient (LoftUp and the reconstruction's downsampler and scale net),
+    the loss terms and the BatchNorm running statistics of one released-recipe step; with
+    micro-batches too, which change BatchNorm (so they differ from the whole batch)."""
+    from loftup.training.distributed import Dist
+    from loftup.training.loop import resolve
+    from loftup.training.memory import MemoryPlan
+    from loftup.training.run_dir import seed_all
+    from loftup.training.stage1 import RECIPES, Stage1
+
+    def run(path, micro=None):
+        seed_all(0)
+        r = Stage1(resolve(_stage1_cfg(train_store, tmp_path / "x", batch_size=3), RECIPES), Dist())
+        r.plan = MemoryPlan(path=path, tile=24, micro_batch=micro)  # 56 px: 3 x 3 tiles
+        return _grads_and_buffers(r, r.model, batch, 5)
+
+    seed_all(0)
+    batch = next(
+        Stage1(resolve(_stage1_cfg(train_store, tmp_path / "x", batch_size=3), RECIPES), Dist()).batches(0, 0, 0)
+    )
+    (t_plain, g_plain, b_plain), (t_bounded, g_bounded, b_bounded) = run("plain"), run("bounded")
+    assert t_plain.keys() == t_bounded.keys() == {"mse", "recon", "tv"}
+    for k in t_plain:
+        assert t_bounded[k] == pytest.approx(t_plain[k], rel=1e-5)
+    _close(g_plain, g_bounded, rtol=2e-3)
+    for a, b in zip(b_plain, b_bounded):
+        torch.testing.assert_close(b, a)
+    (_, g_micro, _), (_, g_micro_bounded, _) = run("plain", 1), run("bounded", 1)
+    _close(g_micro, g_micro_bounded, rtol=2e-3)
+    w = "upsampler.first_conv.1.weight"
+    assert _gap(g_plain, g_micro, w) > 100 * _gap(g_plain, g_bounded, w)
+
+
+def test_bounded_path_equals_plain_stage2_gradients_teacher_and_terms(train_store, stage1_ckpt, tmp_path):
+    from loftup.training.distributed import Dist
+    from loftup.training.loop import resolve
+    from loftup.training.memory import MemoryPlan
+    from loftup.training.run_dir import seed_all
+    from loftup.training.stage2 import RECIPES, Stage2
+
+    def build(path):
+        seed_all(0)
+        r = Stage2(resolve(_stage2_cfg(train_store, stage1_ckpt, tmp_path / "x"), RECIPES), Dist())
+        r.plan = MemoryPlan(path=path, tile=32)
+        return r
+
+    plain, bounded = build("plain"), build("bounded")
+    batch = next(plain.batches(0, 0, 3))
+    t_plain, g_plain, b_plain = _grads_and_buffers(plain, plain.student, batch, 3)
+    t_bounded, g_bounded, b_bounded = _grads_and_buffers(bounded, bounded.student, batch, 3)
+    assert t_plain.keys() == t_bounded.keys() == {"affinity", "recon", "tv"}
+    for k in t_plain:
+        assert t_bounded[k] == pytest.approx(t_plain[k], rel=1e-5)
+    _close(g_plain, g_bounded, rtol=2e-3)
+    # the teacher (train mode: BatchNorm over the crops) moved its running statistics the same way
+    for a, b in zip(list(plain.teacher.buffers()) + b_plain, list(bounded.teacher.buffers()) + b_bounded):
+        torch.testing.assert_close(b, a)
+
+
+def test_bounded_run_says_so_and_logs_the_same_losses(train_store, stage1_ckpt, tmp_path):
+    import json
+
+    from loftup.training.stage1 import train
+
+    result = train(_stage1_cfg(train_store, tmp_path / "b", max_steps=2, memory_path="bounded"))
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["memory"]["memory_path"] == "bounded" and config["memory"]["estimated_peak_gib"] > 0
+    assert result["memory"]["measured_peak_gib"] > 0
+    plain = [json.loads(x) for x in (stage1_ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    bounded = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in bounded] == [1, 2] and all(r["peak_memory_gib"] > 0 for r in bounded)
+    for p, b in zip(plain, bounded):  # the fixture's run: the same config on the plain path
+        for k in ("mse", "recon", "tv"):
+            assert b[k] == pytest.approx(p[k], rel=1e-4)

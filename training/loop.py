@@ -24,7 +24,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from loftup.storage.errors import LoftupError
-from loftup.training import distributed
+from loftup.training import distributed, memory
 from loftup.training.run_dir import RunDir, seed_all, set_rng_state
 
 REQUIRED = dataclasses.MISSING
@@ -94,6 +94,22 @@ class TrainConfig:
         False, help="Continue exactly from OUT/last.pt (the config must match the run's).", resumable=True
     )
     progress: bool = option(True, help="Show a progress bar.", resumable=True, cli=False)
+    max_memory: float | None = option(
+        None,
+        help="Peak memory budget in GiB (default: the device's memory less 10%; on a CPU, this process's plus what "
+        "the host has available, less 10%). Picks the plain path when its estimate fits, else the bounded one "
+        "(tiles recomputed in backward: same gradients, about 2x the time); a step that fits neither is refused "
+        "before it starts.",
+        resumable=True,
+    )
+    memory_path: str = option(
+        "auto", help="auto (plain when it fits --max-memory, else bounded), plain or bounded.", resumable=True
+    )
+    micro_batch: int | None = option(
+        None,
+        help="Run each step as groups of N images with accumulated gradients (only when asked). Micro-batches "
+        "change BatchNorm statistics (each group is normalised with its own, and updates the running ones).",
+    )
 
 
 RECIPE_NAMES = ("released", "paper")
@@ -160,10 +176,9 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     cfg = resolve(cfg, recipes)
     d = distributed.setup(cfg.device)
     distributed.cpu_threads(d, cfg.workers)
-    run = RunDir(cfg.out, master=d.master)
     seed_all(cfg.seed)
     if cfg.resume:
-        saved = run.load_config()
+        saved = RunDir.read_config(cfg.out)
         diff = config_differences(saved, cfg)
         if diff:
             raise LoftupError(f"--resume: the config differs from the run's saved config in {', '.join(diff)}")
@@ -171,6 +186,13 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     recipe: Recipe = build(cfg, d)
     total_steps = cfg.max_steps or cfg.epochs * recipe.steps_per_epoch
     learning_rate(cfg, 0, total_steps)  # a bad schedule fails before any work
+    # Known before the first step, and refused before anything is written (training/memory.py).
+    recipe.plan = memory.plan_for(recipe, cfg, d)
+    run = RunDir(cfg.out, master=d.master)
+    if d.master:
+        from rich.console import Console
+
+        Console(stderr=True).print(memory.memory_line(recipe.plan), highlight=False, soft_wrap=True)
 
     step, epoch, offset = 0, 0, 0
     if cfg.resume:
@@ -179,8 +201,16 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         step, epoch, offset = state["step"], state["epoch"], state["offset"]
         set_rng_state(state["rng"])
     run.save_config(
-        {"stage": recipe.name, **asdict(cfg), "world_size": d.world, "total_steps": total_steps, **recipe.info}
+        {
+            "stage": recipe.name,
+            **asdict(cfg),
+            "world_size": d.world,
+            "total_steps": total_steps,
+            **recipe.info,
+            "memory": recipe.plan.describe(),
+        }
     )
+    meter = memory.PeakMeter(d.device)
 
     def checkpoint():
         run.save_state({**recipe.state(), "step": step, "epoch": epoch, "offset": offset})
@@ -202,9 +232,7 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         for group in recipe.optimizer.param_groups:
             group["lr"] = lr
 
-        terms = recipe.step(batch, step)
-        loss = sum(terms.values())
-        grad_norm = optimize(recipe, cfg, loss, step, d)
+        terms, loss, grad_norm = train_step(recipe, cfg, batch, step, d)
         step += 1
         recipe.after_step(step)
 
@@ -221,6 +249,7 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
             }
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
+            last["peak_memory_gib"] = round(meter.peak() / memory.GIB, 3)
             run.log(last)
             t_last, seen_last = now, 0
         progress.update(step, loss=loss.item())
@@ -230,19 +259,32 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
 
     if d.master:
         checkpoint()
+    peak = meter.peak()
+    mem = {**recipe.plan.describe(), "measured_peak_gib": round(peak / memory.GIB, 3)}
     path = recipe.export(run, step)
     run.close()
     distributed.cleanup(d)
-    return {"steps": step, "epochs": epoch, "last": last, "checkpoint": path, **recipe.info}
+    return {"steps": step, "epochs": epoch, "last": last, "checkpoint": path, **recipe.info, "memory": mem}
+
+
+def train_step(recipe: Recipe, cfg: TrainConfig, batch, step: int, d) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+    """One optimizer step: (terms, loss, gradient norm when clipped). The benches time this."""
+    recipe.optimizer.zero_grad(set_to_none=True)
+    terms = recipe.step(batch, step)
+    loss = sum(terms.values())
+    return terms, loss, optimize(recipe, cfg, loss, step, d)
 
 
 def optimize(recipe: Recipe, cfg: TrainConfig, loss: torch.Tensor, step: int, d) -> torch.Tensor | None:
-    """Backward, gradient sync of the parameters DDP does not wrap, clip (when due), optimizer
-    step. Returns the gradient norm when it was clipped. The benches time this same function."""
-    recipe.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    """Backward (unless the step ran its own: the bounded path and micro-batches return detached
+    terms), gradient sync of the parameters DDP does not average, clip (when due), optimizer
+    step. Returns the gradient norm when it was clipped."""
+    if loss.requires_grad:
+        loss.backward()
     if d.enabled:
-        _average_gradients(recipe.synced_params, d)
+        # the bounded path runs the model outside DDP's hooks: every gradient is averaged here
+        bounded = getattr(getattr(recipe, "plan", None), "path", "plain") == "bounded"
+        _average_gradients(recipe.params if bounded else recipe.synced_params, d)
     grad_norm = torch.nn.utils.clip_grad_norm_(recipe.params, cfg.grad_clip) if clips_at(cfg, step) else None
     recipe.optimizer.step()
     return grad_norm

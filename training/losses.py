@@ -32,6 +32,7 @@ __all__ = [
     "AttentionDownsampler",
     "ScaleNet",
     "reconstruction_loss",
+    "reconstruction_nll",
 ]
 
 
@@ -214,7 +215,12 @@ class AttentionDownsampler(nn.Module):
         self.w = nn.Parameter(torch.ones(kernel_size, kernel_size) + 0.01 * torch.randn(kernel_size, kernel_size))
         self.b = nn.Parameter(torch.zeros(kernel_size, kernel_size) + 0.01 * torch.randn(kernel_size, kernel_size))
 
-    def forward(self, hr_feats: torch.Tensor, out_size) -> torch.Tensor:
+    def forward(self, hr_feats: torch.Tensor, out_size, seeds=None, rows_per_chunk: int = 0) -> torch.Tensor:
+        """``seeds`` (one int per image): the dropout and keep masks come from a generator per
+        (image, window row) instead of the global RNG, so a batch, its images one at a time and
+        any chunking of the rows draw the same masks (the bounded training path relies on it).
+        ``rows_per_chunk`` > 0 (with ``seeds``): that many window rows at a time, each chunk
+        recomputed in backward (torch.utils.checkpoint) instead of keeping its windows."""
         k = self.kernel_size
         b, c, height, width = hr_feats.shape
         h, w = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
@@ -225,12 +231,61 @@ class AttentionDownsampler(nn.Module):
             hr_feats = F.interpolate(hr_feats, size=(k * h, k * w), mode="bilinear", align_corners=False)
             height, width = k * h, k * w
         stride = ((height - k) // (h - 1) if h > 1 else k, (width - k) // (w - 1) if w > 1 else k)
+        if seeds is not None:
+            if len(seeds) != b:
+                raise ValueError(f"{len(seeds)} seeds for a batch of {b}")
+            return self._seeded(hr_feats, (h, w), stride, [int(x) for x in seeds], rows_per_chunk)
         blurred = gaussian_blur5(hr_feats)
         patches = F.unfold(blurred, k, stride=stride).view(b, c, k * k, h, w).permute(0, 3, 4, 2, 1)
         logits = self.attention_net(patches).squeeze(-1)  # (b, h, w, k*k)
         keep = torch.rand(b, h, w, 1, device=logits.device) > 0.2
         logits = (logits * keep) * self.w.flatten() + self.b.flatten()
         return torch.einsum("bhwpc,bhwp->bchw", patches, logits.softmax(-1))
+
+    def _seeded(self, hr_feats, out_size, stride, seeds: list[int], rows_per_chunk: int) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = out_size[0]
+        chunk = rows_per_chunk if rows_per_chunk > 0 else h
+        if rows_per_chunk > 0:
+            blurred = checkpoint(gaussian_blur5, hr_feats, use_reentrant=False, preserve_rng_state=False)
+        else:
+            blurred = gaussian_blur5(hr_feats)
+        outs = []
+        for r0 in range(0, h, chunk):
+            args = (blurred, r0, min(h, r0 + chunk), stride, out_size, seeds)
+            if rows_per_chunk > 0:  # the masks come from the seeds: nothing to preserve
+                outs.append(checkpoint(self._rows, *args, use_reentrant=False, preserve_rng_state=False))
+            else:
+                outs.append(self._rows(*args))
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def _rows(self, blurred, r0: int, r1: int, stride, out_size, seeds: list[int]) -> torch.Tensor:
+        """Window rows [r0, r1) of the output, (B, C, r1 - r0, w)."""
+        k, (sy, _), w = self.kernel_size, stride, out_size[1]
+        b, c = blurred.shape[:2]
+        rows = blurred[:, :, r0 * sy : (r1 - 1) * sy + k]
+        patches = F.unfold(rows, k, stride=stride).view(b, c, k * k, r1 - r0, w).permute(0, 3, 4, 2, 1)
+        p = self.attention_net[0].p if self.attention_net[0].training else 0.0
+        drops, keeps = [], []
+        for seed in seeds:
+            for r in range(r0, r1):
+                gen = torch.Generator(device=blurred.device).manual_seed(_row_seed(seed, r))
+                if p > 0:
+                    drops.append(torch.rand((w, k * k, c), generator=gen, device=blurred.device) >= p)
+                keeps.append(torch.rand((w, 1), generator=gen, device=blurred.device) > 0.2)
+        x = patches
+        if drops:
+            x = patches * (torch.stack(drops).view(b, r1 - r0, w, k * k, c).to(patches.dtype) / (1 - p))
+        lin = self.attention_net[1]
+        logits = F.linear(x, lin.weight, lin.bias).squeeze(-1)  # (b, rows, w, k*k)
+        keep = torch.stack(keeps).view(b, r1 - r0, w, 1)
+        logits = (logits * keep) * self.w.flatten() + self.b.flatten()
+        return torch.einsum("bhwpc,bhwp->bchw", patches, logits.softmax(-1))
+
+
+def _row_seed(seed: int, row: int) -> int:
+    return (seed * 1_000_003 + row * 7_919 + 12_345) % (2**63 - 1)
 
 
 class ScaleNet(nn.Module):
@@ -256,6 +311,13 @@ def reconstruction_loss(
     image (both (B,C,h,w)), compared after the projection ``proj``. With ``scales`` (B,1,h,w),
     the Gaussian NLL mean(err^2 / (2 s^2) + log s); without, the plain MSE.
     """
+    return reconstruction_nll(down, target, proj, scales).clamp(min=0.0)
+
+
+def reconstruction_nll(
+    down: torch.Tensor, target: torch.Tensor, proj: torch.Tensor, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`reconstruction_loss` before its clamp (the mean over images of per-image means:
+    the stages clamp the batch's mean, wherever they compute its parts)."""
     err = (project(down, proj) - project(target.to(down.dtype), proj)).square()
-    loss = (err / (2 * scales**2) + scales.log()).mean() if scales is not None else err.mean()
-    return loss.clamp(min=0.0)
+    return (err / (2 * scales**2) + scales.log()).mean() if scales is not None else err.mean()

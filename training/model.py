@@ -460,7 +460,15 @@ class LoftUpCore(nn.Module):
         return kv.flatten(2).transpose(1, 2)
 
     def forward(self, lr_feats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        x = self.first_conv(self.fourier_feat(image))
+        return self.decode(self.first_conv(self.fourier_feat(image)), lr_feats)
+
+    def decode(self, x: torch.Tensor, lr_feats: torch.Tensor) -> torch.Tensor:
+        """Everything after the full-resolution convs, from their output ``x`` (B, width, h, w).
+
+        Per pixel (no spatial mixing), so any crop of ``x`` gives that crop of the output: the
+        bounded training path (training/memory.py) runs it tile by tile. Keep new per-pixel
+        heads in here so that path covers them.
+        """
         b, c, h, w = x.shape
         q = self.ca_transformer(x.flatten(2).transpose(1, 2), self.tokens(lr_feats))
         return self.final_conv(q.transpose(1, 2).reshape(b, c, h, w))

@@ -59,10 +59,15 @@ class RunDir:
             atomic_write(_LOCAL, str(self.path / name), blob)
 
     def load_config(self, name: str = "config.json") -> dict:
-        path = self.path / name
-        if not path.is_file():
-            raise LoftupError(f"--resume: no run at {self.path} (no {name})")
-        return json.loads(path.read_text())
+        return self.read_config(self.path, name)
+
+    @staticmethod
+    def read_config(path: str | Path, name: str = "config.json") -> dict:
+        """A run's saved config, read without opening (creating) the run directory."""
+        file = Path(path) / name
+        if not file.is_file():
+            raise LoftupError(f"--resume: no run at {path} (no {name})")
+        return json.loads(file.read_text())
 
     # -- metrics ---------------------------------------------------------------------------
     def log(self, record: dict) -> None:

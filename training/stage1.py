@@ -157,6 +157,9 @@ class Stage1:
         self.params = list(self.model.parameters()) + self.synced_params
         self.optimizer = torch.optim.NAdam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.info = {"dim": dim, "images": len(self.index)}
+        from loftup.training.memory import MemoryPlan
+
+        self.plan = MemoryPlan()  # the loop sets the step's plan (training/memory.py)
 
     # -- data ------------------------------------------------------------------------------
     def loader(self, epoch: int, offset: int):
@@ -206,61 +209,151 @@ class Stage1:
 
     # -- one step --------------------------------------------------------------------------
     def step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        """The step's loss terms. Written per image (``_image_terms``, combined by ``_parts``) so
+        that the plain path (the whole batch at once, or ``--micro-batch`` groups) and the
+        bounded path (training/memory.py) compute the same thing."""
         from loftup.pipeline.devices import autocast
-        from loftup.training.data import batch_masks
-        from loftup.training.losses import (
-            apply_jitter,
-            draw_jitter,
-            project,
-            projected_mse,
-            random_projection,
-            reconstruction_loss,
-            total_variation,
-        )
+        from loftup.training.memory import TiledRunner, combine, run_groups
+
+        cfg, dev = self.cfg, self.d.device
+        prep = self._prepare(batch, step)
+        parts = self._parts()
+        size = (cfg.size, cfg.size)
+
+        def plain(g):
+            with autocast(dev):
+                pred = self.ddp(prep["feats"][g], prep["image"][g], output_size=size)
+            pred = pred.float()
+            return combine([self._image_terms(prep, i, pred[j : j + 1]) for j, i in enumerate(g)], parts)
+
+        def bounded(g):
+            runner = TiledRunner(self.model, self.plan.tile, amp=lambda: autocast(dev))
+            runner.begin(prep["feats"][g], prep["image"][g], output_size=size)
+            bounds = {k: float(v[g].mean()) for k, v in prep["bounds"].items()}
+            return runner, (lambda j, out, names: self._image_terms(prep, g[j], out, names)), bounds
+
+        return run_groups(self.plan, prep["feats"].shape[0], parts, plain, bounded, self.ddp, self.d)
+
+    @property
+    def memory_side(self) -> int:
+        return self.cfg.size
+
+    def memory_estimates(self, batch: int, tile: int) -> dict:
+        """Bytes of a step of ``batch`` images on each path (training/memory.py)."""
+        from loftup.training.memory import estimate_stage1, model_dims
 
         cfg = self.cfg
+        return estimate_stage1(
+            batch=batch,
+            size=cfg.size,
+            jitters=cfg.recon_jitters if cfg.recon_weight else 0,
+            max_masks=cfg.max_masks,
+            mask_side=cfg.geometry,
+            tile=tile,
+            params=sum(p.numel() for p in self.params),
+            **model_dims(self.model),
+        )
+
+    def _parts(self) -> dict:
+        from loftup.training.memory import Part
+
+        cfg = self.cfg
+        parts = {}
+        if cfg.tv_weight:
+            parts["tv"] = Part("tv", cfg.tv_weight)
+        if cfg.recon_weight:
+            for j in range(cfg.recon_jitters):
+                parts[f"recon{j}"] = Part("recon", cfg.recon_weight / cfg.recon_jitters, clamp=True)
+        parts["mse"] = Part("mse")
+        return parts
+
+    def _prepare(self, batch, step: int) -> dict:
+        """What every image's loss needs, drawn for the whole batch in the released order: the
+        inputs, masks, and (from one stream per (seed, step), so a resumed run draws the same)
+        the jitters and random projections; the backbone's features of the jittered views."""
+        from loftup.training.data import batch_masks
+        from loftup.training.losses import apply_jitter, draw_jitter, random_projection
+
+        cfg, dev = self.cfg, self.d.device
         feats, image = self.inputs(batch, step)
-        masks, valid = batch_masks(batch, self.d.device)
-        with torch.no_grad():
-            if self.implicit is not None:
-                target = self.implicit(batch["image_id"].tolist(), cfg.size, self.projection)
-            else:
-                target = stage1_target(cfg.target, layer_norm_target(feats), masks, valid, cfg.size, cfg.alpha)
-        with autocast(self.d.device):
-            pred = self.ddp(feats, image, output_size=(cfg.size, cfg.size))
-        pred = pred.float()
-        # One stream per (seed, step): a resumed run draws the same projections and jitters.
+        masks, valid = batch_masks(batch, dev)
+        b, c = feats.shape[0], self.model.dim
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        b, c = pred.shape[:2]
 
         def fresh_projection():
-            return random_projection(b, c, min(cfg.proj_dim, c), generator=gen, unit=cfg.proj_unit, device=pred.device)
+            return random_projection(b, c, min(cfg.proj_dim, c), generator=gen, unit=cfg.proj_unit, device=dev)
 
-        terms = {}
+        prep = {"feats": feats, "image": image, "masks": masks, "valid": valid, "ids": batch["image_id"], "bounds": {}}
+        views = []
         if cfg.recon_weight:
-            full = batch["image_full"].to(self.d.device).float().div_(255)
+            full = batch["image_full"].to(dev).float().div_(255)
             if full.shape[-1] != cfg.res:
                 full = F.interpolate(
                     full, size=(cfg.res, cfg.res), mode="bilinear", antialias=True, align_corners=False
                 )
-            recon = 0.0
-            for i in range(cfg.recon_jitters):
+            for j in range(cfg.recon_jitters):
                 jit = draw_jitter(gen, cfg.max_pad, cfg.max_zoom)
                 lr_jit = self.lowres(apply_jitter(full, jit, cfg.res))
-                hr_jit = apply_jitter(pred, jit, cfg.res)
-                proj = fresh_projection()
-                if i == 0 and cfg.tv_weight:
-                    terms["tv"] = cfg.tv_weight * total_variation(project(hr_jit, proj).square().sum(1, keepdim=True))
-                down = self.aux["downsampler"](hr_jit, lr_jit.shape[-2:])
-                scales = self.aux["scale_net"](lr_jit) if "scale_net" in self.aux else None
-                recon = recon + reconstruction_loss(down, lr_jit, proj, scales) / cfg.recon_jitters
-            terms["recon"] = cfg.recon_weight * recon
+                base = ((cfg.seed * 1_000_003 + step) * 131 + self.d.rank) * 64 + j
+                views.append(
+                    {"jit": jit, "lr": lr_jit, "proj": fresh_projection(), "seeds": [base * 4096 + i for i in range(b)]}
+                )
+                bound = torch.zeros(b, device=dev)
+                if "scale_net" in self.aux:  # err^2 / (2 s^2) >= 0: the NLL is at least mean(log s)
+                    with torch.no_grad():
+                        bound = self.aux["scale_net"](lr_jit).log().flatten(1).mean(1)
+                prep["bounds"][f"recon{j}"] = bound
         elif cfg.tv_weight:
-            terms["tv"] = cfg.tv_weight * total_variation(
-                project(pred, fresh_projection()).square().sum(1, keepdim=True)
-            )
-        terms["mse"] = projected_mse(pred, target, fresh_projection())
-        return terms
+            prep["proj_tv"] = fresh_projection()
+        prep["views"] = views
+        prep["proj_mse"] = fresh_projection()
+        return prep
+
+    def _image_terms(self, prep: dict, i: int, pred: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+        """Image i's loss values from its prediction ``pred`` (1, C, size, size); ``names``: only these."""
+        from torch.utils.checkpoint import checkpoint
+
+        from loftup.training.losses import apply_jitter, project, projected_mse, reconstruction_nll, total_variation
+
+        cfg = self.cfg
+        bounded = self.plan.path == "bounded"
+        values = {}
+        for j, view in enumerate(prep["views"]):
+            tv = j == 0 and "tv" in self._parts() and (names is None or "tv" in names)
+            if not (tv or names is None or f"recon{j}" in names):
+                continue
+            lr = view["lr"][i : i + 1]
+
+            def view_terms(p, view=view, lr=lr, tv=tv):
+                hr = apply_jitter(p, view["jit"], cfg.res)
+                down = self.aux["downsampler"](
+                    hr, lr.shape[-2:], seeds=view["seeds"][i : i + 1], rows_per_chunk=2 if bounded else 0
+                )
+                scales = self.aux["scale_net"](lr) if "scale_net" in self.aux else None
+                nll = reconstruction_nll(down, lr, view["proj"][i : i + 1], scales)
+                if not tv:
+                    return nll, None
+                return nll, total_variation(project(hr, view["proj"][i : i + 1]).square().sum(1, keepdim=True))
+
+            # bounded: keep only the prediction; the view is recomputed in backward
+            nll, tv_value = checkpoint(view_terms, pred, use_reentrant=False) if bounded else view_terms(pred)
+            values[f"recon{j}"] = nll
+            if tv_value is not None:
+                values["tv"] = tv_value
+        if "proj_tv" in prep and (names is None or "tv" in names):
+            proj = prep["proj_tv"][i : i + 1]
+            values["tv"] = total_variation(project(pred, proj).square().sum(1, keepdim=True))
+        if names is None or "mse" in names:
+            values["mse"] = projected_mse(pred, self._target(prep, i), prep["proj_mse"][i : i + 1])
+        return values
+
+    @torch.no_grad()
+    def _target(self, prep: dict, i: int) -> torch.Tensor:
+        cfg = self.cfg
+        if self.implicit is not None:
+            return self.implicit(prep["ids"][i : i + 1].tolist(), cfg.size, self.projection)
+        feats = layer_norm_target(prep["feats"][i : i + 1])
+        return stage1_target(cfg.target, feats, prep["masks"][i : i + 1], prep["valid"][i : i + 1], cfg.size, cfg.alpha)
 
     def after_step(self, step: int) -> None:
         pass

@@ -181,6 +181,9 @@ class Stage2:
         self.timings = dict.fromkeys(
             ("data", "vfm_student", "vfm_crops", "teacher", "student", "loss", "backward"), 0.0
         )
+        from loftup.training.memory import MemoryPlan
+
+        self.plan = MemoryPlan()  # the loop sets the step's plan (training/memory.py)
 
     def batches(self, epoch: int, offset: int, step: int):
         from torch.utils.data import DataLoader
@@ -226,17 +229,98 @@ class Stage2:
 
     # -- one step --------------------------------------------------------------------------
     def step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        """The step's loss terms, written per image (``_image_terms``, combined by ``_parts``) so
+        that the plain path (the whole batch, or ``--micro-batch`` groups) and the bounded path
+        (training/memory.py) compute the same thing. The teacher's BatchNorm (train mode) sees
+        the crops of the same images as the student's."""
         from loftup.pipeline.devices import autocast
-        from loftup.training.data import batch_masks
-        from loftup.training.losses import (
-            affinity_loss,
-            apply_jitter,
-            draw_jitter,
-            random_projection,
-            reconstruction_loss,
-            total_variation,
-        )
+        from loftup.training.memory import TiledRunner, combine, run_groups
         from loftup.training.pseudo_gt import mask_refine
+
+        cfg, dev, tm = self.cfg, self.d.device, self.timings
+        prep = self._prepare(batch, step)
+        parts, per = self._parts(), cfg.crops
+
+        def crops_of(g):
+            return [k for i in g for k in range(i * per, (i + 1) * per)]
+
+        def refined_targets(t_out, ks):
+            from loftup.training.data import unpack_masks
+
+            masks = unpack_masks(batch["mask_bits"][ks].to(dev, non_blocking=True), batch["mask_size"])
+            t_out = mask_refine(t_out, masks, batch["valid"][ks].to(dev), cfg.alpha)
+            return teacher_targets(t_out, [prep["crops"][k] for k in ks], prep["n"])
+
+        def plain(g):
+            ks = crops_of(g)
+            t = time.perf_counter()
+            with torch.no_grad(), autocast(dev):
+                t_out = self.teacher(prep["lr_crops"][ks], normalise_float(prep["crop_imgs"][ks])).float()
+                targets = refined_targets(t_out, ks)
+            del t_out
+            t1 = time.perf_counter()
+            with autocast(dev):
+                s_out = self.ddp(prep["lr_student"][g], normalise_float(prep["img_s"][g]))
+            s_out = s_out.float()
+            t2 = time.perf_counter()
+            per_image = [
+                self._image_terms(prep, i, s_out[j : j + 1], targets=targets[j * per : (j + 1) * per])
+                for j, i in enumerate(g)
+            ]
+            tm["teacher"] += t1 - t
+            tm["student"] += t2 - t1
+            tm["loss"] += time.perf_counter() - t2
+            return combine(per_image, parts)
+
+        def bounded(g):
+            ks = crops_of(g)
+            amp = lambda: autocast(dev)  # noqa: E731
+            t = time.perf_counter()
+            teacher = TiledRunner(self.teacher, self.plan.tile, amp=amp)
+            with torch.no_grad():
+                teacher.begin(prep["lr_crops"][ks], normalise_float(prep["crop_imgs"][ks]))
+            tm["teacher"] += time.perf_counter() - t
+            student = TiledRunner(self.student, self.plan.tile, amp=amp)
+            student.begin(prep["lr_student"][g], normalise_float(prep["img_s"][g]))
+
+            def targets_of(j):
+                t = time.perf_counter()
+                with torch.no_grad():
+                    out = torch.cat([teacher.forward(j * per + c) for c in range(per)]).float()
+                    out = refined_targets(out, ks[j * per : (j + 1) * per])
+                tm["teacher"] += time.perf_counter() - t
+                return out
+
+            def image_terms(j, out, names):
+                return self._image_terms(prep, g[j], out, names, targets_of=lambda: targets_of(j))
+
+            bounds = {k: float(v[g].mean()) for k, v in prep["bounds"].items()}
+            return student, image_terms, bounds
+
+        t = time.perf_counter()
+        teacher_before = tm["teacher"]
+        terms = run_groups(self.plan, prep["img_s"].shape[0], parts, plain, bounded, self.ddp, self.d)
+        if self.plan.path == "bounded":  # the student's forward, loss and backward run interleaved
+            tm["student"] += time.perf_counter() - t - (tm["teacher"] - teacher_before)
+        self._t_backward = time.perf_counter()
+        return terms
+
+    def _parts(self) -> dict:
+        from loftup.training.memory import Part
+
+        cfg = self.cfg
+        parts = {"affinity": Part("affinity", cfg.affinity_weight)}
+        if cfg.tv_weight:
+            parts["tv"] = Part("tv", cfg.tv_weight)
+        if cfg.recon_weight:
+            for j in range(cfg.recon_jitters):
+                parts[f"recon{j}"] = Part("recon", cfg.recon_weight / cfg.recon_jitters, clamp=True)
+        return parts
+
+    def _prepare(self, batch, step: int) -> dict:
+        """The live backbone on the student images and the HR crops, and (one stream per
+        (seed, step)) the reconstruction's jitters and projections, for the whole batch."""
+        from loftup.training.losses import apply_jitter, draw_jitter, random_projection
         from loftup.training.stage1 import layer_norm_target
 
         cfg, dev, tm = self.cfg, self.d.device, self.timings
@@ -249,48 +333,96 @@ class Stage2:
             [hr_img[k // cfg.crops, :, c.top : c.top + s, c.left : c.left + s] for k, c in enumerate(crops)]
         )
         lr_crops = self.lowres(crop_imgs)
-        t2 = time.perf_counter()
-        with torch.no_grad(), autocast(dev):
-            t_out = self.teacher(lr_crops, normalise_float(crop_imgs)).float()
-            t_out = mask_refine(t_out, *batch_masks(batch, dev), cfg.alpha)
-        n = min(c.n for c in crops)
-        target = teacher_targets(t_out, crops, n)
-        t3 = time.perf_counter()
+        tm["vfm_student"] += t1 - t0
+        tm["vfm_crops"] += time.perf_counter() - t1
         img_s = F.interpolate(hr_img, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        with autocast(dev):
-            s_out = self.ddp(lr_student, normalise_float(img_s))
-        s_out = s_out.float()
-        t4 = time.perf_counter()
-        pred = student_regions(s_out, crops, cfg.crops, n)
-        terms = {"affinity": cfg.affinity_weight * affinity_loss(pred, target, border=cfg.border)}
-        if cfg.tv_weight:
-            terms["tv"] = cfg.tv_weight * total_variation(s_out)
+        b, c = img_s.shape[0], self.student.dim
+        prep = {
+            "s": s,
+            "crops": crops,
+            "n": min(cr.n for cr in crops),
+            "img_s": img_s,
+            "lr_student": lr_student,
+            "crop_imgs": crop_imgs,
+            "lr_crops": lr_crops,
+            "views": [],
+            "bounds": {},
+        }
         if cfg.recon_weight:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            recon = 0.0
-            for _ in range(cfg.recon_jitters):
+            for j in range(cfg.recon_jitters):
                 jit = draw_jitter(gen, cfg.max_pad, cfg.max_zoom)
                 lr_jit = layer_norm_target(self.lowres(apply_jitter(img_s, jit, s)))
-                hr_jit = apply_jitter(s_out, jit, s)
-                proj = random_projection(
-                    s_out.shape[0],
-                    s_out.shape[1],
-                    min(cfg.proj_dim, s_out.shape[1]),
-                    generator=gen,
-                    unit=cfg.proj_unit,
-                    device=dev,
+                proj = random_projection(b, c, min(cfg.proj_dim, c), generator=gen, unit=cfg.proj_unit, device=dev)
+                base = ((cfg.seed * 1_000_003 + step) * 131 + self.d.rank) * 64 + j
+                prep["views"].append(
+                    {"jit": jit, "lr": lr_jit, "proj": proj, "seeds": [base * 4096 + i for i in range(b)]}
                 )
-                down = self.aux["downsampler"](hr_jit, lr_jit.shape[-2:])
-                scales = self.aux["scale_net"](lr_jit) if "scale_net" in self.aux else None
-                recon = recon + reconstruction_loss(down, lr_jit, proj, scales) / cfg.recon_jitters
-            terms["recon"] = cfg.recon_weight * recon
-        t5 = time.perf_counter()
-        for k, v in zip(
-            ("vfm_student", "vfm_crops", "teacher", "student", "loss"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
-        ):
-            tm[k] += v
-        self._t_backward = t5
-        return terms
+                bound = torch.zeros(b, device=dev)
+                if "scale_net" in self.aux:  # err^2 / (2 s^2) >= 0: the NLL is at least mean(log s)
+                    with torch.no_grad():
+                        bound = self.aux["scale_net"](lr_jit).log().flatten(1).mean(1)
+                prep["bounds"][f"recon{j}"] = bound
+        return prep
+
+    def _image_terms(self, prep, i: int, pred, names=None, targets=None, targets_of=None) -> dict:
+        """Image i's loss values from its student output ``pred`` (1, C, s, s): the affinity of its
+        crops' regions to the teacher's ``targets`` (or ``targets_of()``), TV, reconstruction."""
+        from torch.utils.checkpoint import checkpoint
+
+        from loftup.training.losses import affinity_loss, apply_jitter, reconstruction_nll, total_variation
+
+        cfg, per, n, s = self.cfg, self.cfg.crops, prep["n"], prep["s"]
+        bounded = self.plan.path == "bounded"
+        values = {}
+        if names is None or "affinity" in names:
+            crops = prep["crops"][i * per : (i + 1) * per]
+            region = torch.stack([pred[0, :, c.r0 : c.r0 + n, c.c0 : c.c0 + n] for c in crops])
+            target = targets if targets is not None else targets_of()
+            values["affinity"] = affinity_loss(region, target, border=cfg.border)
+        if cfg.tv_weight and (names is None or "tv" in names):
+            values["tv"] = total_variation(pred)
+        for j, view in enumerate(prep["views"]):
+            if names is not None and f"recon{j}" not in names:
+                continue
+            lr = view["lr"][i : i + 1]
+
+            def recon(p, view=view, lr=lr):
+                down = self.aux["downsampler"](
+                    apply_jitter(p, view["jit"], s),
+                    lr.shape[-2:],
+                    seeds=view["seeds"][i : i + 1],
+                    rows_per_chunk=2 if bounded else 0,
+                )
+                scales = self.aux["scale_net"](lr) if "scale_net" in self.aux else None
+                return reconstruction_nll(down, lr, view["proj"][i : i + 1], scales)
+
+            # bounded: keep only the prediction; the view is recomputed in backward
+            values[f"recon{j}"] = checkpoint(recon, pred, use_reentrant=False) if bounded else recon(pred)
+        return values
+
+    @property
+    def memory_side(self) -> int:
+        return max(self.cfg.sizes)
+
+    def memory_estimates(self, batch: int, tile: int) -> dict:
+        """Bytes of a step of ``batch`` images at the largest student size, on each path."""
+        from loftup.training.memory import estimate_stage2, model_dims
+
+        cfg = self.cfg
+        return estimate_stage2(
+            batch=batch,
+            s=max(cfg.sizes),
+            hr=self.hr,
+            crops=cfg.crops,
+            jitters=cfg.recon_jitters if cfg.recon_weight else 0,
+            max_masks=cfg.max_masks,
+            tile=tile,
+            params=sum(p.numel() for p in self.params),
+            vfm_dim=self.vfm.dim,
+            patch=self.vfm.patch,
+            **model_dims(self.student),
+        )
 
     def after_step(self, step: int) -> None:
         """The teacher follows the student (``step`` optimizer steps done)."""
