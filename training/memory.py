@@ -589,7 +589,7 @@ def plan_for(recipe, cfg, d) -> MemoryPlan:
     budget = int(cfg.max_memory * GIB) if cfg.max_memory is not None else default_budget(d.device)
     base = current_bytes(d.device)
     group = micro or per_rank
-    dims = model_dims(recipe.model)
+    dims = model_dims(getattr(recipe, "student", None) or recipe.model)  # the model trained
     per_px = 4 * (sum(model_floats(**dims).values()) + 3 * dims["width"])
     rest = recipe.memory_estimates(group, CPU_TILE)["bounded"]
     tile_key = "one tile recomputed with its graph"
