@@ -408,10 +408,24 @@ def estimate_stage1(
     per_model = sum(model_floats(dim, width, fourier, sincos, blocks).values())
     bounded = {
         "one image: prediction + its gradient": _px_bytes(2 * dim, px),
-        "one image: loss view recomputed (or target)": _px_bytes(6 * dim, px),
-        "one tile recomputed with its graph": _px_bytes(per_model + 3 * width, tile_px),
+        **_largest(
+            {
+                "a reconstruction view recomputed": _px_bytes(6 * dim, px),
+                "the target and the MSE": _px_bytes(2 * dim, px),
+                TILE: _px_bytes(per_model + 3 * width, tile_px),
+            }
+        ),
     }
     return {"plain": {**plain, **fixed}, "bounded": {**bounded, **fixed}}
+
+
+TILE = "one tile recomputed with its graph"
+
+
+def _largest(phases: dict[str, int]) -> dict[str, int]:
+    """The bounded path's phases follow one another: only the largest counts."""
+    name = max(phases, key=phases.get)
+    return {f"largest phase: {name}": phases[name]}
 
 
 def estimate_stage2(
@@ -454,9 +468,13 @@ def estimate_stage2(
     per_model = sum(model_floats(dim, width, fourier, sincos, blocks).values())
     bounded = {
         "one image: prediction + its gradient": _px_bytes(2 * dim, px),
-        "one crop: teacher output, refined, its target": _px_bytes(3 * dim, px) + max_masks * px,
-        "one image: loss view recomputed": _px_bytes(4 * dim, px),
-        "one tile recomputed with its graph": _px_bytes(per_model + 3 * width, tile_px),
+        **_largest(
+            {
+                "a crop's teacher output, refined, and the affinity": _px_bytes(3 * dim, px) + max_masks * px,
+                "a reconstruction view recomputed": _px_bytes(6 * dim, px),
+                TILE: _px_bytes(per_model + 3 * width, tile_px),
+            }
+        ),
     }
     return {"plain": {**plain, **fixed}, "bounded": {**bounded, **fixed}}
 
@@ -591,9 +609,8 @@ def plan_for(recipe, cfg, d) -> MemoryPlan:
     group = micro or per_rank
     dims = model_dims(getattr(recipe, "student", None) or recipe.model)  # the model trained
     per_px = 4 * (sum(model_floats(**dims).values()) + 3 * dims["width"])
-    rest = recipe.memory_estimates(group, CPU_TILE)["bounded"]
-    tile_key = "one tile recomputed with its graph"
-    room = budget - base - sum(v for k, v in rest.items() if k != tile_key)
+    rest = recipe.memory_estimates(group, 1)["bounded"]  # a 1-pixel tile: the rest of the step
+    room = budget - base - sum(rest.values())
     tile = choose_tile(d.device, per_px, room, recipe.memory_side)
     what = f"{recipe.name} at batch {per_rank}" + (f" (micro-batches of {micro})" if micro else "")
     what += f", {recipe.memory_side} px output"

@@ -285,11 +285,13 @@ class Stage2:
 
             def targets_of(j):
                 t = time.perf_counter()
-                with torch.no_grad():
-                    out = torch.cat([teacher.forward(j * per + c) for c in range(per)]).float()
-                    out = refined_targets(out, ks[j * per : (j + 1) * per])
+                with torch.no_grad():  # crop by crop: one teacher output at a time
+                    out = [
+                        refined_targets(teacher.forward(c).float(), ks[c : c + 1])
+                        for c in range(j * per, (j + 1) * per)
+                    ]
                 tm["teacher"] += time.perf_counter() - t
-                return out
+                return torch.cat(out)
 
             def image_terms(j, out, names):
                 return self._image_terms(prep, g[j], out, names, targets_of=lambda: targets_of(j))
