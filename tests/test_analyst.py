@@ -17,33 +17,24 @@ import pytest
 from loftup.storage import rle
 from loftup.storage.errors import NotInStore
 
-HEAVY = (
-    "torch",
-    "torchvision",
-    "ray",
-    "timm",
-    "segment_anything",
-    "skimage",
-    "sklearn",
-    "h5py",
-    "imgviz",
-    "safetensors",
-)
+from loftup.cli import FULL_ONLY
 
-# Runs loftup-store commands in one process where the full install's packages cannot be imported,
-# as in a `pip install loftup` (store-reading) environment.
+HEAVY = sorted(FULL_ONLY)
+
+# Runs console scripts (their entry points, in order) in one process where the full install's
+# packages cannot be imported, as in a `pip install loftup` (store-reading) environment.
 LIGHT_DRIVER = """
 import contextlib, io, json, sys
 for name in json.loads(sys.argv[1]):
     sys.modules[name] = None  # `import name` now raises ImportError
-from loftup.cli.common import run
-from loftup.cli.store import app
+import loftup.cli
 results = []
-for args in json.loads(sys.argv[2]):
+for script, args in json.loads(sys.argv[2]):
     out, err = io.StringIO(), io.StringIO()
+    sys.argv = [f"loftup-{script}", *args]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run(app, args)
+            getattr(loftup.cli, f"{script}_main")()
             rc = 0
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -96,29 +87,34 @@ def test_coco_export_opens_in_pycocotools_with_the_stores_masks(read_only_store,
 
 def test_store_cli_reads_without_torch_or_ray(read_only_store, tmp_path):
     s = str(read_only_store.url)
+    image_id = str(int(read_only_store.image_ids(0)[0]))
+    needs_full = "which the full install has: pip install 'loftup[full]'"
     cases = [
-        (["info", s], 0, '"schema_version"'),
-        (["status", s], 0, "features/dinov2_vits14@224"),
-        (["errors", s], 0, "0 errors"),
-        (["errors", s, "--job", "nosuch"], 2, "error: no job 'nosuch' has run on this store; its jobs: "),
-        (["masks", s, "--limit", "2", "--columns", "image_id,area"], 0, "masks"),
-        (["verify", s, "--deep"], 0, "store verified"),
-        (["export-coco", "--store", s, "--out", str(tmp_path / "coco")], 0, "shard=000000.json"),
-        (["export-coco", s, "--out", str(tmp_path / "coco"), "--shards", "3"], 2, "no committed masks for shard(s) 3"),
-        (["gallery", s, "--out", str(tmp_path / "gallery"), "--per-shard", "1"], 0, "index.html"),
-        (["show", s, "--image-id", str(int(read_only_store.image_ids(0)[0])), "--out", str(tmp_path / "s.png"),
-          "--backbone", "dinov2_vits14", "--top", "5"], 0, "wrote"),
+        ("store", ["info", s], 0, '"schema_version"'),
+        ("store", ["status", s], 0, "features/dinov2_vits14@224"),
+        ("store", ["errors", s], 0, "0 errors"),
+        ("store", ["errors", s, "--job", "nosuch"], 2, "error: no job 'nosuch' has run on this store; its jobs: "),
+        ("store", ["masks", s, "--limit", "2", "--columns", "image_id,area"], 0, "masks"),
+        ("store", ["verify", s, "--deep"], 0, "store verified"),
+        ("store", ["export-coco", "--store", s, "--out", str(tmp_path / "coco")], 0, "shard=000000.json"),
+        ("store", ["export-coco", s, "--out", str(tmp_path / "coco"), "--shards", "3"], 2, "no committed masks for shard(s) 3"),
+        ("store", ["gallery", s, "--out", str(tmp_path / "gallery"), "--per-shard", "1"], 0, "index.html"),
+        ("store", ["show", s, "--image-id", image_id, "--out", str(tmp_path / "s.png"), "--backbone", "dinov2_vits14",
+                   "--top", "5"], 0, "wrote"),
+        # what needs the full install says so in one line
+        ("train", ["--help"], 2, f"error: this command needs torch, {needs_full}"),
+        ("pipeline", ["features", "--shards", "0", "--store", s, "--random-init"], 2, needs_full),
     ]  # fmt: skip
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     run = subprocess.run(
-        [sys.executable, "-c", LIGHT_DRIVER, json.dumps(HEAVY), json.dumps([c[0] for c in cases])],
+        [sys.executable, "-c", LIGHT_DRIVER, json.dumps(HEAVY), json.dumps([c[:2] for c in cases])],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    for (args, rc, text), got in zip(cases, json.loads(run.stdout)):
+    for (_, args, rc, text), got in zip(cases, json.loads(run.stdout)):
         both = got["out"] + got["err"]
         assert got["rc"] == rc and text in both, (args, got)
         assert "Traceback" not in both, (args, both)
