@@ -34,3 +34,13 @@ def tmp_store(tmp_path):
     from loftup.storage import open_store
 
     return open_store(tmp_path / "store", create=True)
+
+
+@pytest.fixture(scope="session")
+def read_only_store(tmp_path_factory):
+    """A complete small store that tests only read: 2 images of the package photos (256 px),
+    their masks and images at 224, random-weight DINOv2-S features at 224."""
+    from loftup.sample_data import build_sample_store
+
+    root = tmp_path_factory.mktemp("read_only") / "store"
+    return build_sample_store(root, tars=1, images_per_tar=2, short_side=256, sizes=(224,))

@@ -19,6 +19,7 @@ from loftup.pipeline.runner import run_job
 from loftup.pipeline.shards import resolve_shards
 from loftup.sample_data import write_sample_shards
 from loftup.storage import open_store
+from loftup.storage.errors import LoftupError
 
 DRIVER = Path(__file__).with_name("cli_driver.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1"}
@@ -419,7 +420,8 @@ def test_uncommitted_data_is_never_served(small_store):
     (Path(store.root) / "_status" / "features__dinov2_vits14@224" / "shard=000000.json").unlink()
     store.refresh()
     assert store.masks_dataset().count_rows() == total - n0
-    assert store.masks_for(int(ids0[0])) == []
+    with pytest.raises(LoftupError, match=f"image {int(ids0[0])} is in images shard 0, whose masks are not committed"):
+        store.masks_for(int(ids0[0]))
     assert store.features("dinov2_vits14", 224).shards() == [1]
     problems = verify_store(store)
     assert any("masks shard 000000: data without a marker" in p for p in problems)
