@@ -564,10 +564,11 @@ class ShardBuild:
         self.final_errors = errors_path(root, job, shard)
         self.stage = f"{self.final.rpartition('/')[0]}/.{name}.{token}.build{TMP_SUFFIX}"
         self.stage_errors = f"{self.final_errors.rpartition('/')[0]}/.{name}.parquet.{token}.build{TMP_SUFFIX}"
-        self.committed = False
         self._keys = [(_protocol(fs), self.final), (_protocol(fs), self.final_errors)]
 
     def __enter__(self) -> Self:
+        if self.fs.exists(journal_path(self.root, self.job, self.shard)):
+            recover(self.fs, self.root, self.job, shards=[self.shard])  # a killed swap comes first
         remove_shard_temps(self.fs, self.root, self.job, self.shard)
         with _BUILDS_LOCK:
             if any(k in _BUILDS for k in self._keys):
@@ -583,8 +584,13 @@ class ShardBuild:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._release()
-        # Once the journal is written the swap is decided: recover() finishes it with these files.
-        if not self.fs.exists(journal_path(self.root, self.job, self.shard)):
+        # Once this build's journal is written the swap is decided: recover() finishes it with these files.
+        journal = journal_path(self.root, self.job, self.shard)
+        try:
+            ours = (_parse_marker(self.fs.cat_file(journal)) or {}).get("stage") == self.stage.rpartition("/")[2]
+        except FileNotFoundError:
+            ours = False
+        if not ours:
             remove(self.fs, self.stage)
             remove(self.fs, self.stage_errors)
 
@@ -599,7 +605,6 @@ class ShardBuild:
             "marker": json.loads(_marker_blob(self.job, self.shard, marker)),
         }
         atomic_write(self.fs, journal_path(self.root, self.job, self.shard), json.dumps(journal).encode())
-        self.committed = True
         if not _finish_swap(self.fs, self.root, self.job, self.shard, journal):
             raise StoreError(f"{self.job} shard {self.shard}: the built files changed before they were swapped in")
         return journal["marker"]
@@ -635,17 +640,17 @@ def _finish_swap(fs, root: str, job: str, shard: int, journal: dict) -> bool:
     return ok
 
 
-def recover(fs, root: str, job: str) -> dict[int, bool]:
+def recover(fs, root: str, job: str, shards=None) -> dict[int, bool]:
     """Finish the swaps that a killed run of ``job`` left half done and delete what killed
-    writers left behind (call under the job's lease, before planning). Returns shard -> True
-    when its new version is now committed."""
+    writers left behind (call under the job's lease, before planning; ``shards``: only those,
+    and no cleaning). Returns shard -> True when its new version is now committed."""
     directory = f"{root}/{STATUS}/{job_key(job)}"
     out = {}
     for name in _list_names(fs, directory):
         if not (name.startswith(".") and name.endswith(JOURNAL_SUFFIX)):
             continue
         shard = parse_shard_name(name[1 : -len(JOURNAL_SUFFIX)])
-        if shard is None:
+        if shard is None or (shards is not None and shard not in shards):
             continue
         journal = _parse_marker(fs.cat_file(f"{directory}/{name}"))
         valid = (
@@ -661,7 +666,8 @@ def recover(fs, root: str, job: str) -> dict[int, bool]:
         else:  # written atomically, so only outside damage gets here: the shard is redone
             remove(fs, f"{directory}/{name}")
             out[shard] = False
-    remove_leftovers(fs, root, job)  # e.g. an old version a killed swap had moved aside
+    if shards is None:
+        remove_leftovers(fs, root, job)  # e.g. an old version a killed swap had moved aside
     return out
 
 
