@@ -555,3 +555,23 @@ def test_every_weights_file_is_read_without_running_code(arena, tmp_path):
         assert "jit.load(" not in text, path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
+
+
+def test_markers_from_before_footer_digests_have_their_statistics_checked_against_the_ids(world, tmp_path):
+    """A marker written before footer digests (file digests, no ``footer_sha256``): readers check
+    each row group's count and image_id range against the page-checksummed ids instead."""
+    from loftup.storage.errors import StoreError
+
+    base = open_store(world["store"])
+    for flip in (False, True):
+        path = tmp_path / f"s{int(flip)}"
+        shutil.copytree(world["store"], path)
+        rewrite_marker(path, "masks", 0, lambda m: [f.pop("footer_sha256", None) for f in m["files"].values()])
+        hi = flip_footer_max(path / MASKS0)[0] if flip else int(base.image_ids(0).max())
+        st = open_store(path)
+        assert st.shard_problems("masks", 0) == []  # the cheap check has no footer digest to compare
+        if flip:
+            with pytest.raises(StoreError, match="masks shard 0 is damaged: the Parquet footer"):
+                st.masks_for(hi)
+        else:
+            assert st.masks_for(hi) == base.masks_for(hi) and len(st.masks_for(hi)) > 0
