@@ -27,6 +27,7 @@ from loftup.storage.commit import (
     ShardWriter,
     shard_name,
     temp_path,
+    write_path,
 )
 from loftup.storage.errors import NotInStore, StoreError, error_line
 
@@ -405,7 +406,7 @@ class FeatureShardWriter(ShardWriter):
         self.fstore, self.shard, self.n = fstore, int(shard), int(n)
         self.shape = (self.n, int(dim), h, w)
         self.block = min(int(shard_images), max(self.n, 1))
-        self.final = f"{fstore.path}/{shard_name(shard)}"
+        self.final = write_path(fstore.fs, f"{fstore.path}/{shard_name(shard)}")
         self.tmp = temp_path(self.final)
         self.done = 0  # images written to disk
         self.peak_images = 0  # most feature maps ever held in memory between calls

@@ -163,11 +163,33 @@ class Store:
         self._invalidate_job(job)
 
     def shard_problems(self, job: str, shard: int, marker: dict | None = None, deep: bool = False) -> list[str]:
-        """What is wrong with a committed shard's files (empty: intact). Cheap unless ``deep``."""
+        """What is wrong with a committed shard: its marker (invalid, or without file digests) or
+        its files against the marker (empty: intact). Cheap unless ``deep``."""
         marker = self.marker(job, shard) if marker is None else marker
         if marker is None:
             return ["not committed"]
+        if not commit.usable(marker):
+            return [marker["invalid"]]
         return commit.check_files(self.fs, commit.output_dir(self.root, job, shard), marker.get("files"), deep=deep)
+
+    @contextlib.contextmanager
+    def build_shard(self, job: str, shard: int):
+        """Build a new version of a shard beside the committed one: ``with store.build_shard(job,
+        s) as b: <write outputs and errors as usual>; b.commit(info)``. Until ``commit`` the
+        committed version stays in place and readable; without it nothing changes."""
+        build = commit.ShardBuild(self.fs, self.root, job, shard)
+        try:
+            with build:
+                yield build
+        finally:
+            self._invalidate_job(job)
+
+    def recover(self, job: str) -> dict[int, bool]:
+        """Finish swaps a killed run of ``job`` left half done (see :func:`commit.recover`)."""
+        try:
+            return commit.recover(self.fs, self.root, job)
+        finally:
+            self._invalidate_job(job)
 
     def lease(self, job: str) -> commit.Lease:
         """The per-job lease (a context manager): one run of ``job`` on this store at a time."""
@@ -205,19 +227,21 @@ class Store:
         """All error rows (of one job or every job) with ``job`` and ``shard`` columns."""
         return commit.read_errors(self.fs, self.root, job)
 
-    def record_failed_shard(self, job: str, shard: int, reason: str) -> None:
-        """Record a shard that failed as a whole, so ``status`` and ``errors`` show it."""
-        commit.record_failed_shard(self.fs, self.root, job, shard, reason)
+    def record_failed_shard(self, job: str, shard: int, reason: str) -> int:
+        """Record a shard that failed as a whole, so ``status`` and ``errors`` show it; a shard
+        whose committed version survived keeps it and its error table (returns 0, else bytes)."""
+        return commit.record_failed_shard(self.fs, self.root, job, shard, reason)
 
     def failed_shards(self, job: str) -> list[int]:
         """Shards of ``job`` that failed as a whole in the last run that tried them (no marker)."""
-        done = self.done_shards(job)
+        done = self.done_shards(job)  # a failed redo of a committed shard keeps it committed
         return [s for s in commit.error_shards(self.fs, self.root).get(job, []) if s not in done]
 
     def summary(self) -> dict[str, dict]:
-        """Per job: shards done (committed and intact), damaged shards (committed, but a file is
-        missing or has changed size since: the cheap check; ``verify --deep`` re-hashes), failed
-        shards, images, per-image failures, bytes, seconds (and masks)."""
+        """Per job: shards done (committed and intact), damaged shards (committed, but the marker
+        is invalid or a file is missing, has changed size or its Parquet footer changed since: the
+        cheap check; ``verify --deep`` re-hashes), failed shards, and the images, per-image
+        failures, bytes, seconds (and masks) of the intact shards."""
         out = {}
         failed_by_job = commit.error_shards(self.fs, self.root)
         keys = set(commit.status_jobs(self.fs, self.root)) | {commit.job_key(j) for j in failed_by_job}
@@ -231,9 +255,10 @@ class Store:
             if not markers and not failed:
                 continue
             damaged = [s for s, m in markers.items() if self.shard_problems(job, s, m)]
-            values = list(markers.values())
+            # Counts of intact shards only: a damaged shard's marker no longer describes its data.
+            values = [m for s, m in markers.items() if s not in damaged]
             row = {
-                "shards": len(values) - len(damaged),
+                "shards": len(values),
                 "damaged_shards": len(damaged),
                 "failed_shards": len(failed),
                 "images": int(sum(m.get("images", 0) or 0 for m in values)),

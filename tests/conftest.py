@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 
+# The fault-injection tests share faultlib.py (pytest runs with --import-mode=importlib).
+sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEPT_CLUSTER_DEFAULTS", "1")
 
@@ -44,3 +47,12 @@ def read_only_store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("read_only") / "store"
     return build_sample_store(root, tars=1, images_per_tar=2, short_side=256, sizes=(224,))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Tiny tars and a store with masks, images and features of shards 0-1 (faultlib.make_world).
+    Tests copy the store before damaging it."""
+    from faultlib import make_world
+
+    return make_world(tmp_path_factory.mktemp("faults"))

@@ -615,4 +615,4 @@ def restrict_index(index, targets: ImplicitTargets):
             f"no per-image-optimised features of {targets.backbone}@{targets.res} for the chosen images; "
             f"run `loftup-pipeline implicit --backbone {targets.backbone} --res {targets.res}` first"
         )
-    return StoreIndex(index.image_ids[keep], index.shards[keep])
+    return StoreIndex(index.image_ids[keep], index.shards[keep], without_masks=index.without_masks)

@@ -93,6 +93,9 @@ class TrainConfig:
     resume: bool = option(
         False, help="Continue exactly from OUT/last.pt (the config must match the run's).", resumable=True
     )
+    overwrite: bool = option(
+        False, help="Start afresh in an OUT that holds a run (its last.pt and metrics are discarded).", resumable=True
+    )
     progress: bool = option(True, help="Show a progress bar.", resumable=True, cli=False)
 
 
@@ -117,6 +120,18 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
         if saved[f.name] != now:
             out.append(f"{f.name} ({saved[f.name]!r} -> {now!r})")
     return out
+
+
+def check_optimizer(cfg: TrainConfig) -> None:
+    """Refuse, in one line, values the optimizer would reject with a traceback (or silently misuse)."""
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise LoftupError(f"--lr must be a positive number, got {cfg.lr}")
+    decay = getattr(cfg, "weight_decay", 0.0)
+    if not (math.isfinite(decay) and decay >= 0):
+        raise LoftupError(f"--weight-decay must be >= 0, got {decay}")
+    if cfg.warmup_steps < 0:
+        raise LoftupError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    learning_rate(cfg, 0, 1)  # the schedule's name
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -162,15 +177,17 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     distributed.cpu_threads(d, cfg.workers)
     run = RunDir(cfg.out, master=d.master)
     seed_all(cfg.seed)
+    check_optimizer(cfg)  # a bad rate or schedule fails before any work
     if cfg.resume:
         saved = run.load_config()
         diff = config_differences(saved, cfg)
         if diff:
             raise LoftupError(f"--resume: the config differs from the run's saved config in {', '.join(diff)}")
+    else:
+        run.start_fresh(discard=cfg.overwrite)
 
     recipe: Recipe = build(cfg, d)
     total_steps = cfg.max_steps or cfg.epochs * recipe.steps_per_epoch
-    learning_rate(cfg, 0, total_steps)  # a bad schedule fails before any work
 
     step, epoch, offset = 0, 0, 0
     if cfg.resume:

@@ -52,6 +52,21 @@ class RunDir:
                 removed.append(p.name)
         return removed
 
+    def start_fresh(self, discard: bool = False) -> None:
+        """Before a run that does not resume: refuse a directory that holds a run (its
+        ``last.pt`` or ``metrics.jsonl``) unless ``discard``, which removes them first."""
+        held = [name for name in ("last.pt", "metrics.jsonl") if (self.path / name).exists()]
+        if not held:
+            return
+        if not discard:
+            raise LoftupError(
+                f"{self.path} holds a run ({', '.join(held)}): pass --resume to continue it, "
+                f"or --overwrite to start afresh there"
+            )
+        if self.master:
+            for name in held:
+                (self.path / name).unlink(missing_ok=True)
+
     # -- config ----------------------------------------------------------------------------
     def save_config(self, config: dict, name: str = "config.json") -> None:
         if self.master:

@@ -156,7 +156,7 @@ class Stage1:
         self.synced_params = list(self.aux.parameters())
         self.params = list(self.model.parameters()) + self.synced_params
         self.optimizer = torch.optim.NAdam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.info = {"dim": dim, "images": len(self.index)}
+        self.info = {"dim": dim, "images": len(self.index), "images_without_masks": self.index.without_masks}
 
     # -- data ------------------------------------------------------------------------------
     def loader(self, epoch: int, offset: int):

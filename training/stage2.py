@@ -177,7 +177,7 @@ class Stage2:
         self.steps_per_epoch = (len(self.index) // d.world) // self.per_rank
         if self.steps_per_epoch == 0:
             raise LoftupError(f"{len(self.index)} images are fewer than one global batch of {cfg.batch_size}")
-        self.info = {"images": len(self.index)}
+        self.info = {"images": len(self.index), "images_without_masks": self.index.without_masks}
         self.timings = dict.fromkeys(
             ("data", "vfm_student", "vfm_crops", "teacher", "student", "loss", "backward"), 0.0
         )
