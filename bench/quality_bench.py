@@ -98,7 +98,8 @@ def build_store(work: Path, backbone: str, images_per_tar: int, photos: str = "a
 
     store_path = work / "store"
     names, photos_dir, package_photos, desc = training_photos(photos)
-    if not (store_path / "manifest.json").exists():
+    # photos.json is written last: a store interrupted half-way is rebuilt (the jobs resume it).
+    if not (work / "photos.json").exists():
         write_sample_shards(
             work / "sa1b",
             tars=TRAIN_TARS,
@@ -111,12 +112,12 @@ def build_store(work: Path, backbone: str, images_per_tar: int, photos: str = "a
         write_sample_shards(
             work / "sa1b", tars=1, images_per_tar=held_out, seed=0, first_shard=TRAIN_TARS, photos=HELD_PHOTOS
         )
-        (work / "photos.json").write_text(json.dumps({"description": desc, "photos": names}, indent=1))
-        store = open_store(store_path, create=True)
+        store = open_store(store_path, create=not (store_path / "manifest.json").exists())
         shards = resolve_shards(f"0-{TRAIN_TARS}", work / "sa1b")
         for job in (ImagesJob(), MasksJob()):
             run_job(job, store, shards, executor="inline")
         run_job(FeaturesJob(backbone=backbone, batch_size=16), store, [(s, None) for s, _ in shards], executor="inline")
+        (work / "photos.json").write_text(json.dumps({"description": desc, "photos": names}, indent=1))
     return open_store(store_path), json.loads((work / "photos.json").read_text())["description"]
 
 
@@ -854,6 +855,7 @@ def scaling(args) -> None:
     console = Console(width=max(160, Console().width))
     root = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-scaling-"))
     rows = {}
+    args.json = "scaling_point.json"  # a count's folder may be the judge's own: keep its quality.json
     for n in map(int, args.scaling.split(",")):
         if n not in SCALING_PHOTOS:
             raise SystemExit(f"bench: --scaling counts must be among {sorted(SCALING_PHOTOS)}")

