@@ -149,6 +149,10 @@ def _load_projection(spec, state: dict, weights: Path):
 
 def to_official_state_dict(model: LoftUp) -> dict[str, torch.Tensor]:
     """The model's weights under the released checkpoint's key names (a copy)."""
+    from loftup.training.heads import head_of
+
+    if head_of(model) != "loftup":
+        raise WeightsError(f"a LoftUp with the {head_of(model)!r} head has no released layout (only 'loftup' has)")
     # Our module tree is the released one, so the names coincide; copying keeps the
     # result independent of later training steps.
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -237,14 +237,14 @@ def upsample_image(
     The image is resized (short side) and centre-cropped to ``size`` x ``size`` (the same
     geometry as the training stores); the backbone sees the crop at ``backbone_res``
     (rounded down to its patch size) and LoftUp upsamples its features to ``size``.
-    ``checkpoint`` is one of our safetensors checkpoints, ``official`` a released LoftUp file
+    ``checkpoint`` is one of our safetensors checkpoints (either head), ``official`` a released LoftUp file
     (exactly one). ``backbone`` is a registered name or a ready ``Backbone`` module (with
     ``patch``; default: the one the checkpoint or release was trained for, else dinov2_vits14);
     ``weights``/``random_init`` go to ``create_backbone``. The forward is :func:`upsample`'s.
 
     Writes ``<stem>_loftup<size>.<fmt>`` holding the (C, size, size) float32 features (key
     ``features``), the backbone's features projected as the checkpoint projects them and
-    layer-normalised into LoftUp's output space (``lowres``, (C, h, w)) and their bilinear
+    mapped into the upsampler's output space (``lowres``, (C, h, w)) and their bilinear
     upsampling in that space (``bilinear``, (C, size, size)); and ``<stem>_loftup<size>.png``:
     input | low-res PCA | LoftUp PCA | bilinear PCA. Returns a dict with both paths, shapes,
     timings and the retention (`retention`) of LoftUp and of bilinear.
@@ -261,12 +261,13 @@ def upsample_image(
     feats, hr, hr_img, res = run["lowres"], run["hr"], run["hr_img"], run["res"]
     timings = {"backbone_s": run["timings"]["backbone_s"], "loftup_s": run["timings"]["upsample_s"]}
     with torch.no_grad():
-        # LoftUp's outputs are per-pixel layer-normalised; the low-res map and the bilinear
-        # baseline go into that space too, so one PCA gives comparable colours and retention
-        # compares like with like.
-        from loftup.training.target_space import layer_norm_target
+        # The low-res map and the bilinear baseline go into the upsampler's output space (per-pixel
+        # layer-normalised for the released head, the raw features for the convex head), so one PCA
+        # gives comparable colours and retention compares like with like.
+        from loftup.training.heads import output_space
+        from loftup.training.target_space import to_target_space
 
-        lowres = layer_norm_target(feats)
+        lowres = to_target_space(feats, output_space(prep.model))
         bilinear = F.interpolate(lowres, size=(size, size), mode="bilinear", align_corners=False)
     from loftup.pictures import pca_rgb, save_panels
 

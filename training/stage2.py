@@ -113,14 +113,20 @@ def student_regions(student_out: torch.Tensor, crops: list, per_image: int, n: i
 
 
 def load_init(path: str, backbone: str):
-    """The Stage 1 model (and its feature projection) to start from; refuses another backbone."""
+    """The Stage 1 model, its feature projection and its loss space (the target space and feature
+    scale Stage 1 trained in; older checkpoints: the head's own space) to start from; refuses
+    another backbone."""
     from loftup.training.checkpoint import load_model
+    from loftup.training.heads import output_space
+    from loftup.training.target_space import LossSpace
 
     model, meta = load_model(path, with_meta=True)
-    trained_on = (meta.get("extra") or {}).get("backbone")
+    extra = meta.get("extra") or {}
+    trained_on = extra.get("backbone")
     if trained_on and trained_on != backbone:
         raise LoftupError(f"--init {path} was trained on backbone {trained_on!r}, not {backbone!r}")
-    return model, meta.get("projection_module")
+    space = LossSpace(extra.get("target_space") or output_space(model), extra.get("feature_scale", 1.0))
+    return model, meta.get("projection_module"), space
 
 
 def ema_decay_at(k: int, cap: float) -> float:
@@ -145,7 +151,7 @@ class Stage2:
         self.per_rank = distributed.per_rank_batch(cfg.batch_size, d)
 
         # -- models --------------------------------------------------------------------------
-        student, projection = load_init(cfg.init, cfg.backbone)
+        student, projection, self.space = load_init(cfg.init, cfg.backbone)
         self.vfm = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=d.device)
         self.vfm.requires_grad_(False)
         bad = [s for s in cfg.sizes if s % self.vfm.patch]
@@ -177,7 +183,11 @@ class Stage2:
         self.steps_per_epoch = (len(self.index) // d.world) // self.per_rank
         if self.steps_per_epoch == 0:
             raise LoftupError(f"{len(self.index)} images are fewer than one global batch of {cfg.batch_size}")
-        self.info = {"images": len(self.index), "images_without_masks": self.index.without_masks}
+        self.info = {
+            "images": len(self.index),
+            "images_without_masks": self.index.without_masks,
+            **self.space.describe(),
+        }
         self.timings = dict.fromkeys(
             ("data", "vfm_student", "vfm_crops", "teacher", "student", "loss", "backward"), 0.0
         )
@@ -237,7 +247,6 @@ class Stage2:
             total_variation,
         )
         from loftup.training.pseudo_gt import mask_refine
-        from loftup.training.stage1 import layer_norm_target
 
         cfg, dev, tm = self.cfg, self.d.device, self.timings
         t0 = time.perf_counter()
@@ -264,14 +273,14 @@ class Stage2:
         pred = student_regions(s_out, crops, cfg.crops, n)
         terms = {"affinity": cfg.affinity_weight * affinity_loss(pred, target, border=cfg.border)}
         if cfg.tv_weight:
-            terms["tv"] = cfg.tv_weight * total_variation(s_out)
+            terms["tv"] = cfg.tv_weight * total_variation(self.space.output(s_out))
         if cfg.recon_weight:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             recon = 0.0
             for _ in range(cfg.recon_jitters):
                 jit = draw_jitter(gen, cfg.max_pad, cfg.max_zoom)
-                lr_jit = layer_norm_target(self.lowres(apply_jitter(img_s, jit, s)))
-                hr_jit = apply_jitter(s_out, jit, s)
+                lr_jit = self.space(self.lowres(apply_jitter(img_s, jit, s)))
+                hr_jit = apply_jitter(self.space.output(s_out), jit, s)
                 proj = random_projection(
                     s_out.shape[0],
                     s_out.shape[1],
@@ -342,6 +351,7 @@ class Stage2:
                 "sizes": cfg.sizes,
                 "alpha": cfg.alpha,
                 "recipe": cfg.recipe,
+                **self.space.describe(),
             }
             save_model(self.student, path, extra=extra, projection=self.projection)
             save_model(self.teacher, run.path / "stage2_teacher.safetensors", extra=extra, projection=self.projection)
