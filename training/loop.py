@@ -195,8 +195,13 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         recipe.load_state(state)
         step, epoch, offset = state["step"], state["epoch"], state["offset"]
         set_rng_state(state["rng"])
+    # What the recipe resolved for a field left to it (e.g. the target space) is kept apart, so a
+    # resume compares the options as given, not their resolution.
+    given = asdict(cfg)
+    info = {k: v for k, v in recipe.info.items() if k not in given}
+    resolved = {k: v for k, v in recipe.info.items() if k in given}
     run.save_config(
-        {"stage": recipe.name, **asdict(cfg), "world_size": d.world, "total_steps": total_steps, **recipe.info}
+        {"stage": recipe.name, **given, "world_size": d.world, "total_steps": total_steps, **info, "resolved": resolved}
     )
 
     def checkpoint():
