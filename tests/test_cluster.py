@@ -187,95 +187,50 @@ def cluster():
         assert not _cluster_processes_left(c)
 
 
-def _masks(store, tars, address, *extra, env=None):
-    return _pipeline(
-        "masks",
-        "--shards",
-        SHARDS,
-        "--sa1b-root",
-        tars,
-        "--store",
-        store,
-        "--sizes",
-        SIZES,
-        "--ray-address",
-        address,
-        *extra,
-        env=env,
-    )
+def _args(job: str, store, tars, address, *extra) -> list:
+    """CLI arguments of ``job`` over the four shards on the cluster at ``address``."""
+    args = [job, "--shards", SHARDS, "--store", store, "--ray-address", address, *extra]
+    if job in ("images", "masks"):
+        return [*args, "--sa1b-root", tars, "--sizes", SIZES]
+    if job == "features":
+        return [*args, "--res", "56", "--random-init"]
+    return [*args, *IMPLICIT]
 
 
-def _images(store, tars, address, *extra, env=None):
-    return _pipeline(
-        "images",
-        "--shards",
-        SHARDS,
-        "--sa1b-root",
-        tars,
-        "--store",
-        store,
-        "--sizes",
-        SIZES,
-        "--ray-address",
-        address,
-        *extra,
-        env=env,
-    )
+def _start(args, env=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "loftup.cli.pipeline", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})})
+
+
+def _outcome(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)  # a hang fails here
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _all_held(hold: Path, n: int):
+    return _wait_for(lambda: (h := _held(hold)) and len(h) == n and h, f"{n} shards in flight")
 
 
 @pytest.mark.timeout(600)
 def test_four_jobs_on_three_nodes_equal_the_embedded_run_and_gpu_tasks_land_on_the_gpu_node(
     cluster, reference, tars, tmp_path
 ):
-    store = tmp_path / "store"
-    address = cluster.address
-    _ok(_images(store, tars, address))
-    _ok(_masks(store, tars, address))
-    _ok(
-        _pipeline(
-            "features", "--shards", SHARDS, "--store", store, "--res", "56", "--random-init", "--ray-address", address
-        )
-    )
-    _ok(
-        _pipeline(
-            "implicit",
-            "--shards",
-            SHARDS,
-            "--store",
-            store,
-            *IMPLICIT,
-            "--gpus-per-task",
-            "0",
-            "--ray-address",
-            address,
-        )
-    )
+    store, address = tmp_path / "store", cluster.address
+    for job in ("images", "masks", "features"):
+        _ok(_pipeline(*_args(job, store, tars, address)))
+    _ok(_pipeline(*_args("implicit", store, tars, address, "--gpus-per-task", "0")))
     for job in JOBS:
         _exact(store, reference, job)
 
     nodes = {cluster.head_node.node_id, cluster.w1.node_id, cluster.gpu.node_id}
     for job in ("images", "masks", JOBS[3]):
         ran_on = set(_nodes(store, job).values())
-        assert ran_on <= nodes and len(ran_on) >= 2, (job, ran_on)  # the shards spread over nodes
+        assert ran_on <= nodes and len(ran_on) >= 2, (job, ran_on)  # the shards spread over the nodes
     # features want a GPU and the cluster has one: 1 GPU per task, so only the GPU node runs them
     assert set(_nodes(store, JOBS[2]).values()) == {cluster.gpu.node_id}
 
     # more GPUs per task than any node has: one line before any work, not a task waiting forever
-    p = _pipeline(
-        "features",
-        "--shards",
-        SHARDS,
-        "--store",
-        store,
-        "--res",
-        "56",
-        "--random-init",
-        "--overwrite",
-        "--gpus-per-task",
-        "2",
-        "--ray-address",
-        address,
-    )
+    p = _pipeline(*_args("features", store, tars, address, "--overwrite", "--gpus-per-task", "2"))
     assert p.returncode == 2
     line = _one_error_line(p)
     assert "--gpus-per-task 2: no live Ray node has 2 GPU" in line and "is 1" in line, line
@@ -287,30 +242,9 @@ def test_worker_node_killed_mid_shard_job_finishes_on_the_others_store_exact(clu
     doomed = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     hold, store = tmp_path / "hold", tmp_path / "store"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loftup.cli.pipeline",
-            "masks",
-            "--shards",
-            SHARDS,
-            "--sa1b-root",
-            str(tars),
-            "--store",
-            str(store),
-            "--sizes",
-            SIZES,
-            "--ray-address",
-            cluster.address,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**ENV, "LOFTUP_CHAOS_HOLD": f"2:{hold}"},
-    )
+    proc = _start(_args("masks", store, tars, cluster.address), env={"LOFTUP_CHAOS_HOLD": f"2:{hold}"})
     try:
-        held = _wait_for(lambda: (h := _held(hold)) and len(h) == N_SHARDS and h, "a shard in flight on every node")
+        held = _all_held(hold, N_SHARDS)  # one shard on each of the four nodes
         assert doomed.node_id in held.values()
         in_flight = _temps(store)
         assert any(t.startswith("masks/shard=") for t in in_flight), in_flight  # killed mid-write
@@ -318,10 +252,9 @@ def test_worker_node_killed_mid_shard_job_finishes_on_the_others_store_exact(clu
         cluster.remove_node(doomed, allow_graceful=False)
         _wait_for(lambda: not _pid_alive(victim), "the killed node's worker to be gone", 30)
         (hold / "release").touch()
-        out, err = proc.communicate(timeout=180)
+        _ok(_outcome(proc))
     finally:
         proc.kill()
-    _ok(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     _exact(store, reference, "masks")
     ran_on = set(_nodes(store, "masks").values())
     assert doomed.node_id not in ran_on and len(ran_on) >= 2
@@ -329,7 +262,7 @@ def test_worker_node_killed_mid_shard_job_finishes_on_the_others_store_exact(clu
     ref = _store(reference).masks_dataset().to_table(columns=["image_id", "ann_id"])
     assert table.num_rows == ref.num_rows and len(set(zip(*table.to_pydict().values()))) == ref.num_rows
     before = _store(store).done_shards("masks")
-    _ok(_masks(store, tars, cluster.address))  # the next run: nothing to redo, nothing left over
+    _ok(_pipeline(*_args("masks", store, tars, cluster.address)))  # the next run: nothing to redo or clean
     assert _store(store).done_shards("masks") == before and _temps(store) == []
 
 
@@ -338,62 +271,24 @@ def test_drained_node_is_preempted_mid_write_and_leaves_no_partial_shard(cluster
     spot = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     hold, store = tmp_path / "hold", tmp_path / "store"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loftup.cli.pipeline",
-            "images",
-            "--shards",
-            SHARDS,
-            "--sa1b-root",
-            str(tars),
-            "--store",
-            str(store),
-            "--sizes",
-            SIZES,
-            "--ray-address",
-            cluster.address,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**ENV, "LOFTUP_CHAOS_HOLD": f"2:{hold}"},
-    )
+    proc = _start(_args("images", store, tars, cluster.address), env={"LOFTUP_CHAOS_HOLD": f"2:{hold}"})
     try:
-        held = _wait_for(lambda: (h := _held(hold)) and len(h) == N_SHARDS and h, "a shard in flight on every node")
+        held = _all_held(hold, N_SHARDS)
         assert spot.node_id in held.values()
         # The spot notice: Ray stops scheduling on the node; the cloud kills it at the deadline.
-        drain = subprocess.run(
-            [
-                RAY,
-                "drain-node",
-                "--address",
-                cluster.address,
-                "--node-id",
-                spot.node_id,
-                "--reason",
-                "DRAIN_NODE_REASON_PREEMPTION",
-                "--reason-message",
-                "spot preemption (test)",
-                "--deadline-remaining-seconds",
-                "1",
-            ],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            timeout=60,
-        )
-        assert drain.returncode == 0, drain.stderr[-2000:]
+        drain = [RAY, "drain-node", "--address", cluster.address, "--node-id", spot.node_id]
+        drain += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)"]
+        drain += ["--deadline-remaining-seconds", "1"]
+        p = subprocess.run(drain, capture_output=True, text=True, env=ENV, timeout=60)
+        assert p.returncode == 0, p.stderr[-2000:]
         time.sleep(1.0)  # the deadline passes with the shard still writing
         victim = next(pid for pid, node in held.items() if node == spot.node_id)
         cluster.remove_node(spot, allow_graceful=False)
         _wait_for(lambda: not _pid_alive(victim), "the preempted node's worker to be gone", 30)
         (hold / "release").touch()
-        out, err = proc.communicate(timeout=180)
+        _ok(_outcome(proc))
     finally:
         proc.kill()
-    _ok(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     _exact(store, reference, "images")
     assert spot.node_id not in set(_nodes(store, "images").values())
     ids = _store(store).images_dataset().to_table(columns=["image_id"])["image_id"].to_pylist()
@@ -401,78 +296,64 @@ def test_drained_node_is_preempted_mid_write_and_leaves_no_partial_shard(cluster
 
 
 @pytest.mark.timeout(300)
-def test_head_killed_driver_exits_with_one_line_and_a_new_cluster_completes_the_store(
+def test_lost_gpu_node_and_head_each_end_the_job_in_one_line_and_a_new_cluster_completes_the_store(
     cluster, reference, tars, tmp_path
 ):
     from ray.cluster_utils import Cluster
 
-    store, hold = tmp_path / "store", tmp_path / "hold"
-    # Without the GPU node no node has a GPU: a job asking for one is refused in one line.
-    cluster.remove_node(cluster.gpu, allow_graceful=False)
-    _ok(_images(store, tars, cluster.address))
-    p = _pipeline(
-        "features",
-        "--shards",
-        SHARDS,
-        "--store",
-        store,
-        "--res",
-        "56",
-        "--random-init",
-        "--gpus-per-task",
-        "1",
-        "--ray-address",
-        cluster.address,
-    )
-    assert p.returncode == 2 and "--gpus-per-task 1: no live Ray node has 1 GPU" in _one_error_line(p)
-
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loftup.cli.pipeline",
-            "masks",
-            "--shards",
-            SHARDS,
-            "--sa1b-root",
-            str(tars),
-            "--store",
-            str(store),
-            "--sizes",
-            SIZES,
-            "--ray-address",
-            cluster.address,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**ENV, "LOFTUP_CHAOS_HOLD": f"2:{hold}", "LOFTUP_RAY_HEAD_TIMEOUT": "3"},
+    store, address = tmp_path / "store", cluster.address
+    _ok(_pipeline(*_args("images", store, tars, address)))
+    # The only GPU node dies under a GPU job: its tasks have nowhere left to run.
+    hold = tmp_path / "hold_gpu"
+    proc = _start(
+        _args("features", store, tars, address), env={"LOFTUP_CHAOS_HOLD": f"4:{hold}", "LOFTUP_RAY_NODE_WAIT": "3"}
     )
     try:
-        _wait_for(lambda: len(_held(hold)) == 2, "a shard in flight on both nodes")
+        (victim,) = _all_held(hold, 1)
+        cluster.remove_node(cluster.gpu, allow_graceful=False)
+        _wait_for(lambda: not _pid_alive(victim), "the GPU node's worker to be gone", 30)
+        (hold / "release").touch()
+        p = _outcome(proc)
+    finally:
+        proc.kill()
+    assert p.returncode == 1, p.stderr[-3000:]
+    line = _one_error_line(p)
+    assert f"no live Ray node can run the {N_SHARDS} remaining shard task(s)" in line and "1 GPU" in line, line
+    assert _store(store).done_shards(JOBS[2]) == {}  # nothing half-done is committed
+    assert all(t.startswith(f"{JOBS[2]}/.shard=") for t in _temps(store))  # the cut write; the job's next run clears it
+    # Now no node has a GPU at all: a job asking for one is refused in one line, before any work.
+    cluster.wait_for_nodes()
+    p = _pipeline(*_args("features", store, tars, address, "--gpus-per-task", "1"))
+    assert p.returncode == 2 and "--gpus-per-task 1: no live Ray node has 1 GPU" in _one_error_line(p)
+
+    hold = tmp_path / "hold_head"
+    proc = _start(
+        _args("masks", store, tars, address), env={"LOFTUP_CHAOS_HOLD": f"2:{hold}", "LOFTUP_RAY_HEAD_TIMEOUT": "3"}
+    )
+    try:
+        _all_held(hold, 2)  # a shard on the head and one on the worker
         t0 = time.monotonic()
         cluster.remove_node(cluster.head_node, allow_graceful=False)
         (hold / "release").touch()
-        out, err = proc.communicate(timeout=120)  # a hang fails here
+        p = _outcome(proc, timeout=120)
         took = time.monotonic() - t0
     finally:
         proc.kill()
-    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    assert p.returncode == 1, err[-3000:]
+    assert p.returncode == 1, p.stderr[-3000:]
     assert _one_error_line(p).startswith("error: lost the Ray head node at ")
-    assert took < 60, took  # Ray's own limit would be 60 s, and then a crash without our line
+    assert took < 60, took  # Ray's own limit is 60 s, and then a crash without our line
     for node in list(cluster.worker_nodes):  # the old cluster is gone for good
         cluster.remove_node(node, allow_graceful=False)
     assert not _cluster_processes_left(cluster)
 
     # Whatever the old cluster committed stays; a new cluster finishes the rest exactly.
-    fresh = Cluster(
-        initialize_head=True, head_node_args=dict(num_cpus=2, gcs_server_port=_free_port(), include_dashboard=False)
-    )
+    args = dict(num_cpus=2, gcs_server_port=_free_port(), include_dashboard=False)
+    fresh = Cluster(initialize_head=True, head_node_args=args)
     try:
-        _ok(_masks(store, tars, fresh.address))
+        _ok(_pipeline(*_args("masks", store, tars, fresh.address)))
+        _ok(_pipeline(*_args("features", store, tars, fresh.address)))  # also clears the cut GPU-node write
     finally:
         fresh.shutdown()
         assert not _cluster_processes_left(fresh)
-    _exact(store, reference, "masks")
-    _exact(store, reference, "images")
+    for job in JOBS[:3]:
+        _exact(store, reference, job)
