@@ -10,6 +10,7 @@ even when a test fails (and Ray's reaper kills them should pytest itself die).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -50,6 +51,28 @@ for job, todo in (
     assert not run_job(job, store, todo, num_cpus=2).failed
 """
 IMPLICIT = ["--res", "56", "--random-init", "--images-per-shard", "1", "--steps", "2", "--views", "4"]
+
+
+def _report(fault: str, **facts) -> None:
+    """With LOFTUP_CLUSTER_REPORT=FILE, append what a fault did (docs/cluster.md's table comes from it)."""
+    path = os.environ.get("LOFTUP_CLUSTER_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"fault": fault, **facts}) + "\n")
+
+
+# Ray's own test clusters shorten the GCS health check so that a killed node is declared dead in
+# ~2 s instead of ~30 s; nothing else about the cluster changes.
+FAST_HEALTH = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
+
+
+def _head_args(num_cpus: int) -> dict:
+    return dict(num_cpus=num_cpus, gcs_server_port=_free_port(), include_dashboard=False, _system_config=FAST_HEALTH)
 
 
 def _free_port() -> int:
@@ -156,27 +179,33 @@ def tars(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tars, tmp_path_factory):
-    """The four jobs on the embedded local Ray instance (the default without --ray-address)."""
+def _reference_run(tars, tmp_path_factory):
+    """Started before the cluster, so that the two start up side by side."""
     path = tmp_path_factory.mktemp("ref") / "store"
-    p = subprocess.run(
-        [sys.executable, "-c", _REFERENCE, str(tars), str(path)], capture_output=True, text=True, env=ENV, timeout=300
-    )
-    assert p.returncode == 0, p.stderr[-4000:]
+    cmd = [sys.executable, "-c", _REFERENCE, str(tars), str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    yield path, proc
+    proc.kill()
+    proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def reference(_reference_run):
+    """The four jobs on the embedded local Ray instance (the default without --ray-address)."""
+    path, proc = _reference_run
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
     return path
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(_reference_run):
     """A head and two workers, one CPU each; ``gpu`` also declares one GPU (Ray schedules on the
     declared resource; this machine has no CUDA, so the job itself runs on the CPU)."""
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_ACCEPT_CLUSTER_DEFAULTS", "1")
-    c = Cluster(
-        initialize_head=True,
-        head_node_args=dict(num_cpus=1, gcs_server_port=_free_port(), include_dashboard=False),
-    )
+    c = Cluster(initialize_head=True, head_node_args=_head_args(1))
     try:
         c.w1 = c.add_node(num_cpus=1)
         c.gpu = c.add_node(num_cpus=1, num_gpus=1)
@@ -249,10 +278,12 @@ def test_worker_node_killed_mid_shard_job_finishes_on_the_others_store_exact(clu
         in_flight = _temps(store)
         assert any(t.startswith("masks/shard=") for t in in_flight), in_flight  # killed mid-write
         victim = next(pid for pid, node in held.items() if node == doomed.node_id)
+        t0 = time.monotonic()
         cluster.remove_node(doomed, allow_graceful=False)
         _wait_for(lambda: not _pid_alive(victim), "the killed node's worker to be gone", 30)
         (hold / "release").touch()
         _ok(_outcome(proc))
+        took = time.monotonic() - t0
     finally:
         proc.kill()
     _exact(store, reference, "masks")
@@ -264,6 +295,18 @@ def test_worker_node_killed_mid_shard_job_finishes_on_the_others_store_exact(clu
     before = _store(store).done_shards("masks")
     _ok(_pipeline(*_args("masks", store, tars, cluster.address)))  # the next run: nothing to redo or clean
     assert _store(store).done_shards("masks") == before and _temps(store) == []
+    _report(
+        "worker node killed (masks)",
+        temps_at_kill=len(in_flight),
+        seconds_kill_to_exit=round(took, 1),
+        exit_code=0,
+        shards_committed=len(before),
+        nodes_used=len(ran_on),
+        mask_rows=table.num_rows,
+        rows_in_reference=ref.num_rows,
+        temps_after=0,
+        verify_deep_problems=0,
+    )
 
 
 @pytest.mark.timeout(300)
@@ -275,6 +318,8 @@ def test_drained_node_is_preempted_mid_write_and_leaves_no_partial_shard(cluster
     try:
         held = _all_held(hold, N_SHARDS)
         assert spot.node_id in held.values()
+        in_flight = _temps(store)
+        t0 = time.monotonic()
         # The spot notice: Ray stops scheduling on the node; the cloud kills it at the deadline.
         drain = [RAY, "drain-node", "--address", cluster.address, "--node-id", spot.node_id]
         drain += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)"]
@@ -287,12 +332,24 @@ def test_drained_node_is_preempted_mid_write_and_leaves_no_partial_shard(cluster
         _wait_for(lambda: not _pid_alive(victim), "the preempted node's worker to be gone", 30)
         (hold / "release").touch()
         _ok(_outcome(proc))
+        took = time.monotonic() - t0
     finally:
         proc.kill()
     _exact(store, reference, "images")
     assert spot.node_id not in set(_nodes(store, "images").values())
     ids = _store(store).images_dataset().to_table(columns=["image_id"])["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 4 * N_SHARDS
+    _report(
+        "node drained (spot preemption, images)",
+        temps_at_drain=len(in_flight),
+        seconds_drain_to_exit=round(took, 1),
+        exit_code=0,
+        shards_committed=N_SHARDS,
+        images=len(ids),
+        distinct_images=len(set(ids)),
+        temps_after=0,
+        verify_deep_problems=0,
+    )
 
 
 @pytest.mark.timeout(300)
@@ -310,17 +367,27 @@ def test_lost_gpu_node_and_head_each_end_the_job_in_one_line_and_a_new_cluster_c
     )
     try:
         (victim,) = _all_held(hold, 1)
+        t0 = time.monotonic()
         cluster.remove_node(cluster.gpu, allow_graceful=False)
         _wait_for(lambda: not _pid_alive(victim), "the GPU node's worker to be gone", 30)
         (hold / "release").touch()
         p = _outcome(proc)
+        took = time.monotonic() - t0
     finally:
         proc.kill()
     assert p.returncode == 1, p.stderr[-3000:]
     line = _one_error_line(p)
     assert f"no live Ray node can run the {N_SHARDS} remaining shard task(s)" in line and "1 GPU" in line, line
     assert _store(store).done_shards(JOBS[2]) == {}  # nothing half-done is committed
-    assert all(t.startswith(f"{JOBS[2]}/.shard=") for t in _temps(store))  # the cut write; the job's next run clears it
+    cut = _temps(store)
+    assert all(t.startswith(f"{JOBS[2]}/.shard=") for t in cut)  # the cut write; the job's next run clears it
+    _report(
+        "only GPU node killed (features, LOFTUP_RAY_NODE_WAIT=3)",
+        exit_code=p.returncode,
+        seconds_kill_to_exit=round(took, 1),
+        shards_committed=0,
+        temps_left_for_next_run=len(cut),
+    )
     # Now no node has a GPU at all: a job asking for one is refused in one line, before any work.
     cluster.wait_for_nodes()
     p = _pipeline(*_args("features", store, tars, address, "--gpus-per-task", "1"))
@@ -331,7 +398,7 @@ def test_lost_gpu_node_and_head_each_end_the_job_in_one_line_and_a_new_cluster_c
         _args("masks", store, tars, address), env={"LOFTUP_CHAOS_HOLD": f"2:{hold}", "LOFTUP_RAY_HEAD_TIMEOUT": "3"}
     )
     try:
-        _all_held(hold, 2)  # a shard on the head and one on the worker
+        old_workers = _all_held(hold, 2)  # a shard on the head and one on the worker
         t0 = time.monotonic()
         cluster.remove_node(cluster.head_node, allow_graceful=False)
         (hold / "release").touch()
@@ -345,10 +412,12 @@ def test_lost_gpu_node_and_head_each_end_the_job_in_one_line_and_a_new_cluster_c
     for node in list(cluster.worker_nodes):  # the old cluster is gone for good
         cluster.remove_node(node, allow_graceful=False)
     assert not _cluster_processes_left(cluster)
+    # Its workers too (they outlive their raylet for a moment): never two writers on one shard.
+    _wait_for(lambda: not any(_pid_alive(pid) for pid in old_workers), "the old cluster's workers to stop", 60)
+    committed_by_old = len(_store(store).done_shards("masks"))
 
     # Whatever the old cluster committed stays; a new cluster finishes the rest exactly.
-    args = dict(num_cpus=2, gcs_server_port=_free_port(), include_dashboard=False)
-    fresh = Cluster(initialize_head=True, head_node_args=args)
+    fresh = Cluster(initialize_head=True, head_node_args=_head_args(2))
     try:
         _ok(_pipeline(*_args("masks", store, tars, fresh.address)))
         _ok(_pipeline(*_args("features", store, tars, fresh.address)))  # also clears the cut GPU-node write
@@ -357,3 +426,12 @@ def test_lost_gpu_node_and_head_each_end_the_job_in_one_line_and_a_new_cluster_c
         assert not _cluster_processes_left(fresh)
     for job in JOBS[:3]:
         _exact(store, reference, job)
+    _report(
+        "head node killed (masks, LOFTUP_RAY_HEAD_TIMEOUT=3)",
+        exit_code=1,
+        seconds_kill_to_exit=round(took, 1),
+        shards_committed_by_old_cluster=committed_by_old,
+        shards_done_by_new_cluster=N_SHARDS - committed_by_old,
+        temps_after=0,
+        verify_deep_problems=0,
+    )

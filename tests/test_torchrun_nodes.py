@@ -29,12 +29,20 @@ pytestmark = pytest.mark.cluster
 # waits forever for the master address (pytorch#135712); docs/cluster.md says to set it.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200", "NO_COLOR": "1"}
 ENV["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-STEPS = 6  # 3 epochs of the 8 images at a global batch of 4
+STEPS = 4  # 2 epochs of the 8 images at a global batch of 4
 STAGE1 = ["--pca-dim", "16", "--size", "56", "--max-masks", "10", "--recipe", "paper"]
 STAGE2 = ["--random-init", "--geometry", "224", "--hr", "112", "--sizes", "56", "--max-masks", "10"]
 STAGE2 += ["--ema-every", "2", "--recipe", "paper"]
 COMMON = ["--batch-size", "4", "--max-steps", str(STEPS), "--workers", "0", "--device", "cpu", "--log-every", "1"]
 COMMON += ["--checkpoint-every", "2", "--random-init", "--auto-resume"]
+
+
+def _report(fault: str, **facts) -> None:
+    """With LOFTUP_CLUSTER_REPORT=FILE, append what a fault did (docs/cluster.md's table comes from it)."""
+    path = os.environ.get("LOFTUP_CLUSTER_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"fault": fault, **facts}) + "\n")
 
 
 def _free_port() -> int:
@@ -246,22 +254,35 @@ def test_node_killed_mid_run_restarts_from_last_pt_to_the_uninterrupted_weights(
     args = ["stage1", "--store", train_store.url, "--out", run, *STAGE1, *COMMON]
     n0, n1, port = launcher.cluster(args, env=env, restarts=1)
     _wait(lambda: any(hold.glob("held.*")), "step 2's checkpoint")
+    t0 = time.monotonic()
     launcher.kill(n1)
+    at_kill = torch.load(run / "last.pt", weights_only=True)["step"]
     (hold / "release").touch()
     # node 0's worker loses its peer and fails; its agent (--max-restarts 1) restarts it into a
     # new rendezvous round, which the replacement for node 1 joins; both resume from last.pt.
     replacement = launcher.node(args, port=port, env=env, restarts=1)
     _finish(n0, replacement)
+    took = time.monotonic() - t0
     _same_weights(run / "stage1.safetensors", ref / "stage1.safetensors")
     assert _metric_steps(run) == list(range(1, STEPS + 1))  # each step logged once
     assert _trace(trace) == _trace(ref_trace)  # the same samples at the same steps
     log = Path(n0.log).read_text()
     # node 0's worker failed and its agent restarted it: the same torchrun then finished with 0
-    assert "failed (exitcode: 1)" in log and log.rindex("failed (exitcode: 1)") < log.rindex("step 6/6"), log[-3000:]
+    assert "failed (exitcode: 1)" in log and log.rindex("failed (exitcode: 1)") < log.rindex(f"step {STEPS}/{STEPS}"), (
+        log[-3000:]
+    )
     # and the worker that lost its peer said so in one line, not a traceback
     lost = [ln for ln in log.splitlines() if ln.startswith("error: rank ")]
     assert len(lost) == 1 and "lost contact with the other ranks" in lost[0], log[-3000:]
     assert "Traceback" not in log and "╭" not in log, log[-3000:]
+    _report(
+        "torchrun node 1 killed (stage 1, --max-restarts 1, replacement node)",
+        last_pt_step_at_kill=at_kill,
+        steps=STEPS,
+        seconds_kill_to_finish=round(took, 1),
+        final_weights_equal_uninterrupted=True,
+        samples_per_step_equal_uninterrupted=True,
+    )
 
 
 @pytest.mark.timeout(600)
@@ -287,3 +308,11 @@ def test_checkpoint_write_killed_is_never_read_and_a_plain_relaunch_finishes_exa
     _same_weights(run / "stage1.safetensors", ref / "stage1.safetensors")
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # the temp was cleared
     assert _metric_steps(run) == list(range(1, STEPS + 1))
+    _report(
+        "checkpoint write killed (rank 0 SIGKILLed inside step 4's save, no restarts)",
+        exit_codes_nonzero=True,
+        temp_files_left=len(temps),
+        last_pt_step=int(state["step"]),
+        relaunch_final_weights_equal_uninterrupted=True,
+        temps_after_relaunch=0,
+    )
