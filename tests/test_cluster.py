@@ -276,7 +276,7 @@ def test_worker_node_killed_mid_shard_job_finishes_on_the_others_store_exact(clu
         held = _all_held(hold, N_SHARDS)  # one shard on each of the four nodes
         assert doomed.node_id in held.values()
         in_flight = _temps(store)
-        assert any(t.startswith("masks/shard=") for t in in_flight), in_flight  # killed mid-write
+        assert any(t.startswith("masks/") for t in in_flight), in_flight  # killed mid-write
         victim = next(pid for pid, node in held.items() if node == doomed.node_id)
         t0 = time.monotonic()
         cluster.remove_node(doomed, allow_graceful=False)
@@ -319,6 +319,7 @@ def test_drained_node_is_preempted_mid_write_and_leaves_no_partial_shard(cluster
         held = _all_held(hold, N_SHARDS)
         assert spot.node_id in held.values()
         in_flight = _temps(store)
+        assert any(t.startswith("images/") for t in in_flight), in_flight  # drained mid-write
         t0 = time.monotonic()
         # The spot notice: Ray stops scheduling on the node; the cloud kills it at the deadline.
         drain = [RAY, "drain-node", "--address", cluster.address, "--node-id", spot.node_id]
@@ -352,7 +353,7 @@ def test_drained_node_is_preempted_mid_write_and_leaves_no_partial_shard(cluster
     )
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
 def test_lost_gpu_node_and_head_each_end_the_job_in_one_line_and_a_new_cluster_completes_the_store(
     cluster, reference, tars, tmp_path
 ):
@@ -380,7 +381,7 @@ def test_lost_gpu_node_and_head_each_end_the_job_in_one_line_and_a_new_cluster_c
     assert f"no live Ray node can run the {N_SHARDS} remaining shard task(s)" in line and "1 GPU" in line, line
     assert _store(store).done_shards(JOBS[2]) == {}  # nothing half-done is committed
     cut = _temps(store)
-    assert all(t.startswith(f"{JOBS[2]}/.shard=") for t in cut)  # the cut write; the job's next run clears it
+    assert cut and all(t.startswith(f"{JOBS[2]}/") for t in cut)  # the cut write; the job's next run clears it
     _report(
         "only GPU node killed (features, LOFTUP_RAY_NODE_WAIT=3)",
         exit_code=p.returncode,
