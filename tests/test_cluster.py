@@ -27,7 +27,7 @@ N_SHARDS = 4
 SIZES = "56"
 JOBS = ("images", "masks", "features/dinov2_vits14@56", "implicit/dinov2_vits14@56")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "NO_COLOR": "1", "RAY_ACCEPT_CLUSTER_DEFAULTS": "1"}
-RAY = str(Path(sys.executable).with_name("ray"))
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter's Ray
 
 # The four jobs, with what each needs; the reference runs the same configs on an embedded instance.
 _REFERENCE = """
@@ -322,7 +322,7 @@ def test_drained_node_is_preempted_mid_write_and_leaves_no_partial_shard(cluster
         assert any(t.startswith("images/") for t in in_flight), in_flight  # drained mid-write
         t0 = time.monotonic()
         # The spot notice: Ray stops scheduling on the node; the cloud kills it at the deadline.
-        drain = [RAY, "drain-node", "--address", cluster.address, "--node-id", spot.node_id]
+        drain = [*RAY, "drain-node", "--address", cluster.address, "--node-id", spot.node_id]
         drain += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption (test)"]
         drain += ["--deadline-remaining-seconds", "1"]
         p = subprocess.run(drain, capture_output=True, text=True, env=ENV, timeout=60)
