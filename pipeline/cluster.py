@@ -111,7 +111,7 @@ class Watch:
         self.last = now
         if self.gcs:  # an embedded instance's head lives and dies with this process
             host, _, port = self.gcs.rpartition(":")
-            if not _reachable(host, int(port)):
+            if not _reachable(host.strip("[]"), int(port)):
                 self.head_lost_at = self.head_lost_at or now
                 if now - self.head_lost_at >= self.head_timeout:
                     raise ClusterError(
