@@ -66,7 +66,7 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail(INTERRUPTED, 130)
     except LoftupError as exc:
-        _fail(error_line(exc), 2)
+        _fail(error_line(exc), getattr(exc, "exit_code", 2))
     except exit_types as exc:
         sys.exit(getattr(exc, "exit_code", 1))
     except abort_types as exc:

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from loftup import chaos
 from loftup.pipeline.jobs import Job, run_and_time, upstream_state
 from loftup.storage.errors import LoftupError, error_line
 
@@ -55,6 +56,7 @@ class _Throttle:
         self.ok += ok
         self.err += err
         _chaos_tick(ok)
+        chaos.images_read(ok + err)
         if time.monotonic() - self.last >= self.period:
             self.flush()
 
@@ -336,12 +338,22 @@ def _run_ray(
 ):
     ray = init_ray(address, num_cpus)
     from ray.exceptions import RayError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from loftup.pipeline import cluster
 
     if gpus_per_task is None:
         gpus_per_task = 1.0 if (job.num_gpus_wanted and ray.cluster_resources().get("GPU", 0) > 0) else 0.0
     memory = task_memory(job, memory_per_task, _node_memory(ray), embedded=not address)
+    demand = {"CPU": cpus_per_task, "GPU": gpus_per_task, "memory": float(memory)}
+    cluster.check_fits(ray, demand)
+    watch = cluster.Watch(ray, demand, remote_cluster=bool(address))
 
-    @ray.remote
+    # On the driver's own node, holding no CPU: progress survives the loss of any worker node.
+    @ray.remote(
+        num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+    )
     class Counter:
         def __init__(self):
             self.counts = {}
@@ -373,7 +385,11 @@ def _run_ray(
 
     def poll():
         while not stop.wait(0.5):
-            for shard, (ok, err) in ray.get(counter.take.remote()).items():
+            try:
+                counts = ray.get(counter.take.remote(), timeout=10)
+            except Exception:  # the cluster is failing: the wait loop below reports it
+                return
+            for shard, (ok, err) in counts.items():
                 view.advance(shard, ok, err)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -389,6 +405,8 @@ def _run_ray(
                     _shard_failed(summary, view, shard, exc.cause if getattr(exc, "cause", None) is not None else exc)
                 except RayError as exc:
                     _shard_failed(summary, view, shard, exc)
+            if pending:
+                watch.check(len(pending))
     finally:
         stop.set()
         poller.join(timeout=2)

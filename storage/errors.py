@@ -62,6 +62,13 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
     return redact_text(line)[:limit]
 
 
+class ClusterError(LoftupError):
+    """The cluster failed under a running job (head node lost, no node left that can run the
+    tasks): one line like any LoftupError, but exit code 1, since the user's input was fine."""
+
+    exit_code = 1
+
+
 class NotInStore(StoreError, KeyError):
     """An image, shard or feature set the store does not hold (also a KeyError for lookups)."""
 

@@ -19,10 +19,12 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
 
+from loftup import chaos
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed
 from loftup.training.run_dir import RunDir, seed_all, set_rng_state
@@ -95,6 +97,12 @@ class TrainConfig:
     )
     overwrite: bool = option(
         False, help="Start afresh in an OUT that holds a run (its last.pt and metrics are discarded).", resumable=True
+    )
+    auto_resume: bool = option(
+        False,
+        help="Continue from OUT/last.pt when it exists, else start fresh: for a launch that torchrun "
+        "--max-restarts or a scheduler repeats after a node failure (OUT must be shared by all nodes).",
+        resumable=True,
     )
     progress: bool = option(True, help="Show a progress bar.", resumable=True, cli=False)
 
@@ -172,9 +180,23 @@ class Recipe(Protocol):
 
 def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     """Run one stage: ``build(cfg, dist) -> Recipe``. Returns a summary dict."""
+    try:
+        return _train(cfg, build, recipes)
+    except RuntimeError as exc:
+        lost = distributed.lost_peer(exc)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def _train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     cfg = resolve(cfg, recipes)
     d = distributed.setup(cfg.device)
     distributed.cpu_threads(d, cfg.workers)
+    if cfg.auto_resume and not cfg.resume:
+        # Rank 0's view decides for every rank: ranks that disagreed would train different models.
+        has_state = distributed.broadcast_flag((Path(cfg.out) / "last.pt").is_file(), d)
+        cfg = dataclasses.replace(cfg, resume=has_state)
     run = RunDir(cfg.out, master=d.master)
     seed_all(cfg.seed)
     check_optimizer(cfg)  # a bad rate or schedule fails before any work
@@ -183,8 +205,15 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         diff = config_differences(saved, cfg)
         if diff:
             raise LoftupError(f"--resume: the config differs from the run's saved config in {', '.join(diff)}")
+        if saved.get("world_size", d.world) != d.world:
+            raise LoftupError(
+                f"--resume: the run was trained on {saved['world_size']} processes and this launch has {d.world}; "
+                f"last.pt's data position is per process, so relaunch with {saved['world_size']} (nodes x processes)"
+            )
     else:
-        run.start_fresh(discard=cfg.overwrite)
+        # --auto-resume that found no last.pt: a relaunch after a kill before the first checkpoint
+        # starts afresh instead of being refused.
+        run.start_fresh(discard=cfg.overwrite or cfg.auto_resume)
 
     recipe: Recipe = build(cfg, d)
     total_steps = cfg.max_steps or cfg.epochs * recipe.steps_per_epoch
@@ -220,6 +249,7 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
             batches = recipe.batches(epoch, offset, step)
             batch = next(batches)
         offset += recipe.per_rank
+        chaos.trace_samples(batch, step, epoch, d.rank)
         lr = learning_rate(cfg, step, total_steps)
         for group in recipe.optimizer.param_groups:
             group["lr"] = lr

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from loftup import chaos
 from loftup.storage.commit import atomic_write, atomic_writer, remove_temps
 from loftup.storage.errors import LoftupError, error_line
 from loftup.storage.redact import redact
@@ -114,6 +115,8 @@ class RunDir:
         state = {**state, "rng": rng_state()}
         with atomic_writer(_LOCAL, str(self.state_path)) as f:
             torch.save(state, f)
+            chaos.checkpoint("save", state.get("step", -1))  # written, not yet renamed into place
+        chaos.checkpoint("saved", state.get("step", -1))
 
     def load_state(self) -> dict:
         """``last.pt`` (weights_only); metrics logged after its step are dropped, so a resumed
