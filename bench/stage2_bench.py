@@ -232,7 +232,7 @@ def teacher_split(url: str, init: str, repeats: int) -> dict:
     ds = Stage2Dataset(url, index, geometry=896, crops=2)
     batch = collate_stage2([ds[(0, 224, 1)], ds[(1, 224, 2)]])
     batch["masks"], batch["valid"] = batch_masks(batch, "cpu")
-    teacher, projection = load_init(init, BACKBONE)
+    teacher, projection, _ = load_init(init, BACKBONE)
     teacher.eval()
     vfm = create_backbone(BACKBONE, random_init=True)
     img = batch["image"].float().div_(255)

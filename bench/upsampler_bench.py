@@ -21,6 +21,7 @@ model's memory-bound steps more than a matmul.
     python bench/upsampler_bench.py            # 224, 448, 896, 1024 (+2048 bounded)
     python bench/upsampler_bench.py --quick    # 224 and 448 only
     python bench/upsampler_bench.py --efficiency-only
+    python bench/upsampler_bench.py --heads --threads 1   # the released vs the convex output head
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def _build(method: str, out: int, grid: int):
         return (lambda: F.interpolate(lr, size=(out, out), mode="bilinear", align_corners=False)), out_bytes
     from loftup.training import model as model_mod
 
-    model = model_mod.LoftUp(DIM).eval()
-    if method == "loftup_dense":
+    # convex_*: the same LoftUp with the backbone-space output head (training/heads.py).
+    model = model_mod.LoftUp(DIM, head="convex" if method.startswith("convex") else "loftup").eval()
+    if method.endswith("_dense"):
         model.set_memory_bound(0, 0)
     else:
         model.set_memory_bound(model_mod.CPU_QUERY_CHUNK, model_mod.CPU_CONV_TILE)
@@ -150,14 +152,60 @@ def worker(method: str, out: int, grid: int, threads: int) -> dict:
 
 
 def loftup_flops(model, height: int, width: int, tokens: int) -> float:
-    """Multiply-adds x 2 of one dense forward, from the module's shapes (elementwise ops excluded)."""
+    """Multiply-adds x 2 of one dense forward, from the module's shapes (elementwise ops excluded).
+    The convex head: query and key projections, logits and the weighted sum over all tokens (the
+    window is a mask on them), in place of the released 1x1 output projection."""
     core = model.upsampler
     c, fourier, dim = core.width, core.fourier_feat[1].out_channels, model.dim
     hidden = core.ca_transformer.layers[0][1].net[1].out_features
     n = height * width
     convs = 2 * 9 * n * (fourier * c + c * c)
     per_block = 2 * n * (c * c + 2 * tokens * c + c * c + 2 * c * hidden) + 2 * 2 * tokens * c * c
-    return convs + len(core.ca_transformer.layers) * per_block + 2 * n * c * dim
+    if core.head is not None:
+        k = core.head.q_proj.out_features
+        head = 2 * n * c * k + 2 * tokens * c * k + 2 * n * tokens * (k + dim)
+    else:
+        head = 2 * n * c * dim
+    return convs + len(core.ca_transformer.layers) * per_block + head
+
+
+def heads_table(threads: int) -> list[dict]:
+    """The two output heads side by side (dim 384, 16x16 -> 224 and 32x32 -> 448): model FLOPs,
+    seconds and CPU seconds, memory beyond the output, dense and bounded, one subprocess per row."""
+    from loftup.training.model import LoftUp
+
+    rows = []
+    for out, grid in ((224, 16), (448, 32)):
+        for head in ("loftup", "convex"):
+            flops = loftup_flops(LoftUp(DIM, head=head), out, out, grid * grid)
+            for path in ("dense", "bounded"):
+                print(f"measuring the {head} head, {path}, -> {out} ...", file=sys.stderr, flush=True)
+                row = measure((f"{head}_{path}", out, grid), threads)
+                rows.append({**row, "head": head, "path": path, "gflop": flops / 1e9})
+    return rows
+
+
+def render_heads(rows: list[dict], threads: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"LoftUp's output heads, dim {DIM}, batch 1, {threads} thread(s), one subprocess per row")
+    for col in ("output", "head", "GFLOP", "path", "seconds", "CPU s", "MB beyond output"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        if "error" in r:
+            t.add_row(str(r["out"]), r["head"], f"{r['gflop']:.0f}", r["path"], "error: " + r["error"], "", "")
+            continue
+        t.add_row(
+            f"{r['out']} ({r['grid']}x{r['grid']})",
+            r["head"],
+            f"{r['gflop']:.0f}",
+            r["path"],
+            f"{r['time_s']:.2f}",
+            f"{r['cpu_s']:.2f}",
+            _mb(max(0, r["peak_bytes"] - r["output_bytes"])),
+        )
+    Console().print(t)
 
 
 def efficiency_worker(sizes: list[int], threads: int, repeats: int = 2) -> dict:
@@ -403,6 +451,9 @@ def main(argv=None) -> int:
     parser.add_argument("--efficiency-sizes", default="224,448", help="outputs of the efficiency table")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "OUT", "GRID"), help=argparse.SUPPRESS)
     parser.add_argument("--efficiency-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--heads", action="store_true", help="only the output heads' cost: released vs convex (training/heads.py)"
+    )
     args = parser.parse_args(argv)
     if args.worker:
         method, out, grid = args.worker
@@ -410,6 +461,15 @@ def main(argv=None) -> int:
         return 0
     if args.efficiency_worker:
         print(json.dumps(efficiency_worker([int(x) for x in args.efficiency_sizes.split(",")], args.threads)))
+        return 0
+    if args.heads:
+        load_start = os.getloadavg()[0]
+        rows = heads_table(args.threads)
+        render_heads(rows, args.threads)
+        print(f"  1-min load average: {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"heads": rows}, fh, indent=2)
         return 0
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]

@@ -1,8 +1,9 @@
 """What every console script shares: the exit-code contract.
 
 0 success; 1 the work ran but something failed (failed shards, ``verify`` found problems);
-2 a user error (one line on stderr, or click's usage plus one line); 130 interrupted (Ctrl-C).
-A traceback is printed only for a bug.
+2 a user error or an error of the file system (a path, a permission, a full disk): one line on
+stderr, or click's usage plus one line; 130 interrupted (Ctrl-C). A traceback is printed only
+for a bug.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import typer
 from rich.console import Console
 
-from loftup.storage.errors import LoftupError, error_line
+from loftup.storage.errors import LoftupError, error_line, os_error_in
 
 console = Console(stderr=True)
 
@@ -40,6 +41,19 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _os_error(exc: OSError) -> None:
+    """An error of the file system or the OS (a path, a permission, a full disk): one line, exit 2."""
+    if exc.errno == errno.EPIPE:  # `loftup-store masks ... | head`
+        sys.exit(1)
+    if exc.errno in _DISK_FULL:  # writes go to temp names first, so nothing half-written is in place
+        where = exc.filename or "output"
+        _fail(f"disk full while writing {where}; completed work is kept: free space and rerun to resume", 2)
+    _fail(error_line(exc), 2)
+
+
 def run(app: typer.Typer, args: list[str] | None = None) -> None:
     """Run ``app`` and exit with its code (never returns)."""
     # standalone_mode=False so that our errors reach us unformatted; in that mode typer/click
@@ -52,7 +66,7 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail(INTERRUPTED, 130)
     except LoftupError as exc:
-        _fail(error_line(exc), 2)
+        _fail(error_line(exc), getattr(exc, "exit_code", 2))
     except exit_types as exc:
         sys.exit(getattr(exc, "exit_code", 1))
     except abort_types as exc:
@@ -61,16 +75,15 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
     except click_errors as exc:
         exc.show()  # usage line + "Try --help" + "Error: <one line>"
         sys.exit(exc.exit_code)
-    except FileNotFoundError as exc:
-        _fail(error_line(exc), 2)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:  # nothing was renamed into place, so the store is consistent
-            _fail(
-                f"disk full while writing ({exc.filename or 'output'}); completed shards are kept, rerun to resume", 2
-            )
-        if exc.errno == errno.EPIPE:  # `loftup-store masks ... | head`
-            sys.exit(1)
-        raise
+        _os_error(exc)
+    except Exception as exc:
+        # torch.save reports a failed write as RuntimeError("... unexpected pos ..."), with the
+        # OSError only in the chain: a full disk is still a full disk.
+        cause = os_error_in(exc, _DISK_FULL)
+        if cause is None:
+            raise
+        _os_error(cause)
     if isinstance(rv, int) and not isinstance(rv, bool):
         if rv == 130:
             _fail(INTERRUPTED, 130)

@@ -104,12 +104,14 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _photo_list(photos: str | None, exclude: str | None, photos_dir: str | None) -> list[str] | None:
+def _photo_list(
+    photos: str | None, exclude: str | None, photos_dir: str | None, packages: bool = False
+) -> list[str] | None:
     from loftup.sample_data import photo_names
 
     if not exclude:
         return photos.split(",") if photos else None
-    chosen = photos.split(",") if photos else list(photo_names(photos_dir))
+    chosen = photos.split(",") if photos else list(photo_names(photos_dir, packages))
     excluded = set(exclude.split(","))
     return [p for p in chosen if p not in excluded]
 
@@ -139,15 +141,22 @@ def sample_data(
     photos_dir: Optional[Path] = typer.Option(
         None,
         "--photos-dir",
-        help="Use the JPEG/PNG photos of this folder (Felzenszwalb segments as masks) instead of the package photos.",
+        help="Use your own photos instead of the package photos (Felzenszwalb segments as masks): a folder of "
+        "JPEG/PNG files (subfolders included) or a list file of 'PACKAGE PATH' or 'PATH' lines, e.g. "
+        "loftup/data/debian_photos.txt.",
+    ),
+    package_photos: bool = typer.Option(
+        False, "--package-photos", help="With --photos-dir: use the package photos too (first)."
     ),
 ):
     """Write small SA-1B-format tars from real photos (package photos, or a folder of your own)."""
     from loftup.sample_data import photo_names, write_sample_shards
 
     pdir = str(photos_dir.resolve()) if photos_dir is not None else None
+    if package_photos and pdir is None:
+        raise LoftupError("--package-photos adds the package photos to --photos-dir: give --photos-dir too")
     if list_photos:
-        console.print(" ".join(photo_names(pdir)))
+        console.print(" ".join(photo_names(pdir, package_photos)))
         return
     if out is None:
         raise LoftupError("sample-data: give the output directory (OUT)")
@@ -159,8 +168,9 @@ def sample_data(
         seed=seed,
         first_shard=first_shard,
         faults=tuple(fault),
-        photos=_photo_list(photos, exclude_photos, pdir),
+        photos=_photo_list(photos, exclude_photos, pdir, package_photos),
         photos_dir=pdir,
+        package_photos=package_photos,
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")

@@ -1,7 +1,9 @@
-"""``loftup-store``: inspect and query a store (manifest, job status, errors, masks, features).
+"""``loftup-store``: inspect and query a store (manifest, job status, errors, masks, features),
+export its masks as COCO and browse it as an HTML gallery.
 
 Analysts can do the same from Python: ``loftup.storage.open_store(path).masks_dataset()``
-(pyarrow), ``.masks_dask()``, ``.features(backbone, res).dask()``.
+(pyarrow), ``.masks_dask()``, ``.features(backbone, res).dask()``. Reading commands need neither
+torch nor Ray.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import typer
 from rich.table import Table
 
 from loftup.cli.common import console, run
+from loftup.storage.errors import LoftupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 StoreArg = typer.Argument(..., help="Store root: a local path or an fsspec URL.")
@@ -23,6 +26,20 @@ def _open(store: str):
     from loftup.storage import open_store
 
     return open_store(store)
+
+
+StoreOpt = typer.Option(None, "--store", help="Store root (the same as the positional STORE).")
+StorePos = typer.Argument(None, metavar="STORE", help="Store root: a local path or an fsspec URL.", show_default=False)
+
+
+def _either(positional: Optional[str], option: Optional[str]) -> str:
+    # New commands take --store, as the other CLIs do, and the positional form the older store
+    # commands use, until the CLIs share one vocabulary.
+    if positional and option and positional != option:
+        raise typer.BadParameter(f"two stores given: {positional} and {option}", param_hint="--store")
+    if not (positional or option):
+        raise typer.BadParameter("give the store: STORE or --store STORE", param_hint="--store")
+    return positional or option
 
 
 def print_status(st) -> None:
@@ -82,7 +99,10 @@ def errors(
     limit: int = typer.Option(50, help="Rows to print."),
 ):
     """Per-image failures, and shards that failed as a whole (stage 'shard'), recorded by the jobs."""
-    table = _open(store).errors(job)
+    st = _open(store)
+    if job is not None and job not in st.jobs():
+        raise LoftupError(f"no job {job!r} has run on this store; its jobs: {', '.join(st.jobs()) or 'none'}")
+    table = st.errors(job)
     t = Table(title=f"{table.num_rows} errors")
     for name in table.column_names:
         t.add_column(name)
@@ -166,27 +186,88 @@ def show(
     size: int = typer.Option(224, help="Stored geometry to render."),
     backbone: Optional[str] = typer.Option(None, help="Also render this backbone's stored features (PCA colours)."),
     res: int = typer.Option(224, help="Backbone resolution of the stored features."),
+    top: int = typer.Option(30, help="Masks drawn: the largest this many (0: all)."),
+    min_area: int = typer.Option(0, help="Masks drawn: only those of at least this many pixels at --size."),
 ):
-    """Render an image with its masks overlaid (and its stored features as PCA colours)."""
-    import numpy as np
-    import torch
-
-    from loftup.storage import rle
-    from loftup.training.visualize import overlay_masks, pca_rgb, save_panels
+    """Render an image with its largest masks overlaid (and its stored features as PCA colours)."""
+    from loftup.pictures import pca_picture, save_panels, show_masks, thin_masks
 
     st = _open(store)
-    img = np.asarray(st.image(image_id, size))
+    img = st.image(image_id, size)
     rles = st.masks_for(image_id, size=size)
     panels, titles = [img], ["image"]
     if rles:
-        panels.append(overlay_masks(img, rle.decode_many(rles)))
-        titles.append(f"{len(rles)} masks")
+        chosen = thin_masks(rles, top=top or None, min_area=min_area)
+        panels.append(show_masks(img, rles, ids=chosen))
+        titles.append(f"{len(chosen)} of {len(rles)} masks")
     if backbone:
-        feats = torch.from_numpy(np.asarray(st.features(backbone, res).get(image_id))).float()
-        panels.append(pca_rgb([feats])[0])
+        panels.append(pca_picture(st.features(backbone, res).get(image_id)))
         titles.append(f"{backbone}@{res} PCA")
     save_panels(panels, titles, out)
     console.print(f"wrote {out}")
+
+
+@app.command("export-coco")
+def export_coco(
+    store_pos: Optional[str] = StorePos,
+    store: Optional[str] = StoreOpt,
+    out: Path = typer.Option(..., help="Folder for one COCO instances JSON per shard (shard=NNNNNN.json)."),
+    shards: Optional[str] = typer.Option(
+        None, help="Shards to export, e.g. 0-9,12 (default: every committed masks shard)."
+    ),
+    size: Optional[int] = typer.Option(
+        None,
+        help="A stored geometry (e.g. 224): its masks, with the stored crops written beside the JSON. Default: original size.",
+    ),
+):
+    """Masks as COCO instance JSON (category 'object', RLE segmentations), one file per shard,
+    for pycocotools, FiftyOne or CVAT."""
+    from loftup.pipeline.shards import parse_shards
+    from loftup.storage.coco import export_coco as export
+
+    st = _open(_either(store_pos, store))
+    done = sorted(st.done_shards("masks"))
+    chosen = parse_shards(shards) if shards else done
+    missing = sorted(set(chosen) - set(done))
+    if missing:
+        raise LoftupError(
+            f"no committed masks for shard(s) {', '.join(map(str, missing))}; committed: {', '.join(map(str, done)) or 'none'}"
+        )
+    for shard in chosen:
+        r = export(st, shard, out, size=size)
+        console.print(f"wrote {r['path']}: {r['images']} images, {r['annotations']} masks")
+
+
+@app.command()
+def gallery(
+    store_pos: Optional[str] = StorePos,
+    store: Optional[str] = StoreOpt,
+    out: Path = typer.Option(..., help="Folder for index.html and its pictures."),
+    shards: Optional[str] = typer.Option(None, help="Shards to show pictures of, e.g. 0-3 (default: all with images)."),
+    per_shard: int = typer.Option(8, help="Images per shard."),
+    features: Optional[str] = typer.Option(
+        None, help="Feature set to draw as PCA, backbone@res (default: the store's first; 'none' for none)."
+    ),
+    top: int = typer.Option(30, help="Masks drawn per image: the largest this many."),
+):
+    """A static HTML page: job status per shard, and thumbnails of masks and feature PCA linking
+    to full-size pictures. Open OUT/index.html in a browser."""
+    from loftup.pipeline.shards import parse_shards
+    from loftup.storage.gallery import write_gallery
+
+    st = _open(_either(store_pos, store))
+    r = write_gallery(
+        st,
+        out,
+        shards=parse_shards(shards) if shards else None,
+        per_shard=per_shard,
+        feature_set="" if features == "none" else features,
+        top=top,
+    )
+    console.print(
+        f"wrote {r['path']}: {r['images']} images, {r['pictures']} pictures in {r['seconds']:.1f} s "
+        f"({r['seconds_per_picture']:.3f} s each)"
+    )
 
 
 @app.command()

@@ -312,12 +312,20 @@ def evaluate_make_tiny_data(
     val: int = typer.Option(4, help="Val images (segmentation layouts)."),
     frames: int = typer.Option(8, help="Frames per sequence (davis)."),
     seed: int = typer.Option(0, help="Crop seed."),
+    photos: str = typer.Option(
+        "voc", help="Labelled photos to crop (segmentation): voc, or voc,arc2017 (folder layout; per photo)."
+    ),
+    motions: str = typer.Option(
+        "diagonal", help="Camera motions, one sequence per photo each (davis): diagonal, anti, pan, zoom."
+    ),
 ):
     """Write a tiny dataset in an official layout from installed photos with real labels (demos, tests)."""
     from loftup.training.evaluation.datasets import make_tiny_dataset, make_tiny_davis
 
     path = (
-        make_tiny_davis(out, frames=frames) if layout == "davis" else make_tiny_dataset(layout, out, train, val, seed)
+        make_tiny_davis(out, frames=frames, motions=tuple(motions.split(",")))
+        if layout == "davis"
+        else make_tiny_dataset(layout, out, train, val, seed, photos=tuple(photos.split(",")))
     )
     console.print(f"wrote a tiny {layout} dataset to {path}")
 

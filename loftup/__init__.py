@@ -1,7 +1,9 @@
 """LoftUp at scale: pipeline (loftup.pipeline), stores (loftup.storage), trainer (loftup.training).
 
-``from loftup import LoftUp, create_backbone, open_store`` imports lazily, so ``import loftup``
-stays light and the storage layer never pulls in torch.
+``loftup.upsample(image, upsampler=...)`` gives an image's high-resolution features in memory;
+``loftup.pca_picture`` and ``loftup.show_masks`` draw features and masks as PIL images.
+Every name here imports lazily, so ``import loftup`` stays light and reading a store or drawing
+a picture never pulls in torch.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +20,10 @@ _LAZY = {
     "backbone_info": "loftup.pipeline.backbones",
     "open_store": "loftup.storage",
     "RELEASES": "loftup.training.releases",
+    "upsample": "loftup.training.inference",
+    "load_upsampler": "loftup.training.inference",
+    "pca_picture": "loftup.pictures",
+    "show_masks": "loftup.pictures",
 }
 __all__ = ["__version__", *_LAZY]
 

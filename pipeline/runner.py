@@ -1,9 +1,10 @@
 """Run a job over shards: Ray by default (embedded local instance, or a cluster address), with
 exact resume by markers, per-shard failure isolation, one live progress view and a summary.
 
-The task itself writes the marker after all data is in place, so a driver that dies after a
-task finished loses nothing, and a task that dies before its marker leaves a shard that the
-next run redoes from scratch (``reset_shard`` first).
+The task builds the shard beside its committed version (``Store.build_shard``) and swaps it in
+with the marker last, so a driver that dies after a task finished loses nothing, a task that
+fails or dies leaves the committed version (if any) in place, byte for byte, and the next run
+finishes any swap a killed task left half done (``Store.recover``) before planning.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from loftup import chaos
 from loftup.pipeline.jobs import Job, run_and_time, upstream_state
 from loftup.storage.errors import LoftupError, error_line
 
@@ -54,6 +56,7 @@ class _Throttle:
         self.ok += ok
         self.err += err
         _chaos_tick(ok)
+        chaos.images_read(ok + err)
         if time.monotonic() - self.last >= self.period:
             self.flush()
 
@@ -82,19 +85,21 @@ def _chaos_tick(n: int) -> None:
 
 
 def process_shard(job: Job, store_url: str, shard: int, tar_path: str | None, send) -> dict:
-    """One unit of work, identical under Ray and inline: reset, run, write the marker last."""
+    """One unit of work, identical under Ray and inline: build the shard beside its committed
+    version, then swap it in (marker last); on any failure the committed version stays."""
     from loftup.storage import open_store
 
     store = open_store(store_url)
-    store.reset_shard(job.name, shard)
     throttle = _Throttle(send)
-    marker = run_and_time(job, store, shard, tar_path, throttle)
-    throttle.flush()
-    store.write_marker(job.name, shard, marker)
+    with store.build_shard(job.name, shard) as build:
+        marker = run_and_time(job, store, shard, tar_path, throttle)
+        throttle.flush()
+        build.commit(marker)
     return marker
 
 
 SKIP_CHECKS = ("checksums", "sizes")
+EXECUTORS = ("ray", "inline")
 
 
 def plan_shards(
@@ -116,6 +121,8 @@ def plan_shards(
     todo, skipped = [], []
     for shard, path in shards:
         marker = done.get(shard)
+        if marker is not None and "invalid" in marker and damaged is not None:
+            damaged[shard] = marker["invalid"]
         fresh = (
             marker is not None
             and marker.get("config_hash") == want
@@ -175,6 +182,10 @@ def run_job(
     """
     if memory_per_task is not None and memory_per_task < 0:
         raise LoftupError(f"--memory-per-task must be >= 0 GiB, got {memory_per_task}")
+    if executor not in EXECUTORS:
+        raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
+    if max_retries < 0:
+        raise LoftupError(f"--max-retries must be >= 0, got {max_retries} (Ray reads -1 as retry forever)")
     if check_skipped not in SKIP_CHECKS:
         raise LoftupError(f"unknown --check-skipped {check_skipped!r}; choose from {', '.join(SKIP_CHECKS)}")
     job.check(store)
@@ -215,6 +226,10 @@ def _run_leased(
 
     store.update_manifest(job.record)
     t0 = time.time()
+    for shard, ok in sorted(store.recover(job.name).items()):
+        if console is not None:
+            done = "its new version is committed" if ok else "it will be redone"
+            console.print(f"[yellow]shard {shard:06d}: finished the commit a killed run left half done; {done}")
     damaged: dict[int, str] = {}
     todo, skipped = plan_shards(job, store, shards, overwrite, damaged, check_skipped)
     summary = RunSummary(job=job.name, planned=len(shards), skipped=skipped, damaged=damaged)
@@ -250,7 +265,8 @@ def _run_leased(
             raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
     for shard, reason in summary.failed.items():
         # After the view closed, so that a store that cannot take the record fails loudly but late.
-        store.record_failed_shard(job.name, shard, reason)
+        if store.record_failed_shard(job.name, shard, reason) == 0:
+            summary.failed[shard] = f"{reason} (its committed version is kept)"
     summary.seconds = time.time() - t0
     return summary
 
@@ -322,12 +338,22 @@ def _run_ray(
 ):
     ray = init_ray(address, num_cpus)
     from ray.exceptions import RayError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from loftup.pipeline import cluster
 
     if gpus_per_task is None:
         gpus_per_task = 1.0 if (job.num_gpus_wanted and ray.cluster_resources().get("GPU", 0) > 0) else 0.0
     memory = task_memory(job, memory_per_task, _node_memory(ray), embedded=not address)
+    demand = {"CPU": cpus_per_task, "GPU": gpus_per_task, "memory": float(memory)}
+    cluster.check_fits(ray, demand)
+    watch = cluster.Watch(ray, demand, remote_cluster=bool(address))
 
-    @ray.remote
+    # On the driver's own node, holding no CPU: progress survives the loss of any worker node.
+    @ray.remote(
+        num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+    )
     class Counter:
         def __init__(self):
             self.counts = {}
@@ -359,7 +385,11 @@ def _run_ray(
 
     def poll():
         while not stop.wait(0.5):
-            for shard, (ok, err) in ray.get(counter.take.remote()).items():
+            try:
+                counts = ray.get(counter.take.remote(), timeout=10)
+            except Exception:  # the cluster is failing: the wait loop below reports it
+                return
+            for shard, (ok, err) in counts.items():
                 view.advance(shard, ok, err)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -375,6 +405,8 @@ def _run_ray(
                     _shard_failed(summary, view, shard, exc.cause if getattr(exc, "cause", None) is not None else exc)
                 except RayError as exc:
                     _shard_failed(summary, view, shard, exc)
+            if pending:
+                watch.check(len(pending))
     finally:
         stop.set()
         poller.join(timeout=2)

@@ -1,9 +1,14 @@
 """Commit protocol: atomic writes, per-shard status markers, per-shard error tables.
 
-A shard's outputs are written under temporary names in their final directory and renamed into
-place; its marker ``_status/<job key>/shard=000123.json`` is written last, so a shard without a
-marker is incomplete whatever else is on disk. ``reset_shard`` undoes a shard in the reverse
-order (marker first), so an interrupted reset still leaves the shard "not done".
+A shard's marker ``_status/<job key>/shard=000123.json`` is written last, after every output,
+so a shard without a marker is incomplete whatever else is on disk. A job builds a shard
+through :class:`ShardBuild`: its writers (each asks :func:`write_path` where to write) put the
+new outputs and errors table in a hidden staging directory beside the committed shard, which
+stays committed and readable, byte for byte, until the build succeeds. ``ShardBuild.commit``
+then records the swap in a journal, swaps the new outputs in and writes the new marker; a run
+that dies half-way through the swap is finished by the next run of the job (:func:`recover`),
+so a shard is always either its old committed version or its new one. A build that fails
+leaves the committed shard untouched.
 
 Temporary names are hidden (``.<name>.<hex>.tmp``): pyarrow and dask skip names starting with
 ``.``, so a crashed writer's leftovers never show up in a dataset.
@@ -27,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from loftup.storage.errors import LoftupError, StoreError
+from loftup.storage.errors import LoftupError, StoreError, error_line, os_error_in
 from loftup.storage.redact import redact
 
 STATUS = "_status"
@@ -128,9 +133,13 @@ def atomic_writer(fs, path: str):
             with fs.open(tmp, "wb") as f:
                 yield f
             fs.mv(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
+        cause = os_error_in(exc) if isinstance(exc, Exception) else None
+        if cause is not None and (cause is not exc or cause.filename is None):
+            # e.g. torch.save's RuntimeError over a full disk: the OSError, naming the file
+            raise type(cause)(cause.errno, cause.strerror, path) from exc
         raise
 
 
@@ -213,10 +222,11 @@ def _list_names(fs, directory: str) -> list[str]:
 
 
 def remove_temps(fs, directory: str, prefix: str = "") -> list[str]:
-    """Delete temp files/dirs in ``directory`` whose hidden name starts with ``.<prefix>``."""
+    """Delete temp files/dirs in ``directory`` whose hidden name starts with ``.<prefix>`` (or
+    ``..<prefix>``: the temp of a writer whose own target was a temp name)."""
     removed = []
     for name in _list_names(fs, directory):
-        if is_temp(name) and name.startswith("." + prefix):
+        if is_temp(name) and name.lstrip(".").startswith(prefix):
             if remove(fs, f"{directory}/{name}"):
                 removed.append(name)
     return removed
@@ -261,12 +271,15 @@ def errors_path(root: str, job: str, shard: int) -> str:
 
 
 def read_marker(fs, root: str, job: str, shard: int) -> dict | None:
-    """The shard's marker, or None when the shard is not committed."""
+    """The shard's marker, or None when the shard is not committed.
+
+    A marker that parses but fails :func:`marker_problems` comes back as ``{"job", "shard",
+    "invalid": reason}``: the shard is damaged (never served, redone by the next run)."""
     try:
         raw = fs.cat_file(marker_path(root, job, shard))
     except FileNotFoundError:
         return None
-    return _parse_marker(raw)
+    return _checked_marker(_parse_marker(raw), job, shard)
 
 
 def _parse_marker(raw: bytes) -> dict | None:
@@ -277,10 +290,69 @@ def _parse_marker(raw: bytes) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+_COUNTS = ("images", "errors", "masks", "bytes")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def marker_problems(info: dict, job: str | None = None, shard: int | None = None) -> list[str]:
+    """What makes a parsed marker unusable (empty: usable): wrong field types, another job's or
+    shard's name, or no file digests (a marker from before loftup recorded them, which cannot
+    tell an intact shard from a damaged one)."""
+    problems = []
+    if job is not None and info.get("job", job) != job:
+        problems.append(f"marker names job {info.get('job')!r}")
+    if shard is not None and (type(info.get("shard", shard)) is not int or info.get("shard", shard) != int(shard)):
+        problems.append(f"marker names shard {info.get('shard')!r}")
+    for key in _COUNTS:
+        value = info.get(key, 0)
+        if type(value) is not int or value < 0:
+            problems.append(f"marker field {key!r} is {value!r}, not a count")
+    seconds = info.get("seconds", 0)
+    if type(seconds) not in (int, float) or not seconds >= 0:
+        problems.append(f"marker field 'seconds' is {seconds!r}, not a duration")
+    for key, kind in (("config_hash", str), ("upstream", dict), ("config", dict)):
+        if key in info and not isinstance(info[key], kind):
+            problems.append(f"marker field {key!r} is a {type(info[key]).__name__}, not a {kind.__name__}")
+    files = info.get("files")
+    if files is None:
+        problems.append("marker has no file digests (written before loftup recorded them)")
+    elif not isinstance(files, dict):
+        problems.append(f"marker field 'files' is a {type(files).__name__}, not a mapping")
+    else:
+        for rel, want in files.items():
+            ok = (
+                isinstance(want, dict)
+                and type(want.get("size")) is int
+                and want["size"] >= 0
+                and isinstance(want.get("sha256"), str)
+                and _HEX64.match(want["sha256"])
+                and isinstance(want.get("footer_sha256", ""), str)
+                and not rel.startswith("/")
+                and ".." not in rel.split("/")
+            )
+            if not ok:
+                problems.append(f"marker's digest of {rel!r} is malformed")
+                break
+    return problems
+
+
+def _checked_marker(info: dict | None, job: str, shard: int) -> dict | None:
+    if info is None:
+        return None
+    problems = marker_problems(info, job, shard)
+    if problems:
+        return {"job": job, "shard": int(shard), "invalid": "; ".join(problems[:3])}
+    return info
+
+
+def usable(marker: dict | None) -> bool:
+    """True for a marker that commits its shard (present and valid)."""
+    return marker is not None and "invalid" not in marker
+
+
 def committed(fs, root: str, job: str) -> set[int]:
-    """Shard numbers of ``job`` that have a marker (a listing only; markers are not parsed)."""
-    names = _list_names(fs, f"{root}/{STATUS}/{job_key(job)}")
-    return {s for n in names if n.endswith(".json") and (s := parse_shard_name(n)) is not None}
+    """Shard numbers of ``job`` whose marker commits them (present and valid): what readers serve."""
+    return {s for s, m in done_shards(fs, root, job).items() if usable(m)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,45 +380,79 @@ def _sha256(fs, path: str) -> str:
     return h.hexdigest()
 
 
+def parquet_footer(fs, path: str) -> bytes:
+    """The footer of a Parquet file (metadata, its length and the magic): what readers trust for
+    row counts, offsets and the min/max statistics that filters and indexes skip data by."""
+    with fs.open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size < 12:
+            raise StoreError(f"{path} is too short for a Parquet file ({size} bytes)")
+        f.seek(size - 8)
+        tail = f.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or n + 12 > size:
+            raise StoreError(f"{path} has no Parquet footer")
+        f.seek(size - 8 - n)
+        return f.read(n + 8)
+
+
+def footer_digest(fs, path: str) -> str:
+    return hashlib.sha256(parquet_footer(fs, path)).hexdigest()
+
+
 def file_digests(fs, directory: str) -> dict[str, dict]:
-    """``{relative path: {"size", "sha256"}}`` of every file of a shard's output directory."""
-    return {
-        rel: {"size": size, "sha256": _sha256(fs, f"{directory}/{rel}")}
-        for rel, size in sorted(_walk(fs, directory).items())
-    }
+    """``{relative path: {"size", "sha256"}}`` of every file of a shard's output directory, plus
+    ``footer_sha256`` for Parquet files: the page checksums do not cover the footer, whose
+    statistics decide which rows a filter or an index reads."""
+    out = {}
+    for rel, size in sorted(_walk(fs, directory).items()):
+        out[rel] = {"size": size, "sha256": _sha256(fs, f"{directory}/{rel}")}
+        if rel.endswith(".parquet"):
+            out[rel]["footer_sha256"] = footer_digest(fs, f"{directory}/{rel}")
+    return out
 
 
 def check_files(fs, directory: str, recorded: dict | None, deep: bool = False) -> list[str]:
     """Problems of a shard's files against the digests its marker recorded (empty: intact).
 
-    Cheap by default (presence and sizes, one listing); ``deep`` also re-hashes every file.
-    A marker without digests (older stores) has nothing to check against.
+    Cheap by default (one listing, sizes, and the footer of each Parquet file); ``deep`` also
+    re-hashes every file. A file that cannot be read is a problem, not an exception.
     """
-    if recorded is None:
-        return []
+    if not isinstance(recorded, dict):
+        return ["marker has no file digests"]
     present = _walk(fs, directory)
-    problems = []
+    problems = [f"unexpected file {rel} (not in the marker)" for rel in sorted(set(present) - set(recorded))]
     for rel, want in sorted(recorded.items()):
-        if rel not in present:
-            problems.append(f"missing file {rel}")
-        elif present[rel] != want.get("size"):
-            problems.append(f"{rel} has {present[rel]} bytes, committed {want.get('size')}")
-        elif deep and want.get("sha256") and _sha256(fs, f"{directory}/{rel}") != want["sha256"]:
-            problems.append(f"{rel} changed since commit (sha256 differs)")
+        path = f"{directory}/{rel}"
+        try:
+            if rel not in present:
+                problems.append(f"missing file {rel}")
+            elif present[rel] != want.get("size"):
+                problems.append(f"{rel} has {present[rel]} bytes, committed {want.get('size')}")
+            elif want.get("footer_sha256") and footer_digest(fs, path) != want["footer_sha256"]:
+                problems.append(f"{rel}'s Parquet footer changed since commit (its statistics cannot be trusted)")
+            elif deep and want.get("sha256") and _sha256(fs, path) != want["sha256"]:
+                problems.append(f"{rel} changed since commit (sha256 differs)")
+        except (OSError, StoreError) as exc:
+            problems.append(f"{rel} cannot be read ({error_line(exc, 120)})")
     return problems
+
+
+def _marker_blob(job: str, shard: int, info: dict) -> bytes:
+    info = redact({"job": job, "shard": int(shard), **info})
+    if info["job"] != job or int(info["shard"]) != int(shard):
+        raise ValueError(f"marker for {job} shard {shard} names job {info['job']!r} shard {info['shard']!r}")
+    return (json.dumps(info, indent=1, sort_keys=True, default=str) + "\n").encode()
 
 
 def write_marker(fs, root: str, job: str, shard: int, info: dict) -> int:
     """Commit a shard: write its marker atomically. Call only after every output is in place."""
-    info = redact({"job": job, "shard": int(shard), **info})
-    if info["job"] != job or int(info["shard"]) != int(shard):
-        raise ValueError(f"marker for {job} shard {shard} names job {info['job']!r} shard {info['shard']!r}")
-    blob = (json.dumps(info, indent=1, sort_keys=True, default=str) + "\n").encode()
-    return atomic_write(fs, marker_path(root, job, shard), blob)
+    return atomic_write(fs, marker_path(root, job, shard), _marker_blob(job, shard, info))
 
 
 def done_shards(fs, root: str, job: str) -> dict[int, dict]:
-    """All committed shards of ``job``: shard number -> marker."""
+    """Every shard of ``job`` with a marker: shard number -> marker (invalid ones as
+    :func:`read_marker` returns them; :func:`usable` tells which commit their shard)."""
     directory = f"{root}/{STATUS}/{job_key(job)}"
     paths = []
     for name in _list_names(fs, directory):
@@ -357,9 +463,10 @@ def done_shards(fs, root: str, job: str) -> dict[int, dict]:
     blobs = fs.cat(paths, on_error="omit")
     out = {}
     for path, raw in blobs.items():
-        info = _parse_marker(raw)
+        shard = parse_shard_name(path)
+        info = _checked_marker(_parse_marker(raw), job, shard)
         if info is not None:
-            out[parse_shard_name(path)] = info
+            out[shard] = info
     return dict(sorted(out.items()))
 
 
@@ -369,22 +476,218 @@ def status_jobs(fs, root: str) -> list[str]:
 
 
 def reset_shard(fs, root: str, job: str, shard: int) -> None:
-    """Undo a shard before redoing it: marker first, then outputs, errors and stale temps."""
-    name = shard_name(shard)
+    """Undo a shard: marker first, then outputs, errors and stale temps."""
     remove(fs, marker_path(root, job, shard))
-    out = output_dir(root, job, shard)
-    remove(fs, out)
+    remove(fs, output_dir(root, job, shard))
     remove(fs, errors_path(root, job, shard))
-    parent = out.rpartition("/")[0]
-    for directory in (parent, f"{root}/{ERRORS}/{job_key(job)}", f"{root}/{STATUS}/{job_key(job)}"):
-        remove_temps(fs, directory, prefix=name)
+    remove_shard_temps(fs, root, job, shard)
+
+
+def _shard_dirs(root: str, job: str, shard: int) -> tuple[str, ...]:
+    """Directories where a shard's temps live: beside its outputs, its errors table, its marker."""
+    parent = output_dir(root, job, shard).rpartition("/")[0]
+    return parent, f"{root}/{ERRORS}/{job_key(job)}", f"{root}/{STATUS}/{job_key(job)}"
+
+
+def remove_shard_temps(fs, root: str, job: str, shard: int) -> list[str]:
+    """Delete what killed writers and builds of ``shard`` left behind (never the swap journal)."""
+    removed = []
+    for directory in _shard_dirs(root, job, shard):
+        removed += remove_temps(fs, directory, prefix=shard_name(shard))
+    return removed
+
+
+def leftover_temps(fs, root: str, job: str) -> list[str]:
+    """Hidden temp files and directories of ``job`` (store-relative), including inside its
+    shard directories: what a killed writer left behind; the next run of the job removes them."""
+    found = []
+    base = f"{root}/{check_job(job)}"
+    for directory in (base, f"{root}/{ERRORS}/{job_key(job)}", f"{root}/{STATUS}/{job_key(job)}"):
+        for name in _list_names(fs, directory):
+            if is_temp(name) and not name.startswith(LEASE):  # a live lease's heartbeat write
+                found.append(f"{directory}/{name}")
+            elif directory == base and parse_shard_name(name) is not None:
+                found += [f"{directory}/{name}/{n}" for n in _list_names(fs, f"{directory}/{name}") if is_temp(n)]
+    return sorted(p[len(root) + 1 :] for p in found)
+
+
+def remove_leftovers(fs, root: str, job: str) -> list[str]:
+    """Delete :func:`leftover_temps` of ``job``; only under the job's lease, before its builds."""
+    found = leftover_temps(fs, root, job)
+    for rel in found:
+        remove(fs, f"{root}/{rel}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# building a shard beside its committed version, and swapping it in
+_BUILDS: dict[tuple[str, str], str] = {}  # (protocol, final path) -> staged path, this process's builds
+_BUILDS_LOCK = threading.Lock()
+JOURNAL_SUFFIX = ".swap"
+
+
+def _protocol(fs) -> str:
+    proto = fs.protocol
+    return proto if isinstance(proto, str) else proto[0]
+
+
+def write_path(fs, path: str) -> str:
+    """Where a writer must write ``path``: inside the staging area of a :class:`ShardBuild` when
+    ``path`` is (under) the output directory or errors table of a shard being built in this
+    process, else ``path`` itself. Every writer of shard outputs asks this."""
+    proto = _protocol(fs)
+    with _BUILDS_LOCK:
+        for (p, final), staged in _BUILDS.items():
+            if p == proto and (path == final or path.startswith(final + "/")):
+                return staged + path[len(final) :]
+    return path
+
+
+def journal_path(root: str, job: str, shard: int) -> str:
+    return f"{root}/{STATUS}/{job_key(job)}/.{shard_name(shard)}{JOURNAL_SUFFIX}"
+
+
+class ShardBuild:
+    """A new version of one shard, built beside the committed one (a context manager).
+
+    Inside the block, :func:`write_path` sends the shard's outputs to a hidden staging directory
+    and its errors table to a hidden file; readers keep seeing the committed shard, byte for byte.
+    :meth:`commit` swaps the new version in (marker last); leaving the block without it (an
+    exception, a failed job) deletes the staged files and leaves the committed shard as it was.
+    """
+
+    def __init__(self, fs, root: str, job: str, shard: int):
+        self.fs, self.root, self.job, self.shard = fs, root, check_job(job), int(shard)
+        token = uuid.uuid4().hex[:12]
+        name = shard_name(shard)
+        self.final = output_dir(root, job, shard)
+        self.final_errors = errors_path(root, job, shard)
+        self.stage = f"{self.final.rpartition('/')[0]}/.{name}.{token}.build{TMP_SUFFIX}"
+        self.stage_errors = f"{self.final_errors.rpartition('/')[0]}/.{name}.parquet.{token}.build{TMP_SUFFIX}"
+        self._keys = [(_protocol(fs), self.final), (_protocol(fs), self.final_errors)]
+
+    def __enter__(self) -> Self:
+        if self.fs.exists(journal_path(self.root, self.job, self.shard)):
+            recover(self.fs, self.root, self.job, shards=[self.shard])  # a killed swap comes first
+        remove_shard_temps(self.fs, self.root, self.job, self.shard)
+        with _BUILDS_LOCK:
+            if any(k in _BUILDS for k in self._keys):
+                raise StoreError(f"{self.job} shard {self.shard} is already being built in this process")
+            _BUILDS[self._keys[0]] = self.stage
+            _BUILDS[self._keys[1]] = self.stage_errors
+        return self
+
+    def _release(self) -> None:
+        with _BUILDS_LOCK:
+            for k in self._keys:
+                _BUILDS.pop(k, None)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._release()
+        # Once this build's journal is written the swap is decided: recover() finishes it with these files.
+        journal = journal_path(self.root, self.job, self.shard)
+        try:
+            ours = (_parse_marker(self.fs.cat_file(journal)) or {}).get("stage") == self.stage.rpartition("/")[2]
+        except FileNotFoundError:
+            ours = False
+        if not ours:
+            remove(self.fs, self.stage)
+            remove(self.fs, self.stage_errors)
+
+    def commit(self, info: dict) -> dict:
+        """Swap the built shard in: journal, old marker out, outputs and errors in, new marker,
+        journal out. Returns the marker written (with the file digests)."""
+        self._release()
+        marker = {**info, "files": file_digests(self.fs, self.stage)}
+        journal = {
+            "stage": self.stage.rpartition("/")[2],
+            "stage_errors": self.stage_errors.rpartition("/")[2] if self.fs.exists(self.stage_errors) else None,
+            "marker": json.loads(_marker_blob(self.job, self.shard, marker)),
+        }
+        atomic_write(self.fs, journal_path(self.root, self.job, self.shard), json.dumps(journal).encode())
+        if not _finish_swap(self.fs, self.root, self.job, self.shard, journal):
+            raise StoreError(f"{self.job} shard {self.shard}: the built files changed before they were swapped in")
+        return journal["marker"]
+
+
+def _finish_swap(fs, root: str, job: str, shard: int, journal: dict) -> bool:
+    """Carry out (or finish) a journaled swap; idempotent, so an interrupted one can be rerun.
+    False when the files in place are not those the journal committed (then nothing is marked)."""
+    final = output_dir(root, job, shard)
+    parent = final.rpartition("/")[0]
+    stage = f"{parent}/{journal['stage']}"
+    # From the old marker's removal to the new one's write the shard is not committed: readers
+    # skip it, and no reader ever sees the old marker beside the new files.
+    remove(fs, marker_path(root, job, shard))
+    if fs.exists(stage):
+        if fs.exists(final):
+            _move(fs, final, f"{parent}/.{shard_name(shard)}.{uuid.uuid4().hex[:12]}.old{TMP_SUFFIX}")
+        _move(fs, stage, final)
+    errors = errors_path(root, job, shard)
+    if journal.get("stage_errors"):
+        staged = f"{errors.rpartition('/')[0]}/{journal['stage_errors']}"
+        if fs.exists(staged):
+            rename_into_place(fs, staged, errors)
+    else:
+        remove(fs, errors)
+    marker = journal["marker"]
+    present = _walk(fs, final)
+    ok = present == {rel: want["size"] for rel, want in marker["files"].items()}
+    if ok:
+        atomic_write(fs, marker_path(root, job, shard), _marker_blob(job, shard, marker))
+    remove(fs, journal_path(root, job, shard))
+    remove_shard_temps(fs, root, job, shard)  # the old version, moved aside
+    return ok
+
+
+def recover(fs, root: str, job: str, shards=None) -> dict[int, bool]:
+    """Finish the swaps that a killed run of ``job`` left half done and delete what killed
+    writers left behind (call under the job's lease, before planning; ``shards``: only those,
+    and no cleaning). Returns shard -> True when its new version is now committed."""
+    directory = f"{root}/{STATUS}/{job_key(job)}"
+    out = {}
+    for name in _list_names(fs, directory):
+        if not (name.startswith(".") and name.endswith(JOURNAL_SUFFIX)):
+            continue
+        shard = parse_shard_name(name[1 : -len(JOURNAL_SUFFIX)])
+        if shard is None or (shards is not None and shard not in shards):
+            continue
+        journal = _parse_marker(fs.cat_file(f"{directory}/{name}"))
+        valid = (
+            journal is not None
+            and isinstance(journal.get("stage"), str)
+            and is_temp(journal["stage"])
+            and "/" not in journal["stage"]
+            and isinstance(journal.get("marker"), dict)
+            and not marker_problems(journal["marker"], job, shard)
+        )
+        if valid:
+            out[shard] = _finish_swap(fs, root, job, shard, journal)
+        else:  # written atomically, so only outside damage gets here: the shard is redone
+            remove(fs, f"{directory}/{name}")
+            out[shard] = False
+    if shards is None:
+        remove_leftovers(fs, root, job)  # e.g. an old version a killed swap had moved aside
+    return out
+
+
+def pending_swaps(fs, root: str, job: str) -> list[int]:
+    """Shards whose swap a killed run left unfinished (the next run of the job finishes it)."""
+    names = _list_names(fs, f"{root}/{STATUS}/{job_key(job)}")
+    return sorted(
+        s
+        for n in names
+        if n.startswith(".")
+        and n.endswith(JOURNAL_SUFFIX)
+        and (s := parse_shard_name(n[1 : -len(JOURNAL_SUFFIX)])) is not None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # errors table
 def write_errors(fs, root: str, job: str, shard: int, rows) -> int:
     """Replace the shard's error table with ``rows``; no rows leaves no file. Returns bytes."""
-    path = errors_path(root, job, shard)
+    path = write_path(fs, errors_path(root, job, shard))
     rows = list(rows)
     if not rows:
         remove(fs, path)
@@ -399,7 +702,10 @@ SHARD_FAILED = "shard"  # the ``stage`` of the one error row recording a shard t
 
 
 def record_failed_shard(fs, root: str, job: str, shard: int, reason: str) -> int:
-    """Record that ``shard`` failed as a whole (no marker): one error row, replaced on redo."""
+    """Record that ``shard`` failed as a whole: one error row, replaced on redo. A shard whose
+    committed version survived the failed redo keeps that version's error table (returns 0)."""
+    if usable(read_marker(fs, root, job, shard)):
+        return 0
     return write_errors(
         fs, root, job, shard, [{"image_id": None, "member": None, "stage": SHARD_FAILED, "reason": reason}]
     )
@@ -456,6 +762,21 @@ def read_lease(fs, root: str, job: str) -> dict | None:
         return None
 
 
+def _lease_age(lease: dict) -> float:
+    try:
+        return time.time() - float(lease.get("heartbeat", 0) or 0)
+    except (TypeError, ValueError):
+        return float("inf")  # a damaged lease is as good as a stale one
+
+
+def job_running(fs, root: str, job: str) -> bool:
+    """True while a run of ``job`` holds a live lease on the store (its temps are work in progress)."""
+    current = read_lease(fs, root, job)
+    return (
+        current is not None and _lease_age(current) < LEASE_STALE and not _holder_gone(str(current.get("holder", "")))
+    )
+
+
 def _holder_gone(holder: str) -> bool:
     """True when the holder ran on this host and its process no longer exists (killed run)."""
     host, _, rest = holder.partition(":")
@@ -491,13 +812,16 @@ class Lease:
     def acquire(self) -> "Lease":
         current = read_lease(self.fs, self.root, self.job)
         if current is not None and current.get("holder") != self.holder:
-            age = time.time() - float(current.get("heartbeat", 0) or 0)
+            age = _lease_age(current)
             if age < self.stale and not _holder_gone(str(current.get("holder", ""))):
                 raise LoftupError(
                     f"job {self.job} is already running on this store ({current.get('holder')}, "
                     f"heartbeat {age:.0f} s ago); wait for it, or remove {self.path} if that run is gone"
                 )
-        self._write()
+        try:
+            self._write()
+        except OSError as exc:  # the first write a job makes: a read-only store stops here
+            raise StoreError(f"cannot write to the store at {self.root} ({error_line(exc)})") from None
         # Two runs that both found the lease stale: the last writer wins, the other one refuses.
         time.sleep(0.05)
         current = read_lease(self.fs, self.root, self.job)

@@ -1,5 +1,7 @@
 """User-facing errors: each carries one line that the CLI prints without a traceback."""
 
+import re
+
 
 class LoftupError(Exception):
     """A problem the user can fix (bad input, wrong store, missing weights)."""
@@ -21,13 +23,28 @@ class WeightsError(LoftupError):
     """Model weights are missing or do not match the architecture."""
 
 
+def os_error_in(exc: BaseException | None, errnos=None) -> OSError | None:
+    """The first OSError (with one of ``errnos``, if given) in ``exc``'s chain of causes: torch
+    reports a failed write as a RuntimeError whose context holds the OSError."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None and (errnos is None or exc.errno in errnos):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def error_line(exc: BaseException, limit: int = 300) -> str:
     """One line for an exception: a LoftupError's own message, else ``Type: first line``.
 
     The single home for turning exceptions into the one-line messages that the CLI prints,
     failed shards record and ``verify`` reports.
     """
-    text = str(exc).strip()
+    text = _ANSI.sub("", str(exc)).strip()  # torch colours some messages
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = lines[0] if lines else ""
     if first.startswith("Caught ") and "Original Traceback" in text:
@@ -43,6 +60,13 @@ def error_line(exc: BaseException, limit: int = 300) -> str:
     else:
         line = f"{type(exc).__name__}: {first}".rstrip(": ")
     return redact_text(line)[:limit]
+
+
+class ClusterError(LoftupError):
+    """The cluster failed under a running job (head node lost, no node left that can run the
+    tasks): one line like any LoftupError, but exit code 1, since the user's input was fine."""
+
+    exit_code = 1
 
 
 class NotInStore(StoreError, KeyError):

@@ -27,6 +27,7 @@ from loftup.storage.commit import (
     ShardWriter,
     shard_name,
     temp_path,
+    write_path,
 )
 from loftup.storage.errors import NotInStore, StoreError, error_line
 
@@ -150,7 +151,7 @@ class FeatureStore:
 
     @property
     def dim(self) -> int:
-        """Feature channels C (from the stored arrays, else the recorded info; 0 if unknown)."""
+        """Feature channels C, from the stored arrays (NotInStore if no shard is committed)."""
         return self._feature_shape()[0]
 
     @property
@@ -260,10 +261,30 @@ class FeatureStore:
     def shard_image_ids(self, shard: int) -> np.ndarray:
         return self._shard(shard)[1].copy()
 
+    def absent(self) -> NotInStore:
+        """The one error for reading a feature set that has no committed shard: it names the
+        sets the store does have, since a wrong backbone or resolution is the usual cause."""
+        if self.fs.exists(self.path):
+            return NotInStore(
+                f"{self.job} has no committed shard yet (`loftup-store status` shows its job; "
+                f"a run that has not finished a shard leaves nothing to read)"
+            )
+        others = [n for n in feature_set_names(self.fs, self.root, self.kind) if n != self.name]
+        have = f"it has {', '.join(others)}" if others else f"it has no {self.kind} at all"
+        return NotInStore(
+            f"the store has no {self.kind} of {self.name} ({have}; `loftup-pipeline {self.kind}` with "
+            f"--backbone {self.backbone} --res {self.res} writes them)"
+        )
+
+    def _committed_shards(self) -> list[int]:
+        shards = self.shards()
+        if not shards:
+            raise self.absent()
+        return shards
+
     def image_ids(self) -> np.ndarray:
         """Every image id, in the row order of :meth:`dask` (shards ascending)."""
-        parts = [self._shard(s)[1] for s in self.shards()]
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return np.concatenate([self._shard(s)[1] for s in self._committed_shards()])
 
     def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
@@ -289,9 +310,7 @@ class FeatureStore:
             bad = sorted_ids[k] != ids
         if np.any(bad):
             if len(sorted_ids) == 0:
-                raise NotInStore(
-                    f"the store has no {self.kind} of {self.name} (run the {self.kind} job for this backbone and resolution)"
-                )
+                raise self.absent()
             raise NotInStore(f"image {int(np.asarray(ids)[bad][0])} has no features in {self.job}")
         return shard_of[k], row_of[k]
 
@@ -328,12 +347,7 @@ class FeatureStore:
         return out
 
     def _feature_shape(self) -> tuple[int, int, int]:
-        shards = self.shards()
-        if shards:
-            return tuple(self.array(shards[0]).shape[1:])
-        info = self.info
-        grid = info.get("grid") or [0, 0]
-        return int(info.get("dim", 0)), int(grid[0]), int(grid[1])
+        return tuple(self.array(self._committed_shards()[0]).shape[1:])
 
     def dask(self, chunks: str | int = "shard"):
         """dask array ``(N, C, h, w)`` over all shards, rows in :meth:`image_ids` order.
@@ -346,7 +360,7 @@ class FeatureStore:
         if not (chunks in ("shard", "image") or (isinstance(chunks, int) and chunks > 0)):
             raise ValueError(f"chunks must be 'shard', 'image' or a positive int, got {chunks!r}")
         parts = []
-        for s in self.shards():
+        for s in self._committed_shards():
             arr = self.array(s)
             if arr.shape[0] == 0:
                 continue
@@ -357,9 +371,19 @@ class FeatureStore:
             else:
                 block = (chunks, *arr.shape[1:])
             parts.append(da.from_zarr(arr, chunks=block))
-        if not parts:
+        if not parts:  # committed shards that hold no image
             return da.zeros((0, *self._feature_shape()), dtype=np.float16)
         return da.concatenate(parts, axis=0)
+
+
+def feature_set_names(fs, root: str, kind: str = "features") -> list[str]:
+    """Names (``backbone@res``) of the ``kind`` groups under a store root."""
+    try:
+        entries = fs.ls(f"{root}/{kind}", detail=False)
+    except FileNotFoundError:
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in entries]
+    return sorted(n for n in names if "@" in n and not n.startswith("."))
 
 
 class FeatureShardWriter(ShardWriter):
@@ -382,7 +406,7 @@ class FeatureShardWriter(ShardWriter):
         self.fstore, self.shard, self.n = fstore, int(shard), int(n)
         self.shape = (self.n, int(dim), h, w)
         self.block = min(int(shard_images), max(self.n, 1))
-        self.final = f"{fstore.path}/{shard_name(shard)}"
+        self.final = write_path(fstore.fs, f"{fstore.path}/{shard_name(shard)}")
         self.tmp = temp_path(self.final)
         self.done = 0  # images written to disk
         self.peak_images = 0  # most feature maps ever held in memory between calls

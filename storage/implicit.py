@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loftup.storage.commit import atomic_write, parse_shard_name, shard_name
+from loftup.storage.commit import atomic_write, parse_shard_name, shard_name, write_path
 from loftup.storage.errors import StoreError
 from loftup.storage.features import FeatureStore
 
@@ -97,7 +97,7 @@ class ImplicitStore:
         buf = io.BytesIO()
         # Row groups of 64 images: a reader of one image decodes ~35 MB at most, not a whole tar's.
         pq.write_table(table, buf, compression="zstd", row_group_size=64)
-        compact_bytes = atomic_write(self.fs, self.compact_path(shard), buf.getvalue())
+        compact_bytes = atomic_write(self.fs, write_path(self.fs, self.compact_path(shard)), buf.getvalue())
         return {"compact_bytes": int(compact_bytes), "dense_bytes": int(dense_bytes)}
 
     # -- reading ---------------------------------------------------------------------------------

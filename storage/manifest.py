@@ -55,14 +55,29 @@ def parse_manifest(raw: bytes, where: str) -> dict:
     if not isinstance(manifest, dict) or "schema_version" not in manifest:
         raise StoreError(f"{where} is not a loftup store ({MANIFEST} has no schema_version)")
     version = manifest["schema_version"]
+    if type(version) is not int:
+        raise StoreError(
+            f"store at {where} has a damaged {MANIFEST}: schema_version is {version!r} "
+            f"(a {type(version).__name__}); loftup writes the integer {SCHEMA_VERSION}"
+        )
     if version != SCHEMA_VERSION:
         raise StoreError(f"store at {where} has schema version {version}; this loftup reads version {SCHEMA_VERSION}")
-    sizes = manifest.get("geometry", {}).get("sizes")
-    if not sizes:
+    geometry = manifest.get("geometry")
+    sizes = geometry.get("sizes") if isinstance(geometry, dict) else None
+    if not sizes or not isinstance(sizes, list):
         raise StoreError(f"store at {where} has no geometry sizes in its {MANIFEST}")
     check_geometries(sizes)
-    manifest.setdefault("backbones", {})
-    manifest.setdefault("jobs", {})
+    for key in ("backbones", "jobs"):
+        entries = manifest.setdefault(key, {})
+        bad = (
+            f"a {type(entries).__name__}"
+            if not isinstance(entries, dict)
+            else next((f"{k!r}: a {type(v).__name__}" for k, v in entries.items() if not isinstance(v, dict)), None)
+        )
+        if bad:
+            raise StoreError(
+                f"store at {where} has a damaged {MANIFEST}: {key!r} must map names to objects, found {bad}"
+            )
     return manifest
 
 

@@ -20,7 +20,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from loftup.storage.commit import (
-    committed,
+    done_shards,
+    footer_digest,
     is_local,
     parse_shard_name,
     remove,
@@ -28,6 +29,8 @@ from loftup.storage.commit import (
     ShardWriter,
     shard_name,
     temp_path,
+    usable,
+    write_path,
 )
 from loftup.storage.errors import StoreError
 
@@ -117,6 +120,7 @@ class ShardFiles:
     def _clear(self) -> None:
         self._pid = os.getpid()
         self._listing: dict[int, str] | None = None
+        self._footers: dict[str, tuple[int, str | None]] = {}  # path -> (shard, committed footer digest)
         self._meta: dict[str, pq.FileMetaData] = {}
         self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
 
@@ -136,28 +140,54 @@ class ShardFiles:
     def files(self) -> dict[int, str]:
         """Shard number -> file path of every committed shard file (sorted by shard).
 
-        A file whose shard has no marker (a run died before committing, or the marker was lost)
-        is never served: readers see committed data only.
+        A file whose shard has no valid marker (a run died before committing, the marker was
+        lost or damaged) is never served: readers see committed data only.
         """
         with self._lock:
             self._check_pid()
             if self._listing is None:
                 found = {}
-                done = committed(self.fs, self.root, self.name)
+                done = {s: m for s, m in done_shards(self.fs, self.root, self.name).items() if usable(m)}
                 for path in self.fs.glob(f"{self.base}/shard=*/{PART}"):
                     shard = parse_shard_name(path.rsplit("/", 2)[-2])
                     if shard is not None and shard in done:
                         found[shard] = path
+                        self._footers[path] = (shard, done[shard]["files"].get(PART, {}).get("footer_sha256"))
                 self._listing = dict(sorted(found.items()))
             return dict(self._listing)
 
     def metadata(self, path: str) -> pq.FileMetaData:
+        """The footer of a served file, checked first: no checksum covers a Parquet footer, and
+        its row counts and min/max statistics decide what indexes and filters read."""
         with self._lock:
             self._check_pid()
             md = self._meta.get(path)
             if md is None:
-                md = self._meta[path] = pq.read_metadata(path, filesystem=self._afs)
+                md = pq.read_metadata(path, filesystem=self._afs)
+                self._check_footer(path, md)
+                self._meta[path] = md
             return md
+
+    def _check_footer(self, path: str, md: pq.FileMetaData) -> None:
+        if path not in self._footers:
+            self.files()
+        shard, digest = self._footers.get(path, (parse_shard_name(path.rsplit("/", 2)[-2]), None))
+        if digest is not None:
+            ok = footer_digest(self.fs, path) == digest
+        else:  # a marker from before footer digests: check the statistics against the data
+            ok = _stats_match_data(self._afs, path, md)
+        if not ok:
+            raise StoreError(
+                f"{self.name} shard {shard} is damaged: the Parquet footer of {PART} changed since commit, so its "
+                f"statistics cannot be trusted; `loftup-store verify` lists the damage, a rerun of "
+                f"`loftup-pipeline {self.name}` redoes the shard"
+            )
+
+    def check_footers(self) -> None:
+        """Check the footer of every served file (cheap, cached): before a reader that relies on
+        footer statistics it does not check itself (pyarrow dataset filters, dask)."""
+        for path in self.files().values():
+            self.metadata(path)
 
     def parquet_file(self, path: str) -> pq.ParquetFile:
         with self._lock:
@@ -201,7 +231,10 @@ class ShardFiles:
 
     # -- bulk reads ----------------------------------------------------------------------------
     def dataset(self, schema: pa.Schema) -> ds.Dataset:
-        """pyarrow dataset over the shard files with ``shard`` (int32) as a partition column."""
+        """pyarrow dataset over the shard files with ``shard`` (int32) as a partition column.
+
+        Its filters skip row groups by their footer statistics, so every footer is checked first."""
+        self.check_footers()
         files = list(self.files().values())
         full = schema.append(SHARD_FIELD)
         if not files:
@@ -226,6 +259,7 @@ class ShardFiles:
         """
         import dask.dataframe as dd
 
+        self.check_footers()
         files = self.files()
         want = list(schema.names) + ["shard"] if columns is None else list(columns)
         unknown = [c for c in want if c not in schema.names and c != "shard"]
@@ -305,7 +339,7 @@ class ShardTableWriter(ShardWriter):
         # Page CRCs: a flipped bit fails the read instead of changing a value.
         self.options = options = {"write_page_checksum": True, **options}
         self.unique = unique
-        self.path = files.path(shard)
+        self.path = write_path(files.fs, files.path(shard))
         self._seen: set[int] = set()
         self._last: tuple | None = None  # last key sent to the file (in-order mode)
         self._pending: list[pa.Table] = []  # rows waiting for a full row group / run
@@ -445,6 +479,25 @@ class ShardTableWriter(ShardWriter):
         self._pending, self._pending_rows = [], 0
 
 
+def _stats_match_data(afs, path: str, md: pq.FileMetaData) -> bool:
+    """Whether each row group's row count and ``image_id`` min/max in the footer are those of the
+    (page-checksummed) data: the check for files whose marker has no footer digest."""
+    col = md.schema.to_arrow_schema().get_field_index("image_id")
+    if col < 0:
+        return True
+    with afs.open_input_file(path) as source:
+        pf = pq.ParquetFile(source, metadata=md, page_checksum_verification=True)
+        for rg in range(md.num_row_groups):
+            ids = pf.read_row_group(rg, columns=["image_id"]).column(0)
+            if len(ids) != md.row_group(rg).num_rows:
+                return False
+            stats = md.row_group(rg).column(col).statistics
+            if len(ids) and stats is not None and stats.has_min_max:
+                if (stats.min, stats.max) != (pc.min(ids).as_py(), pc.max(ids).as_py()):
+                    return False
+    return True
+
+
 def _key(table: pa.Table, row: int, keys) -> tuple:
     return tuple(table.column(k)[row].as_py() for k in keys)
 
@@ -463,7 +516,8 @@ def _prefix_le(table: pa.Table, keys, bound: tuple) -> int:
 class MaskIndex:
     """Random access to images' masks.
 
-    Row-group image_id ranges come from the cached footers; a lookup reads that group's small
+    Row-group image_id ranges come from the cached footers (checked against the marker's footer
+    digest before use, see :meth:`ShardFiles.metadata`); a lookup reads that group's small
     image_id column, then streams the wanted column(s) only up to the image's last row:
     pyarrow cannot seek inside a column chunk, but it decodes pages lazily.
     """

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from loftup.storage import commit
 from loftup.storage.errors import NotInStore, StoreError
-from loftup.storage.features import FeatureStore
+from loftup.storage.features import FeatureStore, feature_set_names
 from loftup.storage.images import ImageIndex, image_schema, image_writer, open_jpeg, write_images
 from loftup.storage.manifest import (
     MANIFEST,
@@ -163,11 +163,33 @@ class Store:
         self._invalidate_job(job)
 
     def shard_problems(self, job: str, shard: int, marker: dict | None = None, deep: bool = False) -> list[str]:
-        """What is wrong with a committed shard's files (empty: intact). Cheap unless ``deep``."""
+        """What is wrong with a committed shard: its marker (invalid, or without file digests) or
+        its files against the marker (empty: intact). Cheap unless ``deep``."""
         marker = self.marker(job, shard) if marker is None else marker
         if marker is None:
             return ["not committed"]
+        if not commit.usable(marker):
+            return [marker["invalid"]]
         return commit.check_files(self.fs, commit.output_dir(self.root, job, shard), marker.get("files"), deep=deep)
+
+    @contextlib.contextmanager
+    def build_shard(self, job: str, shard: int):
+        """Build a new version of a shard beside the committed one: ``with store.build_shard(job,
+        s) as b: <write outputs and errors as usual>; b.commit(info)``. Until ``commit`` the
+        committed version stays in place and readable; without it nothing changes."""
+        build = commit.ShardBuild(self.fs, self.root, job, shard)
+        try:
+            with build:
+                yield build
+        finally:
+            self._invalidate_job(job)
+
+    def recover(self, job: str) -> dict[int, bool]:
+        """Finish swaps a killed run of ``job`` left half done (see :func:`commit.recover`)."""
+        try:
+            return commit.recover(self.fs, self.root, job)
+        finally:
+            self._invalidate_job(job)
 
     def lease(self, job: str) -> commit.Lease:
         """The per-job lease (a context manager): one run of ``job`` on this store at a time."""
@@ -196,23 +218,30 @@ class Store:
         """Replace the shard's error rows (dicts: image_id, member, stage, reason)."""
         return commit.write_errors(self.fs, self.root, job, shard, rows)
 
+    def jobs(self) -> list[str]:
+        """Every job that has run on this store (committed a shard or recorded an error)."""
+        keys = set(commit.status_jobs(self.fs, self.root))
+        return sorted({commit.key_to_job(k) for k in keys} | set(commit.error_shards(self.fs, self.root)))
+
     def errors(self, job: str | None = None) -> pa.Table:
         """All error rows (of one job or every job) with ``job`` and ``shard`` columns."""
         return commit.read_errors(self.fs, self.root, job)
 
-    def record_failed_shard(self, job: str, shard: int, reason: str) -> None:
-        """Record a shard that failed as a whole, so ``status`` and ``errors`` show it."""
-        commit.record_failed_shard(self.fs, self.root, job, shard, reason)
+    def record_failed_shard(self, job: str, shard: int, reason: str) -> int:
+        """Record a shard that failed as a whole, so ``status`` and ``errors`` show it; a shard
+        whose committed version survived keeps it and its error table (returns 0, else bytes)."""
+        return commit.record_failed_shard(self.fs, self.root, job, shard, reason)
 
     def failed_shards(self, job: str) -> list[int]:
         """Shards of ``job`` that failed as a whole in the last run that tried them (no marker)."""
-        done = self.done_shards(job)
+        done = self.done_shards(job)  # a failed redo of a committed shard keeps it committed
         return [s for s in commit.error_shards(self.fs, self.root).get(job, []) if s not in done]
 
     def summary(self) -> dict[str, dict]:
-        """Per job: shards done (committed and intact), damaged shards (committed, but a file is
-        missing or has changed size since: the cheap check; ``verify --deep`` re-hashes), failed
-        shards, images, per-image failures, bytes, seconds (and masks)."""
+        """Per job: shards done (committed and intact), damaged shards (committed, but the marker
+        is invalid or a file is missing, has changed size or its Parquet footer changed since: the
+        cheap check; ``verify --deep`` re-hashes), failed shards, and the images, per-image
+        failures, bytes, seconds (and masks) of the intact shards."""
         out = {}
         failed_by_job = commit.error_shards(self.fs, self.root)
         keys = set(commit.status_jobs(self.fs, self.root)) | {commit.job_key(j) for j in failed_by_job}
@@ -226,9 +255,10 @@ class Store:
             if not markers and not failed:
                 continue
             damaged = [s for s, m in markers.items() if self.shard_problems(job, s, m)]
-            values = list(markers.values())
+            # Counts of intact shards only: a damaged shard's marker no longer describes its data.
+            values = [m for s, m in markers.items() if s not in damaged]
             row = {
-                "shards": len(values) - len(damaged),
+                "shards": len(values),
                 "damaged_shards": len(damaged),
                 "failed_shards": len(failed),
                 "images": int(sum(m.get("images", 0) or 0 for m in values)),
@@ -261,6 +291,17 @@ class Store:
         finally:
             self._mask_index.invalidate()
 
+    def committed_files(self, table: str) -> list[str]:
+        """The Parquet files of the committed shards of ``table`` (``"masks"`` or ``"images"``),
+        for readers that take file lists (DuckDB, Polars, pandas): a glob over the store's
+        folders would also read files of shards whose commit has not happened (a run killed
+        between the rename and the marker, or a shard being redone)."""
+        files = {"masks": self._mask_files, "images": self._image_files}.get(table)
+        if files is None:
+            raise StoreError(f"unknown table {table!r}; the store's Parquet tables are masks and images")
+        paths = list(files.files().values())
+        return paths if commit.is_local(self.fs) else [self.fs.unstrip_protocol(p) for p in paths]
+
     def masks_dataset(self):
         """pyarrow dataset of every mask, ``shard`` (int32) as hive partition column."""
         return self._mask_files.dataset(self.mask_schema)
@@ -273,15 +314,41 @@ class Store:
         """One shard's mask table."""
         return self._mask_files.read(shard, columns)
 
+    def mask_batches(self, shard: int, columns=None, batch_rows: int = 20_000):
+        """One shard's mask table as record batches of ``batch_rows`` rows (bounded memory)."""
+        return self._mask_files.iter_batches(shard, columns, batch_rows)
+
     def masks_for(self, image_id: int, size: int | None = 224) -> list[dict]:
-        """The image's RLEs in mask order at training size ``size`` (None: original RLE)."""
-        cols = rle_columns(size, self.geometries)
-        return to_rles(self._mask_index.lookup(int(image_id), cols), size)
+        """The image's RLEs in mask order at training size ``size`` (None: original RLE).
+
+        ``[]`` for an image whose masks shard is committed and holds no mask of it; an id that
+        no committed masks or images shard holds raises :class:`NotInStore`."""
+        return self.masks_for_many([image_id], size)[0]
 
     def masks_for_many(self, image_ids, size: int | None = 224) -> list[list[dict]]:
         """``masks_for`` of several images, in the order given."""
         cols = rle_columns(size, self.geometries)
-        return [to_rles(v, size) for v in self._mask_index.lookup_many(image_ids, cols)]
+        ids = [int(i) for i in image_ids]
+        found = self._mask_index.lookup_many(ids, cols)
+        for image_id, values in zip(ids, found):
+            if not values[0]:
+                self._check_maskless(image_id)
+        return [to_rles(v, size) for v in found]
+
+    def _check_maskless(self, image_id: int) -> None:
+        # The mask table has rows only for masks, so an image without any is told apart from an
+        # unknown id by the image table (the features job reads it, so every trainable id is there).
+        try:
+            shard, _ = self._image_index.locate(image_id)
+        except NotInStore:
+            raise NotInStore(
+                f"image {image_id} is not in the store: no committed masks or images shard holds it"
+            ) from None
+        if shard not in self._mask_files.files():
+            raise NotInStore(
+                f"image {image_id} is in images shard {shard}, whose masks are not committed "
+                f"(`loftup-pipeline masks` on shard {shard} writes them)"
+            )
 
     # -- images ----------------------------------------------------------------------------------
     def write_images(self, shard: int, table: pa.Table) -> int:
@@ -351,9 +418,4 @@ class Store:
 
     def feature_sets(self, kind: str = "features") -> list[str]:
         """Names (``backbone@res``) of the feature groups in the store."""
-        try:
-            entries = self.fs.ls(self.path(kind), detail=False)
-        except FileNotFoundError:
-            return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in entries]
-        return sorted(n for n in names if "@" in n and not n.startswith("."))
+        return feature_set_names(self.fs, self.root, kind)

@@ -47,6 +47,17 @@ def verify_store(store, deep: bool = False) -> list[str]:
                     f"{job} shard {shard:06d}: data without a marker (not committed, never served; "
                     f"a rerun of the job redoes it)"
                 )
+        for shard in commit.pending_swaps(store.fs, store.root, job):
+            problems.append(
+                f"{job} shard {shard:06d}: a killed run left its commit half done (the next run of the job finishes it)"
+            )
+        if not commit.job_running(store.fs, store.root, job):  # a running job's temps are work in progress
+            temps = commit.leftover_temps(store.fs, store.root, job)
+            if temps:
+                shown = ", ".join(temps[:3]) + (f" ... ({len(temps)} in all)" if len(temps) > 3 else "")
+                problems.append(
+                    f"{job}: leftover temp files of an interrupted run: {shown} (the next run of the job removes them)"
+                )
     return problems
 
 

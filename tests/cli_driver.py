@@ -50,7 +50,7 @@ def main() -> None:
     import loftup.training.inference  # noqa: F401
     import loftup.training.stage1  # noqa: F401
     import loftup.training.stage2  # noqa: F401
-    import loftup.training.visualize  # noqa: F401
+    import loftup.pictures  # noqa: F401
 
     apps = {"loftup-pipeline": pipeline.app, "loftup-store": store.app, "loftup-train": train.app}
     cases = json.load(sys.stdin)

@@ -131,7 +131,9 @@ def test_reset_removes_marker_first_then_everything_of_the_shard(tmp_store, monk
     assert not any(st.fs.exists(p) for p in stale) and st.fs.exists(keep)
     assert st.masks_dataset().to_table(columns=["shard"]).column(0).unique().to_pylist() == [5]
     assert st.errors("masks").column("shard").to_pylist() == [5]
-    assert st.masks_for(40_000, 224) == [] and len(st.masks_for(50_000, 224)) == 7
+    with pytest.raises(commit.StoreError, match="image 40000 is not in the store"):
+        st.masks_for(40_000, 224)
+    assert len(st.masks_for(50_000, 224)) == 7
     st.reset_shard("masks", 99)  # resetting a shard that never ran is a no-op
 
 

@@ -300,8 +300,8 @@ def test_stage1_trains_on_stored_implicit_features(store, tmp_path, monkeypatch)
     seen = []
     real_call = im.ImplicitTargets.__call__
 
-    def spy(self, image_ids, size, projection=None):
-        out = real_call(self, image_ids, size, projection)
+    def spy(self, image_ids, size, projection=None, space="layer_norm"):
+        out = real_call(self, image_ids, size, projection, space)
         seen.append((list(image_ids), out, projection))
         return out
 

@@ -342,3 +342,53 @@ def test_photos_dir_becomes_sa1b_tars(tmp_path):
         sd.write_sample_shards(tmp_path / "x", photos_dir=tmp_path / "out")
     with pytest.raises(LoftupError, match="does not exist"):
         sd.write_sample_shards(tmp_path / "x", photos_dir=tmp_path / "nope")
+
+
+def test_photos_from_nested_folders_and_list_files(tmp_path, capsys):
+    """--photos-dir takes nested folders (photos named by their relative path) and list files of
+    'PACKAGE PATH' / 'PATH' lines with comments; --package-photos puts the package photos first;
+    a list naming missing files is one line that says which packages to install (exit 2)."""
+    from loftup.cli.common import run
+    from loftup.cli.pipeline import app
+
+    root = tmp_path / "photos"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for rel in ("top.png", "sub/b.png", "sub/deeper/c.png"):
+        arrays[rel] = np.kron(rng.integers(0, 255, (4, 5, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+        Image.fromarray(arrays[rel]).save(root / rel)
+    assert sd.photo_names(str(root)) == ("sub/b.png", "sub/deeper/c.png", "top.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two photos\npkg-a {root / 'sub' / 'b.png'}\n\n photos/top.png  # relative to the list\n")
+    assert sd.read_photo_list(listing) == [("pkg-a", root / "sub" / "b.png"), (None, tmp_path / "photos/top.png")]
+    assert sd.photo_names(str(listing)) == ("sub/b.png", "top.png")
+    with_packages = sd.photo_names(str(listing), packages=True)
+    assert with_packages == sd.photo_names() + ("sub/b.png", "top.png")
+    (path,) = sd.write_sample_shards(tmp_path / "out", tars=1, images_per_tar=2, short_side=32, photos_dir=listing)
+    got = [np.asarray(decode_jpeg(s.jpeg)).astype(float) for s in _samples(path)]
+    for img, rel in zip(got, ("sub/b.png", "top.png")):
+        H, W = sd.target_size(32, 40, 32)
+        want = np.asarray(Image.fromarray(arrays[rel]).resize((W, H), Image.BICUBIC)).astype(float)
+        assert np.abs(img - want).mean() < 10
+
+    missing = tmp_path / "missing.txt"
+    missing.write_text(f"pkg-a {root / 'top.png'}\npkg-b /nowhere/x.jpg\npkg-c /nowhere/y.jpg\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run(app, ["sample-data", str(tmp_path / "o2"), "--photos-dir", str(missing)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "2 of the 3 photos listed" in err[0] and "apt-get install pkg-b pkg-c" in err[0]
+    with pytest.raises(SystemExit) as exit_info:
+        run(app, ["sample-data", str(tmp_path / "o3"), "--package-photos"])
+    assert exit_info.value.code == 2 and "give --photos-dir too" in capsys.readouterr().err
+
+
+def test_the_debian_photo_list_ships_with_the_package():
+    entries = sd.read_photo_list(sd.DEBIAN_PHOTOS)
+    assert len(entries) == 25 and {p for p, _ in entries} == {
+        "lomiri-wallpapers-16.04",
+        "lomiri-wallpapers-20.04",
+        "mate-backgrounds",
+    }
+    assert all(p.suffix == ".jpg" and p.is_absolute() for _, p in entries)

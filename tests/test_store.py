@@ -216,9 +216,11 @@ def test_masks_row_groups_of_20k(tmp_path):
     # image 222 has rows 19980..20069: it straddles the first row-group boundary
     assert [r["counts"] for r in st.masks_for(222, 4)] == [f"222:{o}" for o in range(90)]
     assert all(r["size"] == [4, 4] for r in st.masks_for(222, 4))
-    got = st.masks_for_many([499, 222, 0, 10**9], 4)
-    assert [len(g) for g in got] == [90, 90, 90, 0]
+    got = st.masks_for_many([499, 222, 0], 4)
+    assert [len(g) for g in got] == [90, 90, 90]
     assert got[0][-1]["counts"] == "499:89" and got[2][0]["counts"] == "0:0"
+    with pytest.raises(errors.NotInStore, match=f"image {10**9} is not in the store"):
+        st.masks_for_many([499, 10**9], 4)
 
 
 def test_masks_dataset_dask_and_random_access(store):
@@ -260,7 +262,8 @@ def test_masks_dataset_dask_and_random_access(store):
         assert orig[0]["size"] == [24, 40]
         rows, cols = geometry.source_index(24, 40, size)
         np.testing.assert_array_equal(rle.decode(got[0]), rle.decode(orig[0])[rows][:, cols])
-    assert store.masks_for(123456, size=16) == []
+    with pytest.raises(errors.NotInStore, match="image 123456 is not in the store"):
+        store.masks_for(123456, size=16)
     many = store.masks_for_many([101, 5, 101], size=32)
     assert [len(m) for m in many] == [3, 4, 3] and many[0] == many[2]
     with pytest.raises(StoreError, match="geometries are \\[16, 32\\]"):
@@ -271,7 +274,8 @@ def test_masks_empty_store_and_bad_tables(store):
     assert store.masks_dataset().count_rows() == 0
     assert store.masks_dataset().schema.names[-1] == "shard"
     assert len(store.masks_dask(["image_id"]).compute()) == 0
-    assert store.masks_for(1, size=16) == []
+    with pytest.raises(errors.NotInStore, match="image 1 is not in the store"):
+        store.masks_for(1, size=16)
     bad = mask_table(store, [1], 2, seed=0).drop_columns(["rle_32"])
     with pytest.raises(StoreError, match=r"missing \['rle_32'\]"):
         store.write_masks(0, bad)
@@ -351,6 +355,8 @@ def test_features_round_trip_bit_identical(store):
     assert nbytes > 0
     fstore.write_shard(2, b, np.array([7, 9, 8]))
     assert fstore.shards() == []  # written, not committed: never served
+    with pytest.raises(errors.NotInStore, match="dinov2_vits14@224 has no committed shard yet"):
+        fstore.dask()
     store.write_marker(fstore.job, 8, {})
     store.write_marker(fstore.job, 2, {})
     assert fstore.shards() == [2, 8]
@@ -379,6 +385,17 @@ def test_features_round_trip_bit_identical(store):
     other = open_store(store.url).features("dinov2_vits14", 224)
     np.testing.assert_array_equal(other.get(30).view(np.uint16), a[3].view(np.uint16))
     assert store.feature_sets() == ["dinov2_vits14@224"]
+    # An absent set is one error naming the sets there are, whichever read comes first.
+    absent = store.features("dinov2_vits14", 448)
+    for read in (
+        absent.dask,
+        absent.image_ids,
+        lambda: absent.dim,
+        lambda: absent.get(40),
+        lambda: absent.get_many([]),
+    ):
+        with pytest.raises(errors.NotInStore, match=r"no features of dinov2_vits14@448 \(it has dinov2_vits14@224;"):
+            read()
 
 
 def test_features_zarr_layout(tmp_path):

@@ -712,3 +712,47 @@ def test_bounded_run_says_so_and_logs_the_same_losses(train_store, stage1_ckpt, 
     for p, b in zip(plain, bounded):  # the fixture's run: the same config on the plain path
         for k in ("mse", "recon", "tv"):
             assert b[k] == pytest.approx(p[k], rel=1e-4)
+
+
+def test_convex_head_trains_both_stages_in_the_raw_space(train_store, tmp_path, monkeypatch):
+    """--head convex: Stage 1's target is the pseudo-GT of the raw (PCA) features divided by their
+    RMS, the prediction is divided by the same constant; both stages record the space and scale,
+    and the checkpoints load as a convex-head LoftUp."""
+    import json
+
+    import loftup.training.losses as losses
+    from loftup.training.checkpoint import load_model
+    from loftup.training.data import batch_masks
+    from loftup.training.pseudo_gt import pseudo_gt
+    from loftup.training.stage1 import train
+    from loftup.training.stage2 import train as train2
+    from loftup.training.target_space import feature_rms
+
+    seen = []
+    real = losses.projected_mse
+    monkeypatch.setattr(losses, "projected_mse", lambda p, t, proj: seen.append(t) or real(p, t, proj))
+    batches = []
+    import loftup.training.stage1 as stage1
+
+    real_inputs = stage1.Stage1.inputs
+    monkeypatch.setattr(
+        stage1.Stage1, "inputs", lambda self, b, step=None: batches.append(b) or real_inputs(self, b, step)
+    )
+    run = train(_stage1_cfg(train_store, tmp_path / "c1", max_steps=1, recipe="paper", head="convex"))
+    model, meta = load_model(run["checkpoint"], with_meta=True)
+    extra, proj = meta["extra"], meta["projection_module"]
+    fs = train_store.features("dinov2_vits14", 224)
+    ids = np.concatenate([train_store.image_ids(s) for s in (0, 1)])
+    sample = torch.from_numpy(fs.get_many(ids[:256])).float()
+    assert extra["head"] == "convex" and extra["target_space"] == "raw"
+    assert extra["feature_scale"] == pytest.approx(feature_rms(proj(sample)), rel=1e-6)
+    assert model.upsampler.head is not None and run["target_space"] == "raw"
+    masks, valid = batch_masks(batches[0], "cpu")
+    expect = pseudo_gt(proj(batches[0]["feats"].float()), masks, valid, 56, alpha=0.8) / extra["feature_scale"]
+    # the loss is written per image (training/memory.py): one target per image of the batch
+    torch.testing.assert_close(torch.cat(seen[: len(expect)]), expect, rtol=1e-4, atol=1e-5)
+
+    train2(_stage2_cfg(train_store, run["checkpoint"], tmp_path / "c2", max_steps=2))
+    meta2 = json.loads((tmp_path / "c2" / "stage2.json").read_text())
+    assert meta2["config"]["head"] == "convex" and meta2["extra"]["target_space"] == "raw"
+    assert meta2["extra"]["feature_scale"] == extra["feature_scale"]

@@ -91,7 +91,10 @@ def read_config(path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"cannot read checkpoint config {config_path} ({error_line(exc, 120)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise WeightsError(f"{config_path} is not a LoftUp model config (format={meta.get('format')!r})")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise WeightsError(f"{config_path} is not a LoftUp model config (format={found!r})")
+    if not isinstance(meta.get("config"), dict):
+        raise WeightsError(f"{config_path} has no model config (its 'config' is not an object)")
     return meta
 
 
@@ -118,20 +121,38 @@ def load_model(path, device: str | torch.device = "cpu", with_meta: bool = False
     proj_state = {k[len(PROJECTION_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(PROJECTION_PREFIX)}
     _load_strict(model, state, str(weights))
     model = model.to(device).eval()
+    projection = _load_projection(meta.get("projection"), proj_state, weights)
     if not with_meta:
         return model
-    projection = None
-    if meta.get("projection"):
-        from loftup.training.projection import FeatureProjection
+    return model, {**meta, "projection_module": None if projection is None else projection.to(device).eval()}
 
-        projection = FeatureProjection(meta["projection"]["in_dim"], meta["projection"]["out_dim"])
-        projection.load_state_dict(proj_state)
-        projection = projection.to(device).eval()
-    return model, {**meta, "projection_module": projection}
+
+def _load_projection(spec, state: dict, weights: Path):
+    """The saved FeatureProjection (None without one), loaded as strictly as the model."""
+    from loftup.training.projection import FeatureProjection
+
+    if not spec:
+        if state:
+            raise WeightsError(f"{weights} holds projection.* tensors but its config records no projection")
+        return None
+    try:
+        projection = FeatureProjection(int(spec["in_dim"]), int(spec["out_dim"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise WeightsError(
+            f"checkpoint config {weights.with_suffix('.json')} has a malformed projection ({error_line(exc, 120)})"
+        ) from None
+    load_state_dict_strict(
+        projection, state, str(weights), f"its FeatureProjection({spec['in_dim']}, {spec['out_dim']})"
+    )
+    return projection
 
 
 def to_official_state_dict(model: LoftUp) -> dict[str, torch.Tensor]:
     """The model's weights under the released checkpoint's key names (a copy)."""
+    from loftup.training.heads import head_of
+
+    if head_of(model) != "loftup":
+        raise WeightsError(f"a LoftUp with the {head_of(model)!r} head has no released layout (only 'loftup' has)")
     # Our module tree is the released one, so the names coincide; copying keeps the
     # result independent of later training steps.
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -157,9 +178,16 @@ def _infer_config(state: Mapping[str, torch.Tensor]) -> dict:
             )
         return state[key]
 
-    dim = need("upsampler.final_conv.0.weight").shape[0]
-    img_biases = need("upsampler.fourier_feat.1.biases")
-    lr_biases = need("upsampler.lr_pe.biases")
+    def shaped(key):
+        tensor = need(key)
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim == 0 or 0 in tensor.shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise WeightsError(f"not a LoftUp state dict in the released layout: {key} has shape {shape}")
+        return tensor
+
+    dim = shaped("upsampler.final_conv.0.weight").shape[0]
+    img_biases = shaped("upsampler.fourier_feat.1.biases")
+    lr_biases = shaped("upsampler.lr_pe.biases")
     blocks = len({k.split(".")[3] for k in state if k.startswith("upsampler.ca_transformer.layers.")})
     return {
         "dim": int(dim),
@@ -182,8 +210,15 @@ def from_official(state_dict: Mapping[str, torch.Tensor], image_scaling: str = "
     """
     state = _normalise_keys(state_dict)
     # Built on the meta device: every tensor comes from the file, so initialising is wasted work.
-    with torch.device("meta"):
-        model = LoftUp(**_infer_config(state), heads=heads, image_scaling=image_scaling)
+    config = _infer_config(state)
+    try:
+        with torch.device("meta"):
+            model = LoftUp(**config, heads=heads, image_scaling=image_scaling)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:  # shapes that build no LoftUp
+        raise WeightsError(
+            f"the state dict's shapes ({', '.join(f'{k}={v}' for k, v in config.items())}) build no LoftUp "
+            f"({error_line(exc, 120)})"
+        ) from None
     _load_strict(model, state, "the official state dict", assign=True)
     return model.eval()
 

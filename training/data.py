@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from torch.utils.data import Dataset, Sampler
 
 from loftup.storage.errors import LoftupError, StoreError, error_line
 from loftup.storage.geometry import nearest_index
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -55,6 +58,7 @@ class StoreIndex:
 
     image_ids: np.ndarray
     shards: np.ndarray
+    without_masks: int = 0  # images of the chosen shards left out because they have no mask
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -63,7 +67,10 @@ class StoreIndex:
 def build_index(store, jobs: list[str], shards: list[int] | None = None) -> StoreIndex:
     """Image ids of the shards that every job in ``jobs`` has finished, in (shard, id) order.
 
-    A job that has no finished shard at all is a clear error naming the command to run.
+    A job that has no finished shard at all is a clear error naming the command to run; a
+    damaged shard (its marker or files, footers included) stops here, before any step reads it.
+    With ``masks`` among the jobs, images without a single stored mask (every mask refused, or
+    none found) are left out, and their number logged: they would train on no mask at all.
     """
     done = None
     for job in jobs:
@@ -95,12 +102,19 @@ def build_index(store, jobs: list[str], shards: list[int] | None = None) -> Stor
                     f"shard {s} of {job} in {store.url} is damaged ({'; '.join(problems[:2])}); "
                     f"rerun `loftup-pipeline {job.split('/')[0]}` on it to redo it"
                 )
-    ids, shard_of = [], []
+    ids, shard_of, without = [], [], 0
     for s in chosen:
         sid = np.asarray(store.image_ids(s), dtype=np.int64)
+        if "masks" in jobs:
+            with_masks = store.masks_table(s, ["image_id"]).column(0).to_numpy()
+            keep = np.isin(sid, with_masks)
+            without += int((~keep).sum())
+            sid = sid[keep]
         ids.append(sid)
         shard_of.append(np.full(len(sid), s, dtype=np.int64))
-    return StoreIndex(np.concatenate(ids), np.concatenate(shard_of))
+    if without:
+        log.warning("left out %d image(s) without any stored mask (see `loftup-store errors`)", without)
+    return StoreIndex(np.concatenate(ids), np.concatenate(shard_of), without_masks=without)
 
 
 @contextlib.contextmanager

@@ -73,6 +73,22 @@ def cpu_threads(d: Dist, workers: int) -> None:
     torch.set_num_threads(max(1, cores // d.world - workers))
 
 
+def lost_peer(exc: BaseException):
+    """The one-line ClusterError for a collective that failed because another rank's process or
+    node is gone (gloo/NCCL raise RuntimeErrors that say so), else None."""
+    from loftup.storage.errors import ClusterError, error_line
+
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return None
+    text = str(exc)
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or "gloo" in text or "NCCL" in text):
+        return None
+    return ClusterError(
+        f"rank {os.environ.get('RANK', '?')} lost contact with the other ranks ({error_line(exc, 200)}): a node "
+        f"failed or was stopped; relaunch the same command with --auto-resume to continue from last.pt"
+    )
+
+
 def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.barrier()
@@ -85,6 +101,15 @@ def all_mean(value: float, d: Dist) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return float(t.item()) / d.world
+
+
+def broadcast_flag(value: bool, d: Dist) -> bool:
+    """Rank 0's ``value``, on every rank."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([int(value)], device=d.device if d.device.type == "cuda" else "cpu")
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:

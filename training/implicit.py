@@ -593,7 +593,7 @@ class ImplicitTargets:
         return torch.stack(out)
 
     @torch.no_grad()
-    def __call__(self, image_ids, size: int, projection=None) -> torch.Tensor:
+    def __call__(self, image_ids, size: int, projection=None, space: str = "layer_norm") -> torch.Tensor:
         hr = self.maps(image_ids)
         if hr.shape[-1] != size:
             hr = F.interpolate(
@@ -601,7 +601,9 @@ class ImplicitTargets:
             )
         if projection is not None:
             hr = projection(hr)
-        return F.layer_norm(hr.permute(0, 2, 3, 1), hr.shape[1:2]).permute(0, 3, 1, 2)
+        from loftup.training.target_space import to_target_space
+
+        return to_target_space(hr, space)
 
 
 def restrict_index(index, targets: ImplicitTargets):
@@ -615,4 +617,4 @@ def restrict_index(index, targets: ImplicitTargets):
             f"no per-image-optimised features of {targets.backbone}@{targets.res} for the chosen images; "
             f"run `loftup-pipeline implicit --backbone {targets.backbone} --res {targets.res}` first"
         )
-    return StoreIndex(index.image_ids[keep], index.shards[keep])
+    return StoreIndex(index.image_ids[keep], index.shards[keep], without_masks=index.without_masks)

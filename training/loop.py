@@ -19,10 +19,12 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
 
+from loftup import chaos
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed, memory
 from loftup.training.run_dir import RunDir, seed_all, set_rng_state
@@ -93,6 +95,15 @@ class TrainConfig:
     resume: bool = option(
         False, help="Continue exactly from OUT/last.pt (the config must match the run's).", resumable=True
     )
+    overwrite: bool = option(
+        False, help="Start afresh in an OUT that holds a run (its last.pt and metrics are discarded).", resumable=True
+    )
+    auto_resume: bool = option(
+        False,
+        help="Continue from OUT/last.pt when it exists, else start fresh: for a launch that torchrun "
+        "--max-restarts or a scheduler repeats after a node failure (OUT must be shared by all nodes).",
+        resumable=True,
+    )
     progress: bool = option(True, help="Show a progress bar.", resumable=True, cli=False)
     max_memory: float | None = option(
         None,
@@ -135,6 +146,18 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     return out
 
 
+def check_optimizer(cfg: TrainConfig) -> None:
+    """Refuse, in one line, values the optimizer would reject with a traceback (or silently misuse)."""
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise LoftupError(f"--lr must be a positive number, got {cfg.lr}")
+    decay = getattr(cfg, "weight_decay", 0.0)
+    if not (math.isfinite(decay) and decay >= 0):
+        raise LoftupError(f"--weight-decay must be >= 0, got {decay}")
+    if cfg.warmup_steps < 0:
+        raise LoftupError(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    learning_rate(cfg, 0, 1)  # the schedule's name
+
+
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     """The rate for optimizer step ``step`` (0-based): a pure function of the step, so a resumed
     run continues the schedule exactly."""
@@ -173,22 +196,48 @@ class Recipe(Protocol):
 
 def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     """Run one stage: ``build(cfg, dist) -> Recipe``. Returns a summary dict."""
+    try:
+        return _train(cfg, build, recipes)
+    except RuntimeError as exc:
+        lost = distributed.lost_peer(exc)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def _train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     cfg = resolve(cfg, recipes)
     d = distributed.setup(cfg.device)
     distributed.cpu_threads(d, cfg.workers)
+    if cfg.auto_resume and not cfg.resume:
+        # Rank 0's view decides for every rank: ranks that disagreed would train different models.
+        has_state = distributed.broadcast_flag((Path(cfg.out) / "last.pt").is_file(), d)
+        cfg = dataclasses.replace(cfg, resume=has_state)
     seed_all(cfg.seed)
+    check_optimizer(cfg)  # a bad rate or schedule fails before any work
     if cfg.resume:
         saved = RunDir.read_config(cfg.out)
         diff = config_differences(saved, cfg)
         if diff:
             raise LoftupError(f"--resume: the config differs from the run's saved config in {', '.join(diff)}")
+        if saved.get("world_size", d.world) != d.world:
+            raise LoftupError(
+                f"--resume: the run was trained on {saved['world_size']} processes and this launch has {d.world}; "
+                f"last.pt's data position is per process, so relaunch with {saved['world_size']} (nodes x processes)"
+            )
+    else:
+        # --auto-resume that found no last.pt: a relaunch after a kill before the first checkpoint
+        # starts afresh instead of being refused. Only the refusal here (master=False: nothing is
+        # made or removed); the discard waits until the memory plan has passed.
+        RunDir(cfg.out, master=False).start_fresh(discard=cfg.overwrite or cfg.auto_resume)
 
     recipe: Recipe = build(cfg, d)
     total_steps = cfg.max_steps or cfg.epochs * recipe.steps_per_epoch
-    learning_rate(cfg, 0, total_steps)  # a bad schedule fails before any work
     # Known before the first step, and refused before anything is written (training/memory.py).
     recipe.plan = memory.plan_for(recipe, cfg, d)
     run = RunDir(cfg.out, master=d.master)
+    if not cfg.resume:
+        run.start_fresh(discard=cfg.overwrite or cfg.auto_resume)
     if d.master:
         from rich.console import Console
 
@@ -200,13 +249,19 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         recipe.load_state(state)
         step, epoch, offset = state["step"], state["epoch"], state["offset"]
         set_rng_state(state["rng"])
+    # What the recipe resolved for a field left to it (e.g. the target space) is kept apart, so a
+    # resume compares the options as given, not their resolution.
+    given = asdict(cfg)
+    info = {k: v for k, v in recipe.info.items() if k not in given}
+    resolved = {k: v for k, v in recipe.info.items() if k in given}
     run.save_config(
         {
             "stage": recipe.name,
-            **asdict(cfg),
+            **given,
             "world_size": d.world,
             "total_steps": total_steps,
-            **recipe.info,
+            **info,
+            "resolved": resolved,
             "memory": recipe.plan.describe(),
         }
     )
@@ -228,6 +283,7 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
             batches = recipe.batches(epoch, offset, step)
             batch = next(batches)
         offset += recipe.per_rank
+        chaos.trace_samples(batch, step, epoch, d.rank)
         lr = learning_rate(cfg, step, total_steps)
         for group in recipe.optimizer.param_groups:
             group["lr"] = lr

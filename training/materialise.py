@@ -242,7 +242,7 @@ def write_png(path, image, masks, target, refined, image_id: int, alpha: float) 
     colour means the same feature direction in the two panels.
     """
     from loftup.training.pseudo_gt import bicubic_upsample
-    from loftup.training.visualize import overlay_masks, pca_rgb, save_panels
+    from loftup.pictures import overlay_masks, pca_rgb, save_panels
 
     size = refined.shape[-2:]
     bicubic = bicubic_upsample(target[None].float(), size)[0]

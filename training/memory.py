@@ -158,7 +158,9 @@ class TiledRunner:
 
     def _out(self, i: int, tile):
         q = torch.relu(self._bn(self._z2(i, *tile), 1))
-        return self.core.decode(q, self.model.channelnorm(self.lr_feats[i : i + 1]))
+        lr = self.lr_feats[i : i + 1]
+        values = lr if self.core.head is not None else None  # as LoftUp._forward: the raw features
+        return self.core.decode(q, self.model.channelnorm(lr), values, (tile[0], tile[2], *self.size))
 
     # -- forward and backward ----------------------------------------------------------------
     @torch.no_grad()

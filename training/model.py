@@ -452,6 +452,7 @@ class LoftUpCore(nn.Module):
         )
         self.ca_transformer = CrossAttentionTransformer(width, blocks, heads, dim, dropout)
         self.final_conv = nn.Sequential(nn.Conv2d(width, dim, 1), ChannelLayerNorm(dim))
+        self.head = None  # another output head (training/heads.py) replaces final_conv
         self._compiled: dict = {}  # torch.compile'd pieces of the bounded path (LoftUp.enable_compile)
 
     def tokens(self, lr_feats: torch.Tensor) -> torch.Tensor:
@@ -459,23 +460,36 @@ class LoftUpCore(nn.Module):
         kv = torch.cat([lr_feats, self.lr_pe(lr_feats)], dim=1)
         return kv.flatten(2).transpose(1, 2)
 
-    def forward(self, lr_feats: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.first_conv(self.fourier_feat(image)), lr_feats)
+    def forward(self, lr_feats: torch.Tensor, image: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """``values``: the raw low-res features, for a head that outputs their combinations."""
+        return self.decode(self.first_conv(self.fourier_feat(image)), lr_feats, values)
 
-    def decode(self, x: torch.Tensor, lr_feats: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, lr_feats: torch.Tensor, values: torch.Tensor | None = None, where=None
+    ) -> torch.Tensor:
         """Everything after the full-resolution convs, from their output ``x`` (B, width, h, w).
 
         Per pixel (no spatial mixing), so any crop of ``x`` gives that crop of the output: the
-        bounded training path (training/memory.py) runs it tile by tile. Keep new per-pixel
-        heads in here so that path covers them.
+        bounded training path (training/memory.py) runs it tile by tile, with ``where`` = (y0, x0,
+        H, W) the crop's corner in the (H, W) output (a head's positional prior needs it). Keep
+        new per-pixel heads in here so that path covers them.
         """
         b, c, h, w = x.shape
-        q = self.ca_transformer(x.flatten(2).transpose(1, 2), self.tokens(lr_feats))
-        return self.final_conv(q.transpose(1, 2).reshape(b, c, h, w))
+        tokens = self.tokens(lr_feats)
+        q = self.ca_transformer(x.flatten(2).transpose(1, 2), tokens)
+        if self.head is None:
+            return self.final_conv(q.transpose(1, 2).reshape(b, c, h, w))
+        if where is None:
+            return self.head(q, tokens, values, (h, w))
+        y0, x0, H, W = where
+        ys, xs = torch.arange(y0, y0 + h, device=x.device), torch.arange(x0, x0 + w, device=x.device)
+        pixels = (ys[:, None] * W + xs[None]).flatten()
+        out = self.head.attend(q, self.head.context(tokens, values, (H, W)), pixels)
+        return out.transpose(1, 2).reshape(b, -1, h, w)
 
     @torch.no_grad()
     def forward_bounded(
-        self, lr_feats: torch.Tensor, image: torch.Tensor, conv_tile: int, query_chunk: int
+        self, lr_feats: torch.Tensor, image: torch.Tensor, conv_tile: int, query_chunk: int, values=None
     ) -> torch.Tensor:
         """Eval-mode forward in tiles (2-px halo) and query chunks; equals ``forward``.
 
@@ -490,7 +504,9 @@ class LoftUpCore(nn.Module):
         rgb = F.pad(self.fourier_feat[0](image), (HALO,) * 4).permute(0, 2, 3, 1)
         rows = F.pad(torch.linspace(-1, 1, H, device=image.device), (HALO, HALO))
         cols = F.pad(torch.linspace(-1, 1, W, device=image.device), (HALO, HALO))
-        kvs = self.ca_transformer.keys_values(self.tokens(lr_feats))
+        tokens = self.tokens(lr_feats)
+        kvs = self.ca_transformer.keys_values(tokens)
+        ctx = self.head.context(tokens, values, (H, W)) if self.head is not None else None
         convs = self._fused_convs(winograd=image.device.type == "cpu" and WINOGRAD)
         conv_fn = self._compiled.get("tile", self._conv_tile)
         chunk_fn = self._compiled.get("chunk", self._chunk)
@@ -515,14 +531,22 @@ class LoftUpCore(nn.Module):
                 tokens = q.reshape(b, -1, self.width)
                 n = tokens.shape[1]
                 res = torch.empty(b, n, self.dim, dtype=out.dtype, device=out.device)
+                pixels = None
+                if ctx is not None:  # the flat output index of each query of the tile
+                    ys = torch.arange(y0, y1, device=out.device)
+                    pixels = (ys[:, None] * W + torch.arange(x0, x1, device=out.device)[None]).flatten()
                 for s in range(0, n, query_chunk):
-                    res[:, s : s + query_chunk] = chunk_fn(tokens[:, s : s + query_chunk], kvs)
+                    where = None if ctx is None else (ctx, pixels[s : s + query_chunk])
+                    res[:, s : s + query_chunk] = chunk_fn(tokens[:, s : s + query_chunk], kvs, where)
                 out[:, :, y0:y1, x0:x1] = res.view(b, y1 - y0, x1 - x0, self.dim).permute(0, 3, 1, 2)
         return out
 
-    def _chunk(self, tokens: torch.Tensor, kvs) -> torch.Tensor:
-        """Attention blocks and output head for (B, n, width) tokens -> (B, n, dim)."""
+    def _chunk(self, tokens: torch.Tensor, kvs, where=None) -> torch.Tensor:
+        """Attention blocks and output head for (B, n, width) tokens -> (B, n, dim); ``where``:
+        (head context, the tokens' flat output pixels) for a head of training/heads.py."""
         t = self.ca_transformer.run_chunk(tokens, kvs)
+        if self.head is not None:
+            return self.head.attend(t, *where)
         proj, norm = self.final_conv
         t = F.linear(t, proj.weight.view(proj.out_channels, proj.in_channels), proj.bias)
         return F.layer_norm(t, (self.dim,), norm.weight, norm.bias, norm.eps)
@@ -606,6 +630,8 @@ class LoftUp(nn.Module):
         query_chunk: int | None = None,
         conv_tile: int | None = None,
         autocast: torch.dtype | None = torch.bfloat16,
+        head: str = "loftup",
+        head_options: dict | None = None,
     ):
         super().__init__()
         if extra != 4 * num_freqs_lr:
@@ -625,9 +651,14 @@ class LoftUp(nn.Module):
             "dropout": float(dropout),
             "image_scaling": image_scaling,
         }
+        if head != "loftup":  # released-layout configs stay as they were
+            self.config |= {"head": head, "head_options": dict(head_options or {})}
         self.dim = dim
         self.channelnorm = ChannelNorm(dim)
         self.upsampler = LoftUpCore(dim, num_freqs_img, freq_range, num_freqs_lr, heads, blocks, dropout, image_scaling)
+        from loftup.training.heads import attach_head
+
+        attach_head(self.upsampler, head, head_options)
         self.query_chunk = query_chunk
         self.conv_tile = conv_tile
         self.autocast = autocast
@@ -737,9 +768,10 @@ class LoftUp(nn.Module):
         # The bounded path keeps no autograd graph: inputs that want gradients go dense.
         if not (torch.is_grad_enabled() and (lr_feats.requires_grad or image.requires_grad)):
             plan = self.plan(*image.shape[-2:], batch=image.shape[0], lr_tokens=lr_feats.shape[-2] * lr_feats.shape[-1])
+        values = lr_feats if self.upsampler.head is not None else None
         if plan is None:
-            return self.upsampler(lr, image)
-        return self.upsampler.forward_bounded(lr, image, *plan)
+            return self.upsampler(lr, image, values)
+        return self.upsampler.forward_bounded(lr, image, *plan, values=values)
 
     @classmethod
     def from_official(cls, state_dict, image_scaling: str = "image", heads: int = 4) -> LoftUp:

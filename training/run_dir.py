@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from loftup import chaos
 from loftup.storage.commit import atomic_write, atomic_writer, remove_temps
 from loftup.storage.errors import LoftupError, error_line
 from loftup.storage.redact import redact
@@ -51,6 +52,21 @@ class RunDir:
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         return removed
+
+    def start_fresh(self, discard: bool = False) -> None:
+        """Before a run that does not resume: refuse a directory that holds a run (its
+        ``last.pt`` or ``metrics.jsonl``) unless ``discard``, which removes them first."""
+        held = [name for name in ("last.pt", "metrics.jsonl") if (self.path / name).exists()]
+        if not held:
+            return
+        if not discard:
+            raise LoftupError(
+                f"{self.path} holds a run ({', '.join(held)}): pass --resume to continue it, "
+                f"or --overwrite to start afresh there"
+            )
+        if self.master:
+            for name in held:
+                (self.path / name).unlink(missing_ok=True)
 
     # -- config ----------------------------------------------------------------------------
     def save_config(self, config: dict, name: str = "config.json") -> None:
@@ -104,6 +120,8 @@ class RunDir:
         state = {**state, "rng": rng_state()}
         with atomic_writer(_LOCAL, str(self.state_path)) as f:
             torch.save(state, f)
+            chaos.checkpoint("save", state.get("step", -1))  # written, not yet renamed into place
+        chaos.checkpoint("saved", state.get("step", -1))
 
     def load_state(self) -> dict:
         """``last.pt`` (weights_only); metrics logged after its step are dropped, so a resumed

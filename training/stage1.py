@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed, loop
 from loftup.training.loop import option
-from loftup.training.target_space import layer_norm_target
+from loftup.training.target_space import LossSpace, feature_rms
 
 RECIPES = {
     "released": dict(
@@ -72,6 +72,21 @@ class Stage1Config(loop.TrainConfig):
     )
     bn_recalibrate: int = option(
         0, help="Recompute BatchNorm statistics of the exported weights over N batches (0 = off)."
+    )
+    head: str = option(
+        "loftup",
+        help="Output head: loftup (the released one) or convex (each pixel a convex combination of the raw "
+        "low-res feature vectors; training/heads.py).",
+    )
+    target_space: str | None = option(
+        None,
+        help="Space of the targets and losses: layer_norm or raw (default: the head's own output space, "
+        "layer_norm for loftup, raw for convex; the released scripts use raw tokens).",
+    )
+    feature_norm: bool = option(
+        True,
+        help="In the raw space, divide targets and predictions by the training features' RMS (one constant), so "
+        "the loss weights see the layer-normalised space's scale; --no-feature-norm keeps the raw scale.",
     )
     model: dict = option(factory=dict, help="Extra LoftUp constructor arguments.", cli=False)
 
@@ -131,9 +146,17 @@ class Stage1:
             raise LoftupError(f"{len(self.index)} images are fewer than one global batch of {cfg.batch_size}")
 
         # -- model -------------------------------------------------------------------------
-        self.projection = fit_projection(cfg, store, self.index).to(d.device) if cfg.pca_dim else None
+        from loftup.training.heads import output_space
+
+        sample = sample_features(cfg, store, self.index)
+        self.projection = fit_projection(cfg, sample).to(d.device) if cfg.pca_dim else None
         dim = self.projection.out_dim if self.projection is not None else fs.dim
-        self.model = LoftUp(dim, **cfg.model).to(d.device).train()
+        self.model = LoftUp(dim, **{"head": cfg.head, **cfg.model}).to(d.device).train()
+        space = cfg.target_space or output_space(self.model)
+        scale = 1.0
+        if space == "raw" and cfg.feature_norm:
+            scale = feature_rms(self.projection(sample) if self.projection is not None else sample)
+        self.space = LossSpace(space, scale)
         self.ddp = distributed.wrap(self.model, d)
         self.aux = torch.nn.ModuleDict()
         self.backbone = None
@@ -156,7 +179,12 @@ class Stage1:
         self.synced_params = list(self.aux.parameters())
         self.params = list(self.model.parameters()) + self.synced_params
         self.optimizer = torch.optim.NAdam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.info = {"dim": dim, "images": len(self.index)}
+        self.info = {
+            "dim": dim,
+            "images": len(self.index),
+            "images_without_masks": self.index.without_masks,
+            **self.space.describe(),
+        }
         from loftup.training.memory import MemoryPlan
 
         self.plan = MemoryPlan()  # the loop sets the step's plan (training/memory.py)
@@ -202,10 +230,10 @@ class Stage1:
         return (self.projection(feats) if self.projection is not None else feats), image
 
     def lowres(self, images01: torch.Tensor) -> torch.Tensor:
-        """The backbone's features of [0, 1] images, in the target space."""
+        """The backbone's features of [0, 1] images, in the loss space."""
         with torch.no_grad():
             f = self.backbone(images01.clamp(0, 1)).float()
-            return layer_norm_target(self.projection(f) if self.projection is not None else f)
+            return self.space(self.projection(f) if self.projection is not None else f)
 
     # -- one step --------------------------------------------------------------------------
     def step(self, batch, step: int) -> dict[str, torch.Tensor]:
@@ -317,6 +345,7 @@ class Stage1:
 
         cfg = self.cfg
         bounded = self.plan.path == "bounded"
+        pred = self.space.output(pred)
         values = {}
         for j, view in enumerate(prep["views"]):
             tv = j == 0 and "tv" in self._parts() and (names is None or "tv" in names)
@@ -351,8 +380,10 @@ class Stage1:
     def _target(self, prep: dict, i: int) -> torch.Tensor:
         cfg = self.cfg
         if self.implicit is not None:
-            return self.implicit(prep["ids"][i : i + 1].tolist(), cfg.size, self.projection)
-        feats = layer_norm_target(prep["feats"][i : i + 1])
+            return self.space.output(
+                self.implicit(prep["ids"][i : i + 1].tolist(), cfg.size, self.projection, self.space.space)
+            )
+        feats = self.space(prep["feats"][i : i + 1])
         return stage1_target(cfg.target, feats, prep["masks"][i : i + 1], prep["valid"][i : i + 1], cfg.size, cfg.alpha)
 
     def after_step(self, step: int) -> None:
@@ -408,6 +439,8 @@ class Stage1:
                     "alpha": cfg.alpha,
                     "target": cfg.target,
                     "recipe": cfg.recipe,
+                    "head": cfg.head,
+                    **self.space.describe(),
                     "steps": step,
                     "bn_recalibrate": cfg.bn_recalibrate,
                 },
@@ -415,12 +448,17 @@ class Stage1:
         return str(path)
 
 
-def fit_projection(cfg, store, index, n: int = 256):
+def sample_features(cfg, store, index, n: int = 256) -> torch.Tensor:
+    """The stored features of the first ``n`` training images: what the PCA and the raw space's
+    feature scale are fitted on."""
+    fs = store.features(cfg.backbone, cfg.res)
+    return torch.from_numpy(fs.get_many(index.image_ids[:n])).float()
+
+
+def fit_projection(cfg, sample: torch.Tensor):
     from loftup.training.projection import FeatureProjection
 
-    fs = store.features(cfg.backbone, cfg.res)
-    feats = torch.from_numpy(fs.get_many(index.image_ids[:n])).float()
-    return FeatureProjection.fit(feats, cfg.pca_dim)
+    return FeatureProjection.fit(sample, cfg.pca_dim)
 
 
 @torch.no_grad()

@@ -113,14 +113,20 @@ def student_regions(student_out: torch.Tensor, crops: list, per_image: int, n: i
 
 
 def load_init(path: str, backbone: str):
-    """The Stage 1 model (and its feature projection) to start from; refuses another backbone."""
+    """The Stage 1 model, its feature projection and its loss space (the target space and feature
+    scale Stage 1 trained in; older checkpoints: the head's own space) to start from; refuses
+    another backbone."""
     from loftup.training.checkpoint import load_model
+    from loftup.training.heads import output_space
+    from loftup.training.target_space import LossSpace
 
     model, meta = load_model(path, with_meta=True)
-    trained_on = (meta.get("extra") or {}).get("backbone")
+    extra = meta.get("extra") or {}
+    trained_on = extra.get("backbone")
     if trained_on and trained_on != backbone:
         raise LoftupError(f"--init {path} was trained on backbone {trained_on!r}, not {backbone!r}")
-    return model, meta.get("projection_module")
+    space = LossSpace(extra.get("target_space") or output_space(model), extra.get("feature_scale", 1.0))
+    return model, meta.get("projection_module"), space
 
 
 def ema_decay_at(k: int, cap: float) -> float:
@@ -145,7 +151,7 @@ class Stage2:
         self.per_rank = distributed.per_rank_batch(cfg.batch_size, d)
 
         # -- models --------------------------------------------------------------------------
-        student, projection = load_init(cfg.init, cfg.backbone)
+        student, projection, self.space = load_init(cfg.init, cfg.backbone)
         self.vfm = create_backbone(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init, device=d.device)
         self.vfm.requires_grad_(False)
         bad = [s for s in cfg.sizes if s % self.vfm.patch]
@@ -177,7 +183,11 @@ class Stage2:
         self.steps_per_epoch = (len(self.index) // d.world) // self.per_rank
         if self.steps_per_epoch == 0:
             raise LoftupError(f"{len(self.index)} images are fewer than one global batch of {cfg.batch_size}")
-        self.info = {"images": len(self.index)}
+        self.info = {
+            "images": len(self.index),
+            "images_without_masks": self.index.without_masks,
+            **self.space.describe(),
+        }
         self.timings = dict.fromkeys(
             ("data", "vfm_student", "vfm_crops", "teacher", "student", "loss", "backward"), 0.0
         )
@@ -323,7 +333,6 @@ class Stage2:
         """The live backbone on the student images and the HR crops, and (one stream per
         (seed, step)) the reconstruction's jitters and projections, for the whole batch."""
         from loftup.training.losses import apply_jitter, draw_jitter, random_projection
-        from loftup.training.stage1 import layer_norm_target
 
         cfg, dev, tm = self.cfg, self.d.device, self.timings
         t0 = time.perf_counter()
@@ -354,7 +363,7 @@ class Stage2:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             for j in range(cfg.recon_jitters):
                 jit = draw_jitter(gen, cfg.max_pad, cfg.max_zoom)
-                lr_jit = layer_norm_target(self.lowres(apply_jitter(img_s, jit, s)))
+                lr_jit = self.space(self.lowres(apply_jitter(img_s, jit, s)))
                 proj = random_projection(b, c, min(cfg.proj_dim, c), generator=gen, unit=cfg.proj_unit, device=dev)
                 base = ((cfg.seed * 1_000_003 + step) * 131 + self.d.rank) * 64 + j
                 prep["views"].append(
@@ -382,6 +391,7 @@ class Stage2:
             region = torch.stack([pred[0, :, c.r0 : c.r0 + n, c.c0 : c.c0 + n] for c in crops])
             target = targets if targets is not None else targets_of()
             values["affinity"] = affinity_loss(region, target, border=cfg.border)
+        pred = self.space.output(pred)  # the affinity is scale-free; TV and reconstruction are not
         if cfg.tv_weight and (names is None or "tv" in names):
             values["tv"] = total_variation(pred)
         for j, view in enumerate(prep["views"]):
@@ -476,6 +486,7 @@ class Stage2:
                 "sizes": cfg.sizes,
                 "alpha": cfg.alpha,
                 "recipe": cfg.recipe,
+                **self.space.describe(),
             }
             save_model(self.student, path, extra=extra, projection=self.projection)
             save_model(self.teacher, run.path / "stage2_teacher.safetensors", extra=extra, projection=self.projection)

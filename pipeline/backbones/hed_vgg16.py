@@ -11,13 +11,12 @@ import torch.nn.functional as F
 
 from loftup.pipeline.backbones.registry import Backbone, BackboneSpec, register_backbone
 from loftup.pipeline.backbones.weights import (
-    first_line,
     load_state_dict_strict,
     read_state_dict,
     unwrap_state_dict,
     weights_record,
 )
-from loftup.storage.errors import LoftupError, WeightsError
+from loftup.storage.errors import LoftupError, WeightsError, error_line
 
 __all__ = ["HedVGG16", "hed_weights_path"]
 
@@ -129,7 +128,7 @@ def _hed_state_from_h5(path: Path, model: HedVGG16) -> dict[str, torch.Tensor]:
     try:
         fh = h5py.File(path, "r")
     except Exception as exc:
-        raise WeightsError(f"cannot read HED weights {path}: {first_line(exc)}") from None
+        raise WeightsError(f"cannot read HED weights {path}: {error_line(exc)}") from None
     with fh:
         for b, (group_name, n_convs, _, _) in enumerate(_HED_BLOCKS):
             for i in range(n_convs):

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 
 from loftup.pipeline.backbones.registry import timm_tokens_to_map
-from loftup.pipeline.backbones.weights import first_line
-from loftup.storage.errors import WeightsError
+from loftup.storage.errors import WeightsError, error_line
 
 
 def download_vit(name: str, arch: str, **kwargs) -> nn.Module:
@@ -22,7 +21,7 @@ def download_vit(name: str, arch: str, **kwargs) -> nn.Module:
     try:
         return timm.create_model(arch, pretrained=True, **kwargs)
     except Exception as exc:
-        raise WeightsError(f"cannot fetch weights for {name} through timm: {first_line(exc)}") from None
+        raise WeightsError(f"cannot fetch weights for {name} through timm: {error_line(exc)}") from None
 
 
 def create_vit(arch: str, path: Path | None, **kwargs) -> nn.Module:
@@ -50,7 +49,7 @@ def convert_state(filter_fn, state: dict, vit: nn.Module, path: Path, name: str)
     try:
         return filter_fn(state, vit)
     except Exception as exc:
-        raise WeightsError(f"{path} does not fit {name}: {first_line(exc)}") from None
+        raise WeightsError(f"{path} does not fit {name}: {error_line(exc)}") from None
 
 
 def patch_map(vit: nn.Module, x: torch.Tensor, patch: int) -> torch.Tensor:

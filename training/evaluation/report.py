@@ -19,7 +19,7 @@ def _fmt(v, digits: int = 4) -> str:
 
 
 def _colour(ids: np.ndarray, n: int) -> np.ndarray:
-    from loftup.training.visualize import palette
+    from loftup.pictures import palette
 
     colours = np.concatenate([palette(max(n, 1)), np.zeros((1, 3), np.uint8)])  # last = ignored / background
     return colours[np.where((ids >= 0) & (ids < n), ids, n)]
@@ -107,7 +107,7 @@ def markdown(task: str, payload: dict) -> str:
 
 def write_report(out, task: str, payload: dict, examples=None, n_classes: int | None = None) -> dict:
     """Write the report files under ``out``; returns their paths."""
-    from loftup.training.visualize import save_panels
+    from loftup.pictures import save_panels
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

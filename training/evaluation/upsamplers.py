@@ -4,7 +4,8 @@
 the ImageNet-normalised guidance image and returns the features the probes see:
 
 - a LoftUp checkpoint applies the projection it was trained with (if any) and upsamples; its
-  output is already in its own (layer-normalised) space;
+  output is already in its own space (layer-normalised for the released head, the backbone's raw
+  space for the convex head: ``target_space`` records which);
 - an interpolation baseline (``bilinear``, ``bicubic``, ``nearest``) applies its projection (none
   unless asked for), maps the low-res features into its target space (``layer_norm`` by default,
   LoftUp's, or ``raw``) and interpolates;
@@ -105,13 +106,14 @@ def resolve_checkpoint(spec: str | Path, device="cpu") -> EvalUpsampler:
     recorded backbone), a released LoftUp file, or ``official:NAME`` (a release from the local HF
     cache, named ``loftup_NAME``). Files are named after their stem."""
     from loftup.training.checkpoint import resolve_upsampler
+    from loftup.training.heads import output_space
     from loftup.training.releases import find_release
 
     model, projection, trained_on = resolve_upsampler(spec, device=device)
     release = find_release(str(spec))
     name = release.hub_entry if release is not None else Path(str(spec)).stem
     return EvalUpsampler(
-        name, "loftup", model, projection, "layer_norm", source=str(spec), trained_on=trained_on
+        name, "loftup", model, projection, output_space(model), source=str(spec), trained_on=trained_on
     ).freeze()
 
 
@@ -135,23 +137,26 @@ def build_upsamplers(
     names: list[str], checkpoints: list, target_space: str = "layer_norm", match_projection: bool = True, device="cpu"
 ) -> list[EvalUpsampler]:
     """The CLI's list: each baseline in ``names``, each checkpoint (through ``resolve_checkpoint``)
-    and, with ``match_projection``, each baseline again in every distinct projection a checkpoint
-    carries (named ``<baseline>@<checkpoint>``), so a PCA-trained LoftUp also meets bilinear on the
-    same channels."""
+    and, with ``match_projection``, each baseline again on the channels of every checkpoint that
+    sees other ones than the baselines (its projection, or its output space: the convex head's raw
+    space), named ``<baseline>@<checkpoint>``, so a PCA-trained LoftUp also meets bilinear on the
+    same channels in the same space."""
     ups = [baseline(n, target_space) for n in names]
     ckpts = [resolve_checkpoint(c, device=device) for c in checkpoints]
     if match_projection:
-        seen: list[nn.Module] = []
+        seen: list[tuple[nn.Module | None, str]] = [(None, target_space)]
         for ck in ckpts:
-            p = ck.projection
-            if p is None or any(_same_projection(p, q) for q in seen):
+            p, space = ck.projection, ck.target_space
+            if any(space == s and _same_projection(p, q) for q, s in seen):
                 continue
-            seen.append(p)
-            ups += [with_projection(baseline(n, target_space), p, ck.name) for n in names]
+            seen.append((p, space))
+            ups += [with_projection(baseline(n, space), p, ck.name) for n in names]
     return ups + ckpts
 
 
-def _same_projection(a: nn.Module, b: nn.Module) -> bool:
+def _same_projection(a: nn.Module | None, b: nn.Module | None) -> bool:
+    if a is None or b is None:
+        return a is b
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
