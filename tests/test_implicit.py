@@ -322,11 +322,13 @@ def test_stage1_trains_on_stored_implicit_features(store, tmp_path, monkeypatch)
         log_every=1,
     )
     result = train(cfg)
-    assert result["steps"] == 2 and len(seen) == 2
+    # the targets are read per image (each image's loss is written on its own: training/memory.py)
     ids = store.image_ids(0).tolist()
+    assert result["steps"] == 2 and len(seen) == 2 * len(ids)
+    assert [sorted(sum((b for b, _, _ in seen[k : k + 2]), [])) for k in (0, 2)] == [ids, ids]
     dense = implicit_store(store, "dinov2_vits14", RES).dense
     for batch_ids, target, projection in seen:
-        assert sorted(batch_ids) == ids and projection is not None
+        assert len(batch_ids) == 1 and projection is not None
         # Independently: the stored dense maps, PCA-projected as the run's inputs, channel-normalised.
         hr = torch.from_numpy(dense.get_many(batch_ids).astype(np.float32))
         expect = F.layer_norm(projection(hr).permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
