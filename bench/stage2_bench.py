@@ -40,7 +40,7 @@ PHASE_NOTES = {
     "teacher": "EMA upsampler on the crops + mask refinement (alpha 0.5) + roi_align onto the student grid",
     "student": "student upsampler forward at s (autograd on)",
     "loss": "student regions + affinity loss (Gram form)",
-    "backward": "backward + grad clip + AdamW (+ EMA every 10 steps)",
+    "backward": "backward + grad clip + AdamW (timed by the loop's train_step)",
 }
 
 

@@ -256,12 +256,18 @@ def test_recipes_resolve_released_and_paper_terms():
         resolve(Stage1Config(store="s", out="o", recipe="featup"), R1)
 
 
-def test_paper_recipe_trains_on_the_main_term_alone(train_store, tmp_path):
+def test_paper_recipe_trains_on_the_main_term_alone(train_store, tmp_path, monkeypatch):
     import json
 
+    from loftup.training.run_dir import RunDir
     from loftup.training.stage1 import train
 
-    train(_stage1_cfg(train_store, tmp_path / "p", max_steps=2, recipe="paper"))
+    saved, save_state = [], RunDir.save_state
+    monkeypatch.setattr(
+        RunDir, "save_state", lambda self, state: (saved.append(state["step"]), save_state(self, state))
+    )
+    train(_stage1_cfg(train_store, tmp_path / "p", max_steps=2, recipe="paper", checkpoint_every=200))
+    assert saved == [2]  # last.pt once, at the end: not again after the loop
     records = [json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     assert [set(r) & {"mse", "recon", "tv", "grad_norm"} for r in records] == [{"mse"}, {"mse"}]
 

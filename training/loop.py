@@ -123,9 +123,6 @@ class TrainConfig:
     )
 
 
-RECIPE_NAMES = ("released", "paper")
-
-
 def resolve(cfg: TrainConfig, recipes: dict[str, dict]) -> TrainConfig:
     """Fill the fields left at None from the recipe's table; explicit values win."""
     if cfg.recipe not in recipes:
@@ -267,8 +264,12 @@ def _train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     )
     meter = memory.PeakMeter(d.device)
 
+    saved_at = step if cfg.resume else -1  # the step last.pt holds
+
     def checkpoint():
+        nonlocal saved_at
         run.save_state({**recipe.state(), "step": step, "epoch": epoch, "offset": offset})
+        saved_at = step
 
     from loftup.training.progress import TrainProgress
 
@@ -313,7 +314,7 @@ def _train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
             checkpoint()
     progress.close()
 
-    if d.master:
+    if d.master and saved_at != step:
         checkpoint()
     peak = meter.peak()
     mem = {**recipe.plan.describe(), "measured_peak_gib": round(peak / memory.GIB, 3)}
@@ -328,7 +329,12 @@ def train_step(recipe: Recipe, cfg: TrainConfig, batch, step: int, d) -> tuple[d
     recipe.optimizer.zero_grad(set_to_none=True)
     terms = recipe.step(batch, step)
     loss = sum(terms.values())
-    return terms, loss, optimize(recipe, cfg, loss, step, d)
+    t = time.perf_counter()
+    grad_norm = optimize(recipe, cfg, loss, step, d)
+    timings = getattr(recipe, "timings", None)  # a recipe that splits its step's time (Stage 2)
+    if timings is not None:
+        timings["backward"] = timings.get("backward", 0.0) + time.perf_counter() - t
+    return terms, loss, grad_norm
 
 
 def optimize(recipe: Recipe, cfg: TrainConfig, loss: torch.Tensor, step: int, d) -> torch.Tensor | None:

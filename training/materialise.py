@@ -26,7 +26,6 @@ from loftup.storage.errors import LoftupError, StoreError
 
 __all__ = ["PseudoGTJob", "materialise", "png_shard_dir"]
 
-TARGET = "layer_norm"  # the trainer's target space (target_space.layer_norm_target)
 # FeatureStore.write_shard takes the shard as one in-memory array (one Zarr shard), so a full
 # SA-1B tar (~11k images, ~420 GB at 224x224x384 fp16) would die of OOM rather than fail clearly.
 MAX_SHARD_BYTES = 16 << 30
@@ -68,7 +67,9 @@ class PseudoGTJob(Job):
         cfg.pop("device")
         cfg.pop("batch_size")
         # Named explicitly so a future change of target space makes old shards stale.
-        cfg["target"] = TARGET
+        from loftup.training.target_space import DEFAULT_SPACE
+
+        cfg["target"] = DEFAULT_SPACE
         return cfg
 
     def check(self, store) -> None:
@@ -130,7 +131,7 @@ class PseudoGTJob(Job):
 
         from loftup.pipeline.devices import pick_device
         from loftup.training.pseudo_gt import masks_from_rles, pseudo_gt
-        from loftup.training.target_space import layer_norm_target
+        from loftup.training.target_space import DEFAULT_SPACE, layer_norm_target
 
         feats_marker, masks_marker = self._inputs(store, shard)
         device = pick_device(self.device)
@@ -194,7 +195,7 @@ class PseudoGTJob(Job):
             "backbone": self.backbone,
             "res": int(self.res),
             "geometry": size,
-            "target": TARGET,
+            "target": DEFAULT_SPACE,
             "upsampling": "bicubic, align_corners=False",
             "refinement": "LoftUp Eq. 1, sequential in annotation order",
         }

@@ -69,9 +69,6 @@ GPU_MIN_CHUNK = 4096
 WINOGRAD = os.environ.get("LOFTUP_WINOGRAD", "1") != "0"
 # Share of the free memory a plan may use (the rest: allocator slack, the caller's tensors).
 MEMORY_FRACTION = 0.5
-# Kept for callers of the previous API: the CPU defaults.
-DEFAULT_CONV_TILE = CPU_CONV_TILE
-DEFAULT_QUERY_CHUNK = CPU_QUERY_CHUNK
 
 
 @dataclass(frozen=True)

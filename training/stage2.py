@@ -314,7 +314,6 @@ class Stage2:
         terms = run_groups(self.plan, prep["img_s"].shape[0], parts, plain, bounded, self.ddp, self.d)
         if self.plan.path == "bounded":  # the student's forward, loss and backward run interleaved
             tm["student"] += time.perf_counter() - t - (tm["teacher"] - teacher_before)
-        self._t_backward = time.perf_counter()
         return terms
 
     def _parts(self) -> dict:
@@ -439,9 +438,6 @@ class Stage2:
     def after_step(self, step: int) -> None:
         """The teacher follows the student (``step`` optimizer steps done)."""
         cfg = self.cfg
-        if getattr(self, "_t_backward", None) is not None:
-            self.timings["backward"] += time.perf_counter() - self._t_backward
-            self._t_backward = None
         if cfg.ema_warmup:
             k = step - 1  # ema-pytorch's counter at this update
             if k % cfg.ema_every:

@@ -21,6 +21,7 @@ def layer_norm_target(lr_feats: torch.Tensor) -> torch.Tensor:
 
 
 TARGET_SPACES = ("layer_norm", "raw")
+DEFAULT_SPACE = "layer_norm"  # LoftUp's released head, and the space the pseudo-GT job materialises
 
 
 def to_target_space(feats: torch.Tensor, space: str) -> torch.Tensor:
@@ -49,7 +50,7 @@ class LossSpace:
     so targets stay what they are up to that constant. ``scale=1``: the raw scale itself.
     """
 
-    def __init__(self, space: str = "layer_norm", scale: float = 1.0):
+    def __init__(self, space: str = DEFAULT_SPACE, scale: float = 1.0):
         if space not in TARGET_SPACES:
             raise ValueError(f"unknown target space {space!r}; choose from {', '.join(TARGET_SPACES)}")
         if not scale > 0:

@@ -154,17 +154,9 @@ def run_probes(
             x, label = x.to(device), label.to(device)
             feats = train_features(x, idx)
             for u in upsamplers:
-                logits = probes[u.name](feats[u.name])
-                target = label
-                if logits.shape[-2:] != label.shape[-2:]:
-                    target = F.interpolate(label[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-                if not (target >= 0).any():
-                    continue
-                loss = F.cross_entropy(logits, target, ignore_index=-1)
-                optims[u.name].zero_grad(set_to_none=True)
-                loss.backward()
-                optims[u.name].step()
-                last_loss[u.name] = float(loss.detach())
+                loss = _probe_step(probes[u.name], optims[u.name], feats[u.name], label)
+                if loss is not None:
+                    last_loss[u.name] = loss
             bar.advance(len(x))
     bar.close()
 
@@ -179,26 +171,44 @@ def run_probes(
             x, label = x.to(device), label.to(device)
             preds = {}
             for name, f in features(x).items():
-                pred = probes[name](f).argmax(1, keepdim=True).float()
-                if pred.shape[-2:] != label.shape[-2:]:
-                    pred = F.interpolate(pred, size=label.shape[-2:], mode="nearest")
-                pred = pred[:, 0].long()
+                pred = _predict(probes[name], f, label.shape[-2:])
                 cms[name] += confusion_matrix(pred, label, n_classes)
                 preds[name] = pred.cpu()
-            for b in range(len(x)):
-                if len(examples) < keep_predictions:
-                    examples.append(
-                        (
-                            (resize_square(x[b : b + 1], size)[0].cpu().permute(1, 2, 0).numpy() * 255)
-                            .round()
-                            .astype(np.uint8),
-                            label[b].cpu().numpy(),
-                            {k: v[b].numpy() for k, v in preds.items()},
-                        )
-                    )
+            for b in range(min(len(x), keep_predictions - len(examples))):
+                examples.append(_example(x[b : b + 1], label[b], {k: v[b] for k, v in preds.items()}, size))
             bar.advance(len(x))
     bar.close()
     results = {}
     for u in upsamplers:
         results[u.name] = {**seg_scores(cms[u.name], train.classes), "final_train_loss": last_loss.get(u.name)}
     return results, examples
+
+
+def _probe_step(probe, optim, feats: torch.Tensor, label: torch.Tensor) -> float | None:
+    """One NAdam step of a linear probe on (B, C, h, w) features; labels are resized to the
+    logits (nearest). None when the batch has no labelled pixel there."""
+    logits = probe(feats)
+    target = label
+    if logits.shape[-2:] != label.shape[-2:]:
+        target = F.interpolate(label[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+    if not (target >= 0).any():
+        return None
+    loss = F.cross_entropy(logits, target, ignore_index=-1)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return float(loss.detach())
+
+
+def _predict(probe, feats: torch.Tensor, size) -> torch.Tensor:
+    """The probe's class per pixel, resized to the label's ``size`` (nearest)."""
+    pred = probe(feats).argmax(1, keepdim=True).float()
+    if pred.shape[-2:] != size:
+        pred = F.interpolate(pred, size=size, mode="nearest")
+    return pred[:, 0].long()
+
+
+def _example(x: torch.Tensor, label: torch.Tensor, preds: dict, size: int) -> tuple:
+    """(image as uint8 HWC at ``size``, label, {name: prediction}) for the pictures."""
+    image = (resize_square(x, size)[0].cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return image, label.cpu().numpy(), {k: v.numpy() for k, v in preds.items()}
