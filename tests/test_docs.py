@@ -25,8 +25,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = re.compile(r"^<!--\s*test(?:\s+(\{.*\}))?\s*-->\s*$")
-# Pages other branches are writing (see mkdocs.yml's temporary validation block).
-PENDING = {"cluster.md", "results.md", "performance.md", "reliability.md"}
 
 
 def runnable_blocks(path: Path) -> list[dict]:
@@ -121,26 +119,34 @@ def test_store_page_examples_computed_what_they_say(doc_fixtures, tmp_path, monk
     assert namespace["big"].num_rows == int((areas > 1000).sum())
 
 
-def test_mkdocs_builds_strict(tmp_path):
-    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
-        pytest.skip("mkdocs and mkdocs-material are not installed (pip install -e '.[docs]')")
+def _mkdocs_build(project: Path, site: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "NO_COLOR": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-        cwd=ROOT,
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+        cwd=project,
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=180,
     )
+
+
+def test_mkdocs_builds_strict_and_a_broken_link_fails_it(tmp_path):
+    import shutil
+
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
+        pytest.skip("mkdocs and mkdocs-material are not installed (pip install -e '.[docs]')")
+    assert "not_found" not in (ROOT / "mkdocs.yml").read_text()  # missing pages and links are errors
+    run = _mkdocs_build(ROOT, tmp_path / "site")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert (tmp_path / "site" / "store" / "index.html").exists()
-    # Until the pending pages land, mkdocs.yml reports missing pages instead of failing; every
-    # other missing page or link target still fails here.
-    pending = PENDING - {p.name for p in (ROOT / "docs").glob("*.md")}
-    if not pending:
-        assert "not_found: info" not in (ROOT / "mkdocs.yml").read_text(), (
-            "every page exists: delete mkdocs.yml's temporary validation block"
-        )
-    missing = set(re.findall(r"(?:reference to|contains a link) '([^']+)'", run.stdout + run.stderr))
-    assert {m.split("#")[0] for m in missing} <= pending, missing
+    for page in (ROOT / "docs").glob("*.md"):
+        built = tmp_path / "site" / ("index.html" if page.stem == "index" else f"{page.stem}/index.html")
+        assert built.exists(), page.name
+    # the same site with one broken link does not build: CI's strict build catches it
+    broken = tmp_path / "broken"
+    shutil.copytree(ROOT / "docs", broken / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", broken / "mkdocs.yml")
+    with open(broken / "docs" / "store.md", "a") as f:
+        f.write("\nSee [the missing page](nosuch.md).\n")
+    run = _mkdocs_build(broken, tmp_path / "site2")
+    assert run.returncode != 0 and "nosuch.md" in run.stdout + run.stderr
