@@ -665,7 +665,7 @@ def quality(args, work: Path, quiet: bool = False) -> dict:
             console,
             args.implicit_cpus,
         )
-        from loftup.training.implicit import ImplicitTargets
+        from loftup.training.implicit_targets import ImplicitTargets
 
         implicit = ImplicitTargets(store, args.backbone, 224)
     runs = []

@@ -21,6 +21,7 @@ from loftup.storage import StoreError, open_store
 from loftup.storage.implicit import implicit_store
 from loftup.training import implicit as im
 from loftup.training.implicit_job import ImplicitJob
+from loftup.training.implicit_targets import ImplicitTargets
 from loftup.training.losses import apply_jitter, gaussian_blur
 from loftup.training.materialise import PseudoGTJob
 
@@ -178,7 +179,7 @@ def test_job_compact_equals_dense_resumes_and_records(store):
         again = im.render(net, unproj, _image(store, int(image_id))).half().numpy()
         np.testing.assert_array_equal(again, d)
     # Stage 1's implicit targets: dense and re-evaluated compact give the same maps.
-    targets = im.ImplicitTargets(store, "dinov2_vits14", RES)
+    targets = ImplicitTargets(store, "dinov2_vits14", RES)
     from_dense = targets.maps(ids)
     targets._dense_ids = set()
     torch.testing.assert_close(targets.maps(ids), from_dense, atol=0, rtol=0)
@@ -300,14 +301,14 @@ def test_stage1_trains_on_stored_implicit_features(store, tmp_path, monkeypatch)
 
     assert not run_job(_job(dense=True), store, [(0, None)], executor="inline").failed
     seen = []
-    real_call = im.ImplicitTargets.__call__
+    real_call = ImplicitTargets.__call__
 
     def spy(self, image_ids, size, projection=None, space="layer_norm"):
         out = real_call(self, image_ids, size, projection, space)
         seen.append((list(image_ids), out, projection))
         return out
 
-    monkeypatch.setattr(im.ImplicitTargets, "__call__", spy)
+    monkeypatch.setattr(ImplicitTargets, "__call__", spy)
     cfg = Stage1Config(
         store=store.url,
         out=str(tmp_path / "run"),
