@@ -222,29 +222,6 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- store
-def build_store(work: Path, tars: int, per_tar: int, short_side: int, log) -> tuple[str, list]:
-    """Sample shards with images, masks and (CPU-made, random-init) DINOv2-S features."""
-    from rich.console import Console
-
-    from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
-    from loftup.pipeline.runner import run_job
-    from loftup.sample_data import write_sample_shards
-    from loftup.pipeline.shards import resolve_shards
-    from loftup.storage import open_store
-
-    t0 = time.perf_counter()
-    write_sample_shards(work / "sa1b", tars=tars, images_per_tar=per_tar, short_side=short_side)
-    shards = resolve_shards(f"0-{tars - 1}", work / "sa1b")
-    store = open_store(work / "store", create=True)
-    for job in (ImagesJob(), MasksJob(), FeaturesJob(random_init=True, device="cpu")):
-        summary = run_job(job, store, shards, executor="inline", console=Console(quiet=True))
-        if summary.failed:
-            raise SystemExit(f"bench store: {job.name} failed on shards {summary.failed}")
-    log(f"sample store: {tars} x {per_tar} images at {short_side} px in {time.perf_counter() - t0:.1f} s")
-    return store.url, shards
-
-
 # --------------------------------------------------------------------------- training steps
 def _step_seconds(run_dir: Path, batch: int) -> list[float]:
     """Seconds of each logged step (the trainers log every step here), first step excluded."""
@@ -567,7 +544,14 @@ def _run(cfg, dev, only, compile_, workdir, cpu_small, log) -> dict:
         rows += bench_upsampler(cfg, dev, compile_, log)
     needs_store = {"stage1", "stage2", "features", "sam"} & set(only)
     if needs_store:
-        url, shards = build_store(work, **cfg["shards"], log=log)
+        from loftup.pipeline.shards import resolve_shards
+        from loftup.sample_data import build_sample_store
+
+        # Images, masks and (CPU-made, random-init) DINOv2-S features of fresh sample shards.
+        c = cfg["shards"]
+        kw = {"tars": c["tars"], "images_per_tar": c["per_tar"], "short_side": c["short_side"]}
+        url = build_sample_store(work / "store", work / "sa1b", **kw, sizes=(224, 896), device="cpu", log=log).url
+        shards = resolve_shards(f"0-{c['tars'] - 1}", work / "sa1b")
         init = None
         if {"stage1", "stage2"} & set(only):
             log("training steps")
