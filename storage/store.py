@@ -23,7 +23,8 @@ from loftup.storage.manifest import (
     parse_manifest,
     write_manifest,
 )
-from loftup.storage.masks import MaskIndex, ShardFiles, mask_schema, mask_writer, rle_columns, to_rles, write_masks
+from loftup.storage.masks import MaskIndex, mask_schema, mask_writer, rle_columns, to_rles, write_masks
+from loftup.storage.parquet_shards import ShardFiles
 
 LOCK_FILE = ".manifest.lock"
 
