@@ -407,6 +407,7 @@ def main() -> None:
     from rich.table import Table
 
     from loftup.sample_data import build_sample_store
+    from loftup.storage.layout import job_key
     from loftup.training.data import Stage1Dataset, build_index
     from loftup.training.projection import FeatureProjection
 
@@ -428,7 +429,7 @@ def main() -> None:
         log=console.print,
     )
     url = store.url
-    index = build_index(store, ["images", "masks", f"features/{BACKBONE}@{RES}"])
+    index = build_index(store, ["images", "masks", job_key("features", BACKBONE, RES)])
     samples = args.samples or (96 if args.quick else 240)
     workers = [int(w) for w in (args.workers or ("0,2" if args.quick else "0,1,2")).split(",")]
     repeats = 1 if args.quick else 3

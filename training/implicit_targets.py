@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loftup.training.implicit import from_compact, render
+from loftup.storage.layout import feature_set
 
 
 class ImplicitTargets:
@@ -86,7 +87,7 @@ def restrict_index(index, targets: ImplicitTargets):
     keep = np.isin(index.image_ids, targets.image_ids())
     if not keep.any():
         raise StoreError(
-            f"no per-image-optimised features of {targets.backbone}@{targets.res} for the chosen images; "
+            f"no per-image-optimised features of {feature_set(targets.backbone, targets.res)} for the chosen images; "
             f"run `loftup-pipeline implicit --backbone {targets.backbone} --res {targets.res}` first"
         )
     return StoreIndex(index.image_ids[keep], index.shards[keep], without_masks=index.without_masks)
