@@ -19,6 +19,7 @@ from loftup.pipeline.backbones.weights import load_state_dict_strict, read_state
 from loftup.storage.commit import atomic_write
 from loftup.storage.errors import LoftupError, WeightsError, error_line
 from loftup.training.model import LoftUp
+from loftup.training.releases import RELEASES, find_release, release_file
 
 __all__ = [
     "save_model",
@@ -27,6 +28,7 @@ __all__ = [
     "from_official",
     "to_official_state_dict",
     "load_official",
+    "load_release",
     "resolve_upsampler",
     "OFFICIAL_SOURCE",
 ]
@@ -247,6 +249,22 @@ def load_official(path, image_scaling: str = "image", heads: int = 4, device: st
     return model.to(device)
 
 
+def load_release(spec, device: str | torch.device = "cpu", image_scaling: str = "image"):
+    """The released LoftUp named by ``spec`` (see ``find_release``), from the local HF cache, in eval mode.
+
+    ``image_scaling="batch"`` reproduces the released module exactly (image min/max over the
+    batch); the default scales each image on its own (identical for one image).
+    """
+    release = find_release(spec)
+    if release is None:
+        raise LoftupError(f"unknown LoftUp release {spec!r}; known: {', '.join(RELEASES)}")
+    path = release_file(release)
+    model = load_official(path, image_scaling=image_scaling, device=device)
+    if model.dim != release.dim:
+        raise WeightsError(f"{path} holds a {model.dim}-d upsampler, but {release.name} is {release.dim}-d")
+    return model
+
+
 def resolve_upsampler(spec, device: str | torch.device = "cpu", image_scaling: str = "image"):
     """``(model, projection or None, backbone name or None)`` for any checkpoint spec:
 
@@ -256,8 +274,6 @@ def resolve_upsampler(spec, device: str | torch.device = "cpu", image_scaling: s
       the backbone it was trained for;
     - any other file: a released-layout state dict (.pth/.bin/.pt/.ckpt).
     """
-    from loftup.training.releases import find_release, load_release
-
     text = str(spec)
     release = find_release(text)
     if release is not None:
@@ -265,8 +281,6 @@ def resolve_upsampler(spec, device: str | torch.device = "cpu", image_scaling: s
     if text.startswith("official:"):
         path = Path(text[len("official:") :])
         if not path.exists():
-            from loftup.training.releases import RELEASES
-
             raise LoftupError(f"unknown LoftUp release {text!r}; known: {', '.join('official:' + n for n in RELEASES)}")
         return load_official(path, image_scaling=image_scaling, device=device), None, None
     path = Path(text)
@@ -274,8 +288,6 @@ def resolve_upsampler(spec, device: str | torch.device = "cpu", image_scaling: s
         model, meta = load_model(path, device=device, with_meta=True)
         return model, meta.get("projection_module"), (meta.get("extra") or {}).get("backbone")
     if not path.exists():
-        from loftup.training.releases import RELEASES
-
         if path.suffix == "" and (len(path.parts) == 1 or (len(path.parts) == 2 and not text.startswith((".", "/")))):
             raise LoftupError(f"unknown LoftUp release or missing checkpoint {text!r}; releases: {', '.join(RELEASES)}")
         raise WeightsError(f"checkpoint {path} not found")
