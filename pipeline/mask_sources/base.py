@@ -109,9 +109,10 @@ class MaskSource:
 
 
 def mask_row(image_id, ann_id, order, h, w, counts, area, bbox, piou, stab, crop_box, point, source) -> dict:
+    """One row of ``MASK_FIELDS``; ``ann_id`` None numbers a generated mask ``image_id * ANN_ID_STRIDE + order``."""
     return {
         "image_id": int(image_id),
-        "ann_id": int(ann_id),
+        "ann_id": int(image_id) * ANN_ID_STRIDE + int(order) if ann_id is None else int(ann_id),
         "order": int(order),
         "height": int(h),
         "width": int(w),

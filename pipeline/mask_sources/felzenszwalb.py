@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from loftup.pipeline.mask_sources.base import (
-    ANN_ID_STRIDE,
-    MaskSource,
-    cap_masks,
-    mask_row,
-    register_mask_source,
-    require_image,
-)
+from loftup.pipeline.mask_sources.base import MaskSource, cap_masks, mask_row, register_mask_source, require_image
 from loftup.pipeline.mask_sources.geometry import downscale, sam_bbox
 from loftup.storage.geometry import nearest_index
 
@@ -125,7 +118,7 @@ class FelzenszwalbSource(MaskSource):
         return [
             mask_row(
                 image_id,
-                image_id * ANN_ID_STRIDE + k,
+                None,
                 k,
                 h,
                 w,

@@ -7,14 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loftup.pipeline.mask_sources.base import (
-    ANN_ID_STRIDE,
-    MaskSource,
-    cap_masks,
-    mask_row,
-    register_mask_source,
-    require_image,
-)
+from loftup.pipeline.mask_sources.base import MaskSource, cap_masks, mask_row, register_mask_source, require_image
 from loftup.pipeline.mask_sources.geometry import downscale, upscale_rle
 from loftup.storage.errors import LoftupError, WeightsError
 
@@ -231,7 +224,7 @@ def sam_records_to_rows(records: list[dict], image_id: int, size: tuple[int, int
         rows.append(
             mask_row(
                 image_id,
-                image_id * ANN_ID_STRIDE + order,
+                None,
                 order,
                 h,
                 w,
