@@ -240,19 +240,13 @@ def _run_peak(fn, device):
     return result, (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
 
 
-def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, str]:
-    from loftup.training.stage1 import Stage1Config, train
-
-    c = cfg["stage1"]
-    out = work / "stage1"
-    # The released recipe (the default) runs the backbone live for its reconstruction term: random weights.
-    run_cfg = Stage1Config(
-        store=url,
+def _timed_training(train, config_cls, out: Path, c: dict, device, **fields) -> dict:
+    """Run ``train`` for ``c["steps"]`` steps of ``c["batch_size"]`` (random weights, every step
+    logged): the timing and peak-memory columns of its row."""
+    run_cfg = config_cls(
         out=str(out),
         recipe=c["recipe"],
         random_init=True,
-        pca_dim=c["pca_dim"],
-        size=c["size"],
         batch_size=c["batch_size"],
         max_steps=c["steps"],
         log_every=1,
@@ -260,19 +254,32 @@ def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, st
         workers=0 if device.type == "cpu" else 4,
         progress=False,
         device=str(device),
+        **fields,
     )
     _, peak = _run_peak(lambda: train(run_cfg), device)
     steps = _step_seconds(out, c["batch_size"])
+    return {
+        "s_per_step": min(steps),
+        "s_per_step_median": sorted(steps)[len(steps) // 2],
+        "steps_timed": len(steps),
+        "peak_bytes": peak,
+    }
+
+
+def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, str]:
+    from loftup.training.stage1 import Stage1Config, train
+
+    c = cfg["stage1"]
+    out = work / "stage1"
+    # The released recipe (the default) runs the backbone live for its reconstruction term: random weights.
+    timing = _timed_training(train, Stage1Config, out, c, device, store=url, pca_dim=c["pca_dim"], size=c["size"])
     row = {
         "what": "stage1_step",
         "recipe": c["recipe"],
         "size": c["size"],
         "batch": c["batch_size"],
         "pca_dim": c["pca_dim"],
-        "s_per_step": min(steps),
-        "s_per_step_median": sorted(steps)[len(steps) // 2],
-        "steps_timed": len(steps),
-        "peak_bytes": peak,
+        **timing,
     }
     log(f"  stage 1 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
     return row, str(out / "stage1.safetensors")
@@ -283,25 +290,8 @@ def bench_stage2(cfg: dict, url: str, init: str, work: Path, device, log) -> dic
 
     c = cfg["stage2"]
     out = work / "stage2"
-    run_cfg = Stage2Config(
-        init=init,
-        store=url,
-        out=str(out),
-        recipe=c["recipe"],
-        random_init=True,
-        sizes=c["sizes"],
-        hr=c["hr"],
-        batch_size=c["batch_size"],
-        crops=c["crops"],
-        max_steps=c["steps"],
-        log_every=1,
-        checkpoint_every=10**9,
-        workers=0 if device.type == "cpu" else 4,
-        progress=False,
-        device=str(device),
-    )
-    _, peak = _run_peak(lambda: train(run_cfg), device)
-    steps = _step_seconds(out, c["batch_size"])
+    fields = {"init": init, "store": url, "sizes": c["sizes"], "hr": c["hr"], "crops": c["crops"]}
+    timing = _timed_training(train, Stage2Config, out, c, device, **fields)
     row = {
         "what": "stage2_step",
         "recipe": c["recipe"],
@@ -309,10 +299,7 @@ def bench_stage2(cfg: dict, url: str, init: str, work: Path, device, log) -> dic
         "hr": c["hr"] or 896,
         "batch": c["batch_size"],
         "crops": c["crops"],
-        "s_per_step": min(steps),
-        "s_per_step_median": sorted(steps)[len(steps) // 2],
-        "steps_timed": len(steps),
-        "peak_bytes": peak,
+        **timing,
     }
     log(f"  stage 2 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
     return row
