@@ -222,29 +222,6 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- store
-def build_store(work: Path, tars: int, per_tar: int, short_side: int, log) -> tuple[str, list]:
-    """Sample shards with images, masks and (CPU-made, random-init) DINOv2-S features."""
-    from rich.console import Console
-
-    from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
-    from loftup.pipeline.runner import run_job
-    from loftup.sample_data import write_sample_shards
-    from loftup.pipeline.shards import resolve_shards
-    from loftup.storage import open_store
-
-    t0 = time.perf_counter()
-    write_sample_shards(work / "sa1b", tars=tars, images_per_tar=per_tar, short_side=short_side)
-    shards = resolve_shards(f"0-{tars - 1}", work / "sa1b")
-    store = open_store(work / "store", create=True)
-    for job in (ImagesJob(), MasksJob(), FeaturesJob(random_init=True, device="cpu")):
-        summary = run_job(job, store, shards, executor="inline", console=Console(quiet=True))
-        if summary.failed:
-            raise SystemExit(f"bench store: {job.name} failed on shards {summary.failed}")
-    log(f"sample store: {tars} x {per_tar} images at {short_side} px in {time.perf_counter() - t0:.1f} s")
-    return store.url, shards
-
-
 # --------------------------------------------------------------------------- training steps
 def _step_seconds(run_dir: Path, batch: int) -> list[float]:
     """Seconds of each logged step (the trainers log every step here), first step excluded."""
@@ -263,19 +240,13 @@ def _run_peak(fn, device):
     return result, (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
 
 
-def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, str]:
-    from loftup.training.stage1 import Stage1Config, train
-
-    c = cfg["stage1"]
-    out = work / "stage1"
-    # The released recipe (the default) runs the backbone live for its reconstruction term: random weights.
-    run_cfg = Stage1Config(
-        store=url,
+def _timed_training(train, config_cls, out: Path, c: dict, device, **fields) -> dict:
+    """Run ``train`` for ``c["steps"]`` steps of ``c["batch_size"]`` (random weights, every step
+    logged): the timing and peak-memory columns of its row."""
+    run_cfg = config_cls(
         out=str(out),
         recipe=c["recipe"],
         random_init=True,
-        pca_dim=c["pca_dim"],
-        size=c["size"],
         batch_size=c["batch_size"],
         max_steps=c["steps"],
         log_every=1,
@@ -283,19 +254,32 @@ def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, st
         workers=0 if device.type == "cpu" else 4,
         progress=False,
         device=str(device),
+        **fields,
     )
     _, peak = _run_peak(lambda: train(run_cfg), device)
     steps = _step_seconds(out, c["batch_size"])
+    return {
+        "s_per_step": min(steps),
+        "s_per_step_median": sorted(steps)[len(steps) // 2],
+        "steps_timed": len(steps),
+        "peak_bytes": peak,
+    }
+
+
+def bench_stage1(cfg: dict, url: str, work: Path, device, log) -> tuple[dict, str]:
+    from loftup.training.stage1 import Stage1Config, train
+
+    c = cfg["stage1"]
+    out = work / "stage1"
+    # The released recipe (the default) runs the backbone live for its reconstruction term: random weights.
+    timing = _timed_training(train, Stage1Config, out, c, device, store=url, pca_dim=c["pca_dim"], size=c["size"])
     row = {
         "what": "stage1_step",
         "recipe": c["recipe"],
         "size": c["size"],
         "batch": c["batch_size"],
         "pca_dim": c["pca_dim"],
-        "s_per_step": min(steps),
-        "s_per_step_median": sorted(steps)[len(steps) // 2],
-        "steps_timed": len(steps),
-        "peak_bytes": peak,
+        **timing,
     }
     log(f"  stage 1 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
     return row, str(out / "stage1.safetensors")
@@ -306,25 +290,8 @@ def bench_stage2(cfg: dict, url: str, init: str, work: Path, device, log) -> dic
 
     c = cfg["stage2"]
     out = work / "stage2"
-    run_cfg = Stage2Config(
-        init=init,
-        store=url,
-        out=str(out),
-        recipe=c["recipe"],
-        random_init=True,
-        sizes=c["sizes"],
-        hr=c["hr"],
-        batch_size=c["batch_size"],
-        crops=c["crops"],
-        max_steps=c["steps"],
-        log_every=1,
-        checkpoint_every=10**9,
-        workers=0 if device.type == "cpu" else 4,
-        progress=False,
-        device=str(device),
-    )
-    _, peak = _run_peak(lambda: train(run_cfg), device)
-    steps = _step_seconds(out, c["batch_size"])
+    fields = {"init": init, "store": url, "sizes": c["sizes"], "hr": c["hr"], "crops": c["crops"]}
+    timing = _timed_training(train, Stage2Config, out, c, device, **fields)
     row = {
         "what": "stage2_step",
         "recipe": c["recipe"],
@@ -332,10 +299,7 @@ def bench_stage2(cfg: dict, url: str, init: str, work: Path, device, log) -> dic
         "hr": c["hr"] or 896,
         "batch": c["batch_size"],
         "crops": c["crops"],
-        "s_per_step": min(steps),
-        "s_per_step_median": sorted(steps)[len(steps) // 2],
-        "steps_timed": len(steps),
-        "peak_bytes": peak,
+        **timing,
     }
     log(f"  stage 2 step: {row['s_per_step']:.3f} s (median {row['s_per_step_median']:.3f})")
     return row
@@ -567,7 +531,14 @@ def _run(cfg, dev, only, compile_, workdir, cpu_small, log) -> dict:
         rows += bench_upsampler(cfg, dev, compile_, log)
     needs_store = {"stage1", "stage2", "features", "sam"} & set(only)
     if needs_store:
-        url, shards = build_store(work, **cfg["shards"], log=log)
+        from loftup.pipeline.shards import resolve_shards
+        from loftup.sample_data import build_sample_store
+
+        # Images, masks and (CPU-made, random-init) DINOv2-S features of fresh sample shards.
+        c = cfg["shards"]
+        kw = {"tars": c["tars"], "images_per_tar": c["per_tar"], "short_side": c["short_side"]}
+        url = build_sample_store(work / "store", work / "sa1b", **kw, sizes=(224, 896), device="cpu", log=log).url
+        shards = resolve_shards(f"0-{c['tars'] - 1}", work / "sa1b")
         init = None
         if {"stage1", "stage2"} & set(only):
             log("training steps")

@@ -90,33 +90,35 @@ def training_photos(choice: str) -> tuple[list[str], str | None, bool, str]:
 def build_store(work: Path, backbone: str, images_per_tar: int, photos: str = "auto", held_out: int = 32):
     """The bench's store: TRAIN_TARS training tars of crops of the --photos set, one held-out tar
     of ``held_out`` crops of the VOC and ARC2017 photos. Returns (store, description)."""
-    from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
-    from loftup.pipeline.runner import run_job
-    from loftup.pipeline.shards import resolve_shards
-    from loftup.sample_data import write_sample_shards
+    from loftup.sample_data import build_sample_store
     from loftup.storage import open_store
 
     store_path = work / "store"
     names, photos_dir, package_photos, desc = training_photos(photos)
     # photos.json is written last: a store interrupted half-way is rebuilt (the jobs resume it).
     if not (work / "photos.json").exists():
-        write_sample_shards(
+        common = dict(sizes=(224, 896), backbone=backbone, random_init=False, batch_size=16, seed=0)
+        build_sample_store(
+            store_path,
             work / "sa1b",
             tars=TRAIN_TARS,
             images_per_tar=images_per_tar,
-            seed=0,
+            short_side=1500,
             photos=names,
             photos_dir=photos_dir,
             package_photos=package_photos,
+            **common,
         )
-        write_sample_shards(
-            work / "sa1b", tars=1, images_per_tar=held_out, seed=0, first_shard=TRAIN_TARS, photos=HELD_PHOTOS
+        build_sample_store(
+            store_path,
+            work / "sa1b",
+            tars=1,
+            images_per_tar=held_out,
+            short_side=1500,
+            first_shard=TRAIN_TARS,
+            photos=HELD_PHOTOS,
+            **common,
         )
-        store = open_store(store_path, create=not (store_path / "manifest.json").exists())
-        shards = resolve_shards(f"0-{TRAIN_TARS}", work / "sa1b")
-        for job in (ImagesJob(), MasksJob()):
-            run_job(job, store, shards, executor="inline")
-        run_job(FeaturesJob(backbone=backbone, batch_size=16), store, [(s, None) for s, _ in shards], executor="inline")
         (work / "photos.json").write_text(json.dumps({"description": desc, "photos": names}, indent=1))
     return open_store(store_path), json.loads((work / "photos.json").read_text())["description"]
 
@@ -665,7 +667,7 @@ def quality(args, work: Path, quiet: bool = False) -> dict:
             console,
             args.implicit_cpus,
         )
-        from loftup.training.implicit import ImplicitTargets
+        from loftup.training.implicit_targets import ImplicitTargets
 
         implicit = ImplicitTargets(store, args.backbone, 224)
     runs = []

@@ -307,9 +307,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.dont_write_bytecode = True  # importing the sibling script must not leave a __pycache__ in bench/
-    from train_bench import build_store
+    from loftup.sample_data import build_sample_store
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,7 +323,10 @@ def main() -> None:
     steps = args.steps or (1 if args.quick else 2)
 
     # (a) ------------------------------------------------------------------------------------
-    url = build_store(work, 2, 16, features=True, log=console.print)
+    store = build_sample_store(
+        work / "store", work / "sa1b", tars=2, images_per_tar=16, short_side=1500, sizes=(224, 896), log=console.print
+    )
+    url = store.url
     init = stage1_checkpoint(url, work, console.print)
     first = stage2_timings(url, init, work, 1, "a")
     more = stage2_timings(url, init, work, 1 + steps, "b")

@@ -31,42 +31,8 @@ BACKBONE = "dinov2_vits14"
 RES = 224
 BATCH = 8
 LOADER_GOAL = 100.0  # samples/s on 2 cores (issue 5)
-
-
-# --------------------------------------------------------------------------- store
-def build_store(work: Path, tars: int = 2, per_tar: int = 16, features: bool = True, log=print) -> str:
-    """URL of a store with images, masks (and features) of ``tars`` sample shards under ``work``.
-
-    Every job skips the shards it has already finished, so a second call costs only the checks.
-    """
-    from rich.console import Console
-
-    from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
-    from loftup.pipeline.runner import run_job
-    from loftup.sample_data import write_sample_shards
-    from loftup.pipeline.shards import resolve_shards
-    from loftup.storage import open_store
-
-    work = Path(work)
-    tar_dir = work / "sa1b"
-    if not all((tar_dir / f"sa_{s:06d}.tar").exists() for s in range(tars)):
-        t0 = time.perf_counter()
-        write_sample_shards(tar_dir, tars=tars, images_per_tar=per_tar, short_side=1500)
-        log(f"sample shards: {tars} x {per_tar} images at 1500 px in {time.perf_counter() - t0:.1f} s")
-    shards = resolve_shards(f"0-{tars - 1}", tar_dir)
-    store = open_store(work / "store", create=not (work / "store" / "manifest.json").exists())
-    jobs = [ImagesJob(), MasksJob()]
-    if features:
-        # Random weights: the bench measures cost, which does not depend on the values.
-        jobs.append(FeaturesJob(backbone=BACKBONE, res=RES, random_init=True, device="cpu"))
-    quiet = Console(quiet=True)
-    for job in jobs:
-        summary = run_job(job, store, shards, executor="inline", console=quiet)
-        if summary.failed:
-            raise SystemExit(f"{job.name} failed on shards {summary.failed}")
-        if summary.done:
-            log(f"{job.name}: {len(summary.done)} shard(s) in {summary.seconds:.1f} s")
-    return store.url
+# The store's shards: photos at SA-1B's size, both training geometries.
+SAMPLE_STORE = {"short_side": 1500, "sizes": (224, 896)}
 
 
 # --------------------------------------------------------------------------- loader
@@ -440,7 +406,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from loftup.storage import open_store
+    from loftup.sample_data import build_sample_store
+    from loftup.storage.layout import job_key
     from loftup.training.data import Stage1Dataset, build_index
     from loftup.training.projection import FeatureProjection
 
@@ -452,9 +419,17 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads (main process), "
         f"{os.cpu_count()} cores, load average {load0:.1f} at start; workdir {work}"
     )
-    url = build_store(work, args.tars, args.images_per_tar, log=console.print)
-    store = open_store(url)
-    index = build_index(store, ["images", "masks", f"features/{BACKBONE}@{RES}"])
+    # Random-init features: the bench measures cost, which does not depend on the values.
+    store = build_sample_store(
+        work / "store",
+        work / "sa1b",
+        tars=args.tars,
+        images_per_tar=args.images_per_tar,
+        **SAMPLE_STORE,
+        log=console.print,
+    )
+    url = store.url
+    index = build_index(store, ["images", "masks", job_key("features", BACKBONE, RES)])
     samples = args.samples or (96 if args.quick else 240)
     workers = [int(w) for w in (args.workers or ("0,2" if args.quick else "0,1,2")).split(",")]
     repeats = 1 if args.quick else 3

@@ -30,6 +30,7 @@ from loftup.storage.commit import (
     write_path,
 )
 from loftup.storage.errors import NotInStore, StoreError, error_line
+from loftup.storage.layout import feature_set, job_key
 
 # Measured on fp16 maps (zstd level 3, bytes / raw): dense DINOv2-like tokens shuffle 0.919 vs
 # bitshuffle 0.939; sparse ReLU conv5 maps (HED VGG16, real weights) shuffle 0.373 vs 0.488.
@@ -118,8 +119,8 @@ class FeatureStore:
         self.kind = kind
         self.backbone = backbone
         self.res = int(res)
-        self.name = f"{backbone}@{self.res}"
-        self.job = check_job(f"{kind}/{self.name}")
+        self.name = feature_set(backbone, self.res)
+        self.job = check_job(job_key(kind, backbone, self.res))
         self.path = f"{root}/{kind}/{self.name}"
         self._lock = threading.RLock()
         self.invalidate()

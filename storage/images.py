@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from loftup.storage.errors import NotInStore
-from loftup.storage.masks import ShardFiles, ShardTableWriter
+from loftup.storage.parquet_shards import ShardFiles, ShardTableWriter
 
 # JPEGs do not compress further, and small row groups keep a random read to a few MB
 # (32 images at 896 px are ~5-8 MB of JPEG) instead of a whole shard's column chunk.

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from loftup.storage.commit import atomic_write, parse_shard_name, shard_name, write_path
 from loftup.storage.errors import StoreError
 from loftup.storage.features import FeatureStore
+from loftup.storage.layout import feature_set, job_key
 
 COMPACT = "compact.parquet"
 COMPACT_SCHEMA = pa.schema(
@@ -53,10 +54,6 @@ COMPACT_SCHEMA = pa.schema(
 )
 
 
-def job_name(backbone: str, res: int) -> str:
-    return f"implicit/{backbone}@{int(res)}"
-
-
 class ImplicitStore:
     """Per-image networks (compact) and optional dense maps of one backbone at one resolution."""
 
@@ -64,8 +61,8 @@ class ImplicitStore:
         self.store = store
         self.fs = store.fs
         self.backbone, self.res = backbone, int(res)
-        self.name = f"{backbone}@{self.res}"
-        self.job = job_name(backbone, res)
+        self.name = feature_set(backbone, self.res)
+        self.job = job_key("implicit", backbone, res)
         self.path = store.path("implicit", self.name)
         self.dense = FeatureStore(store.fs, store.root, backbone, self.res, kind="implicit")
 

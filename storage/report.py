@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from loftup.storage.commit import shard_name
 from loftup.storage.errors import StoreError
+from loftup.storage.layout import feature_set, job_key
 
 SCALES = (50_000, 1_000_000, 11_000_000)  # 50K (the paper's example), 1M, all of SA-1B (~11M)
 SCALE_NAMES = {50_000: "50K", 1_000_000: "1M", 11_000_000: "SA-1B (11M)"}
@@ -62,17 +63,18 @@ def scalability_report(store, backbone: str | None = None, res: int | None = Non
 
     sets = implicit_sets(store)
     if backbone is not None:
-        sets = [s for s in sets if s.split("@")[0] == backbone and (res is None or s == f"{backbone}@{int(res)}")]
+        sets = [s for s in sets if s.split("@")[0] == backbone and (res is None or s == feature_set(backbone, res))]
     if not sets:
         want = f" for {backbone}" if backbone else ""
         raise StoreError(f"no per-image optimisation{want} in {store.url}: run `loftup-pipeline implicit` first")
     name = sets[0]
     bb, r = name.rsplit("@", 1)
     r = int(r)
+    feats_job, pgt_job, impl_job = (job_key(kind, bb, r) for kind in ("features", "pseudogt", "implicit"))
     need = {
         "masks": "loftup-pipeline masks",
-        f"features/{name}": f"loftup-pipeline features --backbone {bb} --res {r}",
-        f"pseudogt/{name}": f"loftup-pipeline pseudogt --backbone {bb} --res {r} (it measures the pseudo-GT build time)",
+        feats_job: f"loftup-pipeline features --backbone {bb} --res {r}",
+        pgt_job: f"loftup-pipeline pseudogt --backbone {bb} --res {r} (it measures the pseudo-GT build time)",
     }
     markers = {}
     for job, cmd in need.items():
@@ -80,17 +82,16 @@ def scalability_report(store, backbone: str | None = None, res: int | None = Non
         if not done:
             raise StoreError(f"store {store.url} has no finished {job} job; run `{cmd}` first")
         markers[job] = done
-    impl_job = f"implicit/{name}"
     impl = store.done_shards(impl_job)
 
     # -- one pass ----------------------------------------------------------------------------
-    fm = list(markers[f"features/{name}"].values())
+    fm = list(markers[feats_job].values())
     mm = list(markers["masks"].values())
-    pm = list(markers[f"pseudogt/{name}"].values())
+    pm = list(markers[pgt_job].values())
     f_images, m_images, p_images = _sum(fm, "images"), _sum(mm, "images"), _sum(pm, "images")
     if not (f_images and m_images and p_images):
         raise StoreError(f"store {store.url}: the features, masks and pseudogt jobs must each have processed images")
-    f_bytes = sum(_du(store.fs, store.path("features", name, shard_name(s))) for s in markers[f"features/{name}"])
+    f_bytes = sum(_du(store.fs, store.path("features", name, shard_name(s))) for s in markers[feats_job])
     m_bytes = sum(_du(store.fs, store.path("masks", shard_name(s))) for s in markers["masks"])
     one = {
         "images": int(f_images),

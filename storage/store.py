@@ -23,7 +23,9 @@ from loftup.storage.manifest import (
     parse_manifest,
     write_manifest,
 )
-from loftup.storage.masks import MaskIndex, ShardFiles, mask_schema, mask_writer, rle_columns, to_rles, write_masks
+from loftup.storage.masks import MaskIndex, mask_schema, mask_writer, rle_columns, to_rles, write_masks
+from loftup.storage.parquet_shards import ShardFiles
+from loftup.storage.layout import job_key
 
 LOCK_FILE = ".manifest.lock"
 
@@ -410,7 +412,7 @@ class Store:
         return self._feature_like("pseudogt", backbone, res)
 
     def _feature_like(self, kind: str, backbone: str, res: int) -> FeatureStore:
-        key = f"{kind}/{backbone}@{int(res)}"
+        key = job_key(kind, backbone, res)
         fstore = self._feature_stores.get(key)
         if fstore is None:
             fstore = self._feature_stores[key] = FeatureStore(self.fs, self.root, backbone, res, kind=kind)

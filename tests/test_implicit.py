@@ -21,6 +21,8 @@ from loftup.storage import StoreError, open_store
 from loftup.storage.implicit import implicit_store
 from loftup.training import implicit as im
 from loftup.training.implicit_job import ImplicitJob
+from loftup.training.implicit_targets import ImplicitTargets
+from loftup.training.losses import apply_jitter, gaussian_blur
 from loftup.training.materialise import PseudoGTJob
 
 RES = 56  # DINOv2-S/14 grid 4x4: the whole recipe at toy scale
@@ -90,27 +92,28 @@ def test_jitter_matches_featup_formulation():
         args = (float(params["zoom"][i]), int(params["x"][i]), int(params["y"][i]), bool(params["flip"][i]))
         ref = _featup_jitter(maps, 5, *args)
         assert ref.shape == (1, 4, 20, 20)
-        torch.testing.assert_close(im.apply_jitter(maps, 5, *args), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(apply_jitter(maps, im.view_jitter(params, i, 5)), ref, atol=1e-4, rtol=0)
 
 
 def test_downsampler_matches_featup_unfold_formulation():
     # Eval mode (no dropout, no logit mask): the row-wise windowed pooling equals FeatUp's unfold.
     torch.manual_seed(0)
-    down = im.AttentionDownsampler(9, 17, (4, 4), im.ImplicitConfig()).eval()
+    _, down, _ = im.build_modules(8, (4, 4), replace(im.ImplicitConfig(), kernel_size=17), "cpu")
+    down = down.eval()
     x = torch.randn(2, 9, 56, 56, requires_grad=True)
 
     def featup(x):
-        x = im.gaussian_blur(x, 5, 1.0)
+        x = gaussian_blur(x, 5, 1.0)
         p = F.unfold(x, 17, stride=(56 - 17) // 3).view(2, 9, 289, 16).permute(0, 3, 2, 1)
-        logits = down.logit(p).squeeze(-1) * down.w.flatten() + down.b.flatten()
+        logits = down.attention_net(p).squeeze(-1) * down.w.flatten() + down.b.flatten()
         return torch.einsum("blpc,blp->bcl", p, logits.softmax(-1)).view(2, 9, 4, 4)
 
     ref = featup(x)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
     down.train()  # the recomputing path; dropout off so the values are comparable
-    down.logit[0].p = 0.0
-    down.cfg = replace(down.cfg, attn_keep=1.0)
-    out = down(x)
+    down.attention_net[0].p = 0.0
+    down.keep = 1.0
+    out = down(x, (4, 4))
     (g,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
@@ -146,7 +149,7 @@ def test_optimiser_lowers_loss_and_explains_the_views(store, backbone):
                 j = _featup_jitter(
                     both, cfg.max_pad, float(p["zoom"][i]), int(p["x"][i]), int(p["y"][i]), bool(p["flip"][i])
                 )
-                errs.append((fit.downsampler(j)[:, 1:] - fit.views[i : i + 1]).square().mean())
+                errs.append((fit.downsampler(j, fit.views.shape[-2:])[:, 1:] - fit.views[i : i + 1]).square().mean())
         return float(torch.stack(errs).mean())
 
     before, after = error(init.network), error(fit.network)
@@ -176,7 +179,7 @@ def test_job_compact_equals_dense_resumes_and_records(store):
         again = im.render(net, unproj, _image(store, int(image_id))).half().numpy()
         np.testing.assert_array_equal(again, d)
     # Stage 1's implicit targets: dense and re-evaluated compact give the same maps.
-    targets = im.ImplicitTargets(store, "dinov2_vits14", RES)
+    targets = ImplicitTargets(store, "dinov2_vits14", RES)
     from_dense = targets.maps(ids)
     targets._dense_ids = set()
     torch.testing.assert_close(targets.maps(ids), from_dense, atol=0, rtol=0)
@@ -298,14 +301,14 @@ def test_stage1_trains_on_stored_implicit_features(store, tmp_path, monkeypatch)
 
     assert not run_job(_job(dense=True), store, [(0, None)], executor="inline").failed
     seen = []
-    real_call = im.ImplicitTargets.__call__
+    real_call = ImplicitTargets.__call__
 
     def spy(self, image_ids, size, projection=None, space="layer_norm"):
         out = real_call(self, image_ids, size, projection, space)
         seen.append((list(image_ids), out, projection))
         return out
 
-    monkeypatch.setattr(im.ImplicitTargets, "__call__", spy)
+    monkeypatch.setattr(ImplicitTargets, "__call__", spy)
     cfg = Stage1Config(
         store=store.url,
         out=str(tmp_path / "run"),

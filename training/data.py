@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from loftup.pipeline.backbones import registry
 from loftup.storage.errors import LoftupError, StoreError, error_line
 from loftup.storage.geometry import nearest_index
+from loftup.storage.layout import feature_set, job_key
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+IMAGENET_MEAN = torch.tensor(registry.IMAGENET_MEAN).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor(registry.IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -145,9 +147,9 @@ def present_shards(store_url: str, shards: list[int], jobs: list[str]) -> tuple[
 
 
 def check_features(store, backbone: str, res: int):
-    key = f"{backbone}@{res}"
+    key = feature_set(backbone, res)
     known = store.manifest.get("backbones", {})
-    if key not in known and not store.done_shards(f"features/{key}"):
+    if key not in known and not store.done_shards(job_key("features", backbone, res)):
         have = ", ".join(sorted(known)) or "none"
         raise StoreError(
             f"store {store.url} has no features for {key} (has: {have}); run `loftup-pipeline features --backbone {backbone} --res {res}`"

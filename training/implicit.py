@@ -13,12 +13,9 @@ Every number of the recipe is a field of :class:`ImplicitConfig`, with the value
 test shrinks views and steps while a GPU runs the real recipe. No device is hard-coded.
 
 Where this differs from FeatUp's code (documented in the README, "Scalability"):
-- the attention downsampler's Bernoulli(0.8) mask on the logits is drawn only in training
-  mode (FeatUp draws it in eval mode too; it only matters when scoring the downsampler);
-- its logit Linear runs once per pixel and is then windowed, so its input dropout is drawn
-  per pixel rather than per overlapping window copy, and the weighted window sums are
-  computed row by row with recomputation: FeatUp's unfold of the 129-channel map holds ~1 GB
-  per step at 224 (several GB with autograd), this holds one row of windows;
+- the attention downsampler is the one the training losses use, as its ``"implicit"`` variant
+  (training/losses.py says how it differs from FeatUp's: keep mask in training mode only,
+  logit dropout per pixel, window sums row by row with recomputation);
 - the zoomed jitter is computed by sampling exactly the cropped window (``grid_sample`` at the
   coordinates ``F.interpolate(scale_factor=zoom, mode="bilinear")`` uses) instead of zooming
   the whole padded map and cropping it: the same values up to float rounding (~2e-5), less memory;
@@ -32,12 +29,20 @@ import json
 import time
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from loftup.training.losses import (
+    AttentionDownsampler,
+    Jitter,
+    ScaleNet,
+    apply_jitter,
+    gaussian_blur,
+    reconstruction_loss,
+    total_variation,
+)
+from loftup.training.model import ChannelNorm
 from loftup.training.projection import FeatureProjection
 
 FORMAT = "loftup-implicit/1"
@@ -114,37 +119,16 @@ def sample_jitter(n: int, size: tuple[int, int], cfg: ImplicitConfig, gen: torch
     return {"zoom": zoom, "x": x, "y": y, "flip": flip}
 
 
-def apply_jitter(maps: torch.Tensor, pad: int, zoom: float, x: int, y: int, flip: bool) -> torch.Tensor:
-    """Reflect-pad by ``pad``, zoom bilinearly by ``zoom``, crop the ``h x w`` window at (x, y),
-    flip. Only the window is computed: output pixel i of the zoomed map reads source coordinate
-    (i + 0.5) / zoom - 0.5 (``F.interpolate(scale_factor=zoom, align_corners=False)``)."""
-    b, _c, h, w = maps.shape
-    padded = F.pad(maps, [pad] * 4, mode="reflect") if pad else maps
-    if zoom == 1.0:
-        out = padded[:, :, x : x + h, y : y + w]
-    else:
-        ph, pw = padded.shape[-2:]
-        dev = maps.device
-        rows = (torch.arange(x, x + h, device=dev, dtype=torch.float64) + 0.5) / zoom - 0.5
-        cols = (torch.arange(y, y + w, device=dev, dtype=torch.float64) + 0.5) / zoom - 0.5
-        # grid_sample's normalised coordinates (align_corners=False): u = (2 * src + 1) / size - 1
-        gy = ((2 * rows.clamp(min=0) + 1) / ph - 1).to(maps.dtype)
-        gx = ((2 * cols.clamp(min=0) + 1) / pw - 1).to(maps.dtype)
-        grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)[None].expand(b, h, w, 2)
-        out = F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return torch.flip(out, [3]) if flip else out
+def view_jitter(params: dict, i: int, pad: int) -> Jitter:
+    """View ``i`` of ``params`` as a :class:`~loftup.training.losses.Jitter`: pad, zoom, crop the
+    map-sized window (FeatUp's x is the row), flip."""
+    zoom = float(params["zoom"][i])
+    return Jitter(pad, pad, zoom, zoom, (int(params["x"][i]), int(params["y"][i])), bool(params["flip"][i]))
 
 
 def jitter_batch(maps: torch.Tensor, params: dict, idx, pad: int) -> torch.Tensor:
     """The jitters ``idx`` of ``params`` applied to one map (1, C, H, W) -> (len(idx), C, H, W)."""
-    return torch.cat(
-        [
-            apply_jitter(
-                maps, pad, float(params["zoom"][i]), int(params["x"][i]), int(params["y"][i]), bool(params["flip"][i])
-            )
-            for i in idx
-        ]
-    )
+    return torch.cat([apply_jitter(maps, view_jitter(params, i, pad)) for i in idx])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,33 +137,6 @@ def jitter_batch(maps: torch.Tensor, params: dict, idx, pad: int) -> torch.Tenso
 
 def magnitude(t: torch.Tensor) -> torch.Tensor:
     return t.square().sum(1, keepdim=True).sqrt()
-
-
-def total_variation(t: torch.Tensor) -> torch.Tensor:
-    """FeatUp's TV: squared neighbour differences summed, divided by b*c*h*w."""
-    b, c, h, w = t.shape
-    return ((t[:, :, 1:] - t[:, :, :-1]).square().sum() + (t[:, :, :, 1:] - t[:, :, :, :-1]).square().sum()) / (
-        b * c * h * w
-    )
-
-
-def gaussian_blur(t: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
-    """Depthwise Gaussian blur with reflect borders (kornia's gaussian_blur2d defaults)."""
-    r = torch.arange(kernel, dtype=t.dtype, device=t.device) - (kernel - 1) / 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    g = g / g.sum()
-    k2 = (g[:, None] * g[None, :]).expand(t.shape[1], 1, kernel, kernel)
-    p = kernel // 2
-    return F.conv2d(F.pad(t, [p] * 4, mode="reflect"), k2, groups=t.shape[1])
-
-
-class ChannelNorm(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ImplicitNetwork(nn.Module):
@@ -234,52 +191,6 @@ class ImplicitNetwork(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.fourier(image))
-
-
-class AttentionDownsampler(nn.Module):
-    """Learned attention pooling of ``kernel x kernel`` windows onto the backbone's grid."""
-
-    def __init__(self, dim: int, kernel_size: int, grid: tuple[int, int], cfg: ImplicitConfig):
-        super().__init__()
-        self.kernel_size, self.grid, self.cfg = kernel_size, tuple(grid), cfg
-        self.logit = nn.Sequential(nn.Dropout(cfg.attn_dropout), nn.Linear(dim, 1))
-        self.w = nn.Parameter(torch.ones(kernel_size, kernel_size) + 0.01 * torch.randn(kernel_size, kernel_size))
-        self.b = nn.Parameter(torch.zeros(kernel_size, kernel_size) + 0.01 * torch.randn(kernel_size, kernel_size))
-
-    def stride(self, h: int, w: int) -> tuple[int, int]:
-        gh, gw = self.grid
-        return (h - self.kernel_size) // max(gh - 1, 1), (w - self.kernel_size) // max(gw - 1, 1)
-
-    def forward(self, hr: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = hr.shape
-        x = gaussian_blur(hr, self.cfg.blur_kernel, self.cfg.blur_sigma) if self.cfg.blur_attn else hr
-        gh, gw = self.grid
-        sh, sw = self.stride(h, w)
-        k = self.kernel_size
-        if k + (gh - 1) * sh > h or k + (gw - 1) * sw > w or (gh > 1 and sh < 1) or (gw > 1 and sw < 1):
-            raise ValueError(f"kernel {k} at {h}x{w} cannot tile the {gh}x{gw} grid")
-        # The logit Linear is per pixel, so it runs once per pixel and its result is windowed,
-        # instead of on every window's copy of the pixels (FeatUp unfolds the 129-channel map:
-        # ~1 GB per step at 224). Dropout is therefore drawn per pixel, not per window copy.
-        drop, lin = self.logit
-        pix = torch.einsum("bchw,c->bhw", drop(x), lin.weight[0]) + lin.bias
-        logits = pix.unfold(1, k, sh).unfold(2, k, sw)[:, :gh, :gw].reshape(b, gh, gw, k * k)
-        if self.training:
-            logits = logits * (torch.rand(b, gh, gw, 1, device=hr.device) < self.cfg.attn_keep)
-        attn = (logits * self.w.flatten() + self.b.flatten()).softmax(-1).view(b, gh, gw, k, k)
-        # Weighted window sums one grid row at a time, recomputed in the backward pass: peak
-        # memory is one row of windows instead of all of them.
-        rows = []
-        for i in range(gh):
-            args = (x, attn, i, sh, sw, gw, k)
-            rows.append(checkpoint(_pool_row, *args, use_reentrant=False) if x.requires_grad else _pool_row(*args))
-        return torch.stack(rows, 2)
-
-
-def _pool_row(x, attn, i, sh, sw, gw, k):
-    band = x[:, :, i * sh : i * sh + k]  # (b, c, k, W)
-    windows = band.unfold(3, k, sw)[:, :, :, :gw]  # (b, c, k, gw, k): a view
-    return torch.einsum("bcujv,bjuv->bcj", windows, attn[:, i])
 
 
 class Unprojector(FeatureProjection):
@@ -367,13 +278,11 @@ def build_modules(
     dim: int, grid: tuple[int, int], cfg: ImplicitConfig, device
 ) -> tuple[ImplicitNetwork, AttentionDownsampler, nn.Module | None]:
     net = ImplicitNetwork(dim, cfg.n_freqs, cfg.freq_log_min, cfg.freq_log_max, cfg.dropout).to(device)
-    down = AttentionDownsampler(dim + 1, cfg.kernel_size, grid, cfg).to(device)
+    blur = (cfg.blur_kernel, cfg.blur_sigma) if cfg.blur_attn else None
+    down = AttentionDownsampler(dim + 1, cfg.kernel_size, cfg.attn_dropout, cfg.attn_keep, blur, "implicit").to(device)
     scale = None
     if cfg.outlier_detection:
-        scale = nn.Conv2d(dim, 1, 1).to(device)
-        with torch.no_grad():
-            scale.weight.mul_(cfg.scale_init)
-            scale.bias.mul_(cfg.scale_init)
+        scale = ScaleNet(dim, cfg.scale_init, cfg.scale_offset, cfg.scale_min).to(device)
     return net, down, scale
 
 
@@ -385,13 +294,10 @@ def step_loss(
     hr_mag = magnitude(hr)
     both = torch.cat([hr_mag, hr], 1)
     target = views[idx].to(device, non_blocking=True)
-    out = down(jitter_batch(both, params, idx.tolist(), cfg.max_pad))
+    out = down(jitter_batch(both, params, idx.tolist(), cfg.max_pad), target.shape[-2:])
     out_mag, out_feats = out[:, :1], out[:, 1:]
-    if scale is not None:
-        s = torch.exp(scale(target) + cfg.scale_offset).clamp_min(cfg.scale_min)
-    else:
-        s = torch.ones_like(target[:, :1])
-    rec = ((out_feats - target).square() / (2 * s**2) + s.log()).mean()
+    s = scale(target) if scale is not None else torch.ones_like(target[:, :1])
+    rec = reconstruction_loss(out_feats, target, None, s, clamp=False)
     loss = rec
     if cfg.mag_weight > 0:
         loss = loss + cfg.mag_weight * (out_mag - magnitude(target)).square().mean()
@@ -461,7 +367,7 @@ def reconstruction_error(network, downsampler, image01, views, params, idx, max_
     hr = network(image01.to(dev).float())
     both = torch.cat([magnitude(hr), hr], 1)
     idx = list(idx)
-    out = downsampler(jitter_batch(both, params, idx, max_pad))[:, 1:]
+    out = downsampler(jitter_batch(both, params, idx, max_pad), views.shape[-2:])[:, 1:]
     return float((out - views[idx].to(dev)).square().mean())
 
 
@@ -517,12 +423,10 @@ def full_recipe_seconds(seconds_per_view: float, seconds_per_step: float, cfg: I
 
 
 __all__ = [
-    "AttentionDownsampler",
     "FitResult",
     "ImplicitConfig",
     "ImplicitNetwork",
     "Unprojector",
-    "apply_jitter",
     "compact_metadata",
     "fit_image",
     "from_compact",
@@ -532,89 +436,3 @@ __all__ = [
     "sample_jitter",
     "to_compact",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage 1 target
-
-
-class ImplicitTargets:
-    """Stage 1's ``--target implicit``: the stored per-image-optimised maps of a batch's images,
-    resampled to the training size, in the trainer's target space (the channel LayerNorm of
-    the features, after the run's PCA projection when it has one).
-
-    Dense maps are read when the shard has them; otherwise the compact network is re-evaluated
-    on the stored image (both give the same map up to fp16 rounding).
-    """
-
-    def __init__(self, store, backbone: str, res: int, device="cpu"):
-        from loftup.storage.implicit import implicit_store
-
-        self.store, self.backbone, self.res = store, backbone, int(res)
-        self.istore = implicit_store(store, backbone, res)
-        self.device = torch.device(device)
-        self._dense_ids = None
-
-    def image_ids(self) -> np.ndarray:
-        return self.istore.image_ids()
-
-    def _dense(self) -> set[int]:
-        if self._dense_ids is None:
-            self._dense_ids = set()
-            for s in self.istore.shards():
-                if self.istore.has_dense(s):
-                    self._dense_ids |= set(self.istore.dense.shard_image_ids(s).tolist())
-        return self._dense_ids
-
-    @torch.no_grad()
-    def maps(self, image_ids) -> torch.Tensor:
-        """(B, C, res, res) float32 maps of ``image_ids`` on the device."""
-        ids = [int(i) for i in image_ids]
-        dense = self._dense()
-        out: list[torch.Tensor | None] = [None] * len(ids)
-        if any(i in dense for i in ids):
-            sel = [k for k, i in enumerate(ids) if i in dense]
-            arr = self.istore.dense.get_many([ids[k] for k in sel])
-            for k, a in zip(sel, arr):
-                out[k] = torch.from_numpy(np.asarray(a, np.float32)).to(self.device)
-        rest = [k for k, i in enumerate(ids) if out[k] is None]
-        if rest:
-            src = min(s for s in self.store.geometries if s >= self.res)
-            for k, blob in zip(rest, self.istore.blobs([ids[k] for k in rest])):
-                net, unproj, _ = from_compact(blob, self.device)
-                img = self.store.image(ids[k], src).convert("RGB")
-                if img.size != (self.res, self.res):
-                    from PIL import Image
-
-                    img = img.resize((self.res, self.res), Image.BICUBIC)
-                x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(255)
-                # The fp16 round trip makes re-evaluated and dense targets identical.
-                out[k] = render(net, unproj, x).half().float()
-        return torch.stack(out)
-
-    @torch.no_grad()
-    def __call__(self, image_ids, size: int, projection=None, space: str = "layer_norm") -> torch.Tensor:
-        hr = self.maps(image_ids)
-        if hr.shape[-1] != size:
-            hr = F.interpolate(
-                hr, size=(size, size), mode="bilinear", align_corners=False, antialias=size < hr.shape[-1]
-            )
-        if projection is not None:
-            hr = projection(hr)
-        from loftup.training.target_space import to_target_space
-
-        return to_target_space(hr, space)
-
-
-def restrict_index(index, targets: ImplicitTargets):
-    """Stage 1's index limited to the images that have a stored per-image-optimised map."""
-    from loftup.storage.errors import StoreError
-    from loftup.training.data import StoreIndex
-
-    keep = np.isin(index.image_ids, targets.image_ids())
-    if not keep.any():
-        raise StoreError(
-            f"no per-image-optimised features of {targets.backbone}@{targets.res} for the chosen images; "
-            f"run `loftup-pipeline implicit --backbone {targets.backbone} --res {targets.res}` first"
-        )
-    return StoreIndex(index.image_ids[keep], index.shards[keep], without_masks=index.without_masks)

@@ -18,6 +18,7 @@ import numpy as np
 
 from loftup.pipeline.jobs import Job, _file_sha256, _image_failed, _patch_checked, _source_size
 from loftup.storage.errors import LoftupError, StoreError
+from loftup.storage.layout import job_key
 
 # FeatureStore.write_shard takes the dense maps as one in-memory array.
 MAX_DENSE_BYTES = 16 << 30
@@ -35,7 +36,7 @@ class ImplicitJob(Job):
     device: str = "auto"
 
     def __post_init__(self):
-        self.name = f"implicit/{self.backbone}@{self.res}"
+        self.name = job_key("implicit", self.backbone, self.res)
         self.needs_tar = False
         self.num_gpus_wanted = True
 

@@ -23,6 +23,7 @@ import numpy as np
 from loftup.pipeline.jobs import Job
 from loftup.storage.commit import is_local, shard_name
 from loftup.storage.errors import LoftupError, StoreError
+from loftup.storage.layout import feature_set, job_key
 
 __all__ = ["PseudoGTJob", "materialise", "png_shard_dir"]
 
@@ -54,13 +55,13 @@ class PseudoGTJob(Job):
     batch_size: int = 8
 
     def __post_init__(self):
-        self.name = f"pseudogt/{self.backbone}@{self.res}"
+        self.name = job_key("pseudogt", self.backbone, self.res)
         self.num_gpus_wanted = True
 
     # -- config ----------------------------------------------------------------------------------
 
     def upstream(self) -> tuple[str, ...]:
-        return ("masks", f"features/{self.backbone}@{self.res}") + (("images",) if self.png else ())
+        return ("masks", job_key("features", self.backbone, self.res)) + (("images",) if self.png else ())
 
     def config(self) -> dict:
         cfg = super().config()
@@ -92,13 +93,13 @@ class PseudoGTJob(Job):
         if grid and list(grid) != [int(self.geometry)] * 2:
             raise StoreError(
                 f"{self.name} already holds pseudo-GT at {grid[0]}x{grid[1]}; remove "
-                f"{store.path('pseudogt', f'{self.backbone}@{self.res}')} to materialise it at {self.geometry}"
+                f"{store.path('pseudogt', feature_set(self.backbone, self.res))} to materialise it at {self.geometry}"
             )
 
     # -- work ------------------------------------------------------------------------------------
     def _inputs(self, store, shard: int) -> tuple[dict, dict]:
         """The shard's features and masks markers, or one StoreError naming what to run."""
-        feats_job = f"features/{self.backbone}@{self.res}"
+        feats_job = job_key("features", self.backbone, self.res)
         feats_marker = store.marker(feats_job, shard)
         masks_marker = store.marker("masks", shard)
         missing = []
@@ -232,7 +233,7 @@ def png_shard_dir(store, backbone: str, res: int, shard: int, png_dir: str | Non
         return Path(png_dir) / shard_name(shard)
     if not is_local(store.fs):
         raise LoftupError(f"store {store.url} is not local: PNGs need an explicit local png_dir")
-    return Path(store.root) / "pseudogt_png" / f"{backbone}@{int(res)}" / shard_name(shard)
+    return Path(store.root) / "pseudogt_png" / feature_set(backbone, res) / shard_name(shard)
 
 
 def write_png(path, image, masks, target, refined, image_id: int, alpha: float) -> Path:

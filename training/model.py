@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loftup.training import model_files
 from loftup.training.winograd import conv3x3_valid_nhwc, filter_transform
 
 __all__ = [
@@ -773,20 +774,14 @@ class LoftUp(nn.Module):
     @classmethod
     def from_official(cls, state_dict, image_scaling: str = "image", heads: int = 4) -> LoftUp:
         """Build from a state dict in the released layout (dim inferred); eval mode."""
-        from loftup.training.checkpoint import from_official
-
-        return from_official(state_dict, image_scaling=image_scaling, heads=heads)
+        return model_files.from_official(cls, state_dict, image_scaling=image_scaling, heads=heads)
 
     @classmethod
     def from_pretrained(cls, spec, device="cpu", image_scaling: str = "image") -> "LoftUp":
         """A released upsampler (``"dinov2s"``, ``"haiwen/loftup-dinov2s"``) from the local HF
         cache, or a checkpoint file (released layout or ours); never the network."""
-        from loftup.training.checkpoint import resolve_upsampler
-
-        return resolve_upsampler(spec, device=device, image_scaling=image_scaling)[0]
+        return model_files.resolve_upsampler(cls, spec, device=device, image_scaling=image_scaling)[0]
 
     def to_official_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the released checkpoint's key names."""
-        from loftup.training.checkpoint import to_official_state_dict
-
-        return to_official_state_dict(self)
+        return model_files.to_official_state_dict(self)

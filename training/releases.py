@@ -2,7 +2,8 @@
 
 Each release is one ``pytorch_model.bin`` on the Hugging Face hub (``haiwen/loftup-*``) holding
 ``upsampler.*`` + ``channelnorm.*`` (the layout of ``training.model.LoftUp``). Loading never
-touches the network: a release is read from a path the user gives or from the local HF cache.
+touches the network: a release is read from a path the user gives or from the local HF cache
+(``training.checkpoint.load_release``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from loftup.storage.errors import WeightsError
 
-from loftup.storage.errors import LoftupError, WeightsError
-
-__all__ = ["RELEASES", "Release", "find_release", "load_release", "release_file"]
+__all__ = ["RELEASES", "Release", "find_release", "release_file"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,6 @@ def find_release(spec: str) -> Release | None:
     return None
 
 
-def _known() -> str:
-    return ", ".join(RELEASES)
-
-
 def release_file(release: Release) -> Path:
     """The release's file in the local HF cache, or a WeightsError saying how to get it there."""
     from loftup.pipeline.backbones.weights import hf_cached
@@ -71,21 +66,3 @@ def release_file(release: Release) -> Path:
             f"or download it and pass its path"
         )
     return hit
-
-
-def load_release(spec, device: str | torch.device = "cpu", image_scaling: str = "image"):
-    """The released LoftUp named by ``spec`` (see ``find_release``), from the local HF cache, in eval mode.
-
-    ``image_scaling="batch"`` reproduces the released module exactly (image min/max over the
-    batch); the default scales each image on its own (identical for one image).
-    """
-    from loftup.training.checkpoint import load_official
-
-    release = find_release(spec)
-    if release is None:
-        raise LoftupError(f"unknown LoftUp release {spec!r}; known: {_known()}")
-    path = release_file(release)
-    model = load_official(path, image_scaling=image_scaling, device=device)
-    if model.dim != release.dim:
-        raise WeightsError(f"{path} holds a {model.dim}-d upsampler, but {release.name} is {release.dim}-d")
-    return model

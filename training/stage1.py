@@ -127,7 +127,7 @@ class Stage1:
         self.index = build_index(store, ["images", "masks", f"features/{cfg.backbone}@{cfg.res}"], cfg.shards)
         self.implicit = None
         if cfg.target == "implicit":
-            from loftup.training.implicit import ImplicitTargets, restrict_index
+            from loftup.training.implicit_targets import ImplicitTargets, restrict_index
 
             self.implicit = ImplicitTargets(store, cfg.backbone, cfg.res, d.device)
             self.index = restrict_index(self.index, self.implicit)
