@@ -111,6 +111,7 @@ class Stage1:
 
     def __init__(self, cfg: Stage1Config, d):
         from loftup.storage import open_store
+        from loftup.storage.layout import job_key
         from loftup.training.data import Stage1Dataset, build_index, check_features
         from loftup.training.losses import AttentionDownsampler, ScaleNet
         from loftup.training.model import LoftUp
@@ -124,7 +125,7 @@ class Stage1:
         store = open_store(cfg.store)
         check_features(store, cfg.backbone, cfg.res)
         fs = store.features(cfg.backbone, cfg.res)
-        self.index = build_index(store, ["images", "masks", f"features/{cfg.backbone}@{cfg.res}"], cfg.shards)
+        self.index = build_index(store, ["images", "masks", job_key("features", cfg.backbone, cfg.res)], cfg.shards)
         self.implicit = None
         if cfg.target == "implicit":
             from loftup.training.implicit_targets import ImplicitTargets, restrict_index
