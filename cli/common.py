@@ -9,6 +9,8 @@ for a bug.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import sys
 
 import typer
@@ -16,7 +18,32 @@ from rich.console import Console
 
 from loftup.storage.errors import LoftupError, error_line, os_error_in
 
+# Results (tables, JSON) go to stdout, so that `loftup-store info | jq` works; messages and
+# progress go to stderr.
 console = Console(stderr=True)
+stdout = Console()
+
+
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout (for jq and scripts).")
+
+
+def _finite(value):
+    """JSON has no NaN or infinity (jq and most parsers refuse them): write null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_json(value) -> None:
+    """One JSON document on stdout (``--json``)."""
+    text = json.dumps(_finite(json.loads(json.dumps(value, default=str))), indent=1, allow_nan=False)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
 
 INTERRUPTED = "interrupted; completed work is kept, rerun to resume"
 
@@ -89,3 +116,23 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
             _fail(INTERRUPTED, 130)
         sys.exit(rv)
     sys.exit(0)
+
+
+def feature_set(store, backbone: str | None, res: int | None) -> tuple[str, int]:
+    """``--backbone``/``--res`` of stored features, each defaulting to what the store holds: the
+    one feature set that fits what was given. Given both, they are taken as they are (reading
+    them says what is missing); where several fit, one error lists them."""
+    if backbone is not None and res is not None:
+        return backbone, res
+    sets = [name.rsplit("@", 1) for name in store.feature_sets()]
+    fits = [(b, int(r)) for b, r in sets if backbone in (None, b) and res in (None, int(r))]
+    if len(fits) == 1:
+        return fits[0]
+    have = ", ".join(store.feature_sets()) or "none"
+    if not fits:
+        if backbone is not None:
+            return backbone, 224 if res is None else res
+        if res is None:
+            raise LoftupError("the store has no features yet: run `loftup-pipeline features` first")
+        raise LoftupError(f"no stored feature set fits --res {res}; the store has: {have}")
+    raise LoftupError(f"the store has several feature sets ({have}): choose one with --backbone and --res")

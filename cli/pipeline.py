@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from loftup.cli.common import console, run
+from loftup.cli.common import JsonOpt, console, print_json, run, stdout
 from loftup.storage.errors import LoftupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -454,11 +454,12 @@ def implicit(
 
 
 @app.command()
-def status(store: str = StoreOpt):
+def status(store: str = StoreOpt, as_json: bool = JsonOpt):
     """Per job: shards done, images, failures, bytes, throughput."""
-    from loftup.cli.store import print_status
+    from loftup.cli.store import status_json, status_table
 
-    print_status(_open(store, create=False))
+    st = _open(store, create=False)
+    print_json(status_json(st)) if as_json else stdout.print(status_table(st))
 
 
 @app.command()

@@ -1,0 +1,156 @@
+"""The console scripts as a pipe sees them: results on stdout (``--json`` parses, and its values
+match the store's files read here with pyarrow), messages on stderr, exit codes; the store as
+``--store`` or positionally; defaults taken from what the store holds. Uses the ``world`` fixture
+(conftest.py) and the forked-process driver of faultlib.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from faultlib import run_cases
+from loftup.storage import open_store
+
+HED_DIM, HED_GRID = 512, 14  # what hed_vgg16 gives at 224
+# evaluate masks at a small size on few masks: its scoring takes seconds per image at 224
+CHEAP = ["--upsampler", "bilinear", "--size", "56", "--max-masks", "8"]
+
+
+def _rows(root, folder: str) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in sorted((root / folder).rglob("*.parquet")))
+
+
+@pytest.fixture(scope="module")
+def stores(world, tmp_path_factory):
+    """The world's store, a copy whose only features are hed_vgg16's, and one with both sets."""
+    base = tmp_path_factory.mktemp("cli")
+    hed, two = base / "hed", base / "two"
+    shutil.copytree(world["store"], hed)
+    shutil.rmtree(hed / "features" / "dinov2_vits14@224")
+    shutil.rmtree(hed / "_status" / "features__dinov2_vits14@224")
+    for root in (hed,):
+        st = open_store(root)
+        for shard in (0, 1):
+            ids = st.image_ids(shard)
+            feats = np.random.default_rng(shard).standard_normal((len(ids), HED_DIM, HED_GRID, HED_GRID))
+            fstore = st.features("hed_vgg16", 224)
+            fstore.write_shard(shard, feats.astype(np.float16), ids, info={"patch": 16})
+            st.write_marker(fstore.job, shard, {"images": len(ids), "errors": 0, "config_hash": "test"})
+    shutil.copytree(hed, two)
+    shutil.copytree(world["store"] / "features" / "dinov2_vits14@224", two / "features" / "dinov2_vits14@224")
+    shutil.copytree(
+        world["store"] / "_status" / "features__dinov2_vits14@224", two / "_status" / "features__dinov2_vits14@224"
+    )
+    damaged = base / "damaged"
+    shutil.copytree(world["store"], damaged)
+    (damaged / "masks" / "shard=000001" / "part-0.parquet").unlink()
+    return {"store": world["store"], "hed": hed, "two": two, "damaged": damaged, "root": base, "tars": world["tars"]}
+
+
+@pytest.fixture(scope="module")
+def results(stores):
+    """Every case of both tests, run in one driver process (its start costs seconds)."""
+    s, r = stores["store"], stores["root"]
+    hed, two = stores["hed"], stores["two"]
+    image_id = int(open_store(s).image_ids(0)[0])
+    hed_image = int(open_store(hed).image_ids(0)[0])
+    evaluate = ["evaluate", "masks", "--shards", "0", *CHEAP, "--json"]
+    json_cases = [
+        ("loftup-store", ["info", "--store", s, "--json"]),
+        ("loftup-store", ["info", s, "--json"]),  # the positional store, as before
+        ("loftup-store", ["status", "--store", s, "--json"]),
+        ("loftup-pipeline", ["status", "--store", s, "--json"]),
+        ("loftup-store", ["masks", "--store", s, "--json"]),
+        ("loftup-store", ["masks", s, "--image-id", image_id, "--limit", "1", "--json"]),
+        ("loftup-store", ["masks", "--store", s, "--limit", "2"]),
+        ("loftup-store", ["verify", "--store", s, "--json"]),
+        ("loftup-store", ["verify", "--store", stores["damaged"], "--json"]),
+        (
+            "loftup-pipeline",
+            ["masks", "--shards", "0-3", "--sa1b-root", stores["tars"], "--store", r / "fail"]
+            + ["--executor", "inline", "--sizes", "224"],
+        ),
+        ("loftup-store", ["errors", "--store", r / "fail", "--json"]),
+        ("loftup-store", ["status", "--store", r / "fail"]),
+        ("loftup-train", ["evaluate", "masks", "--store", s, "--shards", "0", *CHEAP, "--json"]),
+        ("loftup-store", ["info"]),
+    ]
+    default_cases = [
+        ("loftup-train", [*evaluate, "--store", hed]),
+        ("loftup-store", ["show", "--store", hed, "--image-id", hed_image, "--out", r / "hed.png"]),
+        ("loftup-train", [*evaluate, "--store", two]),
+        ("loftup-store", ["show", "--store", two, "--image-id", hed_image, "--out", r / "two.png"]),
+        ("loftup-train", [*evaluate, "--store", two, "--res", "224", "--backbone", "hed_vgg16"]),
+    ]
+    res = run_cases(json_cases + default_cases)
+    for (script, args), got in zip(json_cases + default_cases, res):
+        assert "Traceback" not in got["err"], (script, args, got["err"])
+    return res[: len(json_cases)], res[len(json_cases) :]
+
+
+def test_every_reporting_command_prints_json_on_stdout_that_matches_the_files(stores, results):
+    s, r = stores["store"], stores["root"]
+    image_id = int(open_store(s).image_ids(0)[0])
+    res = results[0]
+    info, info_pos, status, pstatus, masks, one, table, ok, bad, run, errors, fstatus, ev, nostore = res
+    codes = [g["rc"] for g in res]
+    assert codes == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 2], codes
+
+    manifest = json.loads((s / "manifest.json").read_text())
+    assert json.loads(info["out"]) == manifest == json.loads(info_pos["out"])
+
+    jobs = json.loads(status["out"])["jobs"]
+    assert json.loads(pstatus["out"])["jobs"] == jobs
+    assert sorted(jobs) == ["features/dinov2_vits14@224", "images", "masks"]
+    assert jobs["images"]["images"] == _rows(s, "images") and jobs["masks"]["shards"] == 2
+    assert jobs["masks"]["masks"] == _rows(s, "masks")
+
+    m = json.loads(masks["out"])
+    files = sorted((s / "masks").rglob("*.parquet"))
+    on_disk = [pq.read_table(p, columns=["image_id", "ann_id", "area"]).to_pylist() for p in files]
+    key = lambda x: (x["image_id"], x["ann_id"], x["area"])
+    assert m["masks"] == _rows(s, "masks") == len(m["rows"]) > 2
+    assert sorted(map(key, m["rows"])) == sorted(key(x) for rows in on_disk for x in rows)
+    o = json.loads(one["out"])
+    assert len(o["rows"]) == 1 and o["rows"][0]["image_id"] == image_id
+    assert o["masks"] == sum(x["image_id"] == image_id for x in m["rows"])
+    assert f"showing 2 of {m['masks']} rows" in " ".join(table["out"].split()) and table["err"] == ""
+
+    assert json.loads(ok["out"]) == {"ok": True, "deep": False, "problems": []}
+    b = json.loads(bad["out"])
+    assert not b["ok"] and any("part-0.parquet" in p for p in b["problems"])
+
+    e = json.loads(errors["out"])
+    err_files = sorted((r / "fail" / "_errors").rglob("*.parquet"))
+    assert e["errors"] == len(e["rows"]) == sum(pq.read_metadata(p).num_rows for p in err_files) >= 2
+    assert {x["shard"] for x in e["rows"] if x["stage"] == "shard"} == {2, 3}
+    assert "task s: seconds of shard work, summed over shards" in " ".join(fstatus["out"].split())
+
+    result = json.loads(ev["out"])
+    assert (
+        result["_run"]["backbone"] == "dinov2_vits14"
+        and result["_run"]["images"] == len(open_store(s).image_ids(0)) == 2
+    )
+    assert 0.0 <= result["bilinear"]["prototype_miou"] <= 1.0
+    assert "protocol:" in ev["err"] and "protocol" not in ev["out"].split("{", 1)[0]
+    assert nostore["err"].strip().splitlines()[-1].endswith("give the store: --store STORE")
+
+
+def test_features_default_to_the_stores_and_several_are_listed(stores, results):
+    r = stores["root"]
+    res = results[1]
+    assert [g["rc"] for g in res] == [0, 0, 2, 2, 0], [g["err"][-500:] for g in res]
+    ev = json.loads(res[0]["out"])
+    assert ev["_run"]["backbone"] == "hed_vgg16" and ev["_protocol"]["res"] == 224
+    assert "hed_vgg16@224 PCA" in res[1]["err"] and (r / "hed.png").stat().st_size > 1000
+    for got in res[2:4]:
+        assert got["err"].strip().splitlines() == [
+            "error: the store has several feature sets (dinov2_vits14@224, hed_vgg16@224): "
+            "choose one with --backbone and --res"
+        ]
+    assert not (r / "two.png").exists()
+    assert json.loads(res[4]["out"])["_run"]["backbone"] == "hed_vgg16"
