@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import sys
+import typing
 
 import typer
 from rich.console import Console
@@ -81,6 +82,63 @@ def _os_error(exc: OSError) -> None:
     _fail(error_line(exc), 2)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from loftup import __version__
+
+        print(f"loftup {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = typer.Option(
+    False, "--version", callback=_show_version, is_eager=True, help="Show the version and exit.", show_default=False
+)
+
+# Metavars a user reads: by option name first, else by type (typer would print <str>, <list[Path]>).
+_METAVARS_BY_NAME = {"store": "STORE", "shards": "SHARDS", "sa1b_root": "DIR"}
+_METAVARS_BY_TYPE = {"integer": "INTEGER", "float": "NUMBER", "text": "TEXT", "path": "PATH"}
+
+
+def _metavar(param) -> str:
+    if param.name in _METAVARS_BY_NAME:
+        return _METAVARS_BY_NAME[param.name]
+    desc = getattr(param, "type_descriptor", None)  # typer >= 0.26; older typers give click's type
+    if desc is None:
+        kind = getattr(getattr(param, "type", None), "name", "")
+    elif desc.choices is not None:
+        return "|".join(map(str, desc.choices))
+    else:
+        annotation = typing.get_args(desc.annotation)[0] if desc.is_list else desc.annotation
+        kind = "path" if desc.is_path else {int: "integer", float: "float", str: "text"}.get(annotation, "")
+    return _METAVARS_BY_TYPE.get(kind, "VALUE")
+
+
+def _for_users(cmd, name: str) -> None:
+    """Help for users, set once for every command of a CLI: -h beside --help, metavars a user
+    reads, and docstrings' ``literal`` quoting shown as `literal`."""
+    for attr in ("help", "short_help"):
+        if getattr(cmd, attr, None):
+            setattr(cmd, attr, getattr(cmd, attr).replace("``", "`"))
+    ctx = cmd.context_class(cmd, info_name=name, help_option_names=["-h", "--help"])
+    help_option = cmd.get_help_option(ctx)  # made once per command and kept: -h from here on
+    for param in [*cmd.params, *([help_option] if help_option else [])]:
+        if param.param_type_name == "argument":
+            # The name says what it is (IMAGE, OUT): no <path> beside it, no {IMAGE} in the usage line.
+            param.metavar = shown = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: None
+            param._usage_display_name = lambda shown=shown, required=param.required: shown if required else f"[{shown}]"
+        if param.param_type_name != "option":
+            continue
+        if param.help:
+            param.help = param.help.replace("``", "`")
+        if param.is_flag:
+            param.metavar = ""
+        else:
+            param.metavar = _metavar(param)
+    for sub_name, sub in getattr(cmd, "commands", {}).items():
+        _for_users(sub, sub_name)
+
+
 def run(app: typer.Typer, args: list[str] | None = None) -> None:
     """Run ``app`` and exit with its code (never returns)."""
     # standalone_mode=False so that our errors reach us unformatted; in that mode typer/click
@@ -88,8 +146,10 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
     exit_types = _click_types("Exit") + (typer.Exit,)
     abort_types = _click_types("Abort") + (typer.Abort,)
     click_errors = _click_types("ClickException")
+    command = typer.main.get_command(app)
+    _for_users(command, app.info.name or "")
     try:
-        rv = app(args=args, standalone_mode=False)
+        rv = command(args=args, standalone_mode=False)
     except KeyboardInterrupt:
         _fail(INTERRUPTED, 130)
     except LoftupError as exc:

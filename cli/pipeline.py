@@ -1,4 +1,4 @@
-"""``loftup-pipeline``: Ray jobs over SA-1B shards. Thin: parse, call the library, print."""
+"""``loftup-pipeline``: Ray jobs over SA-1B shards."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ from typing import Optional
 
 import typer
 
-from loftup.cli.common import JsonOpt, console, print_json, run, stdout
+from loftup.cli.common import VersionOpt, JsonOpt, console, print_json, run, stdout
 from loftup.storage.errors import LoftupError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """Ray jobs over SA-1B tar shards that fill a store: images, masks, features, pseudo-GT and the
+per-image optimisation baseline. A job skips the shards it has already done: rerun it to resume."""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+
+@app.callback()
+def _options(version: bool = VersionOpt) -> None:
+    pass
+
 
 ShardsOpt = typer.Option(
     ..., "--shards", help="Shards to process, e.g. '0-99,120,200-210' (shard n is sa_<n:06d>.tar)."
@@ -350,7 +358,7 @@ def pseudogt(
         None, help="At most this many images per shard (pseudo-GT is ~38 MB/image at 224x224x384 fp16)."
     ),
     png_dir: Optional[str] = typer.Option(None, help="Where to write PNGs (default: inside a local store)."),
-    no_png: bool = typer.Option(False, help="Do not write PNGs."),
+    png: bool = typer.Option(True, "--png/--no-png", help="Write PNGs of bicubic vs refined pseudo-GT."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
     ray_address: Optional[str] = RayOpt,
     executor: str = ExecOpt,
@@ -374,7 +382,7 @@ def pseudogt(
         alpha=alpha,
         max_masks=max_masks,
         limit=limit,
-        png=not no_png,
+        png=png,
         png_dir=png_dir,
         device=device,
     )

@@ -15,10 +15,18 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from loftup.cli.common import JsonOpt, console, print_json, run, stdout
+from loftup.cli.common import VersionOpt, JsonOpt, console, print_json, run, stdout
 from loftup.storage.errors import LoftupError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """Inspect and query a store: manifest, job status, errors, masks and features; export its masks
+as COCO; browse it as an HTML gallery. Needs neither torch nor Ray. From Python:
+loftup.storage.open_store(path)."""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+
+@app.callback()
+def _options(version: bool = VersionOpt) -> None:
+    pass
 
 
 def _open(store: str):
@@ -29,7 +37,7 @@ def _open(store: str):
 
 StoreOpt = typer.Option(None, "--store", help="Store root: a local path or an fsspec URL.", show_default=False)
 # The store as a positional argument, as these commands took it before --store: kept working, not shown.
-StorePos = typer.Argument(None, metavar="[STORE]", hidden=True, show_default=False)
+StorePos = typer.Argument(None, metavar="STORE", hidden=True, show_default=False)
 
 
 def _either(positional: Optional[str], option: Optional[str]) -> str:

@@ -1,4 +1,4 @@
-"""``loftup-train``: Stage 1, Stage 2, evaluation and inference. Thin: parse, call the library, print.
+"""``loftup-train``: Stage 1, Stage 2, evaluation and inference.
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N $(which loftup-train) stage1 ...``.
 """
@@ -12,10 +12,17 @@ import dataclasses
 
 import typer
 
-from loftup.cli.common import JsonOpt, console, print_json, run
+from loftup.cli.common import VersionOpt, JsonOpt, console, print_json, run
 from loftup.storage.errors import LoftupError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """Train LoftUp (Stage 1, Stage 2), evaluate upsamplers with the paper's probes, and upsample
+images. On several GPUs or nodes: torchrun --nproc_per_node N $(which loftup-train) stage1 ..."""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+
+@app.callback()
+def _options(version: bool = VersionOpt) -> None:
+    pass
 
 
 def _ints(text: Optional[str]) -> Optional[list[int]]:

@@ -154,3 +154,40 @@ def test_features_default_to_the_stores_and_several_are_listed(stores, results):
         ]
     assert not (r / "two.png").exists()
     assert json.loads(res[4]["out"])["_run"]["backbone"] == "hed_vgg16"
+
+
+def _commands(cmd, path=()):
+    yield path
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_and_version_of_every_command_are_for_users(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    import typer
+
+    from loftup.cli import pipeline, store, train
+    from loftup.cli.common import run
+
+    monkeypatch.setenv("COLUMNS", "80")
+    seen = 0
+    for script, app in (("loftup-pipeline", pipeline.app), ("loftup-train", train.app), ("loftup-store", store.app)):
+        monkeypatch.setattr("sys.argv", [script])
+        with pytest.raises(SystemExit) as exc:
+            run(app, ["--version"])
+        assert exc.value.code == 0 and capsys.readouterr().out == f"loftup {version('loftup')}\n"
+        for path in _commands(typer.main.get_command(app)):
+            texts = []
+            for flag in ("-h", "--help") if not path else ("-h",):
+                with pytest.raises(SystemExit) as exc:
+                    run(app, [*path, flag])
+                got = capsys.readouterr()
+                assert exc.value.code == 0 and got.err == "", (path, got.err)
+                texts.append(got.out)
+            text = texts[0]
+            assert texts[0] == texts[-1] and "Usage:" in text and "-h" in text, path
+            for bad in ("<bool>", "<str>", "<int>", "<float>", "<path>", "<list", "``", "Thin:", "--no-no-", "{"):
+                assert bad not in text, (script, path, bad, text)
+            seen += 1
+    assert seen >= 20
