@@ -196,3 +196,11 @@ def feature_set(store, backbone: str | None, res: int | None) -> tuple[str, int]
             raise LoftupError("the store has no features yet: run `loftup-pipeline features` first")
         raise LoftupError(f"no stored feature set fits --res {res}; the store has: {have}")
     raise LoftupError(f"the store has several feature sets ({have}): choose one with --backbone and --res")
+
+
+def renamed(value, old, flag: str, old_flag: str, default=None):
+    """An option and the hidden old name it replaced (kept so that scripts keep working): the old
+    one when given, unless the new one was given a different value too."""
+    if old is not None and value not in (None, default, old):
+        raise typer.BadParameter(f"{flag} {value} and {old_flag} {old} disagree (the same option)", param_hint=flag)
+    return value if old is None else old

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from loftup.cli.common import VersionOpt, JsonOpt, console, print_json, run, stdout
+from loftup.cli.common import JsonOpt, VersionOpt, console, print_json, renamed, run, stdout
 from loftup.storage.errors import LoftupError
 
 HELP = """Ray jobs over SA-1B tar shards that fill a store: images, masks, features, pseudo-GT and the
@@ -42,6 +42,8 @@ MemOpt = typer.Option(
     "--memory-per-task",
     help="GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none).",
 )
+# --sizes was the name of --geometries (--size now means an output size only): accepted, not shown.
+OldSizesOpt = typer.Option(None, "--sizes", hidden=True)
 OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
 CheckOpt = typer.Option(
     "checksums",
@@ -193,9 +195,10 @@ def masks(
         "sa1b",
         help="Mask source: sa1b (the tar's annotations), sam (SAM automatic generation), felzenszwalb (CPU demo).",
     ),
-    sizes: str = typer.Option(
+    geometries: str = typer.Option(
         "224,896", help="Training geometries the masks are re-encoded into (short side + centre crop)."
     ),
+    sizes: Optional[str] = OldSizesOpt,
     sam_checkpoint: Optional[str] = typer.Option(
         None, help="SAM checkpoint file (sam_vit_h_4b8939.pth, ...) for --source sam."
     ),
@@ -241,7 +244,7 @@ def masks(
         ):
             if value is not None:
                 opts[key] = value
-    size_t = _sizes(sizes)
+    size_t = _sizes(renamed(geometries, sizes, "--geometries", "--sizes", default="224,896"))
     job = MasksJob(source=source, source_options=opts, sizes=size_t)
     _run(
         job,
@@ -264,7 +267,8 @@ def images(
     shards: str = ShardsOpt,
     sa1b_root: str = RootOpt,
     store: str = StoreOpt,
-    sizes: str = typer.Option("224,896", help="Training geometries (short side + centre crop), JPEG-encoded."),
+    geometries: str = typer.Option("224,896", help="Training geometries (short side + centre crop), JPEG-encoded."),
+    sizes: Optional[str] = OldSizesOpt,
     quality: int = typer.Option(95, help="JPEG quality of the stored images."),
     ray_address: Optional[str] = RayOpt,
     executor: str = ExecOpt,
@@ -280,7 +284,7 @@ def images(
     from loftup.pipeline.shards import resolve_shards
 
     shard_list = resolve_shards(shards, sa1b_root)
-    size_t = _sizes(sizes)
+    size_t = _sizes(renamed(geometries, sizes, "--geometries", "--sizes", default="224,896"))
     job = ImagesJob(sizes=size_t, quality=quality)
     _run(
         job,

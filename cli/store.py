@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from loftup.cli.common import VersionOpt, JsonOpt, console, print_json, run, stdout
+from loftup.cli.common import JsonOpt, VersionOpt, console, print_json, renamed, run, stdout
 from loftup.storage.errors import LoftupError
 
 HELP = """Inspect and query a store: manifest, job status, errors, masks and features; export its masks
@@ -141,7 +141,8 @@ def masks(
     store_pos: Optional[str] = StorePos,
     store: Optional[str] = StoreOpt,
     image_id: Optional[int] = typer.Option(None, help="Only this image."),
-    shard: Optional[int] = typer.Option(None, help="Only this shard."),
+    shards: Optional[str] = typer.Option(None, help="Only these shards, e.g. 0-3,7."),
+    shard: Optional[int] = typer.Option(None, "--shard", hidden=True),  # the old name of --shards N
     min_area: Optional[int] = typer.Option(None, help="Only masks at least this large (original pixels)."),
     columns: str = typer.Option(
         "image_id,ann_id,order,area,bbox,predicted_iou,stability_score,source", help="Columns to show."
@@ -156,10 +157,14 @@ def masks(
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
+    from loftup.pipeline.shards import parse_shards
+
+    spec = renamed(shards, None if shard is None else str(shard), "--shards", "--shard")
+    wanted = parse_shards(spec) if spec else None
     expr = None
     for cond in (
         ds.field("image_id") == image_id if image_id is not None else None,
-        ds.field("shard") == shard if shard is not None else None,
+        ds.field("shard").isin(wanted) if wanted else None,
         ds.field("area") >= min_area if min_area is not None else None,
     ):
         if cond is not None:
@@ -218,18 +223,20 @@ def show(
     store: Optional[str] = StoreOpt,
     image_id: int = typer.Option(..., help="Image to render."),
     out: Path = typer.Option(Path("show.png"), help="PNG to write."),
-    size: int = typer.Option(224, help="Stored geometry to render."),
+    geometry: int = typer.Option(224, help="Stored geometry to render."),
+    size: Optional[int] = typer.Option(None, "--size", hidden=True),  # the old name of --geometry
     backbone: Optional[str] = typer.Option(
         None, help="Also render this backbone's stored features as PCA colours (default: the store's one feature set)."
     ),
     res: Optional[int] = typer.Option(None, help="Backbone input size of those features (default: from the store)."),
     top: int = typer.Option(30, help="Masks drawn: the largest this many (0: all)."),
-    min_area: int = typer.Option(0, help="Masks drawn: only those of at least this many pixels at --size."),
+    min_area: int = typer.Option(0, help="Masks drawn: only those of at least this many pixels at --geometry."),
 ):
     """Render an image with its largest masks overlaid (and its stored features as PCA colours)."""
     from loftup.cli.common import feature_set
     from loftup.pictures import pca_picture, save_panels, show_masks, thin_masks
 
+    size = renamed(geometry, size, "--geometry", "--size", default=224)
     st = _open(_either(store_pos, store))
     img = st.image(image_id, size)
     rles = st.masks_for(image_id, size=size)
@@ -254,10 +261,11 @@ def export_coco(
     shards: Optional[str] = typer.Option(
         None, help="Shards to export, e.g. 0-9,12 (default: every committed masks shard)."
     ),
-    size: Optional[int] = typer.Option(
+    geometry: Optional[int] = typer.Option(
         None,
         help="A stored geometry (e.g. 224): its masks, with the stored crops written beside the JSON. Default: original size.",
     ),
+    size: Optional[int] = typer.Option(None, "--size", hidden=True),  # the old name of --geometry
 ):
     """Masks as COCO instance JSON (category 'object', RLE segmentations), one file per shard,
     for pycocotools, FiftyOne or CVAT."""
@@ -272,6 +280,7 @@ def export_coco(
         raise LoftupError(
             f"no committed masks for shard(s) {', '.join(map(str, missing))}; committed: {', '.join(map(str, done)) or 'none'}"
         )
+    size = renamed(geometry, size, "--geometry", "--size")
     for shard in chosen:
         r = export(st, shard, out, size=size)
         console.print(f"wrote {r['path']}: {r['images']} images, {r['annotations']} masks")

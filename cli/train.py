@@ -12,7 +12,8 @@ import dataclasses
 
 import typer
 
-from loftup.cli.common import VersionOpt, JsonOpt, console, print_json, run
+from loftup.cli.infer import upsample
+from loftup.cli.common import JsonOpt, VersionOpt, console, print_json, renamed, run
 from loftup.storage.errors import LoftupError
 
 HELP = """Train LoftUp (Stage 1, Stage 2), evaluate upsamplers with the paper's probes, and upsample
@@ -207,9 +208,7 @@ _OLD_RES = typer.Option(None, "--backbone-res", hidden=True)
 
 
 def _res(res: Optional[int], old: Optional[int]) -> Optional[int]:
-    if res is not None and old is not None and res != old:
-        raise typer.BadParameter(f"--res {res} and --backbone-res {old} disagree", param_hint="--res")
-    return res if res is not None else old
+    return renamed(res, old, "--res", "--backbone-res")
 
 
 @evaluate_app.command("seg")
@@ -367,41 +366,8 @@ def evaluate_make_tiny_data(
     console.print(f"wrote a tiny {layout} dataset to {path}")
 
 
-@app.command()
-def upsample(
-    image: Path = typer.Argument(..., help="Image file to upsample the features of."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Our checkpoint (stage1/stage2 .safetensors)."),
-    official: Optional[str] = typer.Option(
-        None,
-        help="A released LoftUp: dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2 (local HF cache) or its .bin path.",
-    ),
-    backbone: Optional[str] = typer.Option(
-        None,
-        help="Backbone for the low-res features (default: the one the upsampler was trained for, else dinov2_vits14).",
-    ),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
-    random_init: bool = typer.Option(False, help="Random backbone weights (demos)."),
-    backbone_res: int = typer.Option(224, help="Backbone input size."),
-    size: int = typer.Option(448, help="Output feature resolution."),
-    out: Path = typer.Option(Path("upsampled"), help="Output directory."),
-    fmt: str = typer.Option("safetensors", help="Feature file format: safetensors or npy."),
-):
-    """Upsample one image's features; writes the HR features and a PCA picture (with bilinear)."""
-    from loftup.training.inference import upsample_image
-
-    result = upsample_image(
-        image,
-        checkpoint=checkpoint,
-        official=official,
-        backbone=backbone,
-        weights=weights,
-        random_init=random_init,
-        backbone_res=backbone_res,
-        size=size,
-        out_dir=out,
-        fmt=fmt,
-    )
-    _summary("upsample", {k: str(v) for k, v in result.items()})
+# Inference is `loftup upsample` (cli/infer.py); this spelling stays for the scripts that use it.
+app.command("upsample", hidden=True, help="The same as `loftup upsample`.")(upsample)
 
 
 def main() -> None:

@@ -72,12 +72,14 @@ def results(stores):
         (
             "loftup-pipeline",
             ["masks", "--shards", "0-3", "--sa1b-root", stores["tars"], "--store", r / "fail"]
-            + ["--executor", "inline", "--sizes", "224"],
+            + ["--executor", "inline", "--geometries", "224"],
         ),
         ("loftup-store", ["errors", "--store", r / "fail", "--json"]),
         ("loftup-store", ["status", "--store", r / "fail"]),
         ("loftup-train", ["evaluate", "masks", "--store", s, "--shards", "0", *CHEAP, "--json"]),
         ("loftup-store", ["info"]),
+        ("loftup-store", ["masks", "--store", s, "--shards", "1", "--json"]),
+        ("loftup-store", ["masks", s, "--shard", "1", "--json"]),  # the old name of --shards
     ]
     default_cases = [
         ("loftup-train", [*evaluate, "--store", hed]),
@@ -96,9 +98,9 @@ def test_every_reporting_command_prints_json_on_stdout_that_matches_the_files(st
     s, r = stores["store"], stores["root"]
     image_id = int(open_store(s).image_ids(0)[0])
     res = results[0]
-    info, info_pos, status, pstatus, masks, one, table, ok, bad, run, errors, fstatus, ev, nostore = res
+    info, info_pos, status, pstatus, masks, one, table, ok, bad, run, errors, fstatus, ev, nostore, s1, s1_old = res
     codes = [g["rc"] for g in res]
-    assert codes == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 2], codes
+    assert codes == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 2, 0, 0], codes
 
     manifest = json.loads((s / "manifest.json").read_text())
     assert json.loads(info["out"]) == manifest == json.loads(info_pos["out"])
@@ -115,6 +117,8 @@ def test_every_reporting_command_prints_json_on_stdout_that_matches_the_files(st
     key = lambda x: (x["image_id"], x["ann_id"], x["area"])
     assert m["masks"] == _rows(s, "masks") == len(m["rows"]) > 2
     assert sorted(map(key, m["rows"])) == sorted(key(x) for rows in on_disk for x in rows)
+    shard1 = json.loads(s1["out"])
+    assert shard1 == json.loads(s1_old["out"]) and shard1["masks"] == _rows(s / "masks", "shard=000001") > 0
     o = json.loads(one["out"])
     assert len(o["rows"]) == 1 and o["rows"][0]["image_id"] == image_id
     assert o["masks"] == sum(x["image_id"] == image_id for x in m["rows"])
@@ -167,12 +171,13 @@ def test_help_and_version_of_every_command_are_for_users(monkeypatch, capsys):
 
     import typer
 
-    from loftup.cli import pipeline, store, train
+    from loftup.cli import infer, pipeline, store, train
     from loftup.cli.common import run
 
     monkeypatch.setenv("COLUMNS", "80")
     seen = 0
-    for script, app in (("loftup-pipeline", pipeline.app), ("loftup-train", train.app), ("loftup-store", store.app)):
+    apps = {"loftup": infer.app, "loftup-pipeline": pipeline.app, "loftup-train": train.app, "loftup-store": store.app}
+    for script, app in apps.items():
         monkeypatch.setattr("sys.argv", [script])
         with pytest.raises(SystemExit) as exc:
             run(app, ["--version"])
@@ -187,7 +192,15 @@ def test_help_and_version_of_every_command_are_for_users(monkeypatch, capsys):
                 texts.append(got.out)
             text = texts[0]
             assert texts[0] == texts[-1] and "Usage:" in text and "-h" in text, path
+            for hidden in ("--backbone-res", "--sizes", "--shard ", "--json PATH"):  # old names, still accepted
+                assert hidden not in text or (hidden == "--sizes" and path == ("stage2",)), (script, path, hidden)
             for bad in ("<bool>", "<str>", "<int>", "<float>", "<path>", "<list", "``", "Thin:", "--no-no-", "{"):
                 assert bad not in text, (script, path, bad, text)
             seen += 1
     assert seen >= 20
+    # `loftup upsample` is a console script of its own
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["loftup"] == "loftup.cli:loftup_main" and set(apps) <= set(scripts)
