@@ -178,11 +178,12 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
     sys.exit(0)
 
 
-def feature_set(store, backbone: str | None, res: int | None) -> tuple[str, int]:
+def feature_set(store, backbone: str | None, res: int | None, strict: bool = False) -> tuple[str, int]:
     """``--backbone``/``--res`` of stored features, each defaulting to what the store holds: the
-    one feature set that fits what was given. Given both, they are taken as they are (reading
-    them says what is missing); where several fit, one error lists them."""
-    if backbone is not None and res is not None:
+    one feature set that fits what was given; where several fit, one error lists them. Given both
+    (or a backbone the store lacks), they are taken as they are unless ``strict`` (then one error
+    lists the sets there are); reading them says what is missing."""
+    if backbone is not None and res is not None and not strict:
         return backbone, res
     sets = [name.rsplit("@", 1) for name in store.feature_sets()]
     fits = [(b, int(r)) for b, r in sets if backbone in (None, b) and res in (None, int(r))]
@@ -190,6 +191,9 @@ def feature_set(store, backbone: str | None, res: int | None) -> tuple[str, int]
         return fits[0]
     have = ", ".join(store.feature_sets()) or "none"
     if not fits:
+        if strict:
+            want = f"{backbone or '*'}@{res or '*'}"
+            raise LoftupError(f"the store has no features {want}; it has: {have} (loftup-pipeline features makes them)")
         if backbone is not None:
             return backbone, 224 if res is None else res
         if res is None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from loftup.cli.common import JsonOpt, VersionOpt, console, print_json, renamed, run, stdout
+from loftup.cli.common import JsonOpt, VersionOpt, console, feature_set, print_json, renamed, run, stdout
 from loftup.storage.errors import LoftupError
 
 HELP = """Ray jobs over SA-1B tar shards that fill a store: images, masks, features, pseudo-GT and the
@@ -353,8 +353,10 @@ def features(
 def pseudogt(
     shards: str = ShardsOpt,
     store: str = StoreOpt,
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone of the stored features."),
-    res: int = typer.Option(224, help="Backbone input size of the stored features."),
+    backbone: Optional[str] = typer.Option(
+        None, help="Backbone of the stored features (default: the store's feature set)."
+    ),
+    res: Optional[int] = typer.Option(None, help="Backbone input size of the stored features (default: the store's)."),
     geometry: int = typer.Option(224, help="Stored mask geometry = pseudo-GT size."),
     alpha: float = typer.Option(0.8, help="Mask refinement strength (Eq. 1)."),
     max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
@@ -379,6 +381,7 @@ def pseudogt(
     from loftup.training.materialise import PseudoGTJob
 
     st = _open(store, create=False)
+    backbone, res = feature_set(st, backbone, res, strict=True)
     job = PseudoGTJob(
         backbone=backbone,
         res=res,

@@ -47,9 +47,10 @@ def _summary(title: str, result: dict) -> None:
     console.print(t)
 
 
-def _config_command(name: str, module: str, config: str, doc: str, summary=None):
+def _config_command(name: str, module: str, config: str, doc: str, summary=None, from_store=()):
     """Register ``loftup-train NAME``: one option per field of the stage's config dataclass (declared
-    once, with its help, in training/loop.py and the stage's module), then train and print a summary."""
+    once, with its help, in training/loop.py and the stage's module), then train and print a summary.
+    ``from_store``: ``backbone`` and ``res`` default to the store's feature set instead."""
     import dataclasses
     import importlib
     import inspect
@@ -72,6 +73,18 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None)
         if f.metadata.get("parse") == "ints":
             parsers[f.name] = _ints
             kind, default = Optional[str], ",".join(map(str, default)) if isinstance(default, list) else default
+        if f.name in from_store:
+            kind, default = Optional[kind], None
+            help_text = f"{f.metadata['help']} Default: the store's feature set ({f.name} of the one there)."
+            params.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(None, flag, help=help_text),
+                    annotation=kind,
+                )
+            )
+            continue
         if kind in (bool, Optional[bool]):
             opt = typer.Option(default, f"{flag}/--no-{flag[2:]}", help=f.metadata["help"])
         else:
@@ -81,6 +94,13 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None)
     def command(**kwargs):
         allow_missing = kwargs.pop("allow_missing")
         kwargs = {k: parsers[k](v) if k in parsers else v for k, v in kwargs.items()}
+        if from_store and None in (kwargs["backbone"], kwargs["res"]):
+            from loftup.cli.common import feature_set
+            from loftup.storage import open_store
+
+            kwargs["backbone"], kwargs["res"] = feature_set(
+                open_store(kwargs["store"]), kwargs["backbone"], kwargs["res"], strict=True
+            )
         if allow_missing and kwargs.get("shards"):
             kwargs["shards"] = _present(kwargs)
         result = mod.train(cls(**kwargs))
@@ -126,6 +146,7 @@ _config_command(
     "stage1",
     "Stage1Config",
     "Stage 1: mask-refined bicubic pseudo-GT built on the fly from stored features and masks.",
+    from_store=("backbone", "res"),
 )
 _config_command(
     "stage2",

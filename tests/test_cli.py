@@ -87,6 +87,10 @@ def results(stores):
         ("loftup-train", [*evaluate, "--store", two]),
         ("loftup-store", ["show", "--store", two, "--image-id", hed_image, "--out", r / "two.png"]),
         ("loftup-train", [*evaluate, "--store", two, "--res", "224", "--backbone", "hed_vgg16"]),
+        ("loftup-train", ["stage1", "--store", two, "--out", r / "s1"]),
+        ("loftup-pipeline", ["pseudogt", "--store", two, "--shards", "0"]),
+        ("loftup-train", ["stage1", "--store", hed, "--out", r / "s1", "--backbone", "dinov2_vits14"]),
+        ("loftup-pipeline", ["pseudogt", "--store", hed, "--shards", "0", "--res", "448"]),
     ]
     res = run_cases(json_cases + default_cases)
     for (script, args), got in zip(json_cases + default_cases, res):
@@ -147,16 +151,21 @@ def test_every_reporting_command_prints_json_on_stdout_that_matches_the_files(st
 def test_features_default_to_the_stores_and_several_are_listed(stores, results):
     r = stores["root"]
     res = results[1]
-    assert [g["rc"] for g in res] == [0, 0, 2, 2, 0], [g["err"][-500:] for g in res]
+    assert [g["rc"] for g in res] == [0, 0, 2, 2, 0, 2, 2, 2, 2], [g["err"][-500:] for g in res]
     ev = json.loads(res[0]["out"])
     assert ev["_run"]["backbone"] == "hed_vgg16" and ev["_protocol"]["res"] == 224
     assert "hed_vgg16@224 PCA" in res[1]["err"] and (r / "hed.png").stat().st_size > 1000
-    for got in res[2:4]:
+    for got in res[2:4] + res[5:7]:
         assert got["err"].strip().splitlines() == [
             "error: the store has several feature sets (dinov2_vits14@224, hed_vgg16@224): "
             "choose one with --backbone and --res"
         ]
-    assert not (r / "two.png").exists()
+    assert not (r / "two.png").exists() and not (r / "s1").exists()
+    assert res[7]["err"].strip().splitlines() == [
+        "error: the store has no features dinov2_vits14@*; it has: hed_vgg16@224 (loftup-pipeline features makes them)"
+    ]
+    assert res[8]["err"].strip().splitlines()[-1].startswith("error: the store has no features *@448; it has: hed")
+    assert sorted(open_store(stores["hed"]).jobs()) == ["features/hed_vgg16@224", "images", "masks"]  # nothing written
     assert json.loads(res[4]["out"])["_run"]["backbone"] == "hed_vgg16"
 
 
