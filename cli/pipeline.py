@@ -104,6 +104,35 @@ def _run(
     _finish(summary)
 
 
+def _check_weights(backbone: str, weights: Optional[str], random_init: bool, ray_address: Optional[str]) -> None:
+    """A missing weights file is one line here, before any shard starts, not a failed shard in the
+    store. Skipped on a cluster (--ray-address): its nodes may hold files this machine does not."""
+    from loftup.pipeline.backbones import backbone_info
+    from loftup.pipeline.backbones.weights import KNOWN_WEIGHTS, resolve_weights
+
+    backbone_info(backbone)  # an unknown name is one line too
+    if random_init and weights is not None:
+        raise LoftupError(f"{backbone}: pass either --weights or --random-init, not both")
+    if ray_address is not None or weights == "download":
+        return
+    if backbone in KNOWN_WEIGHTS:
+        resolve_weights(backbone, weights, random_init)
+    elif weights is not None and not random_init and not Path(weights).is_file():
+        raise LoftupError(f"weights file not found: {weights}")
+
+
+def _check_sam(checkpoint: Optional[str], random_init: bool, ray_address: Optional[str]) -> None:
+    if random_init or ray_address is not None:
+        return
+    if checkpoint is None:
+        raise LoftupError(
+            "no SAM checkpoint: pass --sam-checkpoint PATH (sam_vit_h_4b8939.pth or another checkpoint of the "
+            "segment-anything release), or --sam-random-init for tests"
+        )
+    if not Path(checkpoint).is_file():
+        raise LoftupError(f"SAM checkpoint not found: {checkpoint}")
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
@@ -228,6 +257,8 @@ def masks(
     from loftup.pipeline.jobs import MasksJob
     from loftup.pipeline.shards import resolve_shards
 
+    if source == "sam":
+        _check_sam(sam_checkpoint, sam_random_init, ray_address)
     shard_list = resolve_shards(shards, sa1b_root)
     opts: dict = {}
     if max_masks is not None:
@@ -328,6 +359,7 @@ def features(
     from loftup.pipeline.jobs import FeaturesJob
     from loftup.pipeline.shards import parse_shards
 
+    _check_weights(backbone, weights, random_init, ray_address)
     st = _open(store, create=False)
     shard_list = [(s, None) for s in parse_shards(shards)]
     job = FeaturesJob(
@@ -441,6 +473,7 @@ def implicit(
     from loftup.training.implicit_job import ImplicitJob
 
     recipe = {k: v for k, v in (("steps", steps), ("views", views)) if v is not None}
+    _check_weights(backbone, weights, random_init, ray_address)
     st = _open(store, create=False)
     job = ImplicitJob(
         backbone=backbone,

@@ -92,10 +92,33 @@ def results(stores):
         ("loftup-train", ["stage1", "--store", hed, "--out", r / "s1", "--backbone", "dinov2_vits14"]),
         ("loftup-pipeline", ["pseudogt", "--store", hed, "--shards", "0", "--res", "448"]),
     ]
-    res = run_cases(json_cases + default_cases)
-    for (script, args), got in zip(json_cases + default_cases, res):
+    features = ["features", "--store", s, "--shards", "0", "--backbone", "dinov2_vits14", "--executor", "inline"]
+    early_cases = [
+        ("loftup-pipeline", features),  # no local copy of DINOv2's weights on the test machines
+        ("loftup-pipeline", [*features, "--weights", r / "nope.pth"]),
+        ("loftup-pipeline", ["implicit", "--store", s, "--shards", "0", "--weights", r / "nope.pth"]),
+        (
+            "loftup-pipeline",
+            ["masks", "--source", "sam", "--store", r / "sam", "--sa1b-root", stores["tars"]] + ["--shards", "0"],
+        ),
+        (
+            "loftup-pipeline",
+            ["masks", "--source", "sam", "--sam-checkpoint", r / "sam.pth", "--store", r / "sam"]
+            + ["--sa1b-root", stores["tars"], "--shards", "0"],
+        ),
+    ]
+    before = _listing(s)
+    everything = json_cases + default_cases + early_cases
+    res = run_cases(everything)
+    for (script, args), got in zip(everything, res):
         assert "Traceback" not in got["err"], (script, args, got["err"])
-    return res[: len(json_cases)], res[len(json_cases) :]
+    assert _listing(s) == before  # no case wrote to the store it read
+    n, m = len(json_cases), len(default_cases)
+    return res[:n], res[n : n + m], res[n + m :]
+
+
+def _listing(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
 def test_every_reporting_command_prints_json_on_stdout_that_matches_the_files(stores, results):
@@ -213,3 +236,16 @@ def test_help_and_version_of_every_command_are_for_users(monkeypatch, capsys):
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["loftup"] == "loftup.cli:loftup_main" and set(apps) <= set(scripts)
+
+
+def test_missing_weights_are_one_line_before_any_shard_starts(stores, results):
+    r = stores["root"]
+    lines = [got["err"].strip().splitlines() for got in results[2]]
+    assert [got["rc"] for got in results[2]] == [2] * 5, lines
+    assert all(len(x) == 1 and x[0].startswith("error: ") for x in lines), lines
+    assert lines[0][0].startswith("error: no weights for dinov2_vits14: pass --weights PATH")
+    assert lines[1][0] == lines[2][0] == f"error: weights file not found: {r / 'nope.pth'}"
+    assert "--sam-checkpoint PATH" in lines[3][0] and "--sam-random-init" in lines[3][0]
+    assert "random_init=True" not in lines[3][0]
+    assert lines[4][0] == f"error: SAM checkpoint not found: {r / 'sam.pth'}"
+    assert not (r / "sam").exists()  # the store was not even created
