@@ -208,3 +208,14 @@ def renamed(value, old, flag: str, old_flag: str, default=None):
     if old is not None and value not in (None, default, old):
         raise typer.BadParameter(f"{flag} {value} and {old_flag} {old} disagree (the same option)", param_hint=flag)
     return value if old is None else old
+
+
+def print_table(table, lines) -> None:
+    """``table`` on stdout when it fits the width (the terminal's; COLUMNS or 80 in a file or a
+    pipe), else its title, ``lines`` (one per row) and caption: nothing cut to "shar…"."""
+    if stdout.measure(table, options=stdout.options.update_width(10_000)).maximum <= stdout.width:
+        stdout.print(table)
+        return
+    for line in [table.title, *lines, table.caption]:
+        if line:
+            stdout.print(line, highlight=False, soft_wrap=True, markup=False)

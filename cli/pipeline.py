@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from loftup.cli.common import JsonOpt, VersionOpt, console, feature_set, print_json, renamed, run, stdout
+from loftup.cli.common import JsonOpt, VersionOpt, console, feature_set, print_json, renamed, run
 from loftup.storage.errors import LoftupError
 
 HELP = """Ray jobs over SA-1B tar shards that fill a store: images, masks, features, pseudo-GT and the
@@ -60,14 +60,18 @@ def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None)
     return open_store(store, create=create, **kwargs)
 
 
-def _finish(summary) -> None:
+def _finish(summary, next_step: str) -> None:
     from loftup.pipeline.progress import summary_table
 
     console.print(summary_table(summary))
     if summary.failed:
         for shard, msg in sorted(summary.failed.items()):
             console.print(f"[red]shard {shard:06d}:[/red] {msg}")
+        console.print("next: fix what the lines above say and rerun the same command; done shards are skipped")
         raise typer.Exit(1)
+    from loftup.storage.redact import redact_text
+
+    console.print(f"next: {redact_text(next_step)}", highlight=False, soft_wrap=True)
 
 
 def _run(
@@ -83,6 +87,7 @@ def _run(
     overwrite,
     memory_per_task=None,
     check_skipped="checksums",
+    next_step="",
 ):
     from loftup.pipeline.runner import run_job
 
@@ -101,7 +106,7 @@ def _run(
         check_skipped=check_skipped,
         console=console,
     )
-    _finish(summary)
+    _finish(summary, next_step)
 
 
 def _check_weights(backbone: str, weights: Optional[str], random_init: bool, ray_address: Optional[str]) -> None:
@@ -213,6 +218,12 @@ def sample_data(
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
+    last = first_shard + len(paths) - 1
+    console.print(
+        f"next: loftup-pipeline images --shards {first_shard}-{last} --sa1b-root {out} --store STORE",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -290,6 +301,7 @@ def masks(
         overwrite,
         memory_per_task,
         check_skipped,
+        next_step=f"loftup-pipeline features --shards {shards} --store {store} --backbone NAME (loftup-pipeline backbones lists them)",
     )
 
 
@@ -330,6 +342,7 @@ def images(
         overwrite,
         memory_per_task,
         check_skipped,
+        next_step=f"loftup-pipeline masks --shards {shards} --sa1b-root {sa1b_root} --store {store}",
     )
 
 
@@ -378,6 +391,7 @@ def features(
         overwrite,
         memory_per_task,
         check_skipped,
+        next_step=f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}",
     )
 
 
@@ -438,6 +452,7 @@ def pseudogt(
         overwrite,
         memory_per_task,
         check_skipped,
+        next_step=f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}",
     )
 
 
@@ -498,16 +513,17 @@ def implicit(
         overwrite,
         memory_per_task,
         check_skipped,
+        next_step=f"loftup-store report --store {store}",
     )
 
 
 @app.command()
 def status(store: str = StoreOpt, as_json: bool = JsonOpt):
     """Per job: shards done, images, failures, bytes, throughput."""
-    from loftup.cli.store import status_json, status_table
+    from loftup.cli.store import print_status, status_json
 
     st = _open(store, create=False)
-    print_json(status_json(st)) if as_json else stdout.print(status_table(st))
+    print_json(status_json(st)) if as_json else print_status(st)
 
 
 @app.command()

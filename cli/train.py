@@ -39,7 +39,7 @@ def _summary(title: str, result: dict) -> None:
 
     t = Table(title=title)
     t.add_column("field")
-    t.add_column("value", justify="right")
+    t.add_column("value", justify="right", overflow="fold")
     for k, v in result.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())

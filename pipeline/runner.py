@@ -9,6 +9,7 @@ finishes any swap a killed task left half done (``Store.recover``) before planni
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tarfile
@@ -299,7 +300,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     else:
         # address="local": embedded means embedded, even when another Ray instance runs on this host
         # (without it ray.init attaches to that instance and refuses num_cpus).
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # Ray turns token auth on for a new local instance and says so in a WARNING on every job;
+        # that, and its "Started a local Ray instance" INFO line, are not news on an embedded run.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            **kwargs,
+        )
     return ray
 
 

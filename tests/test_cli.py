@@ -80,6 +80,7 @@ def results(stores):
         ("loftup-store", ["info"]),
         ("loftup-store", ["masks", "--store", s, "--shards", "1", "--json"]),
         ("loftup-store", ["masks", s, "--shard", "1", "--json"]),  # the old name of --shards
+        ("loftup-train", ["evaluate", "masks", "--store", s, "--shards", "0", *CHEAP, "--out", r / "ev"]),
     ]
     default_cases = [
         ("loftup-train", [*evaluate, "--store", hed]),
@@ -125,9 +126,9 @@ def test_every_reporting_command_prints_json_on_stdout_that_matches_the_files(st
     s, r = stores["store"], stores["root"]
     image_id = int(open_store(s).image_ids(0)[0])
     res = results[0]
-    info, info_pos, status, pstatus, masks, one, table, ok, bad, run, errors, fstatus, ev, nostore, s1, s1_old = res
+    info, info_pos, status, pstatus, masks, one, table, ok, bad, run, errors, fstatus, ev, nostore, s1, s1_old, _ = res
     codes = [g["rc"] for g in res]
-    assert codes == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 2, 0, 0], codes
+    assert codes == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 2, 0, 0, 0], codes
 
     manifest = json.loads((s / "manifest.json").read_text())
     assert json.loads(info["out"]) == manifest == json.loads(info_pos["out"])
@@ -249,3 +250,51 @@ def test_missing_weights_are_one_line_before_any_shard_starts(stores, results):
     assert "random_init=True" not in lines[3][0]
     assert lines[4][0] == f"error: SAM checkpoint not found: {r / 'sam.pth'}"
     assert not (r / "sam").exists()  # the store was not even created
+
+
+def _at_80(monkeypatch, capsys, app, args) -> str:
+    from loftup.cli.common import run
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exc:
+        run(app, [str(a) for a in args])
+    got = capsys.readouterr()
+    assert exc.value.code == 0, got.err
+    return got.out
+
+
+def test_summaries_read_whole_at_80_columns(stores, results, monkeypatch, capsys):
+    import io
+
+    from rich.console import Console
+
+    from loftup.cli import store as store_cli
+    from loftup.pipeline.progress import summary_table
+    from loftup.pipeline.runner import RunSummary
+
+    s = stores["store"]
+    status = _at_80(monkeypatch, capsys, store_cli.app, ["status", "--store", s])
+    jobs = open_store(s).summary()
+    assert "…" not in status and "task s: seconds of shard work, summed over shards (not wall time)" in status
+    masks = jobs["masks"]
+    assert f"masks: 2 done, 0 damaged, 0 failed shards; {masks['images']} images, {masks['masks']} masks" in status
+    rows = _at_80(monkeypatch, capsys, store_cli.app, ["masks", "--store", s, "--limit", "20"])
+    assert "…" not in rows and f"showing 20 of {masks['masks']} rows" in rows
+    assert len([ln for ln in rows.splitlines() if ln.startswith("image_id=")]) == 20
+
+    # A job's summary: wall seconds, said so, every header whole
+    out = io.StringIO()
+    summary = RunSummary(job="masks", done={0: {"images": 8, "errors": 1, "bytes": 3 << 20}}, seconds=2.0)
+    Console(file=out, width=80).print(summary_table(summary))
+    text = out.getvalue()
+    assert "…" not in text and "wall s: wall-clock seconds of this run" in text
+    for header in ("done", "skipped", "failed", "images", "errors", "bytes", "wall s", "images/s"):
+        assert header in text.splitlines()[2]
+    assert "3.0 MiB" in text and "4.00" in text  # 8 images in 2 s
+
+    # evaluate masks names what it wrote, and writes no pictures it does not make
+    ev = results[0][-1]
+    assert ev["rc"] == 0 and "| bilinear |" in ev["out"]
+    assert ev["err"].strip().splitlines()[-1] == (
+        f"wrote {stores['root'] / 'ev' / 'results.json'}, {stores['root'] / 'ev' / 'results.md'} (no pictures for this task)"
+    )
