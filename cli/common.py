@@ -219,3 +219,48 @@ def print_table(table, lines) -> None:
     for line in [table.title, *lines, table.caption]:
         if line:
             stdout.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+def field_params(cls, exclude=()) -> list:
+    """One typer option per field of dataclass ``cls`` (its help in the field's metadata), as
+    keyword-only parameters for a command's signature."""
+    import dataclasses
+    import inspect
+
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        opt = typer.Option(f.default, flag, help=f.metadata["help"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]))
+    return params
+
+
+def with_options(cls, name: str, exclude=()):
+    """Give a command the fields of ``cls`` as options, passed to it as one ``cls`` object in its
+    parameter ``name`` (fields in ``exclude`` keep their defaults), checked (``cls.check``) first."""
+    import functools
+    import inspect
+
+    def decorate(fn):
+        fields = field_params(cls, exclude)
+        names = [p.name for p in fields]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            kwargs[name] = obj = cls(**{k: kwargs.pop(k) for k in names})
+            if hasattr(obj, "check"):
+                obj.check()  # before the command does anything
+            return fn(**kwargs)
+
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name != name]
+        hints = typing.get_type_hints(fn)  # resolved in fn's module: typer resolves in this one
+        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+        command.__signature__ = inspect.Signature(own + fields)
+        command.__annotations__ = {p.name: p.annotation for p in own + fields}
+        del command.__wrapped__  # typer reads __signature__, not the wrapped function's
+        return command
+
+    return decorate

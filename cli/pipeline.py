@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from loftup.cli.common import JsonOpt, VersionOpt, console, feature_set, print_json, renamed, run
+from loftup.cli.common import JsonOpt, VersionOpt, console, feature_set, print_json, renamed, run, with_options
+from loftup.pipeline.options import RunOptions
 from loftup.storage.errors import LoftupError
 
 HELP = """Ray jobs over SA-1B tar shards that fill a store: images, masks, features, pseudo-GT and the
@@ -25,32 +27,8 @@ ShardsOpt = typer.Option(
 )
 StoreOpt = typer.Option(..., "--store", help="Store root: a local path or an fsspec URL.")
 RootOpt = typer.Option(..., "--sa1b-root", help="Directory holding the SA-1B tars sa_000000.tar ...")
-RayOpt = typer.Option(
-    None, "--ray-address", help="Ray cluster to use ('auto' or HOST:PORT). Default: start an embedded local instance."
-)
-ExecOpt = typer.Option("ray", "--executor", help="'ray' (default) or 'inline' (single process, for debugging).")
-CpuOpt = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each shard task.")
-GpuOpt = typer.Option(
-    None, "--gpus-per-task", help="GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0."
-)
-NumCpuOpt = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray instance (default: all).")
-RetryOpt = typer.Option(
-    3, "--max-retries", help="Retries of a shard task whose worker died (crash, OOM kill, preemption)."
-)
-MemOpt = typer.Option(
-    None,
-    "--memory-per-task",
-    help="GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none).",
-)
 # --sizes was the name of --geometries (--size now means an output size only): accepted, not shown.
 OldSizesOpt = typer.Option(None, "--sizes", hidden=True)
-OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
-CheckOpt = typer.Option(
-    "checksums",
-    "--check-skipped",
-    help="How a done shard is checked before it is skipped: 'checksums' (every file re-hashed against its marker) "
-    "or 'sizes' (presence and sizes only, for very large stores). Damaged shards are redone.",
-)
 
 
 def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None):
@@ -74,39 +52,10 @@ def _finish(summary, next_step: str) -> None:
     console.print(f"next: {redact_text(next_step)}", highlight=False, soft_wrap=True)
 
 
-def _run(
-    job,
-    store,
-    shard_list,
-    executor,
-    ray_address,
-    num_cpus,
-    cpus_per_task,
-    gpus_per_task,
-    max_retries,
-    overwrite,
-    memory_per_task=None,
-    check_skipped="checksums",
-    next_step="",
-):
+def _run(job, store, shard_list, run: RunOptions, next_step: str) -> None:
     from loftup.pipeline.runner import run_job
 
-    summary = run_job(
-        job,
-        store,
-        shard_list,
-        executor=executor,
-        ray_address=ray_address,
-        num_cpus=num_cpus,
-        cpus_per_task=cpus_per_task,
-        gpus_per_task=gpus_per_task,
-        max_retries=max_retries,
-        overwrite=overwrite,
-        memory_per_task=memory_per_task,
-        check_skipped=check_skipped,
-        console=console,
-    )
-    _finish(summary, next_step)
+    _finish(run_job(job, store, shard_list, run, console=console), next_step)
 
 
 def _check_weights(backbone: str, weights: Optional[str], random_init: bool, ray_address: Optional[str]) -> None:
@@ -227,6 +176,7 @@ def sample_data(
 
 
 @app.command()
+@with_options(RunOptions, "run")
 def masks(
     shards: str = ShardsOpt,
     sa1b_root: str = RootOpt,
@@ -254,22 +204,14 @@ def masks(
     stability_score_thresh: Optional[float] = typer.Option(None, help="SAM: stability-score threshold (default 0.95)."),
     max_side: Optional[int] = typer.Option(None, help="sam/felzenszwalb: downscale the image to this long side first."),
     max_masks: Optional[int] = typer.Option(None, help="Keep at most this many masks per image (in order)."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
+    run: RunOptions = None,
 ):
     """Class-agnostic masks into the Parquet mask store (original RLE + each training geometry)."""
     from loftup.pipeline.jobs import MasksJob
     from loftup.pipeline.shards import resolve_shards
 
     if source == "sam":
-        _check_sam(sam_checkpoint, sam_random_init, ray_address)
+        _check_sam(sam_checkpoint, sam_random_init, run.ray_address)
     shard_list = resolve_shards(shards, sa1b_root)
     opts: dict = {}
     if max_masks is not None:
@@ -292,20 +234,13 @@ def masks(
         job,
         _open(store, sizes=size_t),
         shard_list,
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
+        run,
         next_step=f"loftup-pipeline features --shards {shards} --store {store} --backbone NAME (loftup-pipeline backbones lists them)",
     )
 
 
 @app.command()
+@with_options(RunOptions, "run", exclude=("gpus_per_task",))
 def images(
     shards: str = ShardsOpt,
     sa1b_root: str = RootOpt,
@@ -313,14 +248,7 @@ def images(
     geometries: str = typer.Option("224,896", help="Training geometries (short side + centre crop), JPEG-encoded."),
     sizes: Optional[str] = OldSizesOpt,
     quality: int = typer.Option(95, help="JPEG quality of the stored images."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
+    run: RunOptions = None,
 ):
     """Training images at each geometry into the Parquet image store."""
     from loftup.pipeline.jobs import ImagesJob
@@ -333,20 +261,13 @@ def images(
         job,
         _open(store, sizes=size_t),
         shard_list,
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        0.0,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
+        dataclasses.replace(run, gpus_per_task=0.0),
         next_step=f"loftup-pipeline masks --shards {shards} --sa1b-root {sa1b_root} --store {store}",
     )
 
 
 @app.command()
+@with_options(RunOptions, "run")
 def features(
     shards: str = ShardsOpt,
     store: str = StoreOpt,
@@ -358,44 +279,23 @@ def features(
     random_init: bool = typer.Option(False, help="Random weights (tests and demos only)."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
     device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
+    run: RunOptions = None,
 ):
     """Low-resolution VFM features of the stored images into the Zarr v3 feature store."""
     from loftup.pipeline.jobs import FeaturesJob
     from loftup.pipeline.shards import parse_shards
 
-    _check_weights(backbone, weights, random_init, ray_address)
+    _check_weights(backbone, weights, random_init, run.ray_address)
     st = _open(store, create=False)
     shard_list = [(s, None) for s in parse_shards(shards)]
     job = FeaturesJob(
         backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device
     )
-    _run(
-        job,
-        st,
-        shard_list,
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
-        next_step=f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}",
-    )
+    _run(job, st, shard_list, run, next_step=f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}")
 
 
 @app.command()
+@with_options(RunOptions, "run")
 def pseudogt(
     shards: str = ShardsOpt,
     store: str = StoreOpt,
@@ -412,15 +312,7 @@ def pseudogt(
     png_dir: Optional[str] = typer.Option(None, help="Where to write PNGs (default: inside a local store)."),
     png: bool = typer.Option(True, "--png/--no-png", help="Write PNGs of bicubic vs refined pseudo-GT."),
     device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
+    run: RunOptions = None,
 ):
     """Materialise mask-refined bicubic pseudo-GT for inspection (Zarr) with PNGs of bicubic vs refined."""
     from loftup.pipeline.shards import parse_shards
@@ -443,20 +335,13 @@ def pseudogt(
         job,
         st,
         [(s, None) for s in parse_shards(shards)],
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
+        run,
         next_step=f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}",
     )
 
 
 @app.command()
+@with_options(RunOptions, "run")
 def implicit(
     shards: str = ShardsOpt,
     store: str = StoreOpt,
@@ -473,22 +358,14 @@ def implicit(
         False, "--dense", help="Also store the full-resolution map (fp16 Zarr, one chunk per image)."
     ),
     device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
+    run: RunOptions = None,
 ):
     """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps)."""
     from loftup.pipeline.shards import parse_shards
     from loftup.training.implicit_job import ImplicitJob
 
     recipe = {k: v for k, v in (("steps", steps), ("views", views)) if v is not None}
-    _check_weights(backbone, weights, random_init, ray_address)
+    _check_weights(backbone, weights, random_init, run.ray_address)
     st = _open(store, create=False)
     job = ImplicitJob(
         backbone=backbone,
@@ -500,21 +377,7 @@ def implicit(
         recipe=recipe,
         device=device,
     )
-    _run(
-        job,
-        st,
-        [(s, None) for s in parse_shards(shards)],
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
-        next_step=f"loftup-store report --store {store}",
-    )
+    _run(job, st, [(s, None) for s in parse_shards(shards)], run, next_step=f"loftup-store report --store {store}")
 
 
 @app.command()
