@@ -233,7 +233,11 @@ def field_params(cls, exclude=()) -> list:
         if f.name in exclude:
             continue
         flag = f"--{f.name.replace('_', '-')}"
-        opt = typer.Option(f.default, flag, help=f.metadata["help"])
+        if hints[f.name] in (bool, typing.Optional[bool]):
+            flag = f"{flag}/--no-{flag[2:]}"
+        flag = f.metadata.get("flag", flag)
+        hidden = f.metadata.get("hidden", False)
+        opt = typer.Option(f.default, flag, help=None if hidden else f.metadata["help"], hidden=hidden)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]))
     return params
 

@@ -9,6 +9,14 @@ from typing import Optional
 import typer
 
 from loftup.cli.common import JsonOpt, VersionOpt, console, feature_set, print_json, renamed, run, with_options
+from loftup.pipeline.job_options import (
+    GEOMETRIES,
+    FeaturesOptions,
+    ImagesOptions,
+    ImplicitOptions,
+    MasksOptions,
+    PseudoGTOptions,
+)
 from loftup.pipeline.options import RunOptions
 from loftup.storage.errors import LoftupError
 
@@ -27,8 +35,6 @@ ShardsOpt = typer.Option(
 )
 StoreOpt = typer.Option(..., "--store", help="Store root: a local path or an fsspec URL.")
 RootOpt = typer.Option(..., "--sa1b-root", help="Directory holding the SA-1B tars sa_000000.tar ...")
-# --sizes was the name of --geometries (--size now means an output size only): accepted, not shown.
-OldSizesOpt = typer.Option(None, "--sizes", hidden=True)
 
 
 def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None):
@@ -36,6 +42,13 @@ def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None)
 
     kwargs = {"geometries": sizes} if sizes else {}
     return open_store(store, create=create, **kwargs)
+
+
+def _stored(shards: str) -> list[tuple[int, None]]:
+    """The shards of a job that reads the store (no tars)."""
+    from loftup.pipeline.shards import parse_shards
+
+    return [(s, None) for s in parse_shards(shards)]
 
 
 def _finish(summary, next_step: str) -> None:
@@ -175,209 +188,79 @@ def sample_data(
     )
 
 
+def _geometries(o) -> tuple[int, ...]:
+    return _sizes(renamed(o.geometries, o.sizes, "--geometries", "--sizes", default=GEOMETRIES))
+
+
 @app.command()
 @with_options(RunOptions, "run")
-def masks(
-    shards: str = ShardsOpt,
-    sa1b_root: str = RootOpt,
-    store: str = StoreOpt,
-    source: str = typer.Option(
-        "sa1b",
-        help="Mask source: sa1b (the tar's annotations), sam (SAM automatic generation), felzenszwalb (CPU demo).",
-    ),
-    geometries: str = typer.Option(
-        "224,896", help="Training geometries the masks are re-encoded into (short side + centre crop)."
-    ),
-    sizes: Optional[str] = OldSizesOpt,
-    sam_checkpoint: Optional[str] = typer.Option(
-        None, help="SAM checkpoint file (sam_vit_h_4b8939.pth, ...) for --source sam."
-    ),
-    sam_model: str = typer.Option(
-        "auto", help="SAM model type: vit_h, vit_l, vit_b, or auto (read from the checkpoint)."
-    ),
-    sam_random_init: bool = typer.Option(False, help="SAM with random weights (tests and demos only)."),
-    points_per_side: Optional[int] = typer.Option(None, help="SAM: point grid per side (default 32, as SA-1B)."),
-    crop_n_layers: Optional[int] = typer.Option(
-        None, help="SAM: multi-crop layers (default 2, as SA-1B; 0 is 3x cheaper)."
-    ),
-    pred_iou_thresh: Optional[float] = typer.Option(None, help="SAM: predicted-IoU threshold (default 0.88)."),
-    stability_score_thresh: Optional[float] = typer.Option(None, help="SAM: stability-score threshold (default 0.95)."),
-    max_side: Optional[int] = typer.Option(None, help="sam/felzenszwalb: downscale the image to this long side first."),
-    max_masks: Optional[int] = typer.Option(None, help="Keep at most this many masks per image (in order)."),
-    run: RunOptions = None,
-):
+@with_options(MasksOptions, "o")
+def masks(shards: str = ShardsOpt, sa1b_root: str = RootOpt, store: str = StoreOpt, o=None, run=None):
     """Class-agnostic masks into the Parquet mask store (original RLE + each training geometry)."""
     from loftup.pipeline.jobs import MasksJob
     from loftup.pipeline.shards import resolve_shards
 
-    if source == "sam":
-        _check_sam(sam_checkpoint, sam_random_init, run.ray_address)
+    if o.source == "sam":
+        _check_sam(o.sam_checkpoint, o.sam_random_init, run.ray_address)
     shard_list = resolve_shards(shards, sa1b_root)
-    opts: dict = {}
-    if max_masks is not None:
-        opts["max_masks"] = max_masks
-    if max_side is not None and source != "sa1b":
-        opts["max_side"] = max_side
-    if source == "sam":
-        opts.update(checkpoint=sam_checkpoint, random_init=sam_random_init, model_type=sam_model)
-        for key, value in (
-            ("points_per_side", points_per_side),
-            ("crop_n_layers", crop_n_layers),
-            ("pred_iou_thresh", pred_iou_thresh),
-            ("stability_score_thresh", stability_score_thresh),
-        ):
-            if value is not None:
-                opts[key] = value
-    size_t = _sizes(renamed(geometries, sizes, "--geometries", "--sizes", default="224,896"))
-    job = MasksJob(source=source, source_options=opts, sizes=size_t)
-    _run(
-        job,
-        _open(store, sizes=size_t),
-        shard_list,
-        run,
-        next_step=f"loftup-pipeline features --shards {shards} --store {store} --backbone NAME (loftup-pipeline backbones lists them)",
-    )
+    job = MasksJob(source=o.source, source_options=o.source_options(), sizes=_geometries(o))
+    nxt = f"loftup-pipeline features --shards {shards} --store {store} --backbone NAME (loftup-pipeline backbones lists them)"
+    _run(job, _open(store, sizes=job.sizes), shard_list, run, nxt)
 
 
 @app.command()
 @with_options(RunOptions, "run", exclude=("gpus_per_task",))
-def images(
-    shards: str = ShardsOpt,
-    sa1b_root: str = RootOpt,
-    store: str = StoreOpt,
-    geometries: str = typer.Option("224,896", help="Training geometries (short side + centre crop), JPEG-encoded."),
-    sizes: Optional[str] = OldSizesOpt,
-    quality: int = typer.Option(95, help="JPEG quality of the stored images."),
-    run: RunOptions = None,
-):
+@with_options(ImagesOptions, "o")
+def images(shards: str = ShardsOpt, sa1b_root: str = RootOpt, store: str = StoreOpt, o=None, run=None):
     """Training images at each geometry into the Parquet image store."""
     from loftup.pipeline.jobs import ImagesJob
     from loftup.pipeline.shards import resolve_shards
 
     shard_list = resolve_shards(shards, sa1b_root)
-    size_t = _sizes(renamed(geometries, sizes, "--geometries", "--sizes", default="224,896"))
-    job = ImagesJob(sizes=size_t, quality=quality)
-    _run(
-        job,
-        _open(store, sizes=size_t),
-        shard_list,
-        dataclasses.replace(run, gpus_per_task=0.0),
-        next_step=f"loftup-pipeline masks --shards {shards} --sa1b-root {sa1b_root} --store {store}",
-    )
+    job = ImagesJob(sizes=_geometries(o), quality=o.quality)
+    nxt = f"loftup-pipeline masks --shards {shards} --sa1b-root {sa1b_root} --store {store}"
+    _run(job, _open(store, sizes=job.sizes), shard_list, dataclasses.replace(run, gpus_per_task=0.0), nxt)
 
 
 @app.command()
 @with_options(RunOptions, "run")
-def features(
-    shards: str = ShardsOpt,
-    store: str = StoreOpt,
-    backbone: str = typer.Option(
-        "dinov2_vits14", help="Backbone from the registry (loftup-pipeline backbones lists them)."
-    ),
-    res: int = typer.Option(224, help="Input resolution of the backbone (a multiple of its patch size)."),
-    weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
-    random_init: bool = typer.Option(False, help="Random weights (tests and demos only)."),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
-    device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
-    run: RunOptions = None,
-):
+@with_options(FeaturesOptions, "o")
+def features(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
     """Low-resolution VFM features of the stored images into the Zarr v3 feature store."""
     from loftup.pipeline.jobs import FeaturesJob
-    from loftup.pipeline.shards import parse_shards
 
-    _check_weights(backbone, weights, random_init, run.ray_address)
+    _check_weights(o.backbone, o.weights, o.random_init, run.ray_address)
     st = _open(store, create=False)
-    shard_list = [(s, None) for s in parse_shards(shards)]
-    job = FeaturesJob(
-        backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device
-    )
-    _run(job, st, shard_list, run, next_step=f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}")
+    job = FeaturesJob(**dataclasses.asdict(o))
+    _run(job, st, _stored(shards), run, f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}")
 
 
 @app.command()
 @with_options(RunOptions, "run")
-def pseudogt(
-    shards: str = ShardsOpt,
-    store: str = StoreOpt,
-    backbone: Optional[str] = typer.Option(
-        None, help="Backbone of the stored features (default: the store's feature set)."
-    ),
-    res: Optional[int] = typer.Option(None, help="Backbone input size of the stored features (default: the store's)."),
-    geometry: int = typer.Option(224, help="Stored mask geometry = pseudo-GT size."),
-    alpha: float = typer.Option(0.8, help="Mask refinement strength (Eq. 1)."),
-    max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
-    limit: Optional[int] = typer.Option(
-        None, help="At most this many images per shard (pseudo-GT is ~38 MB/image at 224x224x384 fp16)."
-    ),
-    png_dir: Optional[str] = typer.Option(None, help="Where to write PNGs (default: inside a local store)."),
-    png: bool = typer.Option(True, "--png/--no-png", help="Write PNGs of bicubic vs refined pseudo-GT."),
-    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    run: RunOptions = None,
-):
+@with_options(PseudoGTOptions, "o")
+def pseudogt(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
     """Materialise mask-refined bicubic pseudo-GT for inspection (Zarr) with PNGs of bicubic vs refined."""
-    from loftup.pipeline.shards import parse_shards
     from loftup.training.materialise import PseudoGTJob
 
     st = _open(store, create=False)
-    backbone, res = feature_set(st, backbone, res, strict=True)
-    job = PseudoGTJob(
-        backbone=backbone,
-        res=res,
-        geometry=geometry,
-        alpha=alpha,
-        max_masks=max_masks,
-        limit=limit,
-        png=png,
-        png_dir=png_dir,
-        device=device,
-    )
-    _run(
-        job,
-        st,
-        [(s, None) for s in parse_shards(shards)],
-        run,
-        next_step=f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}",
-    )
+    backbone, res = feature_set(st, o.backbone, o.res, strict=True)
+    job = PseudoGTJob(**{**dataclasses.asdict(o), "backbone": backbone, "res": res})
+    _run(job, st, _stored(shards), run, f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}")
 
 
 @app.command()
 @with_options(RunOptions, "run")
-def implicit(
-    shards: str = ShardsOpt,
-    store: str = StoreOpt,
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone from the registry, run live on every jittered view."),
-    res: int = typer.Option(224, help="Backbone input size = size of the optimised map."),
-    weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
-    random_init: bool = typer.Option(False, help="Random backbone weights (tests and demos only)."),
-    images_per_shard: Optional[int] = typer.Option(
-        None, help="Optimise only the first N images of each shard (~1 min each on an A100)."
-    ),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps per image (FeatUp: 1200)."),
-    views: Optional[int] = typer.Option(None, help="Jittered views per image (FeatUp: 3000)."),
-    dense: bool = typer.Option(
-        False, "--dense", help="Also store the full-resolution map (fp16 Zarr, one chunk per image)."
-    ),
-    device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
-    run: RunOptions = None,
-):
+@with_options(ImplicitOptions, "o")
+def implicit(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
     """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps)."""
-    from loftup.pipeline.shards import parse_shards
     from loftup.training.implicit_job import ImplicitJob
 
-    recipe = {k: v for k, v in (("steps", steps), ("views", views)) if v is not None}
-    _check_weights(backbone, weights, random_init, run.ray_address)
+    _check_weights(o.backbone, o.weights, o.random_init, run.ray_address)
     st = _open(store, create=False)
-    job = ImplicitJob(
-        backbone=backbone,
-        res=res,
-        weights=weights,
-        random_init=random_init,
-        images_per_shard=images_per_shard,
-        dense=dense,
-        recipe=recipe,
-        device=device,
-    )
-    _run(job, st, [(s, None) for s in parse_shards(shards)], run, next_step=f"loftup-store report --store {store}")
+    fields = dataclasses.asdict(o)
+    recipe = {k: v for k in ("steps", "views") if (v := fields.pop(k)) is not None}
+    job = ImplicitJob(**fields, recipe=recipe)
+    _run(job, st, _stored(shards), run, f"loftup-store report --store {store}")
 
 
 @app.command()

@@ -32,7 +32,9 @@ class RunOptions:
     max_retries: int = field(
         default=3, **_help("Retries of a shard task whose worker died (crash, OOM kill, preemption).")
     )
-    overwrite: bool = field(default=False, **_help("Redo shards that are already done with the same config."))
+    overwrite: bool = field(
+        default=False, **_help("Redo shards that are already done with the same config.", flag="--overwrite")
+    )
     check_skipped: str = field(
         default="checksums",
         **_help(
