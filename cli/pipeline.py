@@ -8,7 +8,18 @@ from typing import Optional
 
 import typer
 
-from loftup.cli.common import JsonOpt, VersionOpt, console, feature_set, print_json, renamed, run, with_options
+from loftup.cli.common import (
+    JsonOpt,
+    VersionOpt,
+    console,
+    feature_set,
+    print_json,
+    print_table,
+    renamed,
+    run,
+    stdout,
+    with_options,
+)
 from loftup.pipeline.job_options import (
     GEOMETRIES,
     FeaturesOptions,
@@ -162,7 +173,7 @@ def sample_data(
     if package_photos and pdir is None:
         raise LoftupError("--package-photos adds the package photos to --photos-dir: give --photos-dir too")
     if list_photos:
-        console.print(" ".join(photo_names(pdir, package_photos)))
+        stdout.print(" ".join(photo_names(pdir, package_photos)), highlight=False, soft_wrap=True)
         return
     if out is None:
         raise LoftupError("sample-data: give the output directory (OUT)")
@@ -280,10 +291,12 @@ def backbones():
     from loftup.pipeline.backbones import backbone_info, list_backbones
 
     t = Table("name", "patch", "dim", "normalisation", "weights (--weights FILE, or found offline at)")
+    lines = []
     for name in list_backbones():
         i = backbone_info(name)
         t.add_row(name, str(i["patch"]), str(i["dim"]), i["normalisation"], i["weights_hint"])
-    console.print(t)
+        lines.append(f"{name}: patch {i['patch']}, dim {i['dim']}, {i['normalisation']}; weights: {i['weights_hint']}")
+    print_table(t, lines)
 
 
 def main() -> None:
