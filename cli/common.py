@@ -119,6 +119,8 @@ def _for_users(cmd, name: str) -> None:
     for attr in ("help", "short_help"):
         if getattr(cmd, attr, None):
             setattr(cmd, attr, getattr(cmd, attr).replace("``", "`"))
+    if cmd.help and not cmd.short_help:  # the whole first paragraph in command lists, not 45 characters of it
+        cmd.short_help = " ".join(cmd.help.split("\n\n")[0].split())
     ctx = cmd.context_class(cmd, info_name=name, help_option_names=["-h", "--help"])
     help_option = cmd.get_help_option(ctx)  # made once per command and kept: -h from here on
     for param in [*cmd.params, *([help_option] if help_option else [])]:
@@ -146,6 +148,9 @@ def run(app: typer.Typer, args: list[str] | None = None) -> None:
     exit_types = _click_types("Exit") + (typer.Exit,)
     abort_types = _click_types("Abort") + (typer.Abort,)
     click_errors = _click_types("ClickException")
+    # click's plain help: it wraps to any width, where rich's boxed panels cut option names at 80
+    # columns ("--recon-uncertain…"), and it reads the same in a file.
+    app.rich_markup_mode = None
     command = typer.main.get_command(app)
     _for_users(command, app.info.name or "")
     try:
