@@ -227,7 +227,20 @@ def test_help_and_version_of_every_command_are_for_users(monkeypatch, capsys):
             assert texts[0] == texts[-1] and "Usage:" in text and "-h" in text, path
             for hidden in ("--backbone-res", "--sizes", "--shard ", "--json PATH"):  # old names, still accepted
                 assert hidden not in text or (hidden == "--sizes" and path == ("stage2",)), (script, path, hidden)
-            for bad in ("…", "╭", "<bool>", "<str>", "<int>", "<float>", "<path>", "<list", "``", "Thin:", "--no-no-", "{"):
+            for bad in (
+                "…",
+                "╭",
+                "<bool>",
+                "<str>",
+                "<int>",
+                "<float>",
+                "<path>",
+                "<list",
+                "``",
+                "Thin:",
+                "--no-no-",
+                "{",
+            ):
                 assert bad not in text, (script, path, bad, text)
             seen += 1
     assert seen >= 20
