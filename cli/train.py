@@ -47,10 +47,11 @@ def _summary(title: str, result: dict) -> None:
     console.print(t)
 
 
-def _config_command(name: str, module: str, config: str, doc: str, summary=None, from_store=()):
+def _config_command(name: str, module: str, config: str, doc: str, summary=None, from_store=(), from_init=()):
     """Register ``loftup-train NAME``: one option per field of the stage's config dataclass (declared
     once, with its help, in training/loop.py and the stage's module), then train and print a summary.
-    ``from_store``: ``backbone`` and ``res`` default to the store's feature set instead."""
+    ``from_store``: ``backbone`` and ``res`` default to the store's feature set instead;
+    ``from_init``: ``backbone`` defaults to the one the ``--init`` checkpoint was trained on."""
     import dataclasses
     import importlib
     import inspect
@@ -58,6 +59,7 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None,
 
     mod = importlib.import_module(f"loftup.training.{module}")
     cls = getattr(mod, config)
+    fallback = {f.name: f.default for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     params, parsers = [], {}
     for f in dataclasses.fields(cls):
@@ -73,9 +75,13 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None,
         if f.metadata.get("parse") == "ints":
             parsers[f.name] = _ints
             kind, default = Optional[str], ",".join(map(str, default)) if isinstance(default, list) else default
-        if f.name in from_store:
+        if f.name in from_store or f.name in from_init:
             kind, default = Optional[kind], None
-            help_text = f"{f.metadata['help']} Default: the store's feature set ({f.name} of the one there)."
+            help_text = f.metadata["help"] + (
+                f" Default: the store's feature set ({f.name} of the one there)."
+                if f.name in from_store
+                else f" Default: the one --init was trained on, else {f.default}."
+            )
             params.append(
                 inspect.Parameter(
                     f.name,
@@ -101,6 +107,11 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None,
             kwargs["backbone"], kwargs["res"] = feature_set(
                 open_store(kwargs["store"]), kwargs["backbone"], kwargs["res"], strict=True
             )
+        if from_init and kwargs["backbone"] is None:
+            from loftup.training.checkpoint import load_model
+
+            extra = load_model(kwargs["init"], with_meta=True)[1].get("extra") or {}
+            kwargs["backbone"] = extra.get("backbone") or fallback["backbone"]
         if allow_missing and kwargs.get("shards"):
             kwargs["shards"] = _present(kwargs)
         result = mod.train(cls(**kwargs))
@@ -154,6 +165,7 @@ _config_command(
     "Stage2Config",
     "Stage 2: self-distillation from an EMA teacher on HR crops, the VFM run live.",
     _stage2_summary,
+    from_init=("backbone",),
 )
 
 

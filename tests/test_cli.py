@@ -108,6 +108,17 @@ def results(stores):
             + ["--sa1b-root", stores["tars"], "--shards", "0"],
         ),
     ]
+    # A checkpoint trained on CLIP: stage 2 takes its backbone, so what stops it is CLIP's missing weights.
+    import torch
+
+    from loftup.training.checkpoint import save_model
+    from loftup.training.model import LoftUp
+
+    torch.manual_seed(0)
+    save_model(LoftUp(16), r / "clip.safetensors", extra={"backbone": "clip_vitb16"})
+    default_cases.append(
+        ("loftup-train", ["stage2", "--init", r / "clip.safetensors", "--store", s, "--out", r / "s2"])
+    )
     before = _listing(s)
     everything = json_cases + default_cases + early_cases
     res = run_cases(everything)
@@ -175,7 +186,8 @@ def test_every_reporting_command_prints_json_on_stdout_that_matches_the_files(st
 def test_features_default_to_the_stores_and_several_are_listed(stores, results):
     r = stores["root"]
     res = results[1]
-    assert [g["rc"] for g in res] == [0, 0, 2, 2, 0, 2, 2, 2, 2], [g["err"][-500:] for g in res]
+    assert [g["rc"] for g in res] == [0, 0, 2, 2, 0, 2, 2, 2, 2, 2], [g["err"][-500:] for g in res]
+    assert res[9]["err"].strip().splitlines()[-1].startswith("error: no weights for clip_vitb16: pass --weights PATH")
     ev = json.loads(res[0]["out"])
     assert ev["_run"]["backbone"] == "hed_vgg16" and ev["_protocol"]["res"] == 224
     assert "hed_vgg16@224 PCA" in res[1]["err"] and (r / "hed.png").stat().st_size > 1000
