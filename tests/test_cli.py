@@ -323,3 +323,27 @@ def test_summaries_read_whole_at_80_columns(stores, results, monkeypatch, capsys
     assert ev["err"].strip().splitlines()[-1] == (
         f"wrote {stores['root'] / 'ev' / 'results.json'}, {stores['root'] / 'ev' / 'results.md'} (no pictures for this task)"
     )
+
+
+def test_command_line_defaults_are_the_jobs_defaults():
+    """The options the command line is generated from start where the job classes do."""
+    import dataclasses
+
+    from loftup.pipeline import job_options as o
+    from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
+    from loftup.training.implicit_job import ImplicitJob
+    from loftup.training.materialise import PseudoGTJob
+
+    def defaults(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    pairs = [(o.FeaturesOptions, FeaturesJob), (o.PseudoGTOptions, PseudoGTJob), (o.ImplicitOptions, ImplicitJob)]
+    for options, job in pairs:
+        mine, theirs = defaults(options), defaults(job)
+        store_given = {"backbone", "res"} if options is o.PseudoGTOptions else set()  # None: the store's
+        shared = set(mine) & set(theirs) - store_given
+        assert len(shared) >= 4 and {k: mine[k] for k in shared} == {k: theirs[k] for k in shared}, options
+    geometries = tuple(int(g) for g in o.GEOMETRIES.split(","))
+    assert geometries == defaults(ImagesJob)["sizes"] == defaults(MasksJob)["sizes"]
+    assert defaults(o.ImagesOptions)["quality"] == defaults(ImagesJob)["quality"]
+    assert defaults(o.MasksOptions)["source"] == defaults(MasksJob)["source"]
