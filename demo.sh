@@ -34,16 +34,16 @@ done
 # a probe on 8 images, so this run trains it 20 epochs at 1e-2; every protocol number is in results.md.
 loftup-train evaluate make-tiny-data "$OUT/tiny-voc" --layout voc --train 8 --val 4
 loftup-train evaluate make-tiny-data "$OUT/tiny-davis" --layout davis --frames 6
-loftup-train evaluate seg --dataset voc --root "$OUT/tiny-voc" --backbone "$BACKBONE" --size 112 --backbone-res 224 \
+loftup-train evaluate seg --dataset voc --root "$OUT/tiny-voc" --backbone "$BACKBONE" --size 112 --res 224 \
     --epochs 20 --lr 1e-2 --batch-size 4 --workers 0 --upsampler bilinear \
     --checkpoint "$OUT/run1/stage1.safetensors" --checkpoint "$OUT/run2/stage2.safetensors" --out "$OUT/eval/seg"
-loftup-train evaluate davis --root "$OUT/tiny-davis" --backbone "$BACKBONE" --size 112 --backbone-res 224 --upsampler bilinear \
+loftup-train evaluate davis --root "$OUT/tiny-davis" --backbone "$BACKBONE" --size 112 --res 224 --upsampler bilinear \
     --checkpoint "$OUT/run1/stage1.safetensors" --checkpoint "$OUT/run2/stage2.safetensors" --out "$OUT/eval/davis"
 # The PCA picture at the training size (56) and at 8x that; each call also prints the retention of
 # LoftUp and bilinear, and saves `features`, `lowres` and `bilinear` in its safetensors file.
 ASTRONAUT="$(python -c 'import skimage, os; print(os.path.join(os.path.dirname(skimage.__file__), "data", "astronaut.png"))')"
 for SIZE in 56 448; do
-  loftup-train upsample "$ASTRONAUT" --checkpoint "$OUT/run2/stage2.safetensors" --backbone "$BACKBONE" --size "$SIZE" \
+  loftup upsample "$ASTRONAUT" --checkpoint "$OUT/run2/stage2.safetensors" --backbone "$BACKBONE" --size "$SIZE" \
       --out "$OUT/upsampled"
 done
 echo "done: pictures in $OUT/upsampled, evaluation tables and pictures in $OUT/eval, runs in $OUT/run1 and $OUT/run2, store in $OUT/store"

@@ -26,6 +26,10 @@ def _entry(name: str) -> None:
         sys.exit(2)
 
 
+def loftup_main() -> None:
+    _entry("infer")
+
+
 def pipeline_main() -> None:
     _entry("pipeline")
 

@@ -1,46 +1,51 @@
-"""``loftup-pipeline``: Ray jobs over SA-1B shards. Thin: parse, call the library, print."""
+"""``loftup-pipeline``: Ray jobs over SA-1B shards."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from loftup.cli.common import console, run
+from loftup.cli.common import (
+    JsonOpt,
+    VersionOpt,
+    console,
+    feature_set,
+    print_json,
+    print_table,
+    renamed,
+    run,
+    stdout,
+    with_options,
+)
+from loftup.pipeline.job_options import (
+    GEOMETRIES,
+    FeaturesOptions,
+    ImagesOptions,
+    ImplicitOptions,
+    MasksOptions,
+    PseudoGTOptions,
+)
+from loftup.pipeline.options import RunOptions
 from loftup.storage.errors import LoftupError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """Ray jobs over SA-1B tar shards that fill a store: images, masks, features, pseudo-GT and the
+per-image optimisation baseline. A job skips the shards it has already done: rerun it to resume."""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+
+@app.callback()
+def _options(version: bool = VersionOpt) -> None:
+    pass
+
 
 ShardsOpt = typer.Option(
     ..., "--shards", help="Shards to process, e.g. '0-99,120,200-210' (shard n is sa_<n:06d>.tar)."
 )
 StoreOpt = typer.Option(..., "--store", help="Store root: a local path or an fsspec URL.")
 RootOpt = typer.Option(..., "--sa1b-root", help="Directory holding the SA-1B tars sa_000000.tar ...")
-RayOpt = typer.Option(
-    None, "--ray-address", help="Ray cluster to use ('auto' or HOST:PORT). Default: start an embedded local instance."
-)
-ExecOpt = typer.Option("ray", "--executor", help="'ray' (default) or 'inline' (single process, for debugging).")
-CpuOpt = typer.Option(1.0, "--cpus-per-task", help="CPUs Ray reserves for each shard task.")
-GpuOpt = typer.Option(
-    None, "--gpus-per-task", help="GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0."
-)
-NumCpuOpt = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray instance (default: all).")
-RetryOpt = typer.Option(
-    3, "--max-retries", help="Retries of a shard task whose worker died (crash, OOM kill, preemption)."
-)
-MemOpt = typer.Option(
-    None,
-    "--memory-per-task",
-    help="GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none).",
-)
-OverwriteOpt = typer.Option(False, "--overwrite", help="Redo shards that are already done with the same config.")
-CheckOpt = typer.Option(
-    "checksums",
-    "--check-skipped",
-    help="How a done shard is checked before it is skipped: 'checksums' (every file re-hashed against its marker) "
-    "or 'sizes' (presence and sizes only, for very large stores). Damaged shards are redone.",
-)
 
 
 def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None):
@@ -50,48 +55,60 @@ def _open(store: str, create: bool = True, sizes: tuple[int, ...] | None = None)
     return open_store(store, create=create, **kwargs)
 
 
-def _finish(summary) -> None:
+def _stored(shards: str) -> list[tuple[int, None]]:
+    """The shards of a job that reads the store (no tars)."""
+    from loftup.pipeline.shards import parse_shards
+
+    return [(s, None) for s in parse_shards(shards)]
+
+
+def _finish(summary, next_step: str) -> None:
     from loftup.pipeline.progress import summary_table
 
     console.print(summary_table(summary))
     if summary.failed:
         for shard, msg in sorted(summary.failed.items()):
             console.print(f"[red]shard {shard:06d}:[/red] {msg}")
+        console.print("next: fix what the lines above say and rerun the same command; done shards are skipped")
         raise typer.Exit(1)
+    from loftup.storage.redact import redact_text
+
+    console.print(f"next: {redact_text(next_step)}", highlight=False, soft_wrap=True)
 
 
-def _run(
-    job,
-    store,
-    shard_list,
-    executor,
-    ray_address,
-    num_cpus,
-    cpus_per_task,
-    gpus_per_task,
-    max_retries,
-    overwrite,
-    memory_per_task=None,
-    check_skipped="checksums",
-):
+def _run(job, store, shard_list, run: RunOptions, next_step: str) -> None:
     from loftup.pipeline.runner import run_job
 
-    summary = run_job(
-        job,
-        store,
-        shard_list,
-        executor=executor,
-        ray_address=ray_address,
-        num_cpus=num_cpus,
-        cpus_per_task=cpus_per_task,
-        gpus_per_task=gpus_per_task,
-        max_retries=max_retries,
-        overwrite=overwrite,
-        memory_per_task=memory_per_task,
-        check_skipped=check_skipped,
-        console=console,
-    )
-    _finish(summary)
+    _finish(run_job(job, store, shard_list, run, console=console), next_step)
+
+
+def _check_weights(backbone: str, weights: Optional[str], random_init: bool, ray_address: Optional[str]) -> None:
+    """A missing weights file is one line here, before any shard starts, not a failed shard in the
+    store. Skipped on a cluster (--ray-address): its nodes may hold files this machine does not."""
+    from loftup.pipeline.backbones import backbone_info
+    from loftup.pipeline.backbones.weights import KNOWN_WEIGHTS, resolve_weights
+
+    backbone_info(backbone)  # an unknown name is one line too
+    if random_init and weights is not None:
+        raise LoftupError(f"{backbone}: pass either --weights or --random-init, not both")
+    if ray_address is not None or weights == "download":
+        return
+    if backbone in KNOWN_WEIGHTS:
+        resolve_weights(backbone, weights, random_init)
+    elif weights is not None and not random_init and not Path(weights).is_file():
+        raise LoftupError(f"weights file not found: {weights}")
+
+
+def _check_sam(checkpoint: Optional[str], random_init: bool, ray_address: Optional[str]) -> None:
+    if random_init or ray_address is not None:
+        return
+    if checkpoint is None:
+        raise LoftupError(
+            "no SAM checkpoint: pass --sam-checkpoint PATH (sam_vit_h_4b8939.pth or another checkpoint of the "
+            "segment-anything release), or --sam-random-init for tests"
+        )
+    if not Path(checkpoint).is_file():
+        raise LoftupError(f"SAM checkpoint not found: {checkpoint}")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -156,7 +173,7 @@ def sample_data(
     if package_photos and pdir is None:
         raise LoftupError("--package-photos adds the package photos to --photos-dir: give --photos-dir too")
     if list_photos:
-        console.print(" ".join(photo_names(pdir, package_photos)))
+        stdout.print(" ".join(photo_names(pdir, package_photos)), highlight=False, soft_wrap=True)
         return
     if out is None:
         raise LoftupError("sample-data: give the output directory (OUT)")
@@ -174,291 +191,96 @@ def sample_data(
     )
     for p in paths:
         console.print(f"wrote {p} ({p.stat().st_size / 2**20:.1f} MiB)")
+    last = first_shard + len(paths) - 1
+    console.print(
+        f"next: loftup-pipeline images --shards {first_shard}-{last} --sa1b-root {out} --store STORE",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _geometries(o) -> tuple[int, ...]:
+    return _sizes(renamed(o.geometries, o.sizes, "--geometries", "--sizes", default=GEOMETRIES))
 
 
 @app.command()
-def masks(
-    shards: str = ShardsOpt,
-    sa1b_root: str = RootOpt,
-    store: str = StoreOpt,
-    source: str = typer.Option(
-        "sa1b",
-        help="Mask source: sa1b (the tar's annotations), sam (SAM automatic generation), felzenszwalb (CPU demo).",
-    ),
-    sizes: str = typer.Option(
-        "224,896", help="Training geometries the masks are re-encoded into (short side + centre crop)."
-    ),
-    sam_checkpoint: Optional[str] = typer.Option(
-        None, help="SAM checkpoint file (sam_vit_h_4b8939.pth, ...) for --source sam."
-    ),
-    sam_model: str = typer.Option(
-        "auto", help="SAM model type: vit_h, vit_l, vit_b, or auto (read from the checkpoint)."
-    ),
-    sam_random_init: bool = typer.Option(False, help="SAM with random weights (tests and demos only)."),
-    points_per_side: Optional[int] = typer.Option(None, help="SAM: point grid per side (default 32, as SA-1B)."),
-    crop_n_layers: Optional[int] = typer.Option(
-        None, help="SAM: multi-crop layers (default 2, as SA-1B; 0 is 3x cheaper)."
-    ),
-    pred_iou_thresh: Optional[float] = typer.Option(None, help="SAM: predicted-IoU threshold (default 0.88)."),
-    stability_score_thresh: Optional[float] = typer.Option(None, help="SAM: stability-score threshold (default 0.95)."),
-    max_side: Optional[int] = typer.Option(None, help="sam/felzenszwalb: downscale the image to this long side first."),
-    max_masks: Optional[int] = typer.Option(None, help="Keep at most this many masks per image (in order)."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
-):
+@with_options(RunOptions, "run")
+@with_options(MasksOptions, "o")
+def masks(shards: str = ShardsOpt, sa1b_root: str = RootOpt, store: str = StoreOpt, o=None, run=None):
     """Class-agnostic masks into the Parquet mask store (original RLE + each training geometry)."""
     from loftup.pipeline.jobs import MasksJob
     from loftup.pipeline.shards import resolve_shards
 
+    if o.source == "sam":
+        _check_sam(o.sam_checkpoint, o.sam_random_init, run.ray_address)
     shard_list = resolve_shards(shards, sa1b_root)
-    opts: dict = {}
-    if max_masks is not None:
-        opts["max_masks"] = max_masks
-    if max_side is not None and source != "sa1b":
-        opts["max_side"] = max_side
-    if source == "sam":
-        opts.update(checkpoint=sam_checkpoint, random_init=sam_random_init, model_type=sam_model)
-        for key, value in (
-            ("points_per_side", points_per_side),
-            ("crop_n_layers", crop_n_layers),
-            ("pred_iou_thresh", pred_iou_thresh),
-            ("stability_score_thresh", stability_score_thresh),
-        ):
-            if value is not None:
-                opts[key] = value
-    size_t = _sizes(sizes)
-    job = MasksJob(source=source, source_options=opts, sizes=size_t)
-    _run(
-        job,
-        _open(store, sizes=size_t),
-        shard_list,
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
-    )
+    job = MasksJob(source=o.source, source_options=o.source_options(), sizes=_geometries(o))
+    nxt = f"loftup-pipeline features --shards {shards} --store {store} --backbone NAME (loftup-pipeline backbones lists them)"
+    _run(job, _open(store, sizes=job.sizes), shard_list, run, nxt)
 
 
 @app.command()
-def images(
-    shards: str = ShardsOpt,
-    sa1b_root: str = RootOpt,
-    store: str = StoreOpt,
-    sizes: str = typer.Option("224,896", help="Training geometries (short side + centre crop), JPEG-encoded."),
-    quality: int = typer.Option(95, help="JPEG quality of the stored images."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
-):
+@with_options(RunOptions, "run", exclude=("gpus_per_task",))
+@with_options(ImagesOptions, "o")
+def images(shards: str = ShardsOpt, sa1b_root: str = RootOpt, store: str = StoreOpt, o=None, run=None):
     """Training images at each geometry into the Parquet image store."""
     from loftup.pipeline.jobs import ImagesJob
     from loftup.pipeline.shards import resolve_shards
 
     shard_list = resolve_shards(shards, sa1b_root)
-    size_t = _sizes(sizes)
-    job = ImagesJob(sizes=size_t, quality=quality)
-    _run(
-        job,
-        _open(store, sizes=size_t),
-        shard_list,
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        0.0,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
-    )
+    job = ImagesJob(sizes=_geometries(o), quality=o.quality)
+    nxt = f"loftup-pipeline masks --shards {shards} --sa1b-root {sa1b_root} --store {store}"
+    _run(job, _open(store, sizes=job.sizes), shard_list, dataclasses.replace(run, gpus_per_task=0.0), nxt)
 
 
 @app.command()
-def features(
-    shards: str = ShardsOpt,
-    store: str = StoreOpt,
-    backbone: str = typer.Option(
-        "dinov2_vits14", help="Backbone from the registry (loftup-pipeline backbones lists them)."
-    ),
-    res: int = typer.Option(224, help="Input resolution of the backbone (a multiple of its patch size)."),
-    weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
-    random_init: bool = typer.Option(False, help="Random weights (tests and demos only)."),
-    batch_size: int = typer.Option(32, help="Images per forward pass."),
-    device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
-):
+@with_options(RunOptions, "run")
+@with_options(FeaturesOptions, "o")
+def features(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
     """Low-resolution VFM features of the stored images into the Zarr v3 feature store."""
     from loftup.pipeline.jobs import FeaturesJob
-    from loftup.pipeline.shards import parse_shards
 
+    _check_weights(o.backbone, o.weights, o.random_init, run.ray_address)
     st = _open(store, create=False)
-    shard_list = [(s, None) for s in parse_shards(shards)]
-    job = FeaturesJob(
-        backbone=backbone, res=res, weights=weights, random_init=random_init, batch_size=batch_size, device=device
-    )
-    _run(
-        job,
-        st,
-        shard_list,
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
-    )
+    job = FeaturesJob(**dataclasses.asdict(o))
+    _run(job, st, _stored(shards), run, f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}")
 
 
 @app.command()
-def pseudogt(
-    shards: str = ShardsOpt,
-    store: str = StoreOpt,
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone of the stored features."),
-    res: int = typer.Option(224, help="Backbone input size of the stored features."),
-    geometry: int = typer.Option(224, help="Stored mask geometry = pseudo-GT size."),
-    alpha: float = typer.Option(0.8, help="Mask refinement strength (Eq. 1)."),
-    max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
-    limit: Optional[int] = typer.Option(
-        None, help="At most this many images per shard (pseudo-GT is ~38 MB/image at 224x224x384 fp16)."
-    ),
-    png_dir: Optional[str] = typer.Option(None, help="Where to write PNGs (default: inside a local store)."),
-    no_png: bool = typer.Option(False, help="Do not write PNGs."),
-    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
-):
+@with_options(RunOptions, "run")
+@with_options(PseudoGTOptions, "o")
+def pseudogt(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
     """Materialise mask-refined bicubic pseudo-GT for inspection (Zarr) with PNGs of bicubic vs refined."""
-    from loftup.pipeline.shards import parse_shards
     from loftup.training.materialise import PseudoGTJob
 
     st = _open(store, create=False)
-    job = PseudoGTJob(
-        backbone=backbone,
-        res=res,
-        geometry=geometry,
-        alpha=alpha,
-        max_masks=max_masks,
-        limit=limit,
-        png=not no_png,
-        png_dir=png_dir,
-        device=device,
-    )
-    _run(
-        job,
-        st,
-        [(s, None) for s in parse_shards(shards)],
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
-    )
+    backbone, res = feature_set(st, o.backbone, o.res, strict=True)
+    job = PseudoGTJob(**{**dataclasses.asdict(o), "backbone": backbone, "res": res})
+    _run(job, st, _stored(shards), run, f"loftup-train stage1 --store {store} --out runs/stage1 --shards {shards}")
 
 
 @app.command()
-def implicit(
-    shards: str = ShardsOpt,
-    store: str = StoreOpt,
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone from the registry, run live on every jittered view."),
-    res: int = typer.Option(224, help="Backbone input size = size of the optimised map."),
-    weights: Optional[str] = typer.Option(None, help="Local weights file of the backbone."),
-    random_init: bool = typer.Option(False, help="Random backbone weights (tests and demos only)."),
-    images_per_shard: Optional[int] = typer.Option(
-        None, help="Optimise only the first N images of each shard (~1 min each on an A100)."
-    ),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps per image (FeatUp: 1200)."),
-    views: Optional[int] = typer.Option(None, help="Jittered views per image (FeatUp: 3000)."),
-    dense: bool = typer.Option(
-        False, "--dense", help="Also store the full-resolution map (fp16 Zarr, one chunk per image)."
-    ),
-    device: str = typer.Option("auto", help="'auto' (the task's GPU if any), 'cpu' or 'cuda'."),
-    ray_address: Optional[str] = RayOpt,
-    executor: str = ExecOpt,
-    num_cpus: Optional[int] = NumCpuOpt,
-    cpus_per_task: float = CpuOpt,
-    gpus_per_task: Optional[float] = GpuOpt,
-    max_retries: int = RetryOpt,
-    overwrite: bool = OverwriteOpt,
-    check_skipped: str = CheckOpt,
-    memory_per_task: Optional[float] = MemOpt,
-):
+@with_options(RunOptions, "run")
+@with_options(ImplicitOptions, "o")
+def implicit(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
     """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps)."""
-    from loftup.pipeline.shards import parse_shards
     from loftup.training.implicit_job import ImplicitJob
 
-    recipe = {k: v for k, v in (("steps", steps), ("views", views)) if v is not None}
+    _check_weights(o.backbone, o.weights, o.random_init, run.ray_address)
     st = _open(store, create=False)
-    job = ImplicitJob(
-        backbone=backbone,
-        res=res,
-        weights=weights,
-        random_init=random_init,
-        images_per_shard=images_per_shard,
-        dense=dense,
-        recipe=recipe,
-        device=device,
-    )
-    _run(
-        job,
-        st,
-        [(s, None) for s in parse_shards(shards)],
-        executor,
-        ray_address,
-        num_cpus,
-        cpus_per_task,
-        gpus_per_task,
-        max_retries,
-        overwrite,
-        memory_per_task,
-        check_skipped,
-    )
+    fields = dataclasses.asdict(o)
+    recipe = {k: v for k in ("steps", "views") if (v := fields.pop(k)) is not None}
+    job = ImplicitJob(**fields, recipe=recipe)
+    _run(job, st, _stored(shards), run, f"loftup-store report --store {store}")
 
 
 @app.command()
-def status(store: str = StoreOpt):
+def status(store: str = StoreOpt, as_json: bool = JsonOpt):
     """Per job: shards done, images, failures, bytes, throughput."""
-    from loftup.cli.store import print_status
+    from loftup.cli.store import print_status, status_json
 
-    print_status(_open(store, create=False))
+    st = _open(store, create=False)
+    print_json(status_json(st)) if as_json else print_status(st)
 
 
 @app.command()
@@ -469,10 +291,12 @@ def backbones():
     from loftup.pipeline.backbones import backbone_info, list_backbones
 
     t = Table("name", "patch", "dim", "normalisation", "weights (--weights FILE, or found offline at)")
+    lines = []
     for name in list_backbones():
         i = backbone_info(name)
         t.add_row(name, str(i["patch"]), str(i["dim"]), i["normalisation"], i["weights_hint"])
-    console.print(t)
+        lines.append(f"{name}: patch {i['patch']}, dim {i['dim']}, {i['normalisation']}; weights: {i['weights_hint']}")
+    print_table(t, lines)
 
 
 def main() -> None:

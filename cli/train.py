@@ -1,4 +1,4 @@
-"""``loftup-train``: Stage 1, Stage 2, evaluation and inference. Thin: parse, call the library, print.
+"""``loftup-train``: Stage 1, Stage 2, evaluation and inference.
 
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N $(which loftup-train) stage1 ...``.
 """
@@ -8,11 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import dataclasses
+
 import typer
 
-from loftup.cli.common import console, run
+from loftup.cli.infer import upsample
+from loftup.cli.common import JsonOpt, VersionOpt, console, print_json, renamed, run
+from loftup.storage.errors import LoftupError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """Train LoftUp (Stage 1, Stage 2), evaluate upsamplers with the paper's probes, and upsample
+images. On several GPUs or nodes: torchrun --nproc_per_node N $(which loftup-train) stage1 ..."""
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
+
+
+@app.callback()
+def _options(version: bool = VersionOpt) -> None:
+    pass
 
 
 def _ints(text: Optional[str]) -> Optional[list[int]]:
@@ -28,7 +39,7 @@ def _summary(title: str, result: dict) -> None:
 
     t = Table(title=title)
     t.add_column("field")
-    t.add_column("value", justify="right")
+    t.add_column("value", justify="right", overflow="fold")
     for k, v in result.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
@@ -36,9 +47,11 @@ def _summary(title: str, result: dict) -> None:
     console.print(t)
 
 
-def _config_command(name: str, module: str, config: str, doc: str, summary=None):
+def _config_command(name: str, module: str, config: str, doc: str, summary=None, from_store=(), from_init=()):
     """Register ``loftup-train NAME``: one option per field of the stage's config dataclass (declared
-    once, with its help, in training/loop.py and the stage's module), then train and print a summary."""
+    once, with its help, in training/loop.py and the stage's module), then train and print a summary.
+    ``from_store``: ``backbone`` and ``res`` default to the store's feature set instead;
+    ``from_init``: ``backbone`` defaults to the one the ``--init`` checkpoint was trained on."""
     import dataclasses
     import importlib
     import inspect
@@ -46,6 +59,7 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None)
 
     mod = importlib.import_module(f"loftup.training.{module}")
     cls = getattr(mod, config)
+    fallback = {f.name: f.default for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     params, parsers = [], {}
     for f in dataclasses.fields(cls):
@@ -61,6 +75,22 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None)
         if f.metadata.get("parse") == "ints":
             parsers[f.name] = _ints
             kind, default = Optional[str], ",".join(map(str, default)) if isinstance(default, list) else default
+        if f.name in from_store or f.name in from_init:
+            kind, default = Optional[kind], None
+            help_text = f.metadata["help"] + (
+                f" Default: the store's feature set ({f.name} of the one there)."
+                if f.name in from_store
+                else f" Default: the one --init was trained on, else {f.default}."
+            )
+            params.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(None, flag, help=help_text),
+                    annotation=kind,
+                )
+            )
+            continue
         if kind in (bool, Optional[bool]):
             opt = typer.Option(default, f"{flag}/--no-{flag[2:]}", help=f.metadata["help"])
         else:
@@ -70,6 +100,18 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None)
     def command(**kwargs):
         allow_missing = kwargs.pop("allow_missing")
         kwargs = {k: parsers[k](v) if k in parsers else v for k, v in kwargs.items()}
+        if from_store and None in (kwargs["backbone"], kwargs["res"]):
+            from loftup.cli.common import feature_set
+            from loftup.storage import open_store
+
+            kwargs["backbone"], kwargs["res"] = feature_set(
+                open_store(kwargs["store"]), kwargs["backbone"], kwargs["res"], strict=True
+            )
+        if from_init and kwargs["backbone"] is None:
+            from loftup.training.checkpoint import load_model
+
+            extra = load_model(kwargs["init"], with_meta=True)[1].get("extra") or {}
+            kwargs["backbone"] = extra.get("backbone") or fallback["backbone"]
         if allow_missing and kwargs.get("shards"):
             kwargs["shards"] = _present(kwargs)
         result = mod.train(cls(**kwargs))
@@ -115,6 +157,7 @@ _config_command(
     "stage1",
     "Stage1Config",
     "Stage 1: mask-refined bicubic pseudo-GT built on the fly from stored features and masks.",
+    from_store=("backbone", "res"),
 )
 _config_command(
     "stage2",
@@ -122,6 +165,7 @@ _config_command(
     "Stage2Config",
     "Stage 2: self-distillation from an EMA teacher on HR crops, the VFM run live.",
     _stage2_summary,
+    from_init=("backbone",),
 )
 
 
@@ -140,39 +184,80 @@ _CHECKPOINT_HELP = (
 _MATCH_HELP = "Also run each baseline in every checkpoint's own PCA projection (named BASELINE@CHECKPOINT)."
 
 
-def _run_evaluation(task: str, protocol, upsampler, checkpoint, match_projection, target_space, device, out, **kwargs):
+def _trained_on(ups) -> Optional[str]:
+    """The backbone the given checkpoints were trained for: one error line if they disagree."""
+    names = sorted({u.trained_on for u in ups if u.trained_on})
+    if len(names) > 1:
+        raise LoftupError(f"the checkpoints were trained on different backbones ({', '.join(names)}): give --backbone")
+    return names[0] if names else None
+
+
+def _run_evaluation(task: str, protocol, options: dict, as_json: bool, backbone=None, store=None, **kwargs):
+    """Build the upsamplers, pick the backbone (given; else the checkpoints'; else the store's; else
+    the registry default), run, print the table (or JSON) on stdout."""
+    import time
+
+    from loftup.pipeline.backbones import DEFAULT_BACKBONE
     from loftup.training.evaluation import build_upsamplers, evaluate
     from loftup.training.evaluation.report import markdown
 
     ups = build_upsamplers(
-        list(upsampler or []),
-        [str(c) for c in checkpoint or []],
-        target_space=target_space,
-        match_projection=match_projection,
+        list(options["upsampler"] or []),
+        [str(c) for c in options["checkpoint"] or []],
+        target_space=options["target_space"],
+        match_projection=options["match_projection"],
         device="cpu",
     )
+    backbone = backbone or _trained_on(ups)
+    if store is not None:
+        from loftup.cli.common import feature_set
+
+        backbone, res = feature_set(store, backbone, protocol.res)
+        protocol = dataclasses.replace(protocol, res=res)
+        kwargs["store"] = store
+    out, started = options["out"], time.time()
     console.print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.as_dict().items()))
-    result = evaluate(task, ups, protocol=protocol, out=out, device=device, **kwargs)
-    print(markdown(task, result))
+    result = evaluate(
+        task, ups, protocol=protocol, out=out, device=options["device"], backbone=backbone or DEFAULT_BACKBONE, **kwargs
+    )
+    if as_json:
+        print_json(result)
+    else:
+        print(markdown(task, result))
     if out is not None:
-        console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and pictures")
+        pictures = [p for p in out.glob("*.png") if p.stat().st_mtime >= started - 1]
+        console.print(
+            f"wrote {out / 'results.json'}, {out / 'results.md'}"
+            + (f" and {len(pictures)} pictures" if pictures else " (no pictures for this task)")
+        )
+
+
+_TARGET_HELP = "Space of the baselines' features: layer_norm (LoftUp's) or raw."
+_OUT_HELP = "Write results.json, results.md and pictures here."
+_DEVICE_HELP = "auto, cpu or cuda."
+_BACKBONE_HELP = "Backbone run live on the images (default: the checkpoints', else dinov2_vits14)."
+# --backbone-res was the name of --res before the CLIs shared one vocabulary: still accepted, not shown.
+_OLD_RES = typer.Option(None, "--backbone-res", hidden=True)
+
+
+def _res(res: Optional[int], old: Optional[int]) -> Optional[int]:
+    return renamed(res, old, "--res", "--backbone-res")
 
 
 @evaluate_app.command("seg")
 def evaluate_seg(
     dataset: str = typer.Option(..., help="Layout: cocostuff27, cityscapes, voc or folder."),
     root: Path = typer.Option(..., help="Dataset folder in that layout."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone run live on the images."),
+    backbone: Optional[str] = typer.Option(None, help=_BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
     random_init: bool = typer.Option(False, help="Random backbone weights (tests)."),
     upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
     checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
     match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option(
-        "layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."
-    ),
+    target_space: str = typer.Option("layer_norm", help=_TARGET_HELP),
     size: int = typer.Option(224, help="Resize + centre-crop size of images, labels, guidance and output."),
-    backbone_res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
+    res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
+    backbone_res: Optional[int] = _OLD_RES,
     epochs: int = typer.Option(10, help="Probe epochs."),
     lr: float = typer.Option(1e-4, help="Probe NAdam learning rate."),
     batch_size: int = typer.Option(8, help="Probe batch size."),
@@ -180,25 +265,24 @@ def evaluate_seg(
     train_split: str = typer.Option("train", help="Split the probes train on."),
     split: str = typer.Option("val", help="Split scored."),
     workers: int = typer.Option(2, help="DataLoader workers."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, results.md and pictures here."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    out: Optional[Path] = typer.Option(None, help=_OUT_HELP),
+    as_json: bool = JsonOpt,
 ):
     """Linear-probe semantic segmentation (LoftUp's eval_seg protocol): mIoU and pixel accuracy."""
     from loftup.training.evaluation import SegProtocol
 
-    protocol = SegProtocol(size=size, backbone_res=backbone_res, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    protocol = SegProtocol(
+        size=size, backbone_res=_res(res, backbone_res), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
+    )
     _run_evaluation(
         "seg",
         protocol,
-        upsampler,
-        checkpoint,
-        match_projection,
-        target_space,
-        device,
-        out,
+        locals(),
+        as_json,
+        backbone=backbone,
         dataset=dataset,
         root=root,
-        backbone=backbone,
         weights=weights,
         random_init=random_init,
         train_split=train_split,
@@ -211,32 +295,32 @@ def evaluate_seg(
 def evaluate_davis(
     root: Path = typer.Option(..., help="DAVIS 2017 folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)."),
     split: str = typer.Option("val", help="ImageSets/2017/SPLIT.txt."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone run live on the frames."),
+    backbone: Optional[str] = typer.Option(None, help=_BACKBONE_HELP),
     weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
     random_init: bool = typer.Option(False, help="Random backbone weights (tests)."),
     upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
     checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
     match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option(
-        "layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."
-    ),
+    target_space: str = typer.Option("layer_norm", help=_TARGET_HELP),
     size: int = typer.Option(224, help="Frames resized to SIZE x SIZE; features upsampled to SIZE/2."),
-    backbone_res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
+    res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
+    backbone_res: Optional[int] = _OLD_RES,
     context: int = typer.Option(7, help="Previous predictions used besides the first frame."),
     temperature: float = typer.Option(0.1, help="Affinity temperature."),
     radius: int = typer.Option(12, help="Spatial radius in feature cells."),
     topk: int = typer.Option(5, help="Neighbours averaged per pixel."),
     boundary_tolerance: float = typer.Option(0.008, help="F's match tolerance, a fraction of the image diagonal."),
     save_masks: bool = typer.Option(False, help="Also write every prediction as DAVIS palette PNGs under OUT/masks."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, results.md and pictures here."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+    out: Optional[Path] = typer.Option(None, help=_OUT_HELP),
+    as_json: bool = JsonOpt,
 ):
     """DAVIS 2017 label propagation (LiFT/LoftUp protocol): J, F and J&F as the official toolkit."""
     from loftup.training.evaluation import DavisProtocol
 
     protocol = DavisProtocol(
         size=size,
-        backbone_res=backbone_res,
+        backbone_res=_res(res, backbone_res),
         context=context,
         temperature=temperature,
         radius=radius,
@@ -246,15 +330,11 @@ def evaluate_davis(
     _run_evaluation(
         "davis",
         protocol,
-        upsampler,
-        checkpoint,
-        match_projection,
-        target_space,
-        device,
-        out,
+        locals(),
+        as_json,
+        backbone=backbone,
         root=root,
         split=split,
-        backbone=backbone,
         weights=weights,
         random_init=random_init,
         save_masks=save_masks,
@@ -264,21 +344,22 @@ def evaluate_davis(
 @evaluate_app.command("masks")
 def evaluate_masks(
     store: str = typer.Option(..., help="Store with images, masks and features."),
-    shards: str = typer.Option(..., help="Held-out shards to evaluate on."),
-    backbone: str = typer.Option("dinov2_vits14", help="Backbone of the stored features."),
+    shards: str = typer.Option(..., help="Held-out shards to evaluate on, e.g. 8-9."),
+    backbone: Optional[str] = typer.Option(
+        None, help="Backbone of the stored features (default: the store's, or the checkpoints')."
+    ),
     upsampler: list[str] = typer.Option(["bilinear", "bicubic"], help=_UPSAMPLER_HELP),
     checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
     match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option(
-        "layer_norm", help="Space of the baselines' features: layer_norm (LoftUp's) or raw."
-    ),
-    res: int = typer.Option(224, help="Backbone input size of the stored features."),
+    target_space: str = typer.Option("layer_norm", help=_TARGET_HELP),
+    res: Optional[int] = typer.Option(None, help="Backbone input size of the stored features (default: the store's)."),
     geometry: int = typer.Option(224, help="Stored image/mask geometry to read."),
     size: int = typer.Option(224, help="Evaluation resolution."),
     max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
     limit: Optional[int] = typer.Option(None, help="At most this many images."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
     out: Optional[Path] = typer.Option(None, help="Write results.json and results.md here."),
+    as_json: bool = JsonOpt,
 ):
     """Nearest-prototype mIoU against the store's instance masks (a class-free proxy)."""
     import numpy as np
@@ -289,19 +370,7 @@ def evaluate_masks(
     st = open_store(store)
     ids = np.concatenate([st.image_ids(s) for s in _ints(shards)])[:limit]
     protocol = MasksProtocol(size=size, res=res, geometry=geometry, max_masks=max_masks)
-    _run_evaluation(
-        "masks",
-        protocol,
-        upsampler,
-        checkpoint,
-        match_projection,
-        target_space,
-        device,
-        out,
-        store=st,
-        image_ids=ids,
-        backbone=backbone,
-    )
+    _run_evaluation("masks", protocol, locals(), as_json, backbone=backbone, store=st, image_ids=ids)
 
 
 @evaluate_app.command("make-tiny-data")
@@ -330,41 +399,8 @@ def evaluate_make_tiny_data(
     console.print(f"wrote a tiny {layout} dataset to {path}")
 
 
-@app.command()
-def upsample(
-    image: Path = typer.Argument(..., help="Image file to upsample the features of."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Our checkpoint (stage1/stage2 .safetensors)."),
-    official: Optional[str] = typer.Option(
-        None,
-        help="A released LoftUp: dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2 (local HF cache) or its .bin path.",
-    ),
-    backbone: Optional[str] = typer.Option(
-        None,
-        help="Backbone for the low-res features (default: the one the upsampler was trained for, else dinov2_vits14).",
-    ),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
-    random_init: bool = typer.Option(False, help="Random backbone weights (demos)."),
-    backbone_res: int = typer.Option(224, help="Backbone input size."),
-    size: int = typer.Option(448, help="Output feature resolution."),
-    out: Path = typer.Option(Path("upsampled"), help="Output directory."),
-    fmt: str = typer.Option("safetensors", help="Feature file format: safetensors or npy."),
-):
-    """Upsample one image's features; writes the HR features and a PCA picture (with bilinear)."""
-    from loftup.training.inference import upsample_image
-
-    result = upsample_image(
-        image,
-        checkpoint=checkpoint,
-        official=official,
-        backbone=backbone,
-        weights=weights,
-        random_init=random_init,
-        backbone_res=backbone_res,
-        size=size,
-        out_dir=out,
-        fmt=fmt,
-    )
-    _summary("upsample", {k: str(v) for k, v in result.items()})
+# Inference is `loftup upsample` (cli/infer.py); this spelling stays for the scripts that use it.
+app.command("upsample", hidden=True, help="The same as `loftup upsample`.")(upsample)
 
 
 def main() -> None:

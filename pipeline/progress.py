@@ -160,9 +160,13 @@ class PeriodicLog:
             self._thread.join(timeout=5)
 
 
+# What "seconds" means here: this run's wall clock (`loftup-store status` sums each shard's own time).
+WALL_SECONDS = "wall s: wall-clock seconds of this run"
+
+
 def summary_table(summary) -> Table:
-    t = Table(title=f"{summary.job}: summary", show_header=True)
-    for col in ("shards done", "skipped", "failed", "images", "errors", "bytes", "seconds", "images/s"):
+    t = Table(title=f"{summary.job}: summary (shards)", caption=WALL_SECONDS, show_header=True)
+    for col in ("done", "skipped", "failed", "images", "errors", "bytes", "wall s", "images/s"):
         t.add_column(col, justify="right")
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     t.add_row(

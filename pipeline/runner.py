@@ -9,6 +9,8 @@ finishes any swap a killed task left half done (``Store.recover``) before planni
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import signal
 import tarfile
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from loftup import chaos
 from loftup.pipeline.jobs import Job, run_and_time, upstream_state
+from loftup.pipeline.options import SKIP_CHECKS, RunOptions
 from loftup.storage.errors import LoftupError, error_line
 
 
@@ -98,10 +101,6 @@ def process_shard(job: Job, store_url: str, shard: int, tar_path: str | None, se
     return marker
 
 
-SKIP_CHECKS = ("checksums", "sizes")
-EXECUTORS = ("ray", "inline")
-
-
 def plan_shards(
     job: Job,
     store,
@@ -160,68 +159,28 @@ def run_job(
     job: Job,
     store,
     shards: list[tuple[int, str | None]],
+    options: RunOptions | None = None,
     *,
-    executor: str = "ray",
-    ray_address: str | None = None,
-    num_cpus: int | None = None,
-    cpus_per_task: float = 1.0,
-    gpus_per_task: float | None = None,
-    max_retries: int = 3,
-    overwrite: bool = False,
-    memory_per_task: float | None = None,
-    check_skipped: str = "checksums",
     console=None,
+    **fields,
 ) -> RunSummary:
     """Run ``job`` over ``shards`` [(shard, tar path or None)] and return a summary.
 
-    ``memory_per_task``: GiB of host memory Ray reserves per shard task (default: the job's own
-    estimate, :meth:`Job.memory_bytes`; 0: reserve none), so a node is packed without
-    oversubscribing it. ``check_skipped``: how done shards are checked before being skipped
-    (:func:`plan_shards`). Holds the job's lease on the store throughout: a second run of the same
-    job refuses.
+    ``options`` (:class:`RunOptions`; or its fields as keywords, e.g. ``executor="inline"``): the
+    executor, Ray and its resources, and what to redo. ``memory_per_task``: GiB of host memory Ray
+    reserves per shard task (default: the job's own estimate, :meth:`Job.memory_bytes`; 0: reserve
+    none), so a node is packed without oversubscribing it. ``check_skipped``: how done shards are
+    checked before being skipped (:func:`plan_shards`). Holds the job's lease on the store
+    throughout: a second run of the same job refuses.
     """
-    if memory_per_task is not None and memory_per_task < 0:
-        raise LoftupError(f"--memory-per-task must be >= 0 GiB, got {memory_per_task}")
-    if executor not in EXECUTORS:
-        raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
-    if max_retries < 0:
-        raise LoftupError(f"--max-retries must be >= 0, got {max_retries} (Ray reads -1 as retry forever)")
-    if check_skipped not in SKIP_CHECKS:
-        raise LoftupError(f"unknown --check-skipped {check_skipped!r}; choose from {', '.join(SKIP_CHECKS)}")
+    opts = dataclasses.replace(options or RunOptions(), **fields)
+    opts.check()
     job.check(store)
     with store.lease(job.name):
-        return _run_leased(
-            job,
-            store,
-            shards,
-            executor,
-            ray_address,
-            num_cpus,
-            cpus_per_task,
-            gpus_per_task,
-            max_retries,
-            overwrite,
-            memory_per_task,
-            check_skipped,
-            console,
-        )
+        return _run_leased(job, store, shards, opts, console)
 
 
-def _run_leased(
-    job,
-    store,
-    shards,
-    executor,
-    ray_address,
-    num_cpus,
-    cpus_per_task,
-    gpus_per_task,
-    max_retries,
-    overwrite,
-    memory_per_task,
-    check_skipped,
-    console,
-) -> RunSummary:
+def _run_leased(job, store, shards, opts: RunOptions, console) -> RunSummary:
     from loftup.pipeline.progress import ShardProgress
 
     store.update_manifest(job.record)
@@ -231,7 +190,7 @@ def _run_leased(
             done = "its new version is committed" if ok else "it will be redone"
             console.print(f"[yellow]shard {shard:06d}: finished the commit a killed run left half done; {done}")
     damaged: dict[int, str] = {}
-    todo, skipped = plan_shards(job, store, shards, overwrite, damaged, check_skipped)
+    todo, skipped = plan_shards(job, store, shards, opts.overwrite, damaged, opts.check_skipped)
     summary = RunSummary(job=job.name, planned=len(shards), skipped=skipped, damaged=damaged)
     if damaged and console is not None:
         for shard, why in sorted(damaged.items()):
@@ -240,29 +199,17 @@ def _run_leased(
     with ShardProgress(job.name, totals, console=console) as view:
         if not todo:
             pass
-        elif executor == "inline":
+        elif opts.executor == "inline":
             for shard, path in todo:
                 try:
                     info = process_shard(job, store.url, shard, path, lambda ok, err, s=shard: view.advance(s, ok, err))
                     _shard_done(summary, view, shard, info)
                 except Exception as exc:  # as under Ray: one shard's failure never stops the others
                     _shard_failed(summary, view, shard, exc)
-        elif executor == "ray":
-            _run_ray(
-                job,
-                store,
-                todo,
-                summary,
-                view,
-                ray_address,
-                num_cpus,
-                cpus_per_task,
-                gpus_per_task,
-                max_retries,
-                memory_per_task,
-            )
+        elif opts.executor == "ray":
+            _run_ray(job, store, todo, summary, view, opts)
         else:
-            raise LoftupError(f"unknown executor {executor!r}; use 'ray' or 'inline'")
+            raise LoftupError(f"unknown executor {opts.executor!r}; use 'ray' or 'inline'")
     for shard, reason in summary.failed.items():
         # After the view closed, so that a store that cannot take the record fails loudly but late.
         if store.record_failed_shard(job.name, shard, reason) == 0:
@@ -299,7 +246,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     else:
         # address="local": embedded means embedded, even when another Ray instance runs on this host
         # (without it ray.init attaches to that instance and refuses num_cpus).
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # Ray turns token auth on for a new local instance and says so in a WARNING on every job;
+        # that, and its "Started a local Ray instance" INFO line, are not news on an embedded run.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            **kwargs,
+        )
     return ray
 
 
@@ -333,10 +289,9 @@ def _node_memory(ray) -> list[float]:
     return [float(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")]
 
 
-def _run_ray(
-    job, store, todo, summary, view, address, num_cpus, cpus_per_task, gpus_per_task, max_retries, memory_per_task=None
-):
-    ray = init_ray(address, num_cpus)
+def _run_ray(job, store, todo, summary, view, opts: RunOptions):
+    address, gpus_per_task = opts.ray_address, opts.gpus_per_task
+    ray = init_ray(address, opts.num_cpus)
     from ray.exceptions import RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -344,8 +299,8 @@ def _run_ray(
 
     if gpus_per_task is None:
         gpus_per_task = 1.0 if (job.num_gpus_wanted and ray.cluster_resources().get("GPU", 0) > 0) else 0.0
-    memory = task_memory(job, memory_per_task, _node_memory(ray), embedded=not address)
-    demand = {"CPU": cpus_per_task, "GPU": gpus_per_task, "memory": float(memory)}
+    memory = task_memory(job, opts.memory_per_task, _node_memory(ray), embedded=not address)
+    demand = {"CPU": opts.cpus_per_task, "GPU": gpus_per_task, "memory": float(memory)}
     cluster.check_fits(ray, demand)
     watch = cluster.Watch(ray, demand, remote_cluster=bool(address))
 
@@ -372,10 +327,10 @@ def _run_ray(
         return process_shard(job, url, shard, path, lambda ok, err: counter.add.remote(shard, ok, err))
 
     remote = ray.remote(task).options(
-        num_cpus=cpus_per_task,
+        num_cpus=opts.cpus_per_task,
         num_gpus=gpus_per_task,
         memory=memory or None,
-        max_retries=max_retries,
+        max_retries=opts.max_retries,
         retry_exceptions=False,
     )
     pending = {}

@@ -41,7 +41,7 @@ def _child(script, app, args, out_fd, err_fd) -> int:
 
 
 def main() -> None:
-    from loftup.cli import pipeline, store, train
+    from loftup.cli import infer, pipeline, store, train
 
     # Imports only (no tensor work, so no thread pools exist when we fork): children start warm.
     import loftup.pipeline.backbones  # noqa: F401
@@ -52,7 +52,7 @@ def main() -> None:
     import loftup.training.stage2  # noqa: F401
     import loftup.pictures  # noqa: F401
 
-    apps = {"loftup-pipeline": pipeline.app, "loftup-store": store.app, "loftup-train": train.app}
+    apps = {"loftup": infer.app, "loftup-pipeline": pipeline.app, "loftup-store": store.app, "loftup-train": train.app}
     cases = json.load(sys.stdin)
     results = []
     for case in cases:

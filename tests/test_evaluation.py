@@ -234,12 +234,11 @@ def test_cli_seg_with_a_checkpoint_and_its_projection(monkeypatch, capsys, tiny,
         "folder",
         "--root",
         str(tiny["folder"]),
-        "--backbone",
-        BACKBONE,
         "--size",
         "56",
-        "--backbone-res",
+        "--res",
         "112",
+        "--json",
         "--epochs",
         "1",
         "--lr",
@@ -255,7 +254,9 @@ def test_cli_seg_with_a_checkpoint_and_its_projection(monkeypatch, capsys, tiny,
     res = json.loads((out / "results.json").read_text())
     assert [k for k in res if not k.startswith("_")] == ["bilinear", "bilinear@tiny_loftup", "tiny_loftup"]
     assert res["_run"]["upsamplers"]["bilinear@tiny_loftup"]["projection"] == "PCA 512->16"
-    assert res["_protocol"]["epochs"] == 1 and "| tiny_loftup |" in printed.out
+    assert res["_protocol"]["epochs"] == 1 and res["_protocol"]["backbone_res"] == 112
+    # The backbone came from the checkpoint; --json printed what results.json holds.
+    assert res["_run"]["backbone"] == BACKBONE and json.loads(printed.out) == res
     # A checkpoint trained for another backbone is refused in one line.
     save_model(LoftUp(16), tmp_path / "other.safetensors", extra={"backbone": "dinov2_vits14"}, projection=projection)
     code, printed = _cli(

@@ -80,8 +80,8 @@ def _cases(w):
                 "--executor",
                 "inline",
             ],
-            1,
-            "nope.pth",
+            2,  # checked before any shard starts
+            "weights file not found: " + str(r / "nope.pth"),
         ),
         ("loftup-pipeline", ["status", "--store", r / "nostore"], 2, "no store at"),
         ("loftup-pipeline", ["sample-data", r / "sd", "--fault", "exploding"], 2, "unknown fault"),

@@ -202,16 +202,18 @@ def test_report_sums_markers_and_files(store, tmp_path, capsys, monkeypatch):
         scalability_report(store)
     assert not run_job(PseudoGTJob(res=RES, png=False, limit=1), store, [(0, None)], executor="inline").failed
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    monkeypatch.setattr(
-        sys, "argv", ["loftup-store", "report", store.url, "--json", str(out_json), "--png", str(out_png)]
-    )
     from loftup.cli.common import run
 
-    with pytest.raises(SystemExit) as exit_info:
-        run(store_cli.app)
-    assert exit_info.value.code == 0
-    rep = json.loads(out_json.read_text())
-    assert out_png.stat().st_size > 1000 and "50K images" in capsys.readouterr().err
+    rep = None
+    for args in (["--json", "--json-out", str(out_json), "--png", str(out_png)], ["--store", store.url]):
+        monkeypatch.setattr(sys, "argv", ["loftup-store", "report", *([store.url] if "--json" in args else []), *args])
+        with pytest.raises(SystemExit) as exit_info:
+            run(store_cli.app)
+        assert exit_info.value.code == 0
+        printed = capsys.readouterr().out
+        rep = json.loads(printed) if "--json" in args else rep
+    assert rep == json.loads(out_json.read_text())
+    assert out_png.stat().st_size > 1000 and "50K images" in printed
 
     # Recomputed here from the markers and the files on disk.
     root = store.root

@@ -211,8 +211,11 @@ def test_ray_worker_killed_mid_shard_then_rerun_is_exact(tmp_path, sample_shards
         "--num-cpus",
         "2",
     )
-    _cli(*args, env={"LOFTUP_CHAOS_KILL": f"2:{flag}"})
+    p = _cli(*args, env={"LOFTUP_CHAOS_KILL": f"2:{flag}"})
     assert flag.exists(), "the chaos hook never fired"
+    # An embedded run: no Ray token-auth WARNING, and the summary says what to run next.
+    assert "Token authentication" not in p.stderr and "Started a local Ray instance" not in p.stderr
+    assert f"next: loftup-pipeline features --shards 0-1 --store {tmp_path / 's'} --backbone NAME" in p.stderr
     st = open_store(tmp_path / "s")
     assert _masks_rows(st) == _masks_rows(ref)
     assert sorted(st.done_shards("masks")) == [0, 1]

@@ -146,13 +146,13 @@ def test_missing_and_wrong_releases_are_one_clear_line(tmp_path, monkeypatch):
         LoftUp.from_pretrained("dinov2b")
 
 
-def _cli(argv, monkeypatch, capsys):
-    """``loftup-train ARGV`` in this process: its exit code, stdout and stderr."""
-    from loftup.cli import train
+def _cli(argv, monkeypatch, capsys, script="loftup-train"):
+    """``loftup-train ARGV`` (or ``loftup ARGV``) in this process: its exit code, stdout and stderr."""
+    from loftup.cli import infer, train
 
-    monkeypatch.setattr(sys, "argv", ["loftup-train", *map(str, argv)])
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
     try:
-        train.main()
+        (infer if script == "loftup" else train).main()
         code = 0
     except SystemExit as exc:
         code = exc.code or 0
@@ -202,6 +202,12 @@ def test_upsample_cli_with_official_name_uses_its_backbone(offline_cache, tmp_pa
         expect = ref.eval()(net(tensor(resize_image(src, 28))), normalise_float(tensor(resize_image(src, 32))))[0]
     assert got.shape == (384, 32, 32)
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    # `loftup-train upsample --backbone-res` above is the old spelling of `loftup upsample --res`.
+    new = ["upsample", tmp_path / "im.png", "--official", "dinov2s", "--random-init", "--res", 28, "--size", 32]
+    code, out, err = _cli([*new, "--out", tmp_path / "new", "--json"], monkeypatch, capsys, script="loftup")
+    assert code == 0, err
+    assert json.loads(out)["backbone_res"] == 28 and json.loads(out)["backbone"] == "dinov2_vits14"
+    torch.testing.assert_close(load_file(str(tmp_path / "new" / "im_loftup32.safetensors"))["features"], got)
     code, _, err = _cli(
         ["upsample", tmp_path / "im.png", "--official", "dinov2s", "--backbone", "clip_vitb16", "--random-init"],
         monkeypatch,
