@@ -40,6 +40,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zarr
+    from fsspec.implementations.local import LocalFileSystem
     from rich.console import Console
     from rich.table import Table
     from zarr.codecs import BloscCodec, Crc32cCodec
@@ -51,7 +52,6 @@ def main() -> None:
     from loftup.storage import open_store
     from loftup.storage.commit import file_digests
     from loftup.storage.features import SHUFFLE
-    from fsspec.implementations.local import LocalFileSystem
 
     work = Path(tempfile.mkdtemp(prefix="loftup-checksum-bench-"))
     rng = np.random.default_rng(0)

@@ -127,6 +127,18 @@ def _precision(device, name: str):
 
 
 # --------------------------------------------------------------------------- upsampler
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
+
+
+def _row_line(row: dict) -> str:
+    """One log line of an upsampler row: its time and peak memory, or its error."""
+    what = f"  {row['what']:9s} {row['precision']} out {row['out']:5d} grid {row['grid']:2d}: "
+    if row.get("error"):
+        return what + row["error"]
+    peak = f", {row['peak_bytes'] / 2**20:,.0f} MiB" if row.get("peak_bytes") else ""
+    return what + f"{row['ms']:.1f} ms" + peak
+
+
 def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
     import torch
 
@@ -164,13 +176,7 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
             row["error"] = "out of memory"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        log(
-            f"  {kind:9s} {precision} out {out:5d} grid {grid:2d}: "
-            + (
-                row.get("error")
-                or f"{row['ms']:.1f} ms" + (f", {row['peak_bytes'] / 2**20:,.0f} MiB" if row.get("peak_bytes") else "")
-            )
-        )
+        log(_row_line(row))
         return row
 
     compiled_model = None
@@ -184,22 +190,27 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
             rows.append(one("dinov2_s", grid * 14, grid, precision))
         for out in cfg["sizes"]:
             for precision in ("fp32", "bf16"):
-                bpv = 2 if precision == "bf16" else 4
+                bpv = BYTES_PER_VALUE[precision]
                 spec = DeviceSpec.of(device)
                 plan = plan_execution(spec, out, out, keys=grid * grid, bytes_per_value=bpv, allow_dense=False)
                 if out <= cfg["dense_max"]:
                     rows.append(one("dense", out, grid, precision))
-                    rows[-1]["planned"] = (
-                        "dense"
-                        if plan_execution(spec, out, out, keys=grid * grid, bytes_per_value=bpv) is None
-                        else "bounded"
-                    )
+                    dense_fits = plan_execution(spec, out, out, keys=grid * grid, bytes_per_value=bpv) is None
+                    rows[-1]["planned"] = ("bounded", "dense")[dense_fits]
                 rows.append(one("bounded", out, grid, precision, plan))
                 if compiled_model is not None:
                     rows.append(one("bounded", out, grid, precision, plan, compiled=True))
                     if out <= cfg["dense_max"]:
                         rows.append(one("dense", out, grid, precision, compiled=True))
-    # The largest bounded output that fits: the output tensor itself is the limit.
+    rows += _largest_bounded(one, cfg, device)
+    return rows
+
+
+def _largest_bounded(one, cfg: dict, device) -> list[dict]:
+    """The largest bounded output that fits, per precision: the output tensor itself is the limit."""
+    from loftup.training.model import DeviceSpec, plan_execution
+
+    found = []
     grid = cfg["grids"][-1]
     for precision in ("fp32", "bf16"):
         largest = None
@@ -209,7 +220,7 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
                 out,
                 out,
                 keys=grid * grid,
-                bytes_per_value=2 if precision == "bf16" else 4,
+                bytes_per_value=BYTES_PER_VALUE[precision],
                 allow_dense=False,
             )
             row = one("bounded", out, grid, precision, plan)
@@ -218,8 +229,8 @@ def bench_upsampler(cfg: dict, device, compile_: bool, log) -> list[dict]:
             largest = row
         if largest is not None:
             largest["largest"] = True
-            rows.append(largest)
-    return rows
+            found.append(largest)
+    return found
 
 
 # --------------------------------------------------------------------------- training steps

@@ -40,8 +40,8 @@ def main() -> None:
     from loftup.pipeline.backbones import create_backbone
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.pipeline.runner import run_job
-    from loftup.sample_data import write_sample_shards
     from loftup.pipeline.shards import resolve_shards
+    from loftup.sample_data import write_sample_shards
     from loftup.storage import open_store
 
     console = Console()

@@ -625,12 +625,109 @@ def train_and_score(run: dict) -> dict:
     return out
 
 
+def plan_runs(args, work: Path, store_url: str, extra: dict, recipes, targets, heads) -> list[dict]:
+    """One training run per (recipe, target, head, seed), labelled by what varies."""
+    runs = []
+    for recipe, target, head in [(r, t, h) for r in recipes for t in targets for h in heads]:
+        # One label per run family, naming only what varies.
+        parts = [recipe] if len(recipes) > 1 else []
+        parts += [target] if len(targets) > 1 else []
+        parts += [f"{head} head"] if len(heads) > 1 or not parts else []
+        for seed in map(int, args.seeds.split(",")):
+            name = "-".join([recipe] + ([target] if target != "mask-bicubic" else []) + [head, f"s{seed}"])
+            runs.append(
+                dict(
+                    label="/".join(parts),
+                    work=str(work / name),
+                    store=store_url,
+                    recipe=recipe,
+                    target=target,
+                    head=head,
+                    seed=seed,
+                    extra=extra,
+                    **{k: getattr(args, k) for k in RUN_ARGS},
+                )
+            )
+    return runs
+
+
+def train_all(runs: list[dict], jobs: int) -> list[dict]:
+    """Train and score every run, ``jobs`` processes at a time (one thread each)."""
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+            return list(pool.map(train_and_score, runs))
+    return [train_and_score(r) for r in runs]
+
+
+def _fmt(vals: list[dict], key: str) -> str:
+    """Mean over seeds, ± their std when there are several."""
+    import numpy as np
+
+    v = np.array([x[key] for x in vals])
+    return f"{v.mean():.3f}" + (f" ± {v.std():.3f}" if len(v) > 1 else "")
+
+
+def print_tables(console, args, n_items, sizes, photo_desc, baselines, results, cost, timing, curves, quiet) -> None:
+    """The judge's table (baselines, then each run family mean ± std over seeds), per seed, and
+    the held-out learning curve when there is one."""
+    import numpy as np
+    from rich.table import Table
+
+    keys = list(next(iter(baselines.values())))
+    table = Table(
+        title=f"held-out: {n_items} crops of the unseen photos {', '.join(HELD_PHOTOS)}"
+        + (
+            f"; seg probe {sizes['seg_train_images']} train / {sizes['seg_val_images']} val crops; DAVIS "
+            f"{sizes['davis_sequences']} sequences, {sizes['davis_frames']} frames, {sizes['davis_objects']} objects"
+            if sizes
+            else ""
+        )
+        + f". {args.backbone}, PCA 64, S = {args.size}, seeds {args.seeds}: mean ± std over seeds. "
+        f"Trained on {photo_desc}."
+    )
+    table.add_column("upsampler")
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_column(f"ms @ {4 * args.size}", justify="right")
+    table.add_column("train s", justify="right")
+    for name, row in baselines.items():
+        table.add_row(name, *[f"{row[k]:.3f}" for k in keys], f"{cost[(name, 'cost')]:.1f}", "-")
+    for (label, stage), vals in results.items():
+        table.add_row(
+            f"{stage} ({label})",
+            *[_fmt(vals, k) for k in keys],
+            f"{cost[(label, 'cost')]:.1f}",
+            f"{np.mean(timing[(label, stage)]):.0f}",
+        )
+    console.print(table)
+    per_seed = Table(title="per seed")
+    per_seed.add_column("run")
+    for k in keys:
+        per_seed.add_column(k, justify="right")
+    for (label, stage), vals in results.items():
+        for seed, row in zip(args.seeds.split(","), vals):
+            per_seed.add_row(f"{stage} ({label}) seed {seed}", *[f"{row[k]:.3f}" for k in keys])
+    if not quiet:
+        console.print(per_seed)
+    if len(curves) > len(results):
+        t = Table(title="Stage 1 learning curve on the held-out photos, mean over seeds")
+        t.add_column("run")
+        t.add_column("steps (image-steps)", justify="right")
+        ckeys = list(next(iter(curves.values()))[0])
+        for k in ckeys:
+            t.add_column(k, justify="right")
+        for (label, n), vals in curves.items():
+            t.add_row(label, f"{n} ({n * 4})", *[_fmt(vals, k) for k in ckeys])
+        console.print(t)
+
+
 def quality(args, work: Path, quiet: bool = False) -> dict:
     """Train every (recipe, target, head, seed), score on the held-out photos beside bilinear in
     both spaces, run the probes, print the tables; returns what it writes to ``work/args.json``."""
-    import numpy as np
     from rich.console import Console
-    from rich.table import Table
 
     t_start = time.time()
     console = Console(width=max(160, Console().width))
@@ -670,35 +767,8 @@ def quality(args, work: Path, quiet: bool = False) -> dict:
         from loftup.training.implicit_targets import ImplicitTargets
 
         implicit = ImplicitTargets(store, args.backbone, 224)
-    runs = []
-    for recipe, target, head in [(r, t, h) for r in recipes for t in targets for h in heads]:
-        # One label per run family, naming only what varies.
-        parts = [recipe] if len(recipes) > 1 else []
-        parts += [target] if len(targets) > 1 else []
-        parts += [f"{head} head"] if len(heads) > 1 or not parts else []
-        for seed in map(int, args.seeds.split(",")):
-            name = "-".join([recipe] + ([target] if target != "mask-bicubic" else []) + [head, f"s{seed}"])
-            runs.append(
-                dict(
-                    label="/".join(parts),
-                    work=str(work / name),
-                    store=store.url,
-                    recipe=recipe,
-                    target=target,
-                    head=head,
-                    seed=seed,
-                    extra=extra,
-                    **{k: getattr(args, k) for k in RUN_ARGS},
-                )
-            )
-    if args.jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
-            done = list(pool.map(train_and_score, runs))
-    else:
-        done = [train_and_score(r) for r in runs]
+    runs = plan_runs(args, work, store.url, extra, recipes, targets, heads)
+    done = train_all(runs, args.jobs)
     for run, out in zip(runs, done):
         label, seed = run["label"], run["seed"]
         for n, sc in out["curves"]:
@@ -760,48 +830,8 @@ def quality(args, work: Path, quiet: bool = False) -> dict:
         for name in baselines:
             baselines[name].update(probe_scores[name])
 
-    keys = list(next(iter(baselines.values())))
-
-    def fmt(vals, key):
-        v = np.array([x[key] for x in vals])
-        return f"{v.mean():.3f}" + (f" ± {v.std():.3f}" if len(v) > 1 else "")
-
     sizes = sets["sizes"] if sets else {}
-    table = Table(
-        title=f"held-out: {len(items)} crops of the unseen photos {', '.join(HELD_PHOTOS)}"
-        + (
-            f"; seg probe {sizes['seg_train_images']} train / {sizes['seg_val_images']} val crops; DAVIS "
-            f"{sizes['davis_sequences']} sequences, {sizes['davis_frames']} frames, {sizes['davis_objects']} objects"
-            if sizes
-            else ""
-        )
-        + f". {args.backbone}, PCA 64, S = {args.size}, seeds {args.seeds}: mean ± std over seeds. "
-        f"Trained on {photo_desc}."
-    )
-    table.add_column("upsampler")
-    for k in keys:
-        table.add_column(k, justify="right")
-    table.add_column(f"ms @ {4 * args.size}", justify="right")
-    table.add_column("train s", justify="right")
-    for name, row in baselines.items():
-        table.add_row(name, *[f"{row[k]:.3f}" for k in keys], f"{cost[(name, 'cost')]:.1f}", "-")
-    for (label, stage), vals in results.items():
-        table.add_row(
-            f"{stage} ({label})",
-            *[fmt(vals, k) for k in keys],
-            f"{cost[(label, 'cost')]:.1f}",
-            f"{np.mean(timing[(label, stage)]):.0f}",
-        )
-    console.print(table)
-    per_seed = Table(title="per seed")
-    per_seed.add_column("run")
-    for k in keys:
-        per_seed.add_column(k, justify="right")
-    for (label, stage), vals in results.items():
-        for seed, row in zip(args.seeds.split(","), vals):
-            per_seed.add_row(f"{stage} ({label}) seed {seed}", *[f"{row[k]:.3f}" for k in keys])
-    if not quiet:
-        console.print(per_seed)
+    print_tables(console, args, len(items), sizes, photo_desc, baselines, results, cost, timing, curves, quiet)
     console.print(
         f"retention of the pseudo-GT itself at {args.size} (the ceiling of a student that fits it): "
         + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in ceiling.items())
@@ -811,16 +841,6 @@ def quality(args, work: Path, quiet: bool = False) -> dict:
             "each target's own retention on the training crops: "
             + ", ".join(f"{t} {v:.3f}" for t, v in target_ceiling.items())
         )
-    if len(curves) > len(results):
-        t = Table(title="Stage 1 learning curve on the held-out photos, mean over seeds")
-        t.add_column("run")
-        t.add_column("steps (image-steps)", justify="right")
-        ckeys = list(next(iter(curves.values()))[0])
-        for k in ckeys:
-            t.add_column(k, justify="right")
-        for (label, n), vals in curves.items():
-            t.add_row(label, f"{n} ({n * 4})", *[fmt(vals, k) for k in ckeys])
-        console.print(t)
     out = {
         "photos": photo_desc,
         "held_out": {"crops": len(items), **sizes},

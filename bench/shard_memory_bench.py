@@ -203,6 +203,57 @@ def raw_zarr_p50(path: Path, ids, count: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+def latency(args, work: Path, mask_path: Path, feat_path: Path, console) -> None:
+    """Random access at real size: one shard of ``args.real`` images, 1,024-image Zarr shards
+    against one Zarr shard per tar, each built fresh from the measured stores."""
+    from rich.table import Table
+
+    from loftup.storage import open_store
+
+    mask_store, feat_store = open_store(mask_path), open_store(feat_path)
+    out = {}
+    for name, shard_images in (("new", 1024), ("one Zarr shard per tar", args.real)):
+        path = work / f"real-{shard_images}"
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        _, ids, n_masks, t_m, t_f = build_real_store(mask_store, feat_store, path, args.real, shard_images)
+        out[name] = (lookups(path, ids, args.lookups), raw_zarr_p50(path, ids, args.lookups), n_masks, t_m, t_f)
+    lt = Table(
+        title=f"random access, one shard of {args.real:,} images ({out['new'][2]:,} masks), fresh store, "
+        f"{args.lookups} lookups; baseline p50 = 20 ms (issue 16, features + masks)"
+    )
+    for c in (
+        "layout",
+        "features p50",
+        "features p95",
+        "masks p50",
+        "masks p95",
+        "both p50",
+        "first lookup",
+        "plain zarr get p50 (no index cache)",
+    ):
+        lt.add_column(c, justify="right" if c != "layout" else "left")
+    for name, (r, raw, *_rest) in out.items():
+        label = "1,024-image Zarr shards (this build)" if name == "new" else f"one {args.real:,}-image Zarr shard"
+        lt.add_row(
+            label,
+            f"{r['f50']:.2f} ms",
+            f"{r['f95']:.2f} ms",
+            f"{r['m50']:.2f} ms",
+            f"{r['m95']:.2f} ms",
+            f"{r['b50']:.2f} ms",
+            f"{r['first']:.1f} ms",
+            f"{raw:.2f} ms",
+        )
+    console.print(lt)
+    console.print(
+        f"real-size store written in {out['new'][3]:.1f} s (masks) + {out['new'][4]:.1f} s (features); "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; workdir {work}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="128,512,2048", help="images per tar for the job runs")
@@ -226,7 +277,6 @@ def main() -> None:
 
     from loftup.pipeline.jobs import FeaturesJob, ImagesJob, MasksJob
     from loftup.sample_data import write_sample_shards
-    from loftup.storage import open_store
 
     console = Console(width=220)
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -323,50 +373,7 @@ def main() -> None:
 
     if args.skip_latency:
         return
-    # Random access at real size: one shard of args.real images, 1,024-image Zarr shards vs. one.
-    mask_store = open_store(work / f"store{per_job['masks'][-1]}")
-    feat_store = open_store(work / f"store{fsizes[-1]}")
-    out = {}
-    for name, shard_images in (("new", 1024), ("one Zarr shard per tar", args.real)):
-        path = work / f"real-{shard_images}"
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        _, ids, n_masks, t_m, t_f = build_real_store(mask_store, feat_store, path, args.real, shard_images)
-        out[name] = (lookups(path, ids, args.lookups), raw_zarr_p50(path, ids, args.lookups), n_masks, t_m, t_f)
-    lt = Table(
-        title=f"random access, one shard of {args.real:,} images ({out['new'][2]:,} masks), fresh store, "
-        f"{args.lookups} lookups; baseline p50 = 20 ms (issue 16, features + masks)"
-    )
-    for c in (
-        "layout",
-        "features p50",
-        "features p95",
-        "masks p50",
-        "masks p95",
-        "both p50",
-        "first lookup",
-        "plain zarr get p50 (no index cache)",
-    ):
-        lt.add_column(c, justify="right" if c != "layout" else "left")
-    for name, (r, raw, *_rest) in out.items():
-        label = "1,024-image Zarr shards (this build)" if name == "new" else f"one {args.real:,}-image Zarr shard"
-        lt.add_row(
-            label,
-            f"{r['f50']:.2f} ms",
-            f"{r['f95']:.2f} ms",
-            f"{r['m50']:.2f} ms",
-            f"{r['m95']:.2f} ms",
-            f"{r['b50']:.2f} ms",
-            f"{r['first']:.1f} ms",
-            f"{raw:.2f} ms",
-        )
-    console.print(lt)
-    console.print(
-        f"real-size store written in {out['new'][3]:.1f} s (masks) + {out['new'][4]:.1f} s (features); "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; workdir {work}"
-    )
+    latency(args, work, work / f"store{per_job['masks'][-1]}", work / f"store{fsizes[-1]}", console)
 
 
 if __name__ == "__main__":

@@ -221,9 +221,8 @@ def teacher_split(url: str, init: str, repeats: int) -> dict:
 
     from loftup.pipeline.backbones import create_backbone
     from loftup.storage import open_store
-    from loftup.training.data import Stage2Dataset, batch_masks, build_index, collate_stage2
+    from loftup.training.data import Stage2Dataset, batch_masks, build_index, collate_stage2, normalise_float
     from loftup.training.pseudo_gt import mask_refine
-    from loftup.training.data import normalise_float
     from loftup.training.stage2 import load_init, teacher_targets
 
     torch.manual_seed(0)

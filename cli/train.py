@@ -5,15 +5,14 @@ Multi-GPU / multi-node: ``torchrun --nproc_per_node N $(which loftup-train) stag
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
-import dataclasses
-
 import typer
 
-from loftup.cli.infer import upsample
 from loftup.cli.common import JsonOpt, VersionOpt, console, print_json, renamed, run
+from loftup.cli.infer import upsample
 from loftup.storage.errors import LoftupError
 
 HELP = """Train LoftUp (Stage 1, Stage 2), evaluate upsamplers with the paper's probes, and upsample

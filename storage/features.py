@@ -18,13 +18,13 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import WrapperStore
 
 from loftup.storage.commit import (
+    ShardWriter,
     check_job,
     committed,
     is_local,
     parse_shard_name,
     remove,
     replace_dir,
-    ShardWriter,
     shard_name,
     temp_path,
     write_path,

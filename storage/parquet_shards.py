@@ -18,13 +18,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from loftup.storage.commit import (
+    ShardWriter,
     done_shards,
     footer_digest,
     is_local,
     parse_shard_name,
     remove,
     rename_into_place,
-    ShardWriter,
     shard_name,
     temp_path,
     usable,

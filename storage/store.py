@@ -15,6 +15,7 @@ from loftup.storage import commit
 from loftup.storage.errors import NotInStore, StoreError
 from loftup.storage.features import FeatureStore, feature_set_names
 from loftup.storage.images import ImageIndex, image_schema, image_writer, open_jpeg, write_images
+from loftup.storage.layout import job_key
 from loftup.storage.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -25,7 +26,6 @@ from loftup.storage.manifest import (
 )
 from loftup.storage.masks import MaskIndex, mask_schema, mask_writer, rle_columns, to_rles, write_masks
 from loftup.storage.parquet_shards import ShardFiles
-from loftup.storage.layout import job_key
 
 LOCK_FILE = ".manifest.lock"
 

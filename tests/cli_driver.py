@@ -41,7 +41,7 @@ def _child(script, app, args, out_fd, err_fd) -> int:
 
 
 def main() -> None:
-    from loftup.cli import infer, pipeline, store, train
+    import loftup.pictures  # noqa: F401
 
     # Imports only (no tensor work, so no thread pools exist when we fork): children start warm.
     import loftup.pipeline.backbones  # noqa: F401
@@ -50,7 +50,7 @@ def main() -> None:
     import loftup.training.inference  # noqa: F401
     import loftup.training.stage1  # noqa: F401
     import loftup.training.stage2  # noqa: F401
-    import loftup.pictures  # noqa: F401
+    from loftup.cli import infer, pipeline, store, train
 
     apps = {"loftup": infer.app, "loftup-pipeline": pipeline.app, "loftup-store": store.app, "loftup-train": train.app}
     cases = json.load(sys.stdin)

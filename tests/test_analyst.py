@@ -14,10 +14,9 @@ import sys
 import numpy as np
 import pytest
 
+from loftup.cli import FULL_ONLY
 from loftup.storage import rle
 from loftup.storage.errors import NotInStore
-
-from loftup.cli import FULL_ONLY
 
 HEAVY = sorted(FULL_ONLY)
 

@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from faultlib import run_cases
+
 from loftup.storage import open_store
 
 HED_DIM, HED_GRID = 512, 14  # what hed_vgg16 gives at 224

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from loftup.storage.errors import LoftupError
 from loftup.training.evaluation import DavisProtocol, SegProtocol, baseline, evaluate
 from loftup.training.evaluation.datasets import (
     CITYSCAPES_CLASSES,
@@ -20,7 +21,6 @@ from loftup.training.evaluation.datasets import (
     open_davis,
     open_seg_dataset,
 )
-from loftup.storage.errors import LoftupError
 
 BACKBONE = "hed_vgg16"
 VOC = {name: i for i, name in enumerate(VOC_CLASSES)}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from faultlib import ENV, commit_features, run_cases
+
 from loftup.pipeline.jobs import ImagesJob, MasksJob
 from loftup.pipeline.runner import run_job
 from loftup.pipeline.shards import resolve_shards

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from loftup.pictures import overlay_masks, pca_rgb, save_panels
 from loftup.storage.errors import LoftupError
 from loftup.training.checkpoint import save_model
 from loftup.training.data import IMAGENET_MEAN, IMAGENET_STD
 from loftup.training.inference import upsample_image
 from loftup.training.model import LoftUp
-from loftup.pictures import overlay_masks, pca_rgb, save_panels
 
 
 class PatchConv(torch.nn.Module):

@@ -4,12 +4,10 @@ uncertainty NLL clamped at 0)."""
 
 from __future__ import annotations
 
-
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import numpy as np
 
 from loftup.training.losses import (
     AttentionDownsampler,

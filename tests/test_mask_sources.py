@@ -220,7 +220,6 @@ def test_sam_checkpoint_errors(tmp_path):
 
 def test_sam_random_vit_b_one_small_image():
     import torch
-
     from skimage import data
 
     torch.manual_seed(0)

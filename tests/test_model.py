@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from loftup.storage.errors import LoftupError, WeightsError
+from loftup.training import model as model_module
 from loftup.training.baselines import create_upsampler, list_upsamplers
 from loftup.training.checkpoint import from_official, load_model, load_official, save_model, to_official_state_dict
-from loftup.training import model as model_module
 from loftup.training.model import (
     CPU_CONV_TILE,
     CPU_QUERY_CHUNK,

@@ -17,8 +17,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from faultlib import run_cases
+
 from loftup.storage import commit, open_store
 from loftup.storage.errors import NotInStore
 

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loftup.training.implicit import from_compact, render
 from loftup.storage.layout import feature_set
+from loftup.training.implicit import from_compact, render
 
 
 class ImplicitTargets:

@@ -243,8 +243,8 @@ def write_png(path, image, masks, target, refined, image_id: int, alpha: float) 
     refinement's starting point. One PCA, fitted on the refined map, colours both maps, so a
     colour means the same feature direction in the two panels.
     """
-    from loftup.training.pseudo_gt import bicubic_upsample
     from loftup.pictures import overlay_masks, pca_rgb, save_panels
+    from loftup.training.pseudo_gt import bicubic_upsample
 
     size = refined.shape[-2:]
     bicubic = bicubic_upsample(target[None].float(), size)[0]

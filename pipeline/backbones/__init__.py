@@ -33,11 +33,15 @@ from loftup.pipeline.backbones.weights import (
     read_state_dict,
     unwrap_state_dict,
 )
-from loftup.pipeline.backbones.dinov2 import DinoV2  # noqa: E402  (registers on import)
-from loftup.pipeline.backbones.hed_vgg16 import HedVGG16, hed_weights_path  # noqa: E402
-from loftup.pipeline.backbones.clip import MaskClip  # noqa: E402
-from loftup.pipeline.backbones.siglip import SigLip  # noqa: E402
-from loftup.pipeline.backbones.dinov3 import DinoV3  # noqa: E402
+
+# isort: off
+# Each module registers its backbone on import; this order is the listing's order.
+from loftup.pipeline.backbones.dinov2 import DinoV2
+from loftup.pipeline.backbones.hed_vgg16 import HedVGG16, hed_weights_path
+from loftup.pipeline.backbones.clip import MaskClip
+from loftup.pipeline.backbones.siglip import SigLip
+from loftup.pipeline.backbones.dinov3 import DinoV3
+# isort: on
 
 __all__ = [
     "Backbone",
