@@ -113,17 +113,28 @@ def test_seg_probe_end_to_end_on_a_voc_layout(tiny, hed, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_path):
+def test_label_propagation_on_a_still_video_reproduces_the_first_mask(hed, tmp_path, monkeypatch, capsys):
     root = make_tiny_davis(tmp_path / "davis", frames=3, still=True)
-    res = evaluate(
+    # through the CLI, whose --json prints the results on stdout
+    code, printed = _cli(
+        monkeypatch,
+        capsys,
+        "evaluate",
         "davis",
-        [baseline("bilinear")],
-        protocol=DavisProtocol(size=112),
-        root=root,
-        backbone=hed,
-        out=tmp_path / "out",
-        progress=False,
+        "--root",
+        str(root),
+        "--backbone",
+        BACKBONE,
+        "--size",
+        "112",
+        "--upsampler",
+        "bilinear",
+        "--json",
+        "--out",
+        str(tmp_path / "out"),
     )
+    assert code in (0, None), printed.err
+    res = json.loads(printed.out)
     r = res["bilinear"]
     assert r["objects"] == 6 and set(r["per_sequence"]) == {"voc-room", "arc-shelf"}
     # The only loss is the 56 x 56 label grid the propagation works on.
