@@ -247,11 +247,11 @@ def test_backbones_command_lists_every_entry_with_patch_dim_and_weights(monkeypa
 
     from rich.console import Console
 
-    from loftup.cli import pipeline
+    from loftup.cli import common, pipeline
     from loftup.pipeline.backbones import backbone_info, list_backbones
 
-    buf = io.StringIO()
-    monkeypatch.setattr(pipeline, "console", Console(file=buf, width=600))
+    buf = io.StringIO()  # the listing is a result: stdout, as a table where it fits
+    monkeypatch.setattr(common, "stdout", Console(file=buf, width=600))
     monkeypatch.setattr(sys, "argv", ["loftup-pipeline", "backbones"])
     with pytest.raises(SystemExit) as done:
         pipeline.main()
