@@ -27,7 +27,7 @@ from loftup.pipeline.runner import run_job
 from loftup.pipeline.shards import resolve_shards
 from loftup.storage import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.quality
 BACKBONE = "hed_vgg16"
 HELD_OUT_PHOTOS = ("voc", "arc2017")
 TRAIN_TARS = 8
