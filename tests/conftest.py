@@ -56,3 +56,14 @@ def world(tmp_path_factory):
     from faultlib import make_world
 
     return make_world(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A small real photo (scikit-image's astronaut at 120 x 90) as a PNG file."""
+    from PIL import Image
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("img") / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((120, 90), Image.BICUBIC).save(path)
+    return path

@@ -8,31 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from standins import PatchConv
 
 import loftup
 from loftup.storage.errors import LoftupError
-
-
-class PatchConv(torch.nn.Module):
-    """A tiny backbone: images in [0, 1] -> (B, dim, H/patch, W/patch)."""
-
-    def __init__(self, dim=16, patch=8, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.patch, self.dim, self.name = patch, dim, "patchconv"
-        self.conv = torch.nn.Conv2d(3, dim, patch, stride=patch)
-
-    def forward(self, images):
-        return self.conv(images)
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("img") / "astronaut.png"
-    Image.fromarray(data.astronaut()).resize((120, 90), Image.BICUBIC).save(path)
-    return path
 
 
 def _crop(path, size):

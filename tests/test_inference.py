@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from standins import PatchConv
 
 from loftup.pictures import overlay_masks, pca_rgb, save_panels
 from loftup.storage.errors import LoftupError
@@ -13,28 +14,6 @@ from loftup.training.checkpoint import save_model
 from loftup.training.data import IMAGENET_MEAN, IMAGENET_STD
 from loftup.training.inference import upsample_image
 from loftup.training.model import LoftUp
-
-
-class PatchConv(torch.nn.Module):
-    """A tiny stand-in backbone: images in [0, 1] -> (B, dim, H/patch, W/patch)."""
-
-    def __init__(self, dim=16, patch=8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.patch, self.dim, self.name = patch, dim, "patchconv"
-        self.conv = torch.nn.Conv2d(3, dim, patch, stride=patch)
-
-    def forward(self, images):
-        return self.conv(images)
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("img") / "astronaut.png"
-    Image.fromarray(data.astronaut()).resize((120, 90), Image.BICUBIC).save(path)
-    return path
 
 
 def test_without_weights_it_says_what_to_pass(photo, tmp_path):
