@@ -226,35 +226,48 @@ def print_table(table, lines) -> None:
             stdout.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
-def field_params(cls, exclude=()) -> list:
-    """One typer option per field of dataclass ``cls`` (its help in the field's metadata), as
-    keyword-only parameters for a command's signature."""
+def field_params(cls, exclude=(), optional=()) -> list:
+    """One typer option per field of dataclass ``cls`` (declared with ``loftup.fields.option``: its
+    help, flag, default), as keyword-only parameters for a command's signature. Fields in
+    ``optional`` default to None on the command line (the command resolves them)."""
     import dataclasses
     import inspect
 
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
-        if f.name in exclude:
+        if f.name in exclude or not f.metadata.get("cli", True):
             continue
-        flag = f"--{f.name.replace('_', '-')}"
-        if hints[f.name] in (bool, typing.Optional[bool]):
+        kind, flag = hints[f.name], f"--{f.name.replace('_', '-')}"
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...  # required
+        if f.metadata.get("parse") == "ints":
+            kind = typing.Optional[str]
+            default = ",".join(map(str, default)) if isinstance(default, list) else default
+        if f.name in optional:
+            kind, default = typing.Optional[kind], None
+        if kind in (bool, typing.Optional[bool]):
             flag = f"{flag}/--no-{flag[2:]}"
         flag = f.metadata.get("flag", flag)
         hidden = f.metadata.get("hidden", False)
-        opt = typer.Option(f.default, flag, help=None if hidden else f.metadata["help"], hidden=hidden)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=hints[f.name]))
+        opt = typer.Option(default, flag, help=None if hidden else f.metadata["help"], hidden=hidden)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind))
     return params
 
 
-def with_options(cls, name: str, exclude=()):
+def with_options(cls, name: str, exclude=(), optional=()):
     """Give a command the fields of ``cls`` as options, passed to it as one ``cls`` object in its
-    parameter ``name`` (fields in ``exclude`` keep their defaults), checked (``cls.check``) first."""
+    parameter ``name`` (fields in ``exclude`` keep their defaults; those in ``optional`` are None
+    unless given), checked (``cls.check``) first."""
     import functools
     import inspect
 
     def decorate(fn):
-        fields = field_params(cls, exclude)
+        fields = field_params(cls, exclude, optional)
         names = [p.name for p in fields]
 
         @functools.wraps(fn)
@@ -264,11 +277,15 @@ def with_options(cls, name: str, exclude=()):
                 obj.check()  # before the command does anything
             return fn(**kwargs)
 
-        own = [p for p in inspect.signature(fn).parameters.values() if p.name != name]
         hints = typing.get_type_hints(fn)  # resolved in fn's module: typer resolves in this one
-        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
-        command.__signature__ = inspect.Signature(own + fields)
-        command.__annotations__ = {p.name: p.annotation for p in own + fields}
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(fn).parameters.values()
+        ]
+        at = [p.name for p in own].index(name)  # the options are listed where their object is declared
+        params = own[:at] + fields + own[at + 1 :]
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # typer reads __signature__, not the wrapped function's
         return command
 

@@ -11,9 +11,20 @@ from typing import Optional
 
 import typer
 
-from loftup.cli.common import JsonOpt, VersionOpt, console, print_json, renamed, run
+from loftup.cli.common import JsonOpt, VersionOpt, console, field_params, print_json, renamed, run, with_options
 from loftup.cli.infer import upsample
 from loftup.storage.errors import LoftupError
+from loftup.training.evaluation.protocols import (
+    DavisInputs,
+    DavisProtocol,
+    EvalOptions,
+    LiveBackbone,
+    MasksEvalOptions,
+    MasksInputs,
+    MasksProtocol,
+    SegInputs,
+    SegProtocol,
+)
 
 HELP = """Train LoftUp (Stage 1, Stage 2), evaluate upsamplers with the paper's probes, and upsample
 images. On several GPUs or nodes: torchrun --nproc_per_node N $(which loftup-train) stage1 ..."""
@@ -51,50 +62,19 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None,
     once, with its help, in training/loop.py and the stage's module), then train and print a summary.
     ``from_store``: ``backbone`` and ``res`` default to the store's feature set instead;
     ``from_init``: ``backbone`` defaults to the one the ``--init`` checkpoint was trained on."""
-    import dataclasses
     import importlib
     import inspect
-    import typing
 
     mod = importlib.import_module(f"loftup.training.{module}")
     cls = getattr(mod, config)
     fallback = {f.name: f.default for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    params, parsers = [], {}
-    for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
-        kind, flag = hints[f.name], f"--{f.name.replace('_', '-')}"
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = ...  # required
-        if f.metadata.get("parse") == "ints":
-            parsers[f.name] = _ints
-            kind, default = Optional[str], ",".join(map(str, default)) if isinstance(default, list) else default
-        if f.name in from_store or f.name in from_init:
-            kind, default = Optional[kind], None
-            help_text = f.metadata["help"] + (
-                f" Default: the store's feature set ({f.name} of the one there)."
-                if f.name in from_store
-                else f" Default: the one --init was trained on, else {f.default}."
-            )
-            params.append(
-                inspect.Parameter(
-                    f.name,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=typer.Option(None, flag, help=help_text),
-                    annotation=kind,
-                )
-            )
-            continue
-        if kind in (bool, Optional[bool]):
-            opt = typer.Option(default, f"{flag}/--no-{flag[2:]}", help=f.metadata["help"])
-        else:
-            opt = typer.Option(default, flag, help=f.metadata["help"])
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind))
+    parsers = {f.name: _ints for f in dataclasses.fields(cls) if f.metadata.get("parse") == "ints"}
+    params = field_params(cls, optional=(*from_store, *from_init))
+    for p in params:
+        if p.name in from_store:
+            p.default.help += f" Default: the store's feature set ({p.name} of the one there)."
+        elif p.name in from_init:
+            p.default.help += f" Default: the one --init was trained on, else {fallback[p.name]}."
 
     def command(**kwargs):
         allow_missing = kwargs.pop("allow_missing")
@@ -175,13 +155,6 @@ evaluate_app = typer.Typer(
 )
 app.add_typer(evaluate_app, name="evaluate")
 
-_UPSAMPLER_HELP = "Baselines to run (repeatable): bilinear, bicubic, nearest, lowres."
-_CHECKPOINT_HELP = (
-    "A LoftUp checkpoint (repeatable): ours (.safetensors), a released .pth/.bin, or official:NAME "
-    "(dinov2s, dinov2s_reg, dinov2b, dinov2b_reg, clip, siglip, siglip2; from the local HF cache)."
-)
-_MATCH_HELP = "Also run each baseline in every checkpoint's own PCA projection (named BASELINE@CHECKPOINT)."
-
 
 def _trained_on(ups) -> Optional[str]:
     """The backbone the given checkpoints were trained for: one error line if they disagree."""
@@ -191,7 +164,7 @@ def _trained_on(ups) -> Optional[str]:
     return names[0] if names else None
 
 
-def _run_evaluation(task: str, protocol, options: dict, as_json: bool, backbone=None, store=None, **kwargs):
+def _run_evaluation(task: str, protocol, options, as_json: bool, backbone=None, store=None, **kwargs):
     """Build the upsamplers, pick the backbone (given; else the checkpoints'; else the store's; else
     the registry default), run, print the table (or JSON) on stdout."""
     import time
@@ -201,10 +174,10 @@ def _run_evaluation(task: str, protocol, options: dict, as_json: bool, backbone=
     from loftup.training.evaluation.report import markdown
 
     ups = build_upsamplers(
-        list(options["upsampler"] or []),
-        [str(c) for c in options["checkpoint"] or []],
-        target_space=options["target_space"],
-        match_projection=options["match_projection"],
+        list(options.upsampler),
+        [str(c) for c in options.checkpoint],
+        target_space=options.target_space,
+        match_projection=options.match_projection,
         device="cpu",
     )
     backbone = backbone or _trained_on(ups)
@@ -214,10 +187,10 @@ def _run_evaluation(task: str, protocol, options: dict, as_json: bool, backbone=
         backbone, res = feature_set(store, backbone, protocol.res)
         protocol = dataclasses.replace(protocol, res=res)
         kwargs["store"] = store
-    out, started = options["out"], time.time()
+    out, started = options.out, time.time()
     console.print("protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.as_dict().items()))
     result = evaluate(
-        task, ups, protocol=protocol, out=out, device=options["device"], backbone=backbone or DEFAULT_BACKBONE, **kwargs
+        task, ups, protocol=protocol, out=out, device=options.device, backbone=backbone or DEFAULT_BACKBONE, **kwargs
     )
     if as_json:
         print_json(result)
@@ -231,145 +204,79 @@ def _run_evaluation(task: str, protocol, options: dict, as_json: bool, backbone=
         )
 
 
-_TARGET_HELP = "Space of the baselines' features: layer_norm (LoftUp's) or raw."
-_OUT_HELP = "Write results.json, results.md and pictures here."
-_DEVICE_HELP = "auto, cpu or cuda."
-_BACKBONE_HELP = "Backbone run live on the images (default: the checkpoints', else dinov2_vits14)."
 # --backbone-res was the name of --res before the CLIs shared one vocabulary: still accepted, not shown.
 _OLD_RES = typer.Option(None, "--backbone-res", hidden=True)
 
 
-def _res(res: Optional[int], old: Optional[int]) -> Optional[int]:
-    return renamed(res, old, "--res", "--backbone-res")
+def _with_res(protocol, old: Optional[int]):
+    return dataclasses.replace(protocol, backbone_res=renamed(protocol.backbone_res, old, "--res", "--backbone-res"))
 
 
 @evaluate_app.command("seg")
+@with_options(SegProtocol, "protocol")
+@with_options(EvalOptions, "options")
+@with_options(LiveBackbone, "live")
+@with_options(SegInputs, "data")
 def evaluate_seg(
-    dataset: str = typer.Option(..., help="Layout: cocostuff27, cityscapes, voc or folder."),
-    root: Path = typer.Option(..., help="Dataset folder in that layout."),
-    backbone: Optional[str] = typer.Option(None, help=_BACKBONE_HELP),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
-    random_init: bool = typer.Option(False, help="Random backbone weights (tests)."),
-    upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
-    checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
-    match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option("layer_norm", help=_TARGET_HELP),
-    size: int = typer.Option(224, help="Resize + centre-crop size of images, labels, guidance and output."),
-    res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
-    backbone_res: Optional[int] = _OLD_RES,
-    epochs: int = typer.Option(10, help="Probe epochs."),
-    lr: float = typer.Option(1e-4, help="Probe NAdam learning rate."),
-    batch_size: int = typer.Option(8, help="Probe batch size."),
-    seed: int = typer.Option(0, help="Probe init and data order seed."),
-    train_split: str = typer.Option("train", help="Split the probes train on."),
-    split: str = typer.Option("val", help="Split scored."),
-    workers: int = typer.Option(2, help="DataLoader workers."),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
-    out: Optional[Path] = typer.Option(None, help=_OUT_HELP),
+    data: SegInputs,
+    live: LiveBackbone,
+    options: EvalOptions,
+    protocol: SegProtocol,
+    old_res: Optional[int] = _OLD_RES,
     as_json: bool = JsonOpt,
 ):
     """Linear-probe semantic segmentation (LoftUp's eval_seg protocol): mIoU and pixel accuracy."""
-    from loftup.training.evaluation import SegProtocol
-
-    protocol = SegProtocol(
-        size=size, backbone_res=_res(res, backbone_res), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed
-    )
     _run_evaluation(
         "seg",
-        protocol,
-        locals(),
+        _with_res(protocol, old_res),
+        options,
         as_json,
-        backbone=backbone,
-        dataset=dataset,
-        root=root,
-        weights=weights,
-        random_init=random_init,
-        train_split=train_split,
-        split=split,
-        workers=workers,
+        backbone=live.backbone,
+        weights=live.weights,
+        random_init=live.random_init,
+        **dataclasses.asdict(data),
     )
 
 
 @evaluate_app.command("davis")
+@with_options(DavisProtocol, "protocol")
+@with_options(EvalOptions, "options")
+@with_options(LiveBackbone, "live")
+@with_options(DavisInputs, "data")
 def evaluate_davis(
-    root: Path = typer.Option(..., help="DAVIS 2017 folder (JPEGImages/480p, Annotations/480p, ImageSets/2017)."),
-    split: str = typer.Option("val", help="ImageSets/2017/SPLIT.txt."),
-    backbone: Optional[str] = typer.Option(None, help=_BACKBONE_HELP),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights file."),
-    random_init: bool = typer.Option(False, help="Random backbone weights (tests)."),
-    upsampler: list[str] = typer.Option(["bilinear"], help=_UPSAMPLER_HELP),
-    checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
-    match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option("layer_norm", help=_TARGET_HELP),
-    size: int = typer.Option(224, help="Frames resized to SIZE x SIZE; features upsampled to SIZE/2."),
-    res: Optional[int] = typer.Option(None, help="Backbone input size (default: --size)."),
-    backbone_res: Optional[int] = _OLD_RES,
-    context: int = typer.Option(7, help="Previous predictions used besides the first frame."),
-    temperature: float = typer.Option(0.1, help="Affinity temperature."),
-    radius: int = typer.Option(12, help="Spatial radius in feature cells."),
-    topk: int = typer.Option(5, help="Neighbours averaged per pixel."),
-    boundary_tolerance: float = typer.Option(0.008, help="F's match tolerance, a fraction of the image diagonal."),
-    save_masks: bool = typer.Option(False, help="Also write every prediction as DAVIS palette PNGs under OUT/masks."),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
-    out: Optional[Path] = typer.Option(None, help=_OUT_HELP),
+    data: DavisInputs,
+    live: LiveBackbone,
+    options: EvalOptions,
+    protocol: DavisProtocol,
+    old_res: Optional[int] = _OLD_RES,
     as_json: bool = JsonOpt,
 ):
     """DAVIS 2017 label propagation (LiFT/LoftUp protocol): J, F and J&F as the official toolkit."""
-    from loftup.training.evaluation import DavisProtocol
-
-    protocol = DavisProtocol(
-        size=size,
-        backbone_res=_res(res, backbone_res),
-        context=context,
-        temperature=temperature,
-        radius=radius,
-        topk=topk,
-        boundary_tolerance=boundary_tolerance,
-    )
     _run_evaluation(
         "davis",
-        protocol,
-        locals(),
+        _with_res(protocol, old_res),
+        options,
         as_json,
-        backbone=backbone,
-        root=root,
-        split=split,
-        weights=weights,
-        random_init=random_init,
-        save_masks=save_masks,
+        backbone=live.backbone,
+        weights=live.weights,
+        random_init=live.random_init,
+        **dataclasses.asdict(data),
     )
 
 
 @evaluate_app.command("masks")
-def evaluate_masks(
-    store: str = typer.Option(..., help="Store with images, masks and features."),
-    shards: str = typer.Option(..., help="Held-out shards to evaluate on, e.g. 8-9."),
-    backbone: Optional[str] = typer.Option(
-        None, help="Backbone of the stored features (default: the store's, or the checkpoints')."
-    ),
-    upsampler: list[str] = typer.Option(["bilinear", "bicubic"], help=_UPSAMPLER_HELP),
-    checkpoint: list[Path] = typer.Option([], help=_CHECKPOINT_HELP),
-    match_projection: bool = typer.Option(True, help=_MATCH_HELP),
-    target_space: str = typer.Option("layer_norm", help=_TARGET_HELP),
-    res: Optional[int] = typer.Option(None, help="Backbone input size of the stored features (default: the store's)."),
-    geometry: int = typer.Option(224, help="Stored image/mask geometry to read."),
-    size: int = typer.Option(224, help="Evaluation resolution."),
-    max_masks: int = typer.Option(150, help="Masks per image, in annotation order."),
-    limit: Optional[int] = typer.Option(None, help="At most this many images."),
-    device: str = typer.Option("auto", help=_DEVICE_HELP),
-    out: Optional[Path] = typer.Option(None, help="Write results.json and results.md here."),
-    as_json: bool = JsonOpt,
-):
+@with_options(MasksProtocol, "protocol", optional=("res",))
+@with_options(MasksEvalOptions, "options")
+@with_options(MasksInputs, "data")
+def evaluate_masks(data: MasksInputs, options: MasksEvalOptions, protocol: MasksProtocol, as_json: bool = JsonOpt):
     """Nearest-prototype mIoU against the store's instance masks (a class-free proxy)."""
     import numpy as np
 
     from loftup.storage import open_store
-    from loftup.training.evaluation import MasksProtocol
 
-    st = open_store(store)
-    ids = np.concatenate([st.image_ids(s) for s in _ints(shards)])[:limit]
-    protocol = MasksProtocol(size=size, res=res, geometry=geometry, max_masks=max_masks)
-    _run_evaluation("masks", protocol, locals(), as_json, backbone=backbone, store=st, image_ids=ids)
+    st = open_store(data.store)
+    ids = np.concatenate([st.image_ids(s) for s in _ints(data.shards)])[: data.limit]
+    _run_evaluation("masks", protocol, options, as_json, backbone=data.backbone, store=st, image_ids=ids)
 
 
 @evaluate_app.command("make-tiny-data")

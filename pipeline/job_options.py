@@ -5,12 +5,9 @@ names its option(s) when they differ from ``--field-name`` (and ``--no-field-nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _opt(default, help: str, **more):
-    return field(default=default, metadata={"help": help, **more})
-
+from loftup.fields import option as _opt
 
 GEOMETRIES = "224,896"
 DEVICE_HELP = "'auto' (the task's GPU if any), 'cpu' or 'cuda'."

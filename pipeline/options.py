@@ -4,49 +4,35 @@ dependencies, so that ``--help`` needs neither Ray nor torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from loftup.fields import option
 from loftup.storage.errors import LoftupError
 
 EXECUTORS = ("ray", "inline")
 SKIP_CHECKS = ("checksums", "sizes")
 
 
-def _help(text: str, **more) -> dict:
-    return {"metadata": {"help": text, **more}}
-
-
 @dataclass(frozen=True)
 class RunOptions:
-    ray_address: str | None = field(
-        default=None,
-        **_help("Ray cluster to use ('auto' or HOST:PORT). Default: start an embedded local instance."),
+    ray_address: str | None = option(
+        None, "Ray cluster to use ('auto' or HOST:PORT). Default: start an embedded local instance."
     )
-    executor: str = field(default="ray", **_help("'ray' (default) or 'inline' (single process, for debugging)."))
-    num_cpus: int | None = field(default=None, **_help("CPUs of the embedded local Ray instance (default: all)."))
-    cpus_per_task: float = field(default=1.0, **_help("CPUs Ray reserves for each shard task."))
-    gpus_per_task: float | None = field(
-        default=None,
-        **_help("GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0.", gpu=True),
+    executor: str = option("ray", "'ray' (default) or 'inline' (single process, for debugging).")
+    num_cpus: int | None = option(None, "CPUs of the embedded local Ray instance (default: all).")
+    cpus_per_task: float = option(1.0, "CPUs Ray reserves for each shard task.")
+    gpus_per_task: float | None = option(
+        None, "GPUs per shard task. Default: 1 for GPU jobs when the cluster has GPUs, else 0."
     )
-    max_retries: int = field(
-        default=3, **_help("Retries of a shard task whose worker died (crash, OOM kill, preemption).")
+    max_retries: int = option(3, "Retries of a shard task whose worker died (crash, OOM kill, preemption).")
+    overwrite: bool = option(False, "Redo shards that are already done with the same config.", flag="--overwrite")
+    check_skipped: str = option(
+        "checksums",
+        "How a done shard is checked before it is skipped: 'checksums' (every file re-hashed against its marker) "
+        "or 'sizes' (presence and sizes only, for very large stores). Damaged shards are redone.",
     )
-    overwrite: bool = field(
-        default=False, **_help("Redo shards that are already done with the same config.", flag="--overwrite")
-    )
-    check_skipped: str = field(
-        default="checksums",
-        **_help(
-            "How a done shard is checked before it is skipped: 'checksums' (every file re-hashed against its marker) "
-            "or 'sizes' (presence and sizes only, for very large stores). Damaged shards are redone."
-        ),
-    )
-    memory_per_task: float | None = field(
-        default=None,
-        **_help(
-            "GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none)."
-        ),
+    memory_per_task: float | None = option(
+        None, "GiB of host memory Ray reserves per shard task (default: sized from the job and its settings; 0: none)."
     )
 
     def check(self) -> None:

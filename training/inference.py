@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from loftup.storage.errors import LoftupError
+from loftup.training.inference_options import UpsampleOptions
 
 __all__ = ["upsample", "upsample_image", "load_upsampler", "load_image", "retention", "BASELINES"]
 
@@ -219,20 +221,9 @@ def upsample(
     return _forward(prep, load_image(image), size, res)["hr"][0].contiguous()
 
 
-def upsample_image(
-    image_path,
-    checkpoint=None,
-    official=None,
-    backbone=None,
-    weights=None,
-    random_init: bool = False,
-    size: int = 448,
-    backbone_res: int = 224,
-    out_dir="upsampled",
-    fmt: str = "safetensors",
-    device="cpu",
-) -> dict:
-    """Upsample the features of one image and write them plus a PCA picture.
+def upsample_image(image_path, options: UpsampleOptions | None = None, *, device="cpu", **fields) -> dict:
+    """Upsample the features of one image and write them plus a PCA picture. ``options`` (or the
+    same ``fields`` as keywords, training/inference_options.py) say how; the defaults are there.
 
     The image is resized (short side) and centre-cropped to ``size`` x ``size`` (the same
     geometry as the training stores); the backbone sees the crop at ``backbone_res``
@@ -249,15 +240,17 @@ def upsample_image(
     input | low-res PCA | LoftUp PCA | bilinear PCA. Returns a dict with both paths, shapes,
     timings and the retention (`retention`) of LoftUp and of bilinear.
     """
+    o = dataclasses.replace(options or UpsampleOptions(), **fields)
+    checkpoint, official, backbone, size, fmt = o.checkpoint, o.official, o.backbone, o.size, o.fmt
     if fmt not in FORMATS:
         raise LoftupError(f"unknown feature format {fmt!r}; choose from {', '.join(FORMATS)}")
     image_path = Path(image_path)
     if not image_path.is_file():
         raise LoftupError(f"image {image_path} not found")
     resolved = load_upsampler(checkpoint, official, device)
-    prep = _prepare(resolved, checkpoint or official, backbone, weights, random_init, device)
+    prep = _prepare(resolved, checkpoint or official, backbone, o.weights, o.random_init, device)
     source = load_image(image_path)
-    run = _forward(prep, source, size, backbone_res)
+    run = _forward(prep, source, size, o.backbone_res)
     feats, hr, hr_img, res = run["lowres"], run["hr"], run["hr_img"], run["res"]
     timings = {"backbone_s": run["timings"]["backbone_s"], "loftup_s": run["timings"]["upsample_s"]}
     with torch.no_grad():
@@ -273,7 +266,7 @@ def upsample_image(
 
     backbone_name = prep.backbone
 
-    out_dir = Path(out_dir)
+    out_dir = Path(o.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{image_path.stem}_loftup{size}"
     feat_path = out_dir / f"{stem}.{fmt}"

@@ -18,35 +18,17 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import torch
 
 from loftup import chaos
+from loftup.fields import option
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed, memory
 from loftup.training.run_dir import RunDir, seed_all, set_rng_state
-
-REQUIRED = dataclasses.MISSING
-
-
-def option(
-    default: Any = REQUIRED,
-    help: str = "",
-    *,
-    factory=None,
-    resumable: bool = False,
-    cli: bool = True,
-    parse: str | None = None,
-):
-    """A config field with its help text. ``resumable``: may differ on ``--resume`` (how long to
-    run, logging, workers). ``parse="ints"``: the CLI takes it as text like ``0-89`` or ``224,336``."""
-    meta = {"help": help, "resumable": resumable, "cli": cli, "parse": parse}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(kw_only=True)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loftup.fields import option
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed, loop
-from loftup.training.loop import option
 from loftup.training.target_space import LossSpace, feature_rms
 
 RECIPES = {

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loftup.fields import option
 from loftup.storage.errors import LoftupError
 from loftup.training import distributed, loop
 from loftup.training.data import normalise_float
-from loftup.training.loop import option
 
 RECIPES = {
     "released": dict(

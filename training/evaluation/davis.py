@@ -17,7 +17,6 @@ all of them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from loftup.training.evaluation.metrics import boundary_f, davis_summary, region_iou
+from loftup.training.evaluation.protocols import DavisProtocol
 
 __all__ = ["DavisProtocol", "propagate", "run_davis"]
-
-
-@dataclass
-class DavisProtocol:
-    size: int = 224  # frames resized to size x size; features upsampled to size // 2
-    backbone_res: int | None = None  # backbone input size; None = size
-    context: int = 7  # previous predictions used besides the first frame
-    temperature: float = 0.1
-    radius: int = 12  # cells at feature resolution
-    topk: int = 5
-    boundary_tolerance: float = 0.008  # fraction of the image diagonal
-    scored_frames: str = "all but the first and the last (DAVIS toolkit, semi-supervised)"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def propagate(

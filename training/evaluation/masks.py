@@ -9,26 +9,13 @@ class labels, so it works with the class-agnostic masks of a training store.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loftup.training.evaluation.protocols import MasksProtocol
+
 __all__ = ["MasksProtocol", "label_map", "prototype_miou", "run_masks"]
-
-
-@dataclass
-class MasksProtocol:
-    size: int = 224  # evaluation resolution (images and masks resampled from the stored geometry)
-    res: int = 224  # backbone input size of the stored features
-    geometry: int = 224  # stored image/mask geometry to read
-    max_masks: int = 150
-    min_pixels: int = 16  # regions smaller than this are not scored
-    score: str = "mean over images of the nearest-prototype mIoU over regions (larger masks first, smaller on top)"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def label_map(masks: np.ndarray) -> np.ndarray:

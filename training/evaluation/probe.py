@@ -13,8 +13,6 @@ the backbone once and then each upsampler and its own probe.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,25 +20,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from loftup.training.evaluation.metrics import confusion_matrix, seg_scores
+from loftup.training.evaluation.protocols import SegProtocol
 
 __all__ = ["SegProtocol", "SegTorchDataset", "run_probes"]
-
-
-@dataclass
-class SegProtocol:
-    size: int = 224  # input, guidance and output size (Resize + CenterCrop)
-    backbone_res: int | None = None  # backbone input size; None = size
-    epochs: int = 10
-    lr: float = 1e-4
-    batch_size: int = 8
-    seed: int = 0
-    optimizer: str = "NAdam"
-    probe: str = "Conv1x1(C, K), cross-entropy over labelled pixels"
-    miou: str = "mean IoU over the classes present in the split's labels or predictions"
-    bn: str = "upsampler BatchNorm in eval mode"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _resize_crop(img: Image.Image, size: int, resample) -> Image.Image:
