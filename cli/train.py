@@ -118,9 +118,10 @@ def _config_command(name: str, module: str, config: str, doc: str, summary=None,
 
 def _present(kwargs: dict) -> list[int]:
     """``--allow-missing``: the --shards the store has finished (stage 1 also needs the features)."""
+    from loftup.storage.layout import job_key
     from loftup.training.data import present_shards
 
-    jobs = ["images", "masks"] + ([f"features/{kwargs['backbone']}@{kwargs['res']}"] if "res" in kwargs else [])
+    jobs = ["images", "masks"] + ([job_key("features", kwargs["backbone"], kwargs["res"])] if "res" in kwargs else [])
     present, missing = present_shards(kwargs["store"], kwargs["shards"], jobs)
     if missing:
         console.print(f"[yellow]--allow-missing: training without {len(missing)} unfinished shard(s): {missing[:20]}")

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from loftup.fields import option as _opt
 
-GEOMETRIES = "224,896"
+GEOMETRY_SIZES = (224, 896)
+GEOMETRIES = ",".join(map(str, GEOMETRY_SIZES))
 DEVICE_HELP = "'auto' (the task's GPU if any), 'cpu' or 'cuda'."
 # --sizes was the name of --geometries (--size now means an output size only): accepted, not shown.
 _OLD_SIZES = {"flag": "--sizes", "hidden": True}

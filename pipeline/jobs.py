@@ -19,7 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from loftup.storage.errors import LoftupError, StoreError
+from loftup.pipeline.job_options import GEOMETRY_SIZES, FeaturesOptions, ImagesOptions, MasksOptions
+from loftup.storage.errors import LoftupError, StoreError, error_line
+from loftup.storage.layout import feature_set, job_key
 
 Progress = Callable[[int, int], None]  # (images done, errors) increments
 
@@ -88,9 +90,9 @@ class Job:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class MasksJob(Job):
-    source: str = "sa1b"
+    source: str = MasksOptions.source
     source_options: dict = field(default_factory=dict)
-    sizes: tuple[int, ...] = (224, 896)
+    sizes: tuple[int, ...] = GEOMETRY_SIZES
 
     def __post_init__(self):
         self.name = "masks"
@@ -157,8 +159,8 @@ class MasksJob(Job):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ImagesJob(Job):
-    sizes: tuple[int, ...] = (224, 896)
-    quality: int = 95
+    sizes: tuple[int, ...] = GEOMETRY_SIZES
+    quality: int = ImagesOptions.quality
 
     def __post_init__(self):
         self.name = "images"
@@ -224,15 +226,15 @@ class ImagesJob(Job):
 class FeaturesJob(Job):
     """Low-res VFM features of the stored training images (reads the image store, not the tar)."""
 
-    backbone: str = "dinov2_vits14"
-    res: int = 224
+    backbone: str = FeaturesOptions.backbone
+    res: int = FeaturesOptions.res
     weights: str | None = None
     random_init: bool = False
-    batch_size: int = 32
-    device: str = "auto"
+    batch_size: int = FeaturesOptions.batch_size
+    device: str = FeaturesOptions.device
 
     def __post_init__(self):
-        self.name = f"features/{self.backbone}@{self.res}"
+        self.name = job_key("features", self.backbone, self.res)
         self.num_gpus_wanted = True
 
     def upstream(self) -> tuple[str, ...]:
@@ -253,11 +255,10 @@ class FeaturesJob(Job):
     def check(self, store) -> None:
         info = _patch_checked(self.backbone, self.res)
         self.source_size(store)
-        known = store.manifest.get("backbones", {}).get(f"{self.backbone}@{self.res}")
+        name = feature_set(self.backbone, self.res)
+        known = store.manifest.get("backbones", {}).get(name)
         if known and known.get("dim") != info["dim"]:
-            raise StoreError(
-                f"store has {self.backbone}@{self.res} with dim {known.get('dim')}, backbone gives {info['dim']}"
-            )
+            raise StoreError(f"store has {name} with dim {known.get('dim')}, backbone gives {info['dim']}")
 
     def memory_bytes(self) -> int:
         from loftup.pipeline.backbones import backbone_info
@@ -280,7 +281,7 @@ class FeaturesJob(Job):
 
         info = backbone_info(self.backbone)
         grid = self.res // info["patch"]
-        manifest.setdefault("backbones", {})[f"{self.backbone}@{self.res}"] = {
+        manifest.setdefault("backbones", {})[feature_set(self.backbone, self.res)] = {
             **info,
             "res": self.res,
             "grid": [grid, grid],
@@ -413,12 +414,8 @@ def _image_failed(
     errors: list[dict], progress: Progress, image_id, member: str | None, stage: str, exc: BaseException
 ) -> None:
     """Record an image that ``stage`` could not handle; the shard goes on without it."""
-    errors.append({"image_id": image_id, "member": member, "stage": stage, "reason": _reason(exc)})
+    errors.append({"image_id": image_id, "member": member, "stage": stage, "reason": error_line(exc, limit=500)})
     progress(0, 1)
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
 def _file_sha256(path: str) -> str:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from loftup.pipeline.job_options import ImplicitOptions
 from loftup.pipeline.jobs import Job, _file_sha256, _image_failed, _patch_checked, _source_size
 from loftup.storage.errors import LoftupError, StoreError
 from loftup.storage.layout import job_key
@@ -26,14 +27,14 @@ MAX_DENSE_BYTES = 16 << 30
 
 @dataclass
 class ImplicitJob(Job):
-    backbone: str = "dinov2_vits14"
-    res: int = 224
+    backbone: str = ImplicitOptions.backbone
+    res: int = ImplicitOptions.res
     weights: str | None = None
     random_init: bool = False
     images_per_shard: int | None = None  # first N images of each shard, in store order
-    dense: bool = False
+    dense: bool = ImplicitOptions.dense
     recipe: dict = field(default_factory=dict)  # ImplicitConfig overrides (steps, views, ...)
-    device: str = "auto"
+    device: str = ImplicitOptions.device
 
     def __post_init__(self):
         self.name = job_key("implicit", self.backbone, self.res)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loftup.pipeline.job_options import FeaturesOptions, PseudoGTOptions
 from loftup.pipeline.jobs import Job
 from loftup.storage.commit import is_local, shard_name
 from loftup.storage.errors import LoftupError, StoreError
@@ -43,15 +44,15 @@ class PseudoGTJob(Job):
     config hash; everything else is.
     """
 
-    backbone: str = "dinov2_vits14"
-    res: int = 224
-    geometry: int = 224
-    alpha: float = 0.8
-    max_masks: int = 150
+    backbone: str = FeaturesOptions.backbone
+    res: int = FeaturesOptions.res
+    geometry: int = PseudoGTOptions.geometry
+    alpha: float = PseudoGTOptions.alpha
+    max_masks: int = PseudoGTOptions.max_masks
     limit: int | None = None
-    png: bool = True
+    png: bool = PseudoGTOptions.png
     png_dir: str | None = None
-    device: str = "auto"
+    device: str = PseudoGTOptions.device
     batch_size: int = 8
 
     def __post_init__(self):

@@ -19,15 +19,8 @@ import torch.nn.functional as F
 
 from loftup.pipeline.backbones.dinov2 import bind_pos_interp
 from loftup.pipeline.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone
-from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, create_vit, download_vit
-from loftup.pipeline.backbones.weights import (
-    KNOWN_WEIGHTS,
-    load_state_dict_strict,
-    read_state_dict,
-    resolve_weights,
-    unwrap_state_dict,
-    weights_record,
-)
+from loftup.pipeline.backbones.timm_vit import build_vit, check_patch_embed, load_vit_state, read_vit_file
+from loftup.pipeline.backbones.weights import KNOWN_WEIGHTS
 from loftup.storage.errors import LoftupError, WeightsError
 
 __all__ = ["MaskClip"]
@@ -76,15 +69,15 @@ class MaskClip(Backbone):
 def _load_clip_file(vit: nn.Module, path: Path, name: str) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = unwrap_state_dict(read_state_dict(path))
+    state, filter_fn = read_vit_file(path), None
     if any(k.startswith("visual.") for k in state):
         # OpenAI layout (the TorchScript release or open_clip's .bin): the image tower only.
         state = {k: v for k, v in state.items() if k.startswith("visual.")}
         if "visual.class_embedding" not in state:
             raise WeightsError(f"{path} does not fit {name}: no visual.class_embedding (not a CLIP ViT)")
         check_patch_embed(state.get("visual.conv1.weight"), 16, path, name)
-        state = convert_state(checkpoint_filter_fn, state, vit, path, name)
-    load_state_dict_strict(vit, state, path, name)
+        filter_fn = checkpoint_filter_fn
+    load_vit_state(vit, state, path, name, filter_fn=filter_fn)
 
 
 @register_backbone(
@@ -99,12 +92,10 @@ def _load_clip_file(vit: nn.Module, path: Path, name: str) -> None:
     f"{KNOWN_WEIGHTS['clip_vitb16'].where()}, or timm/vit_base_patch16_clip_224.openai in the HF cache",
 )
 def _clip_builder(spec, weights=None, random_init=False, pos_interp="official", input_norm="imagenet"):
-    kwargs = dict(num_classes=512, dynamic_img_size=True)
-    if weights == "download":
-        vit = download_vit(spec.name, f"{_TIMM}.openai", **kwargs)
-        return MaskClip(spec, vit, weights_record("timm-download", None), pos_interp, input_norm)
-    source, path = resolve_weights(spec.name, weights, random_init)
-    vit = create_vit(_TIMM, path, **kwargs)
-    if path is not None:
+    def load(vit, path):
         _load_clip_file(vit, path, spec.name)
-    return MaskClip(spec, vit, weights_record(source, path), pos_interp, input_norm)
+
+    vit, record = build_vit(
+        spec.name, _TIMM, "openai", weights, random_init, load, num_classes=512, dynamic_img_size=True
+    )
+    return MaskClip(spec, vit, record, pos_interp, input_norm)

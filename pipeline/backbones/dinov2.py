@@ -10,15 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loftup.pipeline.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone
-from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, create_vit, download_vit, patch_map
-from loftup.pipeline.backbones.weights import (
-    KNOWN_WEIGHTS,
-    load_state_dict_strict,
-    read_state_dict,
-    resolve_weights,
-    unwrap_state_dict,
-    weights_record,
-)
+from loftup.pipeline.backbones.timm_vit import build_vit, load_vit_state, patch_map, read_vit_file
+from loftup.pipeline.backbones.weights import KNOWN_WEIGHTS
 from loftup.storage.errors import LoftupError, WeightsError
 
 __all__ = ["DinoV2", "official_pos_embed"]
@@ -100,29 +93,24 @@ class DinoV2(Backbone):
 def _load_dinov2_file(vit: nn.Module, path: Path, spec: BackboneSpec) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = unwrap_state_dict(read_state_dict(path))
+    state = read_vit_file(path)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "dino_head.", "ibot_head."))}
     file_regs = "register_tokens" in state or "reg_token" in state
     if file_regs != (vit.reg_token is not None):
         other = f"{spec.name}_reg" if file_regs else spec.name.removesuffix("_reg")
         has = "has register tokens" if file_regs else "has no register tokens"
         raise WeightsError(f"{path} does not fit {spec.name}: the file {has}; use {other}")
-    check_patch_embed(state.get("patch_embed.proj.weight"), spec.patch, path, spec.name)
-    # Converts the facebookresearch layout (mask_token, register_tokens, cls position) to timm's.
-    state = convert_state(checkpoint_filter_fn, state, vit, path, spec.name)
-    load_state_dict_strict(vit, state, path, spec.name)
+    # The filter converts the facebookresearch layout (mask_token, register_tokens, cls position) to timm's.
+    load_vit_state(vit, state, path, spec.name, spec.patch, checkpoint_filter_fn)
 
 
 def _dinov2_builder(spec, weights=None, random_init=False, pos_interp="dinov2"):
-    kwargs = dict(dynamic_img_size=True, img_size=_NATIVE_SIZE, num_classes=0)
-    if weights == "download":
-        vit = download_vit(spec.name, _TIMM[spec.name], **kwargs)
-        return DinoV2(spec, vit, weights_record("timm-download", None), pos_interp)
-    source, path = resolve_weights(spec.name, weights, random_init)
-    vit = create_vit(_TIMM[spec.name], path, **kwargs)
-    if path is not None:
+    def load(vit, path):
         _load_dinov2_file(vit, path, spec)
-    return DinoV2(spec, vit, weights_record(source, path), pos_interp)
+
+    kwargs = dict(dynamic_img_size=True, img_size=_NATIVE_SIZE, num_classes=0)
+    vit, record = build_vit(spec.name, _TIMM[spec.name], None, weights, random_init, load, **kwargs)
+    return DinoV2(spec, vit, record, pos_interp)
 
 
 _NORM = "RGB in [0,1], (x - ImageNet mean) / ImageNet std"

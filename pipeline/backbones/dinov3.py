@@ -14,22 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from loftup.pipeline.backbones.registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Backbone,
-    BackboneSpec,
-    register_backbone,
-)
-from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, download_vit, patch_map
-from loftup.pipeline.backbones.weights import (
-    KNOWN_WEIGHTS,
-    load_state_dict_strict,
-    read_state_dict,
-    resolve_weights,
-    unwrap_state_dict,
-    weights_record,
-)
+from loftup.pipeline.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneSpec, register_backbone
+from loftup.pipeline.backbones.timm_vit import check_patch_embed, download_vit, load_vit_state, patch_map, read_vit_file
+from loftup.pipeline.backbones.weights import KNOWN_WEIGHTS, resolve_weights, weights_record
 from loftup.storage.errors import WeightsError
 
 __all__ = ["DinoV3"]
@@ -57,7 +44,7 @@ class DinoV3(Backbone):
 
 def _read_dinov3_file(path: Path, name: str) -> tuple[dict, bool]:
     """The file's tensors and whether its attention carries non-zero q/v biases."""
-    state = unwrap_state_dict(read_state_dict(path))
+    state = read_vit_file(path)
     # Meta's qkv bias carries a k part that its bias_mask zeroes: only q and v count.
     biases = [b for k, v in state.items() if k.endswith("attn.qkv.bias") for b in v.chunk(3)[::2]]
     biases += [v for k, v in state.items() if k.endswith(("attn.q_bias", "attn.v_bias"))]
@@ -84,8 +71,7 @@ def _dinov3_builder(spec, weights=None, random_init=False):
     arch = f"{timm_name}_qkvb" if qkv_bias else timm_name
     vit = timm.create_model(arch, pretrained=False, num_classes=0)
     if state is not None:
-        state = convert_state(checkpoint_filter_fn, state, vit, path, spec.name)
-        load_state_dict_strict(vit, state, path, spec.name)
+        load_vit_state(vit, state, path, spec.name, filter_fn=checkpoint_filter_fn)
     return DinoV3(spec, vit, weights_record(source, path), arch)
 
 

@@ -14,15 +14,8 @@ import torch
 import torch.nn as nn
 
 from loftup.pipeline.backbones.registry import Backbone, BackboneSpec, register_backbone
-from loftup.pipeline.backbones.timm_vit import check_patch_embed, convert_state, create_vit, download_vit, patch_map
-from loftup.pipeline.backbones.weights import (
-    KNOWN_WEIGHTS,
-    load_state_dict_strict,
-    read_state_dict,
-    resolve_weights,
-    unwrap_state_dict,
-    weights_record,
-)
+from loftup.pipeline.backbones.timm_vit import build_vit, load_vit_state, patch_map, read_vit_file
+from loftup.pipeline.backbones.weights import KNOWN_WEIGHTS
 
 __all__ = ["SigLip"]
 
@@ -43,26 +36,21 @@ class SigLip(Backbone):
 def _load_siglip_file(vit: nn.Module, path: Path, name: str) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = unwrap_state_dict(read_state_dict(path))
+    state = read_vit_file(path)
     if any(k.startswith("visual.trunk.") for k in state):  # open_clip: keep the image trunk
         state = {k[len("visual.trunk.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
     # The attention-pooling head (and any classifier) is not used for patch features.
     state = {k: v for k, v in state.items() if not k.startswith(("attn_pool.", "head.", "fc_norm."))}
-    check_patch_embed(state.get("patch_embed.proj.weight"), 16, path, name)
-    state = convert_state(checkpoint_filter_fn, state, vit, path, name)
-    load_state_dict_strict(vit, state, path, name)
+    load_vit_state(vit, state, path, name, 16, checkpoint_filter_fn)
 
 
 def _siglip_builder(spec, weights=None, random_init=False):
-    kwargs = dict(num_classes=0, global_pool="", dynamic_img_size=True)
-    if weights == "download":
-        vit = download_vit(spec.name, f"{_TIMM}.{_TAGS[spec.name]}", **kwargs)
-        return SigLip(spec, vit, weights_record("timm-download", None))
-    source, path = resolve_weights(spec.name, weights, random_init)
-    vit = create_vit(_TIMM, path, **kwargs)
-    if path is not None:
+    def load(vit, path):
         _load_siglip_file(vit, path, spec.name)
-    return SigLip(spec, vit, weights_record(source, path))
+
+    kwargs = dict(num_classes=0, global_pool="", dynamic_img_size=True)
+    vit, record = build_vit(spec.name, _TIMM, _TAGS[spec.name], weights, random_init, load, **kwargs)
+    return SigLip(spec, vit, record)
 
 
 for _name, _repo in (("siglip_vitb16", "ViT-B-16-SigLIP"), ("siglip2_vitb16", "ViT-B-16-SigLIP2")):

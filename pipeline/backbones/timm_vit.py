@@ -9,6 +9,13 @@ import torch
 import torch.nn as nn
 
 from loftup.pipeline.backbones.registry import timm_tokens_to_map
+from loftup.pipeline.backbones.weights import (
+    load_state_dict_strict,
+    read_state_dict,
+    resolve_weights,
+    unwrap_state_dict,
+    weights_record,
+)
 from loftup.storage.errors import WeightsError, error_line
 
 
@@ -50,6 +57,34 @@ def convert_state(filter_fn, state: dict, vit: nn.Module, path: Path, name: str)
         return filter_fn(state, vit)
     except Exception as exc:
         raise WeightsError(f"{path} does not fit {name}: {error_line(exc)}") from None
+
+
+def read_vit_file(path: Path) -> dict:
+    """The tensors of a weight file, unwrapped from the containers releases put them in."""
+    return unwrap_state_dict(read_state_dict(path))
+
+
+def load_vit_state(vit: nn.Module, state: dict, path: Path, name: str, patch: int | None = None, filter_fn=None):
+    """Load a file's ``state`` into ``vit``: its patch embedding checked against ``patch`` (when
+    given), converted to timm's layout by ``filter_fn`` (when given), every key required."""
+    if patch is not None:
+        check_patch_embed(state.get("patch_embed.proj.weight"), patch, path, name)
+    if filter_fn is not None:
+        state = convert_state(filter_fn, state, vit, path, name)
+    load_state_dict_strict(vit, state, path, name)
+
+
+def build_vit(name: str, arch: str, tag: str, weights, random_init: bool, load_file, **kwargs):
+    """The timm ViT ``arch`` of backbone ``name`` and the record of its weights: timm's pretrained
+    ``arch.tag`` (or ``arch``) for ``weights="download"``, else the file ``resolve_weights`` finds, loaded by
+    ``load_file(vit, path)`` (or random weights with ``random_init``)."""
+    if weights == "download":
+        return download_vit(name, f"{arch}.{tag}" if tag else arch, **kwargs), weights_record("timm-download", None)
+    source, path = resolve_weights(name, weights, random_init)
+    vit = create_vit(arch, path, **kwargs)
+    if path is not None:
+        load_file(vit, path)
+    return vit, weights_record(source, path)
 
 
 def patch_map(vit: nn.Module, x: torch.Tensor, patch: int) -> torch.Tensor:
