@@ -263,7 +263,9 @@ def pseudogt(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
 @with_options(RunOptions, "run")
 @with_options(ImplicitOptions, "o")
 def implicit(shards: str = ShardsOpt, store: str = StoreOpt, o=None, run=None):
-    """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps)."""
+    """Per-image optimisation baseline (FeatUp's implicit upsampler): a network per image (+ dense maps).
+
+    The backbone runs on every jittered view; the map is optimised at --res."""
     from loftup.training.implicit_job import ImplicitJob
 
     _check_weights(o.backbone, o.weights, o.random_init, run.ray_address)

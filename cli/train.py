@@ -213,56 +213,39 @@ def _with_res(protocol, old: Optional[int]):
     return dataclasses.replace(protocol, backbone_res=renamed(protocol.backbone_res, old, "--res", "--backbone-res"))
 
 
-@evaluate_app.command("seg")
-@with_options(SegProtocol, "protocol")
-@with_options(EvalOptions, "options")
-@with_options(LiveBackbone, "live")
-@with_options(SegInputs, "data")
-def evaluate_seg(
-    data: SegInputs,
-    live: LiveBackbone,
-    options: EvalOptions,
-    protocol: SegProtocol,
-    old_res: Optional[int] = _OLD_RES,
-    as_json: bool = JsonOpt,
-):
-    """Linear-probe semantic segmentation (LoftUp's eval_seg protocol): mIoU and pixel accuracy."""
-    _run_evaluation(
-        "seg",
-        _with_res(protocol, old_res),
-        options,
-        as_json,
-        backbone=live.backbone,
-        weights=live.weights,
-        random_init=live.random_init,
-        **dataclasses.asdict(data),
-    )
+def _live_task(task: str, inputs, protocol_cls, doc: str) -> None:
+    """Register ``evaluate TASK`` for a task that runs the backbone live on a dataset (seg, davis)."""
+
+    @evaluate_app.command(task, help=doc)
+    @with_options(protocol_cls, "protocol")
+    @with_options(EvalOptions, "options")
+    @with_options(LiveBackbone, "live")
+    @with_options(inputs, "data")
+    def command(data, live, options, protocol, old_res: Optional[int] = _OLD_RES, as_json: bool = JsonOpt):
+        _run_evaluation(
+            task,
+            _with_res(protocol, old_res),
+            options,
+            as_json,
+            backbone=live.backbone,
+            weights=live.weights,
+            random_init=live.random_init,
+            **dataclasses.asdict(data),
+        )
 
 
-@evaluate_app.command("davis")
-@with_options(DavisProtocol, "protocol")
-@with_options(EvalOptions, "options")
-@with_options(LiveBackbone, "live")
-@with_options(DavisInputs, "data")
-def evaluate_davis(
-    data: DavisInputs,
-    live: LiveBackbone,
-    options: EvalOptions,
-    protocol: DavisProtocol,
-    old_res: Optional[int] = _OLD_RES,
-    as_json: bool = JsonOpt,
-):
-    """DAVIS 2017 label propagation (LiFT/LoftUp protocol): J, F and J&F as the official toolkit."""
-    _run_evaluation(
-        "davis",
-        _with_res(protocol, old_res),
-        options,
-        as_json,
-        backbone=live.backbone,
-        weights=live.weights,
-        random_init=live.random_init,
-        **dataclasses.asdict(data),
-    )
+_live_task(
+    "seg",
+    SegInputs,
+    SegProtocol,
+    "Linear-probe semantic segmentation (LoftUp's eval_seg protocol): mIoU and pixel accuracy.",
+)
+_live_task(
+    "davis",
+    DavisInputs,
+    DavisProtocol,
+    "DAVIS 2017 label propagation (LiFT/LoftUp protocol): J, F and J&F as the official toolkit.",
+)
 
 
 @evaluate_app.command("masks")

@@ -2,6 +2,8 @@
 variable is set (``init_ray`` passes ``LOFTUP_*`` variables on to Ray workers, torchrun passes
 the environment to its workers), so production runs pay one dictionary lookup.
 
+- ``LOFTUP_CHAOS_KILL=N:FLAGFILE``: a pipeline worker SIGKILLs itself after N good images, once
+  (the flag file records that it happened), to prove that a killed worker loses nothing.
 - ``LOFTUP_CHAOS_HOLD=N:DIR``: a pipeline worker that has read N images creates
   ``DIR/held.<pid>`` (holding its Ray node id) and waits until ``DIR/release`` exists, so that a
   test can kill a node while it is known to be mid-shard. Once released, nothing holds again.
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 HOLD_LIMIT_S = 300.0  # a forgotten release never hangs a test run for longer than this
-_seen = 0
+_seen: dict[str, int] = {}  # images counted per hook, in this process
 
 
 def _hold(directory: str, note: str) -> None:
@@ -48,16 +50,26 @@ def _ray_node() -> str:
     return ""
 
 
-def images_read(n: int) -> None:
-    """Called by a pipeline worker as images are read (``LOFTUP_CHAOS_HOLD``)."""
-    global _seen
-    spec = os.environ.get("LOFTUP_CHAOS_HOLD")
+def _reached(var: str, n: int) -> str | None:
+    """Count ``n`` more images for the hook in ``var`` (``N:PATH``): its PATH once N are reached."""
+    spec = os.environ.get(var)
     if not spec:
-        return
-    _seen += n
-    after, directory = spec.split(":", 1)
-    if _seen >= int(after):
+        return None
+    _seen[var] = _seen.get(var, 0) + n
+    after, path = spec.split(":", 1)
+    return path if _seen[var] >= int(after) else None
+
+
+def images_read(ok: int, failed: int = 0) -> None:
+    """Called by a pipeline worker as images are read (``LOFTUP_CHAOS_HOLD`` counts every image,
+    ``LOFTUP_CHAOS_KILL`` the good ones)."""
+    directory = _reached("LOFTUP_CHAOS_HOLD", ok + failed)
+    if directory:
         _hold(directory, _ray_node())
+    flag = _reached("LOFTUP_CHAOS_KILL", ok)
+    if flag and not os.path.exists(flag):
+        open(flag, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint(point: str, step: int) -> None:

@@ -54,11 +54,17 @@ class ImagesOptions:
 
 
 @dataclass(frozen=True)
-class FeaturesOptions:
+class LiveBackboneOptions:
+    """The backbone a job runs on the stored images (features, implicit)."""
+
     backbone: str = _opt("dinov2_vits14", "Backbone from the registry (loftup-pipeline backbones lists them).")
     res: int = _opt(224, "Input resolution of the backbone (a multiple of its patch size).")
     weights: str | None = _opt(None, "Local weights file of the backbone.")
     random_init: bool = _opt(False, "Random weights (tests and demos only).")
+
+
+@dataclass(frozen=True)
+class FeaturesOptions(LiveBackboneOptions):
     batch_size: int = _opt(32, "Images per forward pass.")
     device: str = _opt("auto", DEVICE_HELP)
 
@@ -79,11 +85,9 @@ class PseudoGTOptions:
 
 
 @dataclass(frozen=True)
-class ImplicitOptions:
-    backbone: str = _opt("dinov2_vits14", "Backbone from the registry, run live on every jittered view.")
-    res: int = _opt(224, "Backbone input size = size of the optimised map.")
-    weights: str | None = _opt(None, "Local weights file of the backbone.")
-    random_init: bool = _opt(False, "Random backbone weights (tests and demos only).")
+class ImplicitOptions(LiveBackboneOptions):
+    """The backbone runs on every jittered view; ``res`` is also the size of the optimised map."""
+
     images_per_shard: int | None = _opt(
         None, "Optimise only the first N images of each shard (~1 min each on an A100)."
     )

@@ -19,7 +19,13 @@ from typing import Callable
 
 import numpy as np
 
-from loftup.pipeline.job_options import GEOMETRY_SIZES, FeaturesOptions, ImagesOptions, MasksOptions
+from loftup.pipeline.job_options import (
+    GEOMETRY_SIZES,
+    FeaturesOptions,
+    ImagesOptions,
+    LiveBackboneOptions,
+    MasksOptions,
+)
 from loftup.storage.errors import LoftupError, StoreError, error_line
 from loftup.storage.layout import feature_set, job_key
 
@@ -223,22 +229,31 @@ class ImagesJob(Job):
 
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class FeaturesJob(Job):
-    """Low-res VFM features of the stored training images (reads the image store, not the tar)."""
+class BackboneJob(Job):
+    """A job that runs a backbone on the stored images (not the tars); its key is
+    ``KIND/backbone@res``."""
 
-    backbone: str = FeaturesOptions.backbone
-    res: int = FeaturesOptions.res
+    KIND = ""
+    backbone: str = LiveBackboneOptions.backbone
+    res: int = LiveBackboneOptions.res
     weights: str | None = None
     random_init: bool = False
-    batch_size: int = FeaturesOptions.batch_size
-    device: str = FeaturesOptions.device
 
     def __post_init__(self):
-        self.name = job_key("features", self.backbone, self.res)
+        self.name = job_key(self.KIND, self.backbone, self.res)
         self.num_gpus_wanted = True
 
     def upstream(self) -> tuple[str, ...]:
         return ("images",)
+
+
+@dataclass
+class FeaturesJob(BackboneJob):
+    """Low-res VFM features of the stored training images."""
+
+    KIND = "features"
+    batch_size: int = FeaturesOptions.batch_size
+    device: str = FeaturesOptions.device
 
     def config(self) -> dict:
         # The device and batch size do not change the stored values beyond fp16 rounding.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import tarfile
 import threading
 import time
@@ -58,8 +57,7 @@ class _Throttle:
     def __call__(self, ok: int, err: int) -> None:
         self.ok += ok
         self.err += err
-        _chaos_tick(ok)
-        chaos.images_read(ok + err)
+        chaos.images_read(ok, err)
         if time.monotonic() - self.last >= self.period:
             self.flush()
 
@@ -68,23 +66,6 @@ class _Throttle:
             self.send(self.ok, self.err)
             self.ok = self.err = 0
         self.last = time.monotonic()
-
-
-_chaos_seen = 0
-
-
-def _chaos_tick(n: int) -> None:
-    """Test hook: ``LOFTUP_CHAOS_KILL=N:FLAGFILE`` SIGKILLs this worker after N images, once
-    (the flag file records that it happened), to prove that a killed worker loses nothing."""
-    global _chaos_seen
-    spec = os.environ.get("LOFTUP_CHAOS_KILL")
-    if not spec:
-        return
-    _chaos_seen += n
-    after, flag = spec.split(":", 1)
-    if _chaos_seen >= int(after) and not os.path.exists(flag):
-        open(flag, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def process_shard(job: Job, store_url: str, shard: int, tar_path: str | None, send) -> dict:

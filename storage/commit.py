@@ -116,45 +116,30 @@ def _fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(fs, path: str):
-    """Yield a binary file; on clean exit it replaces ``path`` in one rename, else vanishes."""
-    tmp = temp_path(path)
-    parent = path.rstrip("/").rpartition("/")[0]
-    fs.makedirs(parent, exist_ok=True)
-    try:
-        if is_local(fs):
-            with open(tmp, "xb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(parent)
-        else:
-            with fs.open(tmp, "wb") as f:
-                yield f
-            fs.mv(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            fs.rm(tmp)
-        cause = os_error_in(exc) if isinstance(exc, Exception) else None
-        if cause is not None and (cause is not exc or cause.filename is None):
-            # e.g. torch.save's RuntimeError over a full disk: the OSError, naming the file
-            raise type(cause)(cause.errno, cause.strerror, path) from exc
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(fs, path: str):
     """Yield a temp path for a writer that wants a path (pyarrow); rename it in on clean exit."""
     tmp = temp_path(path)
-    parent = path.rstrip("/").rpartition("/")[0]
-    fs.makedirs(parent, exist_ok=True)
+    fs.makedirs(path.rstrip("/").rpartition("/")[0], exist_ok=True)
     try:
         yield tmp
         rename_into_place(fs, tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_writer(fs, path: str):
+    """Yield a binary file; on clean exit it replaces ``path`` in one rename, else vanishes."""
+    try:
+        with atomic_path(fs, path) as tmp, open(tmp, "xb") if is_local(fs) else fs.open(tmp, "wb") as f:
+            yield f
+    except BaseException as exc:
+        cause = os_error_in(exc) if isinstance(exc, Exception) else None
+        if cause is not None and (cause is not exc or cause.filename is None):
+            # e.g. torch.save's RuntimeError over a full disk: the OSError, naming the file
+            raise type(cause)(cause.errno, cause.strerror, path) from exc
         raise
 
 

@@ -17,32 +17,20 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from loftup.pipeline.job_options import ImplicitOptions
-from loftup.pipeline.jobs import Job, _file_sha256, _image_failed, _patch_checked, _source_size
+from loftup.pipeline.jobs import BackboneJob, _file_sha256, _image_failed, _patch_checked, _source_size
 from loftup.storage.errors import LoftupError, StoreError
-from loftup.storage.layout import job_key
 
 # FeatureStore.write_shard takes the dense maps as one in-memory array.
 MAX_DENSE_BYTES = 16 << 30
 
 
 @dataclass
-class ImplicitJob(Job):
-    backbone: str = ImplicitOptions.backbone
-    res: int = ImplicitOptions.res
-    weights: str | None = None
-    random_init: bool = False
+class ImplicitJob(BackboneJob):
+    KIND = "implicit"
     images_per_shard: int | None = None  # first N images of each shard, in store order
     dense: bool = ImplicitOptions.dense
     recipe: dict = field(default_factory=dict)  # ImplicitConfig overrides (steps, views, ...)
     device: str = ImplicitOptions.device
-
-    def __post_init__(self):
-        self.name = job_key("implicit", self.backbone, self.res)
-        self.needs_tar = False
-        self.num_gpus_wanted = True
-
-    def upstream(self) -> tuple[str, ...]:
-        return ("images",)
 
     def resolved_recipe(self) -> dict:
         from loftup.training.implicit import ImplicitConfig
