@@ -13,20 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
+
+from timing import best_seconds
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _best(fn, repeats: int) -> float:
-    fn()  # warm-up: codec pipelines, page cache
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return best_seconds(fn, repeats, warmup=True)
 
 
 def main() -> None:

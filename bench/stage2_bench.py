@@ -47,6 +47,7 @@ PHASE_NOTES = {
 # --------------------------------------------------------------------------- memory probes
 from memprobe import reset_peak as _reset_peak  # noqa: E402
 from memprobe import status_kb as _status_kb  # noqa: E402
+from timing import best_seconds, run_header  # noqa: E402
 
 
 def _peak_over(fn) -> tuple[float, int, object, bool]:
@@ -262,13 +263,7 @@ def teacher_split(url: str, init: str, repeats: int) -> dict:
     return {"timings": timings, "crops": len(crops), "masks_per_crop": masks, "n": n, "dim": out.shape[1]}
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+_best = best_seconds
 
 
 def _copy_probe():
@@ -313,12 +308,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     console = Console(width=200)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-stage2-bench-"))
-    t_run = time.perf_counter()
-    load0 = os.getloadavg()[0]
-    console.print(
-        f"torch {torch.__version__}, {threads} torch threads, {os.cpu_count()} cores, "
-        f"load average {load0:.1f} at start; workdir {work}"
-    )
+    t_run, load0 = run_header(console, work, str(threads))
     steps = args.steps or (1 if args.quick else 2)
 
     # (a) ------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import run_header
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BACKBONE = "dinov2_vits14"
@@ -413,12 +415,7 @@ def main() -> None:
 
     console = Console(width=200)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-train-bench-"))
-    t_run = time.perf_counter()
-    load0 = os.getloadavg()[0]
-    console.print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads (main process), "
-        f"{os.cpu_count()} cores, load average {load0:.1f} at start; workdir {work}"
-    )
+    t_run, load0 = run_header(console, work, f"{torch.get_num_threads()} (main process)")
     # Random-init features: the bench measures cost, which does not depend on the values.
     store = build_sample_store(
         work / "store",

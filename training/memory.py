@@ -383,31 +383,29 @@ def estimate_stage1(
     *,
     batch: int,
     size: int,
-    dim: int,
-    width: int,
-    fourier: int,
-    sincos: int,
-    blocks: int,
     jitters: int,
     max_masks: int,
     mask_side: int,
     tile: int,
     params: int,
+    dims: dict[str, int],
 ) -> dict[str, dict[str, int]]:
     """Bytes of one Stage 1 step beyond the process's baseline, by part, for ``batch`` images
-    on the plain path and on the bounded path (which holds one image at a time)."""
+    on the plain path and on the bounded path (which holds one image at a time); ``dims`` are
+    the model's sizes (:func:`model_dims`)."""
+    dim, width, floats = dims["dim"], dims["width"], model_floats(**dims)
     px = size * size
     fixed = {
         "parameters' gradients + optimizer state": 3 * params * 4,
         "masks (unpacked)": batch * max_masks * mask_side**2,
         "slack (allocator, threads)": SLACK,
     }
-    plain = {k: _px_bytes(v, batch * px) for k, v in model_floats(dim, width, fourier, sincos, blocks).items()}
+    plain = {k: _px_bytes(v, batch * px) for k, v in floats.items()}
     plain["reconstruction views (jitter, downsampler windows)"] = _px_bytes(jitters * 6 * dim, batch * px)
     plain["prediction, target, loss maps"] = _px_bytes(4 * dim, batch * px)
     plain["backward's gradient maps"] = _px_bytes(3 * width, batch * px)
     tile_px = (min(tile, size) + 4) ** 2
-    per_model = sum(model_floats(dim, width, fourier, sincos, blocks).values())
+    per_model = sum(floats.values())
     bounded = {
         "one image: prediction + its gradient": _px_bytes(2 * dim, px),
         **_largest(
@@ -436,19 +434,17 @@ def estimate_stage2(
     s: int,
     hr: int,
     crops: int,
-    dim: int,
-    width: int,
-    fourier: int,
-    sincos: int,
-    blocks: int,
     jitters: int,
     max_masks: int,
     tile: int,
     params: int,
     vfm_dim: int,
     patch: int,
+    dims: dict[str, int],
 ) -> dict[str, dict[str, int]]:
-    """Bytes of one Stage 2 step at student size ``s`` beyond the baseline, by part."""
+    """Bytes of one Stage 2 step at student size ``s`` beyond the baseline, by part (``dims``: the
+    student's sizes, :func:`model_dims`)."""
+    dim, width, floats = dims["dim"], dims["width"], model_floats(**dims)
     px, k = s * s, batch * crops
     n = int(s * s / hr)  # student pixels a crop covers per side
     tokens = (s // patch) ** 2
@@ -458,16 +454,16 @@ def estimate_stage2(
         "live backbone on the student images and HR crops": (batch + k) * tokens * vfm_dim * 4 * 12,
         "slack (allocator, threads)": SLACK,
     }
-    conv_live = 2 * fourier + 2 * width
+    conv_live = 2 * dims["fourier"] + 2 * width
     teacher_dense = max(conv_live, 6 * width + dim)
-    plain = {k2: _px_bytes(v, batch * px) for k2, v in model_floats(dim, width, fourier, sincos, blocks).items()}
+    plain = {k2: _px_bytes(v, batch * px) for k2, v in floats.items()}
     plain["teacher on the crops (no graph) + its output, refined"] = _px_bytes(teacher_dense + 2 * dim, k * px)
     plain["crop masks (unpacked)"] = k * max_masks * px
     plain["affinity (crop regions, targets, unit vectors)"] = _px_bytes(7 * dim, k * n * n)
     plain["reconstruction views + TV"] = _px_bytes(jitters * 6 * dim + 2 * dim, batch * px)
     plain["backward's gradient maps"] = _px_bytes(3 * width + dim, batch * px)
     tile_px = (min(tile, s) + 4) ** 2
-    per_model = sum(model_floats(dim, width, fourier, sincos, blocks).values())
+    per_model = sum(floats.values())
     bounded = {
         "one image: prediction + its gradient": _px_bytes(2 * dim, px),
         **_largest(

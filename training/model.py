@@ -49,6 +49,7 @@ __all__ = [
     "LoftUp",
     "LoftUpCore",
     "MinMaxScale",
+    "ForwardSizes",
     "bounded_bytes",
     "dense_bytes",
     "plan_execution",
@@ -102,83 +103,57 @@ def _host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def dense_bytes(
-    height: int,
-    width: int,
-    *,
-    batch: int = 1,
-    channels: int = 404,
-    fourier: int = 203,
-    hidden: int = 384,
-    bytes_per_value: int = 4,
-) -> int:
-    """Working memory of a no-grad dense forward beyond its output (an upper estimate).
+@dataclass(frozen=True)
+class ForwardSizes:
+    """What the working memory of one eval forward depends on, the released model's by default:
+    ``channels`` the model's width (dim + 20), ``fourier`` its Fourier feature count, ``hidden``
+    its dim, ``keys`` the number of low-res tokens; ``bytes_per_value`` 2 under bf16 autocast."""
+
+    batch: int = 1
+    channels: int = 404
+    fourier: int = 203
+    hidden: int = 384
+    keys: int = 1024
+    heads: int = 4
+    bytes_per_value: int = 4
+
+
+def dense_bytes(height: int, width: int, **sizes) -> int:
+    """Working memory of a no-grad dense forward beyond its output (an upper estimate); ``sizes``
+    as :class:`ForwardSizes`.
 
     Conv stage: the Fourier features and their norm, then conv output and BatchNorm output;
     attention stage: about seven token maps alive at once (residual stream, norm, q, attention
     output, projection, feed-forward hidden and output) with fused attention (no score matrix).
     """
-    pixels = batch * height * width
-    conv = 2 * fourier + 2 * channels
-    attention = 6 * channels + hidden
-    return pixels * max(conv, attention) * bytes_per_value
+    z = ForwardSizes(**sizes)
+    conv = 2 * z.fourier + 2 * z.channels
+    attention = 6 * z.channels + z.hidden
+    return z.batch * height * width * max(conv, attention) * z.bytes_per_value
 
 
-def bounded_bytes(
-    tile: int,
-    chunk: int,
-    *,
-    batch: int = 1,
-    channels: int = 404,
-    fourier: int = 203,
-    hidden: int = 384,
-    keys: int = 1024,
-    heads: int = 4,
-    bytes_per_value: int = 4,
-) -> int:
+def bounded_bytes(tile: int, chunk: int, **sizes) -> int:
     """Working memory of the bounded path for one tile and chunk, beyond the output tensor."""
-    t = tile
-    conv = 2 * (t + 2 * HALO) ** 2 * fourier + (t + HALO) ** 2 * channels + t * t * channels
+    z, t = ForwardSizes(**sizes), tile
+    conv = 2 * (t + 2 * HALO) ** 2 * z.fourier + (t + HALO) ** 2 * z.channels + t * t * z.channels
     chunk = min(chunk, t * t)
-    attention = chunk * (6 * channels + hidden + heads * min(keys, 512))
-    tile_out = t * t * (hidden + channels)  # the tile's results before they reach the output
-    return batch * (conv + attention + tile_out) * bytes_per_value
+    attention = chunk * (6 * z.channels + z.hidden + z.heads * min(z.keys, 512))
+    tile_out = t * t * (z.hidden + z.channels)  # the tile's results before they reach the output
+    return z.batch * (conv + attention + tile_out) * z.bytes_per_value
 
 
-def plan_execution(
-    device: DeviceSpec,
-    height: int,
-    width: int,
-    *,
-    batch: int = 1,
-    channels: int = 404,
-    fourier: int = 203,
-    hidden: int = 384,
-    keys: int = 1024,
-    heads: int = 4,
-    bytes_per_value: int = 4,
-    allow_dense: bool = True,
-) -> tuple[int, int] | None:
-    """(conv_tile, query_chunk) for an eval forward of this size on ``device``, None = dense.
-
-    ``channels`` is the model's width (dim + 20), ``fourier`` its Fourier feature count,
-    ``hidden`` its dim, ``keys`` the number of low-res tokens; ``bytes_per_value`` 2 under
-    bf16 autocast. The output tensor itself is not counted: every path must hold it.
-    ``allow_dense=False`` gives the bounded plan even where the dense path would fit.
+def plan_execution(device: DeviceSpec, height: int, width: int, *, allow_dense: bool = True, **sizes):
+    """(conv_tile, query_chunk) for an eval forward of this size on ``device``, None = dense;
+    ``sizes`` as :class:`ForwardSizes`. The output tensor itself is not counted: every path must
+    hold it. ``allow_dense=False`` gives the bounded plan even where the dense path would fit.
     """
-    sizes = {
-        "batch": batch,
-        "channels": channels,
-        "fourier": fourier,
-        "hidden": hidden,
-        "bytes_per_value": bytes_per_value,
-    }
-    budget = MEMORY_FRACTION * device.free_bytes - batch * hidden * height * width * 4
+    z = ForwardSizes(**sizes)
+    budget = MEMORY_FRACTION * device.free_bytes - z.batch * z.hidden * height * width * 4
     side = max(height, width)
     if device.kind == "cpu":
         tile, chunk = min(CPU_CONV_TILE, side), CPU_QUERY_CHUNK
         # Only a machine short of memory shrinks them further.
-        while tile > 16 and bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) > budget:
+        while tile > 16 and bounded_bytes(tile, chunk, **sizes) > budget:
             tile, chunk = tile // 2, max(256, chunk // 4)
         return tile, chunk
     if allow_dense and dense_bytes(height, width, **sizes) <= budget:
@@ -186,9 +161,9 @@ def plan_execution(
     for tile in GPU_TILES:
         tile = min(tile, side)
         chunk = tile * tile
-        while chunk > GPU_MIN_CHUNK and bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) > budget:
+        while chunk > GPU_MIN_CHUNK and bounded_bytes(tile, chunk, **sizes) > budget:
             chunk //= 2
-        if bounded_bytes(tile, chunk, keys=keys, heads=heads, **sizes) <= budget:
+        if bounded_bytes(tile, chunk, **sizes) <= budget:
             return tile, chunk
     return GPU_TILES[-1], GPU_MIN_CHUNK
 

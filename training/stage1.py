@@ -280,7 +280,7 @@ class Stage1:
             mask_side=cfg.geometry,
             tile=tile,
             params=sum(p.numel() for p in self.params),
-            **model_dims(self.model),
+            dims=model_dims(self.model),
         )
 
     def _parts(self) -> dict:

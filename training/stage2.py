@@ -432,7 +432,7 @@ class Stage2:
             params=sum(p.numel() for p in self.params),
             vfm_dim=self.vfm.dim,
             patch=self.vfm.patch,
-            **model_dims(self.student),
+            dims=model_dims(self.student),
         )
 
     def after_step(self, step: int) -> None:
