@@ -246,6 +246,17 @@ class BackboneJob(Job):
     def upstream(self) -> tuple[str, ...]:
         return ("images",)
 
+    def config(self) -> dict:
+        # Where the job runs does not change what it stores; the weights' contents do.
+        cfg = super().config()
+        cfg.pop("device")
+        if self.weights:
+            cfg["weights_sha256"] = _file_sha256(self.weights)
+        return cfg
+
+    def source_size(self, store) -> int:
+        return _source_size(store, self.res, f"{self.KIND} at {self.res} needs")
+
 
 @dataclass
 class FeaturesJob(BackboneJob):
@@ -256,16 +267,10 @@ class FeaturesJob(BackboneJob):
     device: str = FeaturesOptions.device
 
     def config(self) -> dict:
-        # The device and batch size do not change the stored values beyond fp16 rounding.
+        # The batch size does not change the stored values beyond fp16 rounding.
         cfg = super().config()
-        cfg.pop("device")
         cfg.pop("batch_size")
-        if self.weights:
-            cfg["weights_sha256"] = _file_sha256(self.weights)
         return cfg
-
-    def source_size(self, store) -> int:
-        return _source_size(store, self.res, f"features at {self.res} need")
 
     def check(self, store) -> None:
         info = _patch_checked(self.backbone, self.res)

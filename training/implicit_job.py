@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from loftup.pipeline.job_options import ImplicitOptions
-from loftup.pipeline.jobs import BackboneJob, _file_sha256, _image_failed, _patch_checked, _source_size
+from loftup.pipeline.jobs import BackboneJob, _image_failed, _patch_checked
 from loftup.storage.errors import LoftupError, StoreError
 
 # FeatureStore.write_shard takes the dense maps as one in-memory array.
@@ -42,15 +42,7 @@ class ImplicitJob(BackboneJob):
         return asdict(ImplicitConfig(**{**asdict(cfg), **self.recipe}))
 
     def config(self) -> dict:
-        cfg = super().config()
-        cfg.pop("device")
-        cfg["recipe"] = self.resolved_recipe()
-        if self.weights:
-            cfg["weights_sha256"] = _file_sha256(self.weights)
-        return cfg
-
-    def source_size(self, store) -> int:
-        return _source_size(store, self.res, f"implicit at {self.res} needs")
+        return {**super().config(), "recipe": self.resolved_recipe()}
 
     def check(self, store) -> None:
         _patch_checked(self.backbone, self.res)
