@@ -105,6 +105,25 @@ class TrainConfig:
     )
 
 
+# The recipes' values of the fields both stages share: (released, paper). The released recipe is the
+# authors' training code; the paper's is its main loss alone.
+RECIPE_NAMES = ("released", "paper")
+_SHARED_RECIPE_ROWS = dict(
+    recon_weight=(1.0, 0.0),
+    recon_uncertainty=(True, False),
+    proj_unit=(True, False),
+    grad_clip=(1e-4, 0.0),
+    clip_steps=(10, 0),
+)
+
+
+def recipe_table(**rows: tuple) -> dict[str, dict]:
+    """A stage's RECIPES from one row per field, ``field=(released, paper)``, plus the rows both
+    stages share: ``{recipe: {field: value}}``."""
+    rows = {**_SHARED_RECIPE_ROWS, **rows}
+    return {name: {k: v[i] for k, v in rows.items()} for i, name in enumerate(RECIPE_NAMES)}
+
+
 def resolve(cfg: TrainConfig, recipes: dict[str, dict]) -> TrainConfig:
     """Fill the fields left at None from the recipe's table; explicit values win."""
     if cfg.recipe not in recipes:

@@ -28,26 +28,7 @@ from loftup.storage.errors import LoftupError
 from loftup.training import distributed, loop
 from loftup.training.target_space import LossSpace, feature_rms
 
-RECIPES = {
-    "released": dict(
-        tv_weight=0.001,
-        recon_weight=1.0,
-        recon_jitters=4,
-        recon_uncertainty=True,
-        proj_unit=True,
-        grad_clip=1e-4,
-        clip_steps=10,
-    ),
-    "paper": dict(
-        tv_weight=0.0,
-        recon_weight=0.0,
-        recon_jitters=4,
-        recon_uncertainty=False,
-        proj_unit=False,
-        grad_clip=0.0,
-        clip_steps=0,
-    ),
-}
+RECIPES = loop.recipe_table(tv_weight=(0.001, 0.0), recon_jitters=(4, 4))
 TARGETS = ("mask-bicubic", "bicubic", "implicit")
 
 

@@ -30,32 +30,13 @@ from loftup.storage.errors import LoftupError
 from loftup.training import distributed, loop
 from loftup.training.data import normalise_float
 
-RECIPES = {
-    "released": dict(
-        tv_weight=0.05,
-        recon_weight=1.0,
-        recon_jitters=2,
-        recon_uncertainty=True,
-        proj_unit=True,
-        grad_clip=1e-4,
-        clip_steps=10,
-        weight_decay=0.01,
-        ema_warmup=True,
-        teacher_train=True,
-    ),
-    "paper": dict(
-        tv_weight=0.0,
-        recon_weight=0.0,
-        recon_jitters=2,
-        recon_uncertainty=False,
-        proj_unit=False,
-        grad_clip=0.0,
-        clip_steps=0,
-        weight_decay=0.0,
-        ema_warmup=False,
-        teacher_train=False,
-    ),
-}
+RECIPES = loop.recipe_table(
+    tv_weight=(0.05, 0.0),
+    recon_jitters=(2, 2),
+    weight_decay=(0.01, 0.0),
+    ema_warmup=(True, False),
+    teacher_train=(True, False),
+)
 
 
 @dataclass(kw_only=True)
