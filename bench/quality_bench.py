@@ -38,6 +38,10 @@ the held-out photos and on --train-eval training crops: the learning curve again
 Table 1 at CPU scale (``implicit`` first runs ``loftup-pipeline implicit``'s job on every training
 image, FeatUp's recipe shrunk by --implicit-steps/--implicit-views/--implicit-batch).
 
+--prior-sweep 0.4,0.5,0.6 scores the convex head before any training at each prior sigma, with and
+without back-projection (out + up(f - pool(out))), beside bilinear: how the window alone trades
+retention for prototype mIoU (no training, no probes).
+
 --scaling 7,14,25,39 is the data-scaling curve: the same budget on 7 package photos, the 14, the 25
 Debian photos and all 39, the same held-out photos and probe sets; a table and (--png) a chart.
 
@@ -45,6 +49,7 @@ Debian photos and all 39, the same held-out photos and probe sets; a table and (
     python bench/quality_bench.py --seeds 0 --scaling 7,14,25,39 --png scaling.png   # data scaling
     python bench/quality_bench.py --seeds 0 --heads loftup --probes '' --stage1-steps 2400 \
         --eval-every 300 --stage1 '{"hue_jitter": 0}' --png curves.png   # a long learning curve
+    python bench/quality_bench.py --prior-sweep 0.4,0.45,0.5,0.55,0.6   # the untrained window by sigma
     python bench/quality_bench.py --images-per-tar 2 --heads loftup --probes '' \
         --targets mask-bicubic,implicit,bicubic --implicit-cpus 2        # the CPU-scale Table 1
 """
@@ -460,6 +465,17 @@ def main() -> None:
     ap.add_argument("--implicit-views", type=int, default=60, help="implicit target: jittered views (FeatUp 3000)")
     ap.add_argument("--implicit-batch", type=int, default=2, help="implicit target: views per step (FeatUp 10)")
     ap.add_argument("--implicit-cpus", type=int, default=1, help="implicit target: shards optimised in parallel")
+    ap.add_argument(
+        "--prior-sweep",
+        default=None,
+        help="no training: score the untrained convex head (its Gaussian window) at these sigmas, e.g. "
+        "0.4,0.5,0.6, each also with the back-projection out + up(f - pool(out)) (--back-project)",
+    )
+    ap.add_argument(
+        "--back-project",
+        default="bilinear:1,bilinear:3,nearest:1",
+        help="--prior-sweep's back-projection variants, mode:iterations ('' = none)",
+    )
     ap.add_argument("--json", default="quality.json", help="the figures' file, in the work folder")
     ap.add_argument("--jobs", type=int, default=2, help="training runs at once, one thread each")
     args = ap.parse_args()
@@ -473,6 +489,8 @@ def main() -> None:
         return
     if args.scaling:
         return scaling(args)
+    if args.prior_sweep:
+        return prior_sweep(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-quality-"))
     quality(args, work)
 
@@ -864,6 +882,79 @@ def quality(args, work: Path, quiet: bool = False) -> dict:
         f"figures in {work / args.json}; {out['seconds'] / 60:.1f} min; load average {os.getloadavg()[0]:.1f}"
     )
     return out
+
+
+def back_projected(upsample, mode: str, iterations: int):
+    """``upsample`` followed by ``iterations`` back-projection steps out <- out + up(f - pool(out)),
+    ``up`` = ``mode`` interpolation, ``pool`` = average pooling onto the grid of f (the output's
+    space). An affine, no longer convex, combination of the low-res vectors; with nearest at an
+    integer factor every cell's mean becomes f exactly."""
+    import torch.nn.functional as F
+
+    def run(f, img, size):
+        out = upsample(f, img, size)
+        for _ in range(iterations):
+            r = f - F.adaptive_avg_pool2d(out, f.shape[-2:])
+            if mode == "nearest":
+                out = out + F.interpolate(r, size=size, mode="nearest-exact")
+            else:
+                out = out + F.interpolate(r, size=size, mode=mode, align_corners=False)
+        return out
+
+    return run
+
+
+def prior_sweep(args) -> None:
+    """The convex head before any training at each --prior-sweep sigma (seeded init, so the
+    content term is the faint one training starts from), with and without back-projection,
+    beside bilinear, on the judge's held-out crops and on the PCA Stage 1 fits. No training."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from loftup.storage.layout import job_key
+    from loftup.training.data import build_index
+    from loftup.training.model import LoftUp
+    from loftup.training.projection import FeatureProjection
+
+    console = Console(width=max(160, Console().width))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="loftup-quality-"))
+    store, photo_desc = build_store(work, args.backbone, args.images_per_tar, args.photos, args.held_out)
+    index = build_index(store, ["images", "masks", job_key("features", args.backbone, 224)], list(range(TRAIN_TARS)))
+    sample = torch.from_numpy(store.features(args.backbone, 224).get_many(index.image_ids[:256])).float()
+    projection = FeatureProjection.fit(sample, 64)  # what Stage 1 fits (training/stage1.py)
+    items = held_out_set(store, args.backbone, args.size)
+    rows = {"bilinear (raw)": score(items, bilinear_upsampler("raw"), projection, args.size, space="raw")}
+    variants = [(m, int(n)) for m, n in (v.split(":") for v in args.back_project.split(",") if v)]
+    for sigma in map(float, args.prior_sweep.split(",")):
+        torch.manual_seed(0)
+        model = LoftUp(64, head="convex", head_options={"sigma": sigma}).eval()
+        cache = {}
+
+        def head(f, img, size, model=model, cache=cache):
+            # each held-out output once per size: the back-projection rows reuse it
+            key = (float(f.double().sum()), float(img.double().sum()), tuple(size))
+            if key not in cache:
+                cache[key] = model(f, img, output_size=size)
+            return cache[key]
+
+        rows[f"convex, untrained, sigma {sigma}"] = score(items, head, projection, args.size, space="raw")
+        for mode, n in variants:
+            rows[f"  + back-projection, {mode} x{n}"] = score(
+                items, back_projected(head, mode, n), projection, args.size, space="raw"
+            )
+        console.print(f"sigma {sigma}: {rows[f'convex, untrained, sigma {sigma}']}")
+    keys = list(rows["bilinear (raw)"])
+    table = Table(
+        title=f"untrained convex head by prior sigma; held out: {len(items)} crops; PCA 64 fitted as Stage 1 does, on {photo_desc}"
+    )
+    table.add_column("upsampler")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *[f"{row[k]:.3f}" for k in keys])
+    console.print(table)
+    (work / "prior_sweep.json").write_text(json.dumps(rows, indent=1))
 
 
 def scaling(args) -> None:

@@ -17,6 +17,7 @@ from loftup.training.losses import (
     affinity_loss_explicit,
     apply_jitter,
     draw_jitter,
+    pooled_consistency,
     project,
     projected_mse,
     random_projection,
@@ -168,6 +169,31 @@ def test_total_variation_is_featups_squared_differences_over_bchw():
     )
     assert total_variation(x).item() == pytest.approx(ref / (2 * 3 * 5 * 4), rel=1e-12)
     assert total_variation(torch.full((1, 2, 4, 4), 3.0)).item() == 0.0
+
+
+@pytest.mark.parametrize("size", [(12, 15), (11, 17)])
+def test_pooled_consistency_is_the_mse_of_each_cells_mean_by_hand(size):
+    """Each low-res cell against the mean of the output pixels of its bin (integer factor, and
+    the overlapping bins of a non-integer one: rows floor(i H / h) to ceil((i + 1) H / h))."""
+    g = torch.Generator().manual_seed(4)
+    pred = torch.randn(2, 3, *size, generator=g, dtype=torch.float64)
+    low = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    (H, W), (h, w) = size, (4, 5)
+    expect = 0.0
+    for b in range(2):
+        for c in range(3):
+            for i in range(h):
+                for j in range(w):
+                    r0, r1 = (i * H) // h, -((-(i + 1) * H) // h)
+                    c0, c1 = (j * W) // w, -((-(j + 1) * W) // w)
+                    cell = pred[b, c, r0:r1, c0:c1].numpy()
+                    expect += (cell.mean() - float(low[b, c, i, j])) ** 2
+    assert pooled_consistency(pred, low).item() == pytest.approx(expect / (2 * 3 * h * w), rel=1e-10)
+    # nearest upsampling keeps every cell exactly; a convex mix of neighbours does not
+    if H % h == 0 and W % w == 0:
+        assert pooled_consistency(F.interpolate(low, size=size, mode="nearest"), low).item() < 1e-20
+    blurred = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    assert pooled_consistency(blurred, low).item() > 0.01
 
 
 def test_released_stage1_tv_is_on_the_squared_norm_of_the_projection():

@@ -762,3 +762,32 @@ def test_convex_head_trains_both_stages_in_the_raw_space(train_store, tmp_path, 
     meta2 = json.loads((tmp_path / "c2" / "stage2.json").read_text())
     assert meta2["config"]["head"] == "convex" and meta2["extra"]["target_space"] == "raw"
     assert meta2["extra"]["feature_scale"] == extra["feature_scale"]
+
+
+def test_pooled_consistency_term_of_a_convex_step_by_hand(train_store, tmp_path):
+    """--consistency-weight w adds w x the mean over the batch of mean((cell mean of the output -
+    low-res vector)^2), both divided by the run's feature scale; off (absent) by default."""
+    from loftup.training.distributed import Dist
+    from loftup.training.loop import resolve
+    from loftup.training.run_dir import seed_all
+    from loftup.training.stage1 import RECIPES, Stage1, Stage1Config
+
+    def build(**kw):
+        seed_all(0)
+        cfg = _stage1_cfg(train_store, tmp_path / "x", recipe="paper", head="convex", size=64, **kw)
+        return Stage1(resolve(cfg, RECIPES), Dist())
+
+    r = build(consistency_weight=0.5)
+    batch = next(r.batches(0, 0, 0))
+    terms = r.step(batch, 0)
+    feats, image = r.inputs(batch, 0)
+    with torch.no_grad():
+        pred = r.model(feats, image, output_size=64).double() / r.space.scale
+    low = feats.double() / r.space.scale  # the raw space: the PCA features themselves
+    b, c, h, w = low.shape
+    cells = pred.reshape(b, c, h, 64 // h, w, 64 // w).mean((3, 5))  # 16 x 16 grid, 4 x 4 pixels a cell
+    expect = 0.5 * (cells - low).square().mean((1, 2, 3)).mean()
+    assert r.space.space == "raw" and r.space.scale > 1.5
+    assert float(terms["consistency"].detach()) == pytest.approx(float(expect), rel=1e-4)
+    r.cfg = replace(r.cfg, consistency_weight=Stage1Config.consistency_weight)
+    assert "consistency" not in r._parts() and "consistency" not in r.step(batch, 0)

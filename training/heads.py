@@ -70,7 +70,7 @@ class ConvexHead(nn.Module):
         key_dim: int = 64,
         radius: int = 1,
         prior: bool = True,
-        sigma: float = 0.6,
+        sigma: float = 0.5,
         init_scale: float = 0.1,
         learn_scale: bool = True,
     ):

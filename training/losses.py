@@ -151,6 +151,15 @@ def projected_mse(pred: torch.Tensor, target: torch.Tensor, proj: torch.Tensor) 
     return project((pred - target.to(pred.dtype)).to(dtype), proj.to(dtype)).pow(2).mean()
 
 
+def pooled_consistency(pred: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
+    """mean((avgpool(pred) - lowres)^2): (B,C,H,W) ``pred`` average-pooled onto the (B,C,h,w) grid of
+    ``lowres``, in float32 at least. For an upsampler whose output should keep each cell's value
+    (a backbone-space head), it is the reconstruction term with a fixed pooling downsampler."""
+    dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    pooled = F.adaptive_avg_pool2d(pred.to(dtype), lowres.shape[-2:])
+    return (pooled - lowres.to(dtype)).square().mean()
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """FeatUp's TV of (B,C,H,W): (sum of squared vertical + horizontal neighbour differences) / (B*C*H*W)."""
     b, c, h, w = x.shape

@@ -54,6 +54,13 @@ class Stage1Config(loop.TrainConfig):
     bn_recalibrate: int = option(
         0, help="Recompute BatchNorm statistics of the exported weights over N batches (0 = off)."
     )
+    consistency_weight: float = option(
+        0.0,
+        help="Weight of the pooled-consistency term: mean squared error between the prediction average-pooled "
+        "onto the feature grid and the low-res features, in the loss space (FeatUp's reconstruction with a fixed "
+        "average-pooling downsampler; no backbone pass). It ties each cell's mean output to the backbone's vector "
+        "(off by default: at weight 1 it buys retention at S with the convex head's boundaries, docs/results.md).",
+    )
     head: str = option(
         "loftup",
         help="Output head: loftup (the released one) or convex (each pixel a convex combination of the raw "
@@ -274,6 +281,8 @@ class Stage1:
         if cfg.recon_weight:
             for j in range(cfg.recon_jitters):
                 parts[f"recon{j}"] = Part("recon", cfg.recon_weight / cfg.recon_jitters, clamp=True)
+        if cfg.consistency_weight:
+            parts["consistency"] = Part("consistency", cfg.consistency_weight)
         parts["mse"] = Part("mse")
         return parts
 
@@ -323,7 +332,14 @@ class Stage1:
         """Image i's loss values from its prediction ``pred`` (1, C, size, size); ``names``: only these."""
         from torch.utils.checkpoint import checkpoint
 
-        from loftup.training.losses import apply_jitter, project, projected_mse, reconstruction_nll, total_variation
+        from loftup.training.losses import (
+            apply_jitter,
+            pooled_consistency,
+            project,
+            projected_mse,
+            reconstruction_nll,
+            total_variation,
+        )
 
         cfg = self.cfg
         bounded = self.plan.path == "bounded"
@@ -354,6 +370,8 @@ class Stage1:
         if "proj_tv" in prep and (names is None or "tv" in names):
             proj = prep["proj_tv"][i : i + 1]
             values["tv"] = total_variation(project(pred, proj).square().sum(1, keepdim=True))
+        if "consistency" in self._parts() and (names is None or "consistency" in names):
+            values["consistency"] = pooled_consistency(pred, self.space(prep["feats"][i : i + 1]))
         if names is None or "mse" in names:
             values["mse"] = projected_mse(pred, self._target(prep, i), prep["proj_mse"][i : i + 1])
         return values
@@ -422,6 +440,7 @@ class Stage1:
                     "target": cfg.target,
                     "recipe": cfg.recipe,
                     "head": cfg.head,
+                    "consistency_weight": cfg.consistency_weight,
                     **self.space.describe(),
                     "steps": step,
                     "bn_recalibrate": cfg.bn_recalibrate,
