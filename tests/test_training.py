@@ -646,8 +646,9 @@ def _gap(a: dict, b: dict, name: str) -> float:
 
 def test_bounded_path_equals_plain_stage1_gradients_terms_and_batchnorm(train_store, tmp_path):
     """Every parameter's gradient (LoftUp and the reconstruction's downsampler and scale net),
-    the loss terms and the BatchNorm running statistics of one released-recipe step; with
-    micro-batches too, which change BatchNorm (so they differ from the whole batch)."""
+    the loss terms and the BatchNorm running statistics of one released-recipe step (with the
+    pooled-consistency term on); with micro-batches too, which change BatchNorm (so they differ
+    from the whole batch)."""
     from loftup.training.distributed import Dist
     from loftup.training.loop import resolve
     from loftup.training.memory import MemoryPlan
@@ -656,7 +657,8 @@ def test_bounded_path_equals_plain_stage1_gradients_terms_and_batchnorm(train_st
 
     def run(path, micro=None):
         seed_all(0)
-        r = Stage1(resolve(_stage1_cfg(train_store, tmp_path / "x", batch_size=3), RECIPES), Dist())
+        cfg = _stage1_cfg(train_store, tmp_path / "x", batch_size=3, consistency_weight=0.5)
+        r = Stage1(resolve(cfg, RECIPES), Dist())
         r.plan = MemoryPlan(path=path, tile=24, micro_batch=micro)  # 56 px: 3 x 3 tiles
         return _grads_and_buffers(r, r.model, batch, 5)
 
@@ -665,7 +667,7 @@ def test_bounded_path_equals_plain_stage1_gradients_terms_and_batchnorm(train_st
         Stage1(resolve(_stage1_cfg(train_store, tmp_path / "x", batch_size=3), RECIPES), Dist()).batches(0, 0, 0)
     )
     (t_plain, g_plain, b_plain), (t_bounded, g_bounded, b_bounded) = run("plain"), run("bounded")
-    assert t_plain.keys() == t_bounded.keys() == {"mse", "recon", "tv"}
+    assert t_plain.keys() == t_bounded.keys() == {"mse", "recon", "tv", "consistency"}
     for k in t_plain:
         assert t_bounded[k] == pytest.approx(t_plain[k], rel=1e-5)
     _close(g_plain, g_bounded, rtol=2e-3)
