@@ -38,7 +38,7 @@ def option(
     - ``cli=False``: a field the command line does not set (a protocol's description, say).
     - ``parse="ints"``: the command line takes it as text like ``0-89`` or ``224,336``.
     - ``resumable``: a training field that may differ on ``--resume`` (how long to run, logging).
-    - anything else (``gpu=True``, ...) lands in the field's metadata for its reader.
+    - anything else lands in the field's metadata for its reader.
     """
     meta = {"help": help, "resumable": resumable, "cli": cli, "parse": parse, "hidden": hidden, **more}
     if flag is not None:
