@@ -377,18 +377,54 @@ def probe_sets(work: Path, seg_train: int, seg_val: int, frames: int, motions) -
     }
 
 
-def run_probes(sets: dict, backbone: str, checkpoints: dict, projection, size: int) -> dict:
+def run_probes(
+    sets: dict, backbone: str, checkpoints: dict, projection_from: str, size: int, cost=None, jobs=1
+) -> dict:
     """Seg mIoU (linear probe at 2S, 112 for S = 56) and DAVIS J&F (frames at 224, features at 112,
     the paper's protocol) of bilinear in both spaces on the checkpoints' channels and of every
-    checkpoint ({label: path}), all in one pass per task (the backbone runs once per image)."""
+    checkpoint ({label: path}). The upsamplers are split into ``jobs`` groups of about equal
+    forward cost (``cost``: {label: ms}), each probed in its own process on one thread; every probe
+    is seeded on its own, so the split does not change a score."""
+    items = [(name, ("baseline", mode, space)) for name, mode, space in BASELINES]
+    items += [(label, ("checkpoint", path)) for label, path in checkpoints.items()]
+    cost = cost or {}
+    groups = [[] for _ in range(max(1, min(jobs, len(items))))]
+    loads = [0.0] * len(groups)
+    # Longest first onto the least-loaded group: the probes' time is the upsamplers' forwards.
+    for label, spec in sorted(items, key=lambda it: -cost.get(it[0], 0.0)):
+        i = loads.index(min(loads))
+        groups[i].append((label, spec))
+        loads[i] += cost.get(label, 0.0)
+    tasks = [(sets, backbone, g, projection_from, size) for g in groups]
+    if len(tasks) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(tasks), mp_context=mp.get_context("spawn"), initializer=_one_thread) as pool:
+            parts = list(pool.map(_probe_group, tasks))
+    else:
+        parts = [_probe_group(t) for t in tasks]
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _probe_group(task) -> dict:
+    """Both probes over one group of upsamplers, in one pass per task (the backbone runs once per
+    image). Top level, so a process pool can run it."""
     from dataclasses import replace
 
     from loftup.pipeline.backbones import create_backbone
+    from loftup.training.checkpoint import load_model
     from loftup.training.evaluation import DavisProtocol, SegProtocol, baseline, evaluate, resolve_checkpoint
 
+    sets, backbone, group, projection_from, size = task
+    projection = load_model(projection_from, with_meta=True)[1]["projection_module"]
+    ups = []
+    for label, spec in group:
+        if spec[0] == "baseline":
+            ups.append(replace(baseline(spec[1], spec[2]), name=label, projection=projection))
+        else:
+            ups.append(replace(resolve_checkpoint(spec[1]), name=label))
     net = create_backbone(backbone)
-    ups = [replace(baseline(mode, space), name=name, projection=projection) for name, mode, space in BASELINES]
-    ups += [replace(resolve_checkpoint(path), name=label) for label, path in checkpoints.items()]
     seg = evaluate(
         "seg",
         ups,
@@ -840,7 +876,11 @@ def quality(args, work: Path, quiet: bool = False) -> dict:
         t = time.time()
         by_label = {f"{label}|{stage}|{seed}": str(p) for (label, stage, seed), p in checkpoints.items()}
         by_label[UNTRAINED] = str(untrained_path)
-        probe_scores = run_probes(sets, args.backbone, by_label, projection, args.size)
+        weights = {name: ms for (name, _), ms in cost.items()}
+        weights.update({f"{label}|{stage}|{seed}": cost[(label, "cost")] for (label, stage, seed) in checkpoints})
+        probe_scores = run_probes(
+            sets, args.backbone, by_label, done[0]["checkpoints"]["stage 1"], args.size, weights, args.jobs
+        )
         timing[("probes", "")] = [time.time() - t]
         for (label, stage), vals in results.items():
             for seed, row in zip(map(int, args.seeds.split(",")), vals):
