@@ -793,3 +793,30 @@ def test_pooled_consistency_term_of_a_convex_step_by_hand(train_store, tmp_path)
     assert float(terms["consistency"].detach()) == pytest.approx(float(expect), rel=1e-4)
     r.cfg = replace(r.cfg, consistency_weight=Stage1Config.consistency_weight)
     assert "consistency" not in r._parts() and "consistency" not in r.step(batch, 0)
+
+
+def test_cpu_threads_leave_a_core_per_worker_and_never_raise_the_callers_count(monkeypatch):
+    """A pool that runs one training per process on one thread each (bench/quality_bench.py)
+    must keep its one thread: raising it oversubscribed the cores and made the pseudo-GT's
+    index_add_ (an OpenMP radix sort) spin, 60x slower per call."""
+    import os
+
+    from loftup.training.distributed import Dist, cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        cpu_threads(Dist(), workers=2)
+        assert torch.get_num_threads() == 6  # 8 cores, 2 loader workers
+        cpu_threads(Dist(world=2), workers=1)
+        assert torch.get_num_threads() == 3  # 4 cores per rank, 1 worker
+        torch.set_num_threads(1)  # the caller's choice
+        cpu_threads(Dist(), workers=0)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(8)
+        cpu_threads(Dist(device=torch.device("meta")), workers=2)  # not a CPU run: untouched
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)

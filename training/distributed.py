@@ -66,11 +66,13 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
 
 def cpu_threads(d: Dist, workers: int) -> None:
     """On CPU, leave one core per DataLoader worker (and per rank): oversubscribed cores make
-    PyTorch's many small ops wait for a busy second thread (mask refinement ran 16x slower)."""
+    PyTorch's many small ops wait for a busy second thread (mask refinement ran 16x slower).
+    Only ever lowers the count: a caller that already chose fewer threads (``OMP_NUM_THREADS``,
+    ``torch.set_num_threads``, e.g. one thread per process of a pool) keeps its choice."""
     if d.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // d.world - workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(min(torch.get_num_threads(), max(1, cores // d.world - workers)))
 
 
 def lost_peer(exc: BaseException):
