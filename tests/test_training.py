@@ -820,3 +820,23 @@ def test_cpu_threads_leave_a_core_per_worker_and_never_raise_the_callers_count(m
         assert torch.get_num_threads() == 8
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_training_run_gives_the_callers_thread_count_back(train_store, tmp_path, monkeypatch):
+    """The run lowers the count for its loader worker (8 cores, 1 worker: 7 threads) and the
+    caller gets its own 8 back: a later run in the same process must not inherit it."""
+    import os
+
+    from loftup.training.stage1 import train
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n, real=torch.set_num_threads: (seen.append(n), real(n)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        train(_stage1_cfg(train_store, tmp_path / "r", max_steps=1, workers=1))
+        assert seen[1:] == [7, 8] and torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)

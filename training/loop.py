@@ -194,6 +194,7 @@ class Recipe(Protocol):
 
 def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
     """Run one stage: ``build(cfg, dist) -> Recipe``. Returns a summary dict."""
+    threads = torch.get_num_threads()  # the run may lower it (distributed.cpu_threads); the caller's comes back
     try:
         return _train(cfg, build, recipes)
     except RuntimeError as exc:
@@ -201,6 +202,8 @@ def train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
         if lost is None:
             raise
         raise lost from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(cfg: TrainConfig, build, recipes: dict[str, dict]) -> dict:
